@@ -1,0 +1,282 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore.
+
+Each group option (conf/<group>/<option>.yaml) extends its schema through its defaults
+list, so a misspelled key or a wrong type fails at start-up, not an hour into a run.
+Component groups (matcher, projector) carry `_target_` and exactly the constructor's
+arguments: `hydra.utils.instantiate` builds them, and they never see the whole cfg.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded:smollm2-135m"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"
+    attn_implementation: str = "eager"  # double backward needs eager attention on CPU
+    start_token: Optional[str] = None  # context token when the tokenizer adds no BOS
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    path: Optional[str] = None  # local folder of {split}.jsonl/.csv; null → builtin or hub
+    builtin: Optional[str] = None
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    text_field: str = "text"
+    label_field: str = "label"
+    label_names: List[str] = MISSING
+    verbalizers: List[str] = MISSING
+    label_descriptions: List[str] = field(default_factory=list)  # for the prompted baseline
+    template: str = "{text} It was"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    length: int = 24  # synthetic text tokens: a public setting, never measured on real data
+    max_text_tokens: int = 64  # real texts are truncated to this many tokens for targets
+
+
+@dataclass
+class ADMMConfig:
+    _target_: str = "gmtext.matching.admm.ADMMMatcher"
+    outer_steps: int = 10
+    inner_steps: int = 10
+    lr: float = 0.008
+    rho: float = 1.0
+    grad_clip: float = 1.0
+    distance: str = "cos"
+    lm_weight: float = 0.0
+    init: str = "lm_sample"
+    init_candidates: int = 4
+    init_temperature: float = 1.0
+    closed_form: bool = True
+    admm: bool = True
+
+
+@dataclass
+class EmbeddingOnlyConfig:
+    _target_: str = "gmtext.matching.admm.EmbeddingMatcher"
+    outer_steps: int = 10
+    inner_steps: int = 10
+    lr: float = 0.008
+    grad_clip: float = 1.0
+    distance: str = "cos"
+    init: str = "lm_sample"
+    init_candidates: int = 4
+    init_temperature: float = 1.0
+    closed_form: bool = True
+
+
+@dataclass
+class LMTopKConfig:
+    _target_: str = "gmtext.matching.projectors.LMTopKProjector"
+    topk: int = 200
+    metric: str = "cos"
+
+
+@dataclass
+class NearestConfig:
+    _target_: str = "gmtext.matching.projectors.NearestProjector"
+    metric: str = "cos"
+
+
+@dataclass
+class PrivacyNoneConfig:
+    name: str = "none"
+
+
+@dataclass
+class PrivacyDPConfig:
+    """Gaussian mechanism on clipped per-class mean gradients, calibrated by an accountant."""
+
+    name: str = "dp"
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    accountant: str = "prv"  # prv | rdp | analytic
+    adjacency: str = "replace_one"  # replace_one (sensitivity 2C/n) | add_remove (C/n)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "gmtext"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ShardConfig:
+    index: int = 0
+    count: int = 1
+
+
+# ----- fine-tune stage (finetuner + train groups, finetune settings) -----
+@dataclass
+class FullFineTunerConfig:
+    _target_: str = "gmtext.finetune.trainer.FullFineTuner"
+    lr: float = 1e-5
+    epochs: int = 3
+    max_steps: int = 0  # 0 = use epochs
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    seed: int = 0  # the yaml options set ${seed}
+    grad_clip: float = 1.0
+    max_text_tokens: int = 64
+
+
+@dataclass
+class LoRAFineTunerConfig(FullFineTunerConfig):
+    _target_: str = "gmtext.finetune.trainer.LoRAFineTuner"
+    lr: float = 1e-4
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class LastLayersFineTunerConfig(FullFineTunerConfig):
+    _target_: str = "gmtext.finetune.trainer.LastLayersFineTuner"
+    num_layers: int = 2
+    train_final_norm: bool = True
+
+
+@dataclass
+class TrainSyntheticConfig:
+    source: str = "synthetic"
+    path: Optional[str] = None  # synthetic.jsonl / selected.jsonl, or a generate/select run dir
+
+
+@dataclass
+class TrainRealConfig:
+    source: str = "real"
+    size: int = 100  # total, balanced: size // num_classes per class
+
+
+@dataclass
+class TrainNoneConfig:
+    source: str = "none"
+
+
+@dataclass
+class TrainFewShotConfig:
+    source: str = "fewshot"
+    k: int = 4  # demonstrations per class
+
+
+@dataclass
+class TrainPromptedConfig:
+    source: str = "prompted"
+    size: int = 20
+    prompt: str = "Write one short {description} sentence."
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 40
+    use_chat: Optional[bool] = None  # null = chat template when the tokenizer has one
+
+
+@dataclass
+class TrainDPSGDConfig:
+    source: str = "dpsgd"
+    size: int = 100
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    accountant: str = "prv"  # prv | rdp
+    microbatch: int = 8  # per-example gradients computed this many at a time
+
+
+@dataclass
+class FinetuneStageConfig:
+    eval_limit: int = 0  # >0: evaluate on a fixed (seed-independent) random subset of this size
+    dev_size: int = 200  # dev examples carved by hash from the train split
+    eval_batch_size: int = 32
+    lrs: List[float] = field(default_factory=list)  # >1 value: pick finetuner.lr by dev accuracy
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    matcher: Any = MISSING
+    projector: Any = MISSING
+    privacy: Any = MISSING
+    logger: LoggerConfig = MISSING
+    stage: str = "generate"
+    seed: int = 0
+    num_per_class: int = 10  # synthetic examples per class
+    batch_size: int = 10  # synthetic sequences per class optimised together
+    real_per_class: int = 50  # real examples per class behind each target gradient
+    matched_params: List[str] = field(default_factory=lambda: ["lm_head"])
+    target_batch_size: int = 16
+    release: Optional[str] = None  # existing release dir: generate without touching real data
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    threads: int = 0  # torch CPU threads; 0 = torch default
+    progress: bool = True
+    finetuner: Any = MISSING
+    train: Any = MISSING
+    finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
+
+
+@dataclass
+class CanaryConfig:
+    enabled: bool = False  # plant canaries, run release + generate, report leakage
+    k: int = 4  # canary sentences planted into the private set
+    words: int = 8  # random words per canary
+    references: int = 200  # random reference sentences for the exposure rank
+
+
+@dataclass
+class AuditConfig(RootConfig):
+    synthetic: str = MISSING  # synthetic.jsonl or a generate run dir
+    ngram: int = 8
+    max_real: int = 0  # 0 = every example of the train split
+    canaries: CanaryConfig = field(default_factory=CanaryConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="root_schema", node=RootConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    cs.store(group="matcher", name="admm_schema", node=ADMMConfig)
+    cs.store(group="matcher", name="embedding_only_schema", node=EmbeddingOnlyConfig)
+    cs.store(group="projector", name="lm_topk_schema", node=LMTopKConfig)
+    cs.store(group="projector", name="nearest_schema", node=NearestConfig)
+    cs.store(group="privacy", name="none_schema", node=PrivacyNoneConfig)
+    cs.store(group="privacy", name="dp_schema", node=PrivacyDPConfig)
+    cs.store(name="audit_schema", node=AuditConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="finetuner", name="full_schema", node=FullFineTunerConfig)
+    cs.store(group="finetuner", name="lora_schema", node=LoRAFineTunerConfig)
+    cs.store(group="finetuner", name="last_layers_schema", node=LastLayersFineTunerConfig)
+    for _name, _node in (("synthetic", TrainSyntheticConfig), ("real", TrainRealConfig), ("none", TrainNoneConfig),
+                         ("fewshot", TrainFewShotConfig), ("prompted", TrainPromptedConfig), ("dpsgd", TrainDPSGDConfig)):
+        cs.store(group="train", name=f"{_name}_schema", node=_node)
+
+
+def build(node: Any) -> Any:
+    """instantiate() a component, surfacing the constructor's own message for bad values
+    (Hydra wraps it in a long InstantiationException otherwise)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ValueError(str(cause)) from None
+        raise

@@ -1,0 +1,139 @@
+"""Gradients of the classification loss w.r.t. the matched parameter subset.
+
+Two kinds of callers: the release (per-class target gradients from real data, optionally
+per-example and clipped for DP) and the matcher (gradients of synthetic batches). Both
+select parameters through `MatchedParams`, so the two sides always compare the same
+tensors in the same order.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD = "lm_head"
+FINAL_NORM = "final_norm"
+
+
+class MatchedParams:
+    """The parameter subset whose gradients are matched.
+
+    specs: `lm_head` (the output projection's role only, even when tied to the input
+    embeddings), `final_norm`, `last_blocks:K`, or `re:<regex>` over parameter names.
+    When only the head is matched its gradient has a closed form (softmax error ⊗ last
+    hidden state), which the fast objective uses instead of a double backward.
+    """
+
+    def __init__(self, model: nn.Module, specs: Sequence[str]):
+        if not specs:
+            raise ValueError("matcher.params is empty; accepted entries: lm_head, final_norm, last_blocks:K, re:<regex>")
+        self.model = model
+        self.specs = list(specs)
+        head = model.get_output_embeddings()
+        emb = model.get_input_embeddings()
+        if any(s == HEAD for s in specs) and head.weight is emb.weight:
+            # Untie for autograd only: a second Parameter over the same storage, so the
+            # head's gradient excludes the input-embedding path (no extra memory).
+            head.weight = nn.Parameter(emb.weight.detach(), requires_grad=False)
+        names = dict(model.named_parameters(remove_duplicate=False))
+        head_names = {n for n, p in names.items() if any(p is q for q in head.parameters())}
+        blocks = _block_prefixes(names)
+        chosen: dict[str, nn.Parameter] = {}
+        for s in specs:
+            if s == HEAD:
+                sel = {n: names[n] for n in sorted(head_names)}
+            elif s == FINAL_NORM:
+                sel = {n: p for n, p in names.items() if re.search(r"(^|\.)(norm|final_layer_norm|ln_f|final_layernorm)\.", n) and not _in_block(n, blocks)}
+            elif s.startswith("last_blocks:"):
+                k = int(s.split(":", 1)[1])
+                if not 1 <= k <= len(blocks):
+                    raise ValueError(f"matcher.params entry {s!r}: model has {len(blocks)} blocks; use 1..{len(blocks)}")
+                pre = blocks[-k:]
+                sel = {n: p for n, p in names.items() if any(n.startswith(b) for b in pre)}
+            elif s.startswith("re:"):
+                sel = {n: p for n, p in names.items() if re.search(s[3:], n)}
+            else:
+                raise ValueError(f"matcher.params entry {s!r} unknown; accepted: lm_head, final_norm, last_blocks:K, re:<regex>")
+            if not sel:
+                raise ValueError(f"matcher.params entry {s!r} matches no parameter of this model")
+            chosen.update(sel)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.names = list(chosen)
+        self.params = [chosen[n] for n in self.names]
+        self.head_only = set(self.names) == head_names
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.params]
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def _block_prefixes(names) -> list[str]:
+    found = {}
+    for n in names:
+        m = re.match(r"(.*\.(layers|h|blocks)\.)(\d+)\.", n)
+        if m:
+            found[int(m.group(3))] = m.group(1) + m.group(3) + "."
+    return [found[i] for i in sorted(found)]
+
+
+def _in_block(name, blocks) -> bool:
+    return any(name.startswith(b) for b in blocks)
+
+
+def last_token_loss(model, ids, mask, last, labels) -> torch.Tensor:
+    """Per-example cross-entropy of the label token at each row's last real position."""
+    out = model(input_ids=ids, attention_mask=mask)
+    logits = out.logits[torch.arange(ids.shape[0]), last]
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+@dataclass
+class ClassTargets:
+    """Per-class target gradients: grads[c][t] is the class-c mean gradient for tensor t."""
+
+    grads: list[list[torch.Tensor]]
+    names: list[str]
+    counts: list[int]
+
+
+def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: Sequence[Sequence[str]], batch_size: int = 16, max_text_tokens: int | None = None) -> ClassTargets:
+    """Batched mean gradient per class: one backward per chunk of a mean loss, which equals the
+    mean of per-example gradients exactly (right padding cannot leak into a causal prefix)."""
+    dev = next(model.parameters()).device
+    grads = []
+    for c, texts in enumerate(texts_by_class):
+        acc = [torch.zeros_like(p) for p in matched.params]
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i : i + batch_size]
+            ids, mask, last = task.batch(chunk, max_text_tokens)
+            labels = torch.full((len(chunk),), task.label_token_ids[c])
+            loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), labels.to(dev)).sum() / len(texts)
+            gs = torch.autograd.grad(loss, matched.params)
+            for a, g in zip(acc, gs):
+                a += g.detach()
+        grads.append(acc)
+    return ClassTargets(grads, matched.names, [len(t) for t in texts_by_class])
+
+
+def class_target_gradients_loop(model, task, matched: MatchedParams, texts_by_class, max_text_tokens=None) -> ClassTargets:
+    """Reference path: one example at a time (the reference implementation's structure)."""
+    dev = next(model.parameters()).device
+    grads = []
+    for c, texts in enumerate(texts_by_class):
+        acc = [torch.zeros_like(p) for p in matched.params]
+        for t in texts:
+            ids, mask, last = task.batch([t], max_text_tokens)
+            loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([task.label_token_ids[c]], device=dev))[0]
+            for a, g in zip(acc, torch.autograd.grad(loss, matched.params)):
+                a += g.detach() / len(texts)
+        grads.append(acc)
+    return ClassTargets(grads, matched.names, [len(t) for t in texts_by_class])

@@ -1,0 +1,181 @@
+"""GRADMM: ADMM over continuous embeddings x and projected tokens z (DESIGN.md).
+
+Per outer step: z = Proj(x + λ/ρ); a few Adam steps on D(x) + ρ/2·‖x − z + λ/ρ‖²
+(+ γ·LM cross-entropy of x predicting z); λ ← λ + ρ(x − z). Each class keeps the z
+with the best *discrete* matching distance seen, not the last one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .objective import MatchingObjective
+from .projectors import ProjectionContext
+
+
+@dataclass
+class MatchResult:
+    tokens: torch.Tensor  # [C, B, L] best discrete iterate per class
+    class_loss: torch.Tensor  # [C] its discrete matching distance
+    seq_loss: torch.Tensor  # [C, B] each sequence's own matching distance
+    perplexity: torch.Tensor  # [C, B]
+    history: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+def _clip_per_class(grad: torch.Tensor, max_norm: float) -> None:
+    """Clip each class's slice separately so classes stay independent of each other."""
+    if max_norm <= 0:
+        return
+    norms = grad.flatten(1).norm(dim=1)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    grad.mul_(scale.view(-1, *([1] * (grad.dim() - 1))))
+
+
+class ADMMMatcher:
+    def __init__(
+        self,
+        outer_steps: int = 10,
+        inner_steps: int = 10,
+        lr: float = 0.008,
+        rho: float = 1.0,
+        grad_clip: float = 1.0,
+        distance: str = "cos",
+        lm_weight: float = 0.0,
+        init: str = "lm_sample",
+        init_candidates: int = 4,
+        init_temperature: float = 1.0,
+        closed_form: bool = True,
+        admm: bool = True,
+    ):
+        for name, v in (("outer_steps", outer_steps), ("inner_steps", inner_steps)):
+            if v < 1:
+                raise ValueError(f"matcher.{name}={v} must be >= 1")
+        if lr <= 0 or rho < 0 or (admm and rho == 0):
+            raise ValueError(f"matcher.lr={lr} must be > 0 and matcher.rho={rho} > 0 (>= 0 without ADMM)")
+        if init not in ("lm_sample", "random"):
+            raise ValueError(f"matcher.init={init!r} unknown; accepted: lm_sample, random")
+        if init_candidates < 1:
+            raise ValueError(f"matcher.init_candidates={init_candidates} must be >= 1")
+        self.outer_steps, self.inner_steps, self.lr, self.rho = outer_steps, inner_steps, lr, rho
+        self.grad_clip, self.distance, self.lm_weight = grad_clip, distance, lm_weight
+        self.init, self.init_candidates, self.init_temperature = init, init_candidates, init_temperature
+        self.closed_form, self.admm = closed_form, admm
+
+    # -------- initialisation (public: LM samples or random tokens, never real text) --------
+    @torch.no_grad()
+    def sample_tokens(self, ctx: ProjectionContext, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+        dev = ctx.embeddings.device
+        allowed = ctx.allowed_ids
+        if self.init == "random":
+            idx = torch.randint(len(allowed), (n, length), generator=gen)
+            return allowed[idx.to(allowed.device)]
+        prefix = torch.tensor(ctx.prefix_ids, device=dev).expand(n, -1)
+        out = ctx.model(input_ids=prefix, use_cache=True)
+        mask = torch.full((ctx.embeddings.shape[0],), float("-inf"), device=dev)
+        mask[allowed] = 0
+        toks = []
+        for i in range(length):
+            logits = out.logits[:, -1, : mask.shape[0]].float() / self.init_temperature + mask[: out.logits.shape[-1]]
+            probs = logits.softmax(-1).cpu()
+            t = torch.multinomial(probs, 1, generator=gen).to(dev)
+            toks.append(t)
+            if i + 1 < length:
+                out = ctx.model(input_ids=t, past_key_values=out.past_key_values, use_cache=True)
+        return torch.cat(toks, 1)
+
+    def initial_tokens(self, obj: MatchingObjective, ctx, c, b, length, gen):
+        k = self.init_candidates
+        cand = self.sample_tokens(ctx, k * c * b, length, gen).view(k, c, b, length)
+        if k == 1:
+            return cand[0]
+        losses = torch.stack([obj.discrete(cand[j])[0] for j in range(k)])  # [k, C]
+        best = losses.argmin(0)
+        return cand[best, torch.arange(c)]
+
+    # -------- the ADMM loop --------
+    def run(self, obj: MatchingObjective, projector, ctx: ProjectionContext, num_classes: int, batch_size: int, length: int, gen: torch.Generator, on_step: Callable[[dict], None] | None = None) -> MatchResult:
+        t0 = time.perf_counter()
+        timings = {"init": 0.0, "project": 0.0, "x_step": 0.0, "evaluate": 0.0}
+        c, b = num_classes, batch_size
+        tok0 = self.initial_tokens(obj, ctx, c, b, length, gen)
+        timings["init"] = time.perf_counter() - t0
+        x = obj.tokens_to_x(tok0).detach().float().clone().requires_grad_(True)
+        lam = torch.zeros_like(x)
+        opt = torch.optim.Adam([x], lr=self.lr)
+        best_tok = tok0.clone()
+        best_loss = obj.discrete(tok0)[0]
+        history = []
+        steps = self.outer_steps if self.admm else 1
+        inner = self.inner_steps if self.admm else self.inner_steps * self.outer_steps
+        for step in range(steps + 1):
+            # z-step
+            t = time.perf_counter()
+            if self.admm or step == steps:
+                z = projector((x + lam / max(self.rho, 1e-12)).detach().view(c * b, length, -1), ctx).view(c, b, length)
+            timings["project"] += time.perf_counter() - t
+            t = time.perf_counter()
+            if self.admm or step == steps:
+                dz = obj.discrete(z)[0]
+                improved = dz < best_loss
+                best_loss = torch.where(improved, dz, best_loss)
+                best_tok[improved] = z[improved]
+            timings["evaluate"] += time.perf_counter() - t
+            if step == steps:
+                rec = {"outer_step": step, "discrete_loss": dz.mean().item(), "best_discrete_loss": best_loss.mean().item()}
+                history.append(rec)
+                if on_step:
+                    on_step(rec)
+                break
+            # x-step
+            t = time.perf_counter()
+            z_emb = obj.tokens_to_x(z).detach().float() if self.admm else None
+            for _ in range(inner):
+                opt.zero_grad()
+                d_cls, lm, _ = obj.losses(x, lm_tokens=z if (self.lm_weight > 0 and self.admm) else None)
+                loss = d_cls.sum()
+                pen = torch.zeros(())
+                if self.admm:
+                    pen = self.rho / 2 * ((x - z_emb + lam / self.rho) ** 2).sum(-1).mean((1, 2))  # [C]
+                    loss = loss + pen.sum()
+                if lm is not None:
+                    loss = loss + self.lm_weight * lm.sum()
+                loss.backward()
+                if not torch.isfinite(x.grad).all():
+                    raise FloatingPointError("non-finite gradient in the x-step")
+                _clip_per_class(x.grad, self.grad_clip)
+                opt.step()
+            timings["x_step"] += time.perf_counter() - t
+            # λ-step
+            if self.admm:
+                with torch.no_grad():
+                    lam += self.rho * (x - z_emb)
+            rec = {
+                "outer_step": step,
+                "continuous_loss": d_cls.mean().item(),
+                "admm_penalty": float(pen.detach().mean()) if self.admm else 0.0,
+                "discrete_loss": dz.mean().item() if self.admm else float("nan"),
+                "best_discrete_loss": best_loss.mean().item(),
+            }
+            if self.admm:
+                rec["perplexity"] = obj.perplexity(z).mean().item()
+            history.append(rec)
+            if on_step:
+                on_step(rec)
+        t = time.perf_counter()
+        class_loss, seq_loss = obj.discrete(best_tok, per_sequence=True)
+        ppl = obj.perplexity(best_tok)
+        timings["evaluate"] += time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        return MatchResult(best_tok, class_loss, seq_loss, ppl, history, timings)
+
+
+class EmbeddingMatcher(ADMMMatcher):
+    """Ablation: optimise continuous embeddings on D alone (no ADMM coupling), then project
+    once at the end with the configured projector."""
+
+    def __init__(self, outer_steps: int = 10, inner_steps: int = 10, lr: float = 0.008, grad_clip: float = 1.0, distance: str = "cos", init: str = "lm_sample", init_candidates: int = 4, init_temperature: float = 1.0, closed_form: bool = True):
+        super().__init__(outer_steps, inner_steps, lr, 0.0, grad_clip, distance, 0.0, init, init_candidates, init_temperature, closed_form, admm=False)

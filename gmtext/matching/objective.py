@@ -1,0 +1,158 @@
+"""The gradient-matching distance D between synthetic-batch gradients and released targets.
+
+Synthetic rows of all classes run through the model in one forward; each class is then
+compared with its own target. Two implementations give the same numbers:
+- closed form, when only the LM head is matched: grad_W = mean_i e_i h_i^T with
+  e_i = softmax error and h_i = last hidden state, so cosines reduce to small Gram
+  products and the x-gradient needs one ordinary backward (no double backward, and the
+  V x d gradient is never materialised);
+- autograd, for any parameter subset: torch.autograd.grad with create_graph=True.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..gradients import MatchedParams
+
+EPS = 1e-12
+
+
+class MatchingObjective:
+    def __init__(
+        self,
+        model,
+        matched: MatchedParams,
+        targets: Sequence[Sequence[torch.Tensor]],
+        label_token_ids: Sequence[int],
+        prefix_ids: Sequence[int],
+        suffix_ids: Sequence[int],
+        distance: str = "cos",
+        closed_form: bool = True,
+    ):
+        if distance not in ("cos", "l2"):
+            raise ValueError(f"matcher.distance={distance!r} unknown; accepted: cos, l2")
+        self.model, self.matched, self.distance = model, matched, distance
+        self.device = next(model.parameters()).device
+        self.targets = [[t.to(self.device) for t in tc] for tc in targets]
+        self.labels = torch.tensor(list(label_token_ids), device=self.device)
+        emb = model.get_input_embeddings()
+        with torch.no_grad():
+            self.prefix_emb = emb(torch.tensor(list(prefix_ids), device=self.device))
+            self.suffix_emb = emb(torch.tensor(list(suffix_ids), device=self.device))
+        self.embed = emb
+        self.n_prefix = len(prefix_ids)
+        self.prefix_ids_list = list(prefix_ids)
+        self.head = model.get_output_embeddings()
+        self.decoder = model.get_decoder()
+        self.closed_form = closed_form and matched.head_only
+        if self.closed_form:
+            order = {id(p): i for i, p in enumerate(matched.params)}
+            self.w_idx = order[id(self.head.weight)]
+            self.b_idx = order.get(id(self.head.bias)) if getattr(self.head, "bias", None) is not None else None
+
+    # ---- forward ----
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, L, d] free-slot embeddings → last-layer hidden states [N, P+L+S, d]."""
+        n = x.shape[0]
+        inp = torch.cat([self.prefix_emb.expand(n, -1, -1), x, self.suffix_emb.expand(n, -1, -1)], dim=1)
+        return self.decoder(inputs_embeds=inp).last_hidden_state
+
+    def tokens_to_x(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+    def losses(self, x: torch.Tensor, lm_tokens: torch.Tensor | None = None, per_sequence: bool = False, create_graph: bool = True):
+        """x: [C, B, L, d]. Returns (D per class [C], LM cross-entropy of x predicting lm_tokens
+        per class [C] or None, and per-sequence D [C, B] when asked)."""
+        c, b, length, d = x.shape
+        hid = self._hidden(x.reshape(c * b, length, d))
+        h_last = hid[:, -1]
+        lm = None
+        if lm_tokens is not None:
+            logits = self.head(hid[:, self.n_prefix - 1 : self.n_prefix - 1 + length]).float()
+            lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lm_tokens.reshape(-1), reduction="none").view(c, b * length).mean(1)
+        if self.closed_form:
+            d_cls, d_seq = self._closed_form(h_last.view(c, b, d), per_sequence)
+        else:
+            d_cls, d_seq = self._autograd(h_last.view(c, b, d), per_sequence, create_graph)
+        return d_cls, lm, d_seq
+
+    def _closed_form(self, h: torch.Tensor, per_sequence: bool):
+        c, b, _ = h.shape
+        h = h.float()
+        w = self.head.weight.float()
+        logits = h @ w.T
+        if self.b_idx is not None:
+            logits = logits + self.head.bias.float()
+        e = logits.softmax(-1)
+        e = e - F.one_hot(self.labels, e.shape[-1]).float()[:, None, :]  # [C, B, V]
+        d_cls, d_seq = [], []
+        for k in range(c):
+            gw = self.targets[k][self.w_idx].float()
+            g_norm2 = (gw * gw).sum()
+            gh = h[k] @ gw.T  # [B, V]: g h_i for every row
+            row_dot = (e[k] * gh).sum(-1)  # e_i^T g h_i
+            dot = row_dot.sum() / b
+            gram = (e[k] @ e[k].T) * (h[k] @ h[k].T)
+            norm2 = gram.sum() / b**2
+            parts = [self._dist(dot, norm2, g_norm2)]
+            seq_parts = [self._dist(row_dot, gram.diagonal(), g_norm2)] if per_sequence else []
+            if self.b_idx is not None:
+                gb = self.targets[k][self.b_idx].float()
+                eb = e[k].mean(0)
+                parts.append(self._dist((eb * gb).sum(), (eb * eb).sum(), (gb * gb).sum()))
+                if per_sequence:
+                    seq_parts.append(self._dist(e[k] @ gb, (e[k] ** 2).sum(-1), (gb * gb).sum()))
+            d_cls.append(torch.stack(parts).mean())
+            if per_sequence:
+                d_seq.append(torch.stack(seq_parts).mean(0))
+        return torch.stack(d_cls), (torch.stack(d_seq) if per_sequence else None)
+
+    def _dist(self, dot, norm2, g_norm2):
+        """Distance from inner product and squared norms (works elementwise)."""
+        if self.distance == "cos":
+            return 1 - dot / (norm2.clamp_min(EPS).sqrt() * g_norm2.clamp_min(EPS).sqrt())
+        return (norm2 - 2 * dot + g_norm2) / g_norm2.clamp_min(EPS)
+
+    def _tensor_dist(self, gs, ts):
+        return torch.stack([self._dist((g.float() * t.float()).sum(), (g.float() ** 2).sum(), (t.float() ** 2).sum()) for g, t in zip(gs, ts)]).mean()
+
+    def _autograd(self, h: torch.Tensor, per_sequence: bool, create_graph: bool):
+        c, b, _ = h.shape
+        logits = self.head(h).float()  # [C, B, V]
+        ce = F.cross_entropy(logits.reshape(c * b, -1), self.labels.repeat_interleave(b), reduction="none").view(c, b)
+        d_cls, d_seq = [], []
+        params = self.matched.params
+        for k in range(c):
+            gs = torch.autograd.grad(ce[k].mean(), params, create_graph=create_graph, retain_graph=True)
+            d_cls.append(self._tensor_dist(gs, self.targets[k]))
+            if per_sequence:
+                rows = []
+                for i in range(b):
+                    gi = torch.autograd.grad(ce[k, i], params, retain_graph=True)
+                    rows.append(self._tensor_dist(gi, self.targets[k]).detach())
+                d_seq.append(torch.stack(rows))
+        return torch.stack(d_cls), (torch.stack(d_seq) if per_sequence else None)
+
+    def discrete(self, tokens: torch.Tensor, per_sequence: bool = False):
+        """Matching distance of token ids [C, B, L] (no gradient w.r.t. inputs)."""
+        if self.closed_form:
+            with torch.no_grad():
+                d, _, s = self.losses(self.tokens_to_x(tokens), per_sequence=per_sequence)
+        else:
+            with torch.enable_grad():
+                d, _, s = self.losses(self.tokens_to_x(tokens).detach(), per_sequence=per_sequence, create_graph=False)
+        return d.detach(), (s.detach() if s is not None else None)
+
+    @torch.no_grad()
+    def perplexity(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-sequence perplexity of the text tokens [..., L] given the template prefix."""
+        shape = tokens.shape
+        t = tokens.reshape(-1, shape[-1])
+        prefix = torch.tensor(self.prefix_ids_list, device=t.device).expand(t.shape[0], -1)
+        ids = torch.cat([prefix, t], 1)
+        logits = self.model(input_ids=ids).logits[:, self.n_prefix - 1 : -1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="none").view(t.shape).mean(1)
+        return nll.exp().view(shape[:-1])

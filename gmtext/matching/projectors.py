@@ -1,0 +1,106 @@
+"""Projections from continuous embeddings to vocabulary tokens (the ADMM z-step).
+
+LM-guided top-k is what makes GRADMM text readable: each position may only take one of
+the k tokens closest to its continuous embedding, and among those the LM picks the most
+likely continuation of what was chosen so far. Decoding is batched over rows and uses a
+KV cache, so a projection costs about one single-token forward per position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ProjectionContext:
+    model: torch.nn.Module
+    embeddings: torch.Tensor  # [V, d] input embedding matrix
+    allowed_ids: torch.Tensor  # [A] token ids the projection may emit
+    prefix_ids: list[int]  # bos + template prefix: what the LM conditions on
+
+    def __post_init__(self):
+        self.allowed_ids = self.allowed_ids.to(self.embeddings.device)
+        e = self.embeddings.detach()[self.allowed_ids].float()
+        self.allowed_emb = e
+        self.allowed_unit = F.normalize(e, dim=-1)
+
+
+def candidate_ids(x: torch.Tensor, ctx: ProjectionContext, k: int, metric: str = "cos") -> torch.Tensor:
+    """[N, L, k] vocabulary ids nearest to each position, nearest first."""
+    xf = x.detach().float()
+    if metric == "cos":
+        sim = F.normalize(xf, dim=-1) @ ctx.allowed_unit.T
+    elif metric == "l2":
+        # -||x-e||^2 up to a per-row constant
+        sim = 2 * xf @ ctx.allowed_emb.T - (ctx.allowed_emb**2).sum(-1)
+    else:
+        raise ValueError(f"projector.metric={metric!r} unknown; accepted: cos, l2")
+    top = sim.topk(k, dim=-1).indices
+    return ctx.allowed_ids[top]
+
+
+class NearestProjector:
+    """Nearest allowed token per position, no LM: the readability ablation."""
+
+    def __init__(self, metric: str = "cos"):
+        if metric not in ("cos", "l2"):
+            raise ValueError(f"projector.metric={metric!r} unknown; accepted: cos, l2")
+        self.metric = metric
+
+    def __call__(self, x: torch.Tensor, ctx: ProjectionContext) -> torch.Tensor:
+        return candidate_ids(x, ctx, 1, self.metric)[..., 0]
+
+
+class LMTopKProjector:
+    """LM-guided top-k projection, KV-cached and batched over rows."""
+
+    def __init__(self, topk: int = 200, metric: str = "cos"):
+        if topk <= 0:
+            raise ValueError(f"projector.topk={topk} must be a positive integer")
+        if metric not in ("cos", "l2"):
+            raise ValueError(f"projector.metric={metric!r} unknown; accepted: cos, l2")
+        self.topk, self.metric = topk, metric
+
+    def check(self, ctx: ProjectionContext) -> None:
+        if self.topk > len(ctx.allowed_ids):
+            raise ValueError(f"projector.topk={self.topk} exceeds the allowed vocabulary ({len(ctx.allowed_ids)} tokens)")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, ctx: ProjectionContext) -> torch.Tensor:
+        self.check(ctx)
+        n, length, _ = x.shape
+        cand = candidate_ids(x, ctx, self.topk, self.metric)  # [N, L, k]
+        dev = x.device
+        prefix = torch.tensor(ctx.prefix_ids, device=dev).expand(n, -1)
+        out = ctx.model(input_ids=prefix, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        rows = torch.arange(n, device=dev)
+        chosen = torch.empty(n, length, dtype=torch.long, device=dev)
+        for i in range(length):
+            c = cand[:, i]
+            pick = c[rows, logits.float().gather(1, c).argmax(1)]
+            chosen[:, i] = pick
+            if i + 1 < length:
+                out = ctx.model(input_ids=pick[:, None], past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1]
+        return chosen
+
+
+@torch.no_grad()
+def lm_topk_reference(x: torch.Tensor, ctx: ProjectionContext, topk: int, metric: str = "cos") -> torch.Tensor:
+    """The reference implementation's structure: one row at a time, re-encoding the whole
+    prefix for every position. Kept to test and benchmark the fast path against."""
+    n, length, _ = x.shape
+    cand = candidate_ids(x, ctx, topk, metric)
+    chosen = torch.empty(n, length, dtype=torch.long, device=x.device)
+    for r in range(n):
+        seq = list(ctx.prefix_ids)
+        for i in range(length):
+            logits = ctx.model(input_ids=torch.tensor([seq], device=x.device)).logits[0, -1]
+            c = cand[r, i]
+            pick = int(c[logits.float()[c].argmax()])
+            chosen[r, i] = pick
+            seq.append(pick)
+    return chosen

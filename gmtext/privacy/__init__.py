@@ -1,0 +1,1 @@
+"""Differential-privacy accounting for the noisy gradient releases of GRADMM."""

@@ -1,0 +1,203 @@
+"""The Gaussian mechanism on per-class mean gradients: per-example gradients, clipping, noise.
+
+For each class c with n real examples (n = `real_per_class`, public, see below):
+
+    target_c = (1/n) * sum_i clip_C(g_i) + N(0, (noise_multiplier * sensitivity)^2 I)
+
+where g_i is the gradient of example i's loss w.r.t. *all* matched tensors jointly
+(one vector), clip_C(g) = g * min(1, C / ||g||).
+
+Per-example gradients, three paths that give the same numbers (tested):
+
+* ``closed_form`` (only the LM head is matched, ``matched.head_only``): the head's
+  per-example gradient is e_i h_i^T with e_i = softmax(logits_i) - onehot(label_i) and
+  h_i the last hidden state at the last real token, so ||g_i||^2 = |e_i|^2 |h_i|^2
+  (+ |e_i|^2 for a bias) and the clipped sum is E^T diag(s) H: no V x d tensor per example.
+* ``vmap``: ``torch.func.vmap(grad(...))`` over ``functional_call`` of the model, in
+  chunks; each example runs alone inside vmap (no padding mask needed: right padding
+  cannot reach the last real token of a causal LM).
+* ``loop``: one backward per example (reference, slow).
+
+Why n per class is public: the release samples exactly ``real_per_class`` examples of
+every class (a config value, chosen before any data is seen); the divisor is that
+constant, not a count of the data. A class with fewer examples raises an error in DP
+mode instead of silently using (and so revealing) a smaller count.
+
+Noise comes from an OS-entropy-seeded generator (``secure_generator``), never from the
+experiment seed: anyone who knows the seed could otherwise subtract the noise.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..gradients import MatchedParams, last_token_loss
+
+METHODS = ("auto", "closed_form", "vmap", "loop")
+
+
+def secure_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch generator seeded from os.urandom (64 bits), independent of every config seed."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+@dataclass
+class ClippedSum:
+    """Sum over one class's examples of jointly clipped per-example gradients.
+
+    `norms` (unclipped per-example norms) is diagnostic only and never released."""
+
+    sums: list[torch.Tensor]
+    norms: torch.Tensor
+    count: int
+
+
+def _check_method(method: str, matched: MatchedParams) -> str:
+    if method not in METHODS:
+        raise ValueError(f"per-example gradient method {method!r} unknown; accepted: {METHODS}")
+    if method == "auto":
+        return "closed_form" if matched.head_only else "vmap"
+    if method == "closed_form" and not matched.head_only:
+        raise ValueError(f"closed_form per-example gradients need matched params = lm_head only, got {matched.specs}")
+    return method
+
+
+def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """s_i = min(1, C / ||g_i||) (0-norm rows keep factor 1)."""
+    return (clip_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+
+
+# --------------------------------------------------------------------------- closed form
+def _head_parts(model, matched: MatchedParams):
+    head = model.get_output_embeddings()
+    order = {id(p): i for i, p in enumerate(matched.params)}
+    w_idx = order[id(head.weight)]
+    b_idx = order.get(id(head.bias)) if getattr(head, "bias", None) is not None else None
+    return head, w_idx, b_idx
+
+
+def _head_chunk(model, matched, task, texts, label_id, max_text_tokens):
+    """e [N, V] and h [N, d] (float32) for a chunk of texts."""
+    dev = next(model.parameters()).device
+    head, _, _ = _head_parts(model, matched)
+    ids, mask, last = task.batch(texts, max_text_tokens)
+    with torch.no_grad():
+        hid = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        h = hid[torch.arange(len(texts), device=dev), last.to(dev)]
+        logits = head(h).float()
+        e = logits.softmax(-1)
+        e[:, label_id] -= 1.0
+    return e, h.float()
+
+
+def clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens=None, chunk=16) -> ClippedSum:
+    head, w_idx, b_idx = _head_parts(model, matched)
+    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
+    norms = []
+    for i in range(0, len(texts), chunk):
+        e, h = _head_chunk(model, matched, task, texts[i : i + chunk], label_id, max_text_tokens)
+        e2 = (e * e).sum(-1)
+        n2 = e2 * (h * h).sum(-1)
+        if b_idx is not None:
+            n2 = n2 + e2
+        nrm = n2.sqrt()
+        s = clip_factors(nrm, clip_norm)
+        sums[w_idx] += (e * s[:, None]).T @ h  # E^T diag(s) H
+        if b_idx is not None:
+            sums[b_idx] += (e * s[:, None]).sum(0)
+        norms.append(nrm)
+    return ClippedSum(sums, torch.cat(norms), len(texts))
+
+
+# --------------------------------------------------------------------------- vmap
+class _LastTokenLoss(nn.Module):
+    """Loss of one example (batch of 1) from decoder + head, as a module for functional_call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, sel, label):
+        hid = self.model.get_decoder()(input_ids=ids[None]).last_hidden_state[0]  # [T, d]
+        h = (hid * sel[:, None]).sum(0)  # row at the last real token (one-hot select: vmap-safe)
+        logits = self.model.get_output_embeddings()(h[None]).float()
+        return F.cross_entropy(logits, label[None])
+
+
+def per_example_grads_vmap(model, task, matched, texts, label_id, max_text_tokens=None) -> list[torch.Tensor]:
+    """Per-example gradients [N, *shape] for every matched tensor, vectorised with torch.func."""
+    from torch.func import functional_call, grad, vmap
+
+    dev = next(model.parameters()).device
+    wrapper = _LastTokenLoss(model)
+    names = ["model." + n for n in matched.names]
+    params = {k: p.detach() for k, p in zip(names, matched.params)}
+    ids, _, last = task.batch(texts, max_text_tokens)
+    ids = ids.to(dev)
+    sel = F.one_hot(last, ids.shape[1]).to(dev, torch.float32)
+    labels = torch.full((len(texts),), label_id, device=dev)
+
+    def loss(p, i1, s1, l1):
+        return functional_call(wrapper, p, (i1, s1, l1), strict=False)
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, ids, sel, labels)
+    return [g[k].detach() for k in names]
+
+
+def per_example_grads_loop(model, task, matched, texts, label_id, max_text_tokens=None) -> list[torch.Tensor]:
+    """Reference: one forward/backward per example through the full model (last_token_loss)."""
+    dev = next(model.parameters()).device
+    out = [[] for _ in matched.params]
+    for t in texts:
+        ids, mask, last = task.batch([t], max_text_tokens)
+        loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([label_id], device=dev))[0]
+        for acc, g in zip(out, torch.autograd.grad(loss, matched.params)):
+            acc.append(g.detach())
+    return [torch.stack(a) for a in out]
+
+
+def _clip_materialised(grads: list[torch.Tensor], clip_norm: float):
+    n = grads[0].shape[0]
+    nrm = torch.sqrt(sum(g.reshape(n, -1).float().pow(2).sum(1) for g in grads))
+    s = clip_factors(nrm, clip_norm)
+    return [(g.float() * s.view(n, *([1] * (g.dim() - 1)))).sum(0) for g in grads], nrm
+
+
+def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label_id: int, clip_norm: float,
+                max_text_tokens: int | None = None, chunk: int = 16, method: str = "auto") -> ClippedSum:
+    """Sum of per-example gradients of `texts` (all labelled `label_id`), each clipped jointly
+    over all matched tensors to L2 norm `clip_norm`."""
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
+    method = _check_method(method, matched)
+    texts = list(texts)
+    if method == "closed_form":
+        return clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk)
+    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
+    norms = []
+    for i in range(0, len(texts), chunk if method == "vmap" else 1):
+        part = texts[i : i + (chunk if method == "vmap" else 1)]
+        f = per_example_grads_vmap if method == "vmap" else per_example_grads_loop
+        cs, nrm = _clip_materialised(f(model, task, matched, part, label_id, max_text_tokens), clip_norm)
+        for a, c in zip(sums, cs):
+            a += c
+        norms.append(nrm)
+    return ClippedSum(sums, torch.cat(norms), len(texts))
+
+
+# --------------------------------------------------------------------------- Gaussian mechanism
+def gaussian_noise_like(tensors: Sequence[torch.Tensor], std: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """Independent N(0, std^2) noise for every element, drawn on CPU from `generator`."""
+    return [(torch.randn(t.shape, generator=generator, dtype=torch.float32) * std).to(t.device) for t in tensors]
+
+
+def noisy_mean(sums: Sequence[torch.Tensor], n: int, sigma: float, generator: torch.Generator):
+    """(sum/n + noise, sum/n, noise): the released target, the clipped mean and the noise."""
+    means = [s / n for s in sums]
+    noise = gaussian_noise_like(means, sigma, generator)
+    return [m + z for m, z in zip(means, noise)], means, noise

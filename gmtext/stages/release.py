@@ -1,0 +1,258 @@
+"""The release: the only stage that reads private real examples.
+
+It turns real data into per-class target gradients (noisy and accounted when privacy is
+on) and writes them with a privacy ledger. Everything downstream receives a `Release`,
+which carries gradients, counts and public metadata only: no text, no lengths, no
+statistics of the real data beyond what the ledger accounts for.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..artifacts import read_json, save_torch, write_json
+from ..data import Task, load_split, sample_per_class
+from ..gradients import MatchedParams, class_target_gradients
+
+RELEASE_FILE = "targets.pt"
+META_FILE = "release.json"
+PRIVACY_FILE = "privacy.json"
+
+
+class ReleaseMismatch(ValueError):
+    pass
+
+
+@dataclass
+class Release:
+    targets: list[list[torch.Tensor]]  # [class][tensor]
+    param_names: list[str]
+    label_names: list[str]
+    counts: list[int]  # examples per class behind each target (public by design: see docs/privacy.md)
+    fingerprint: str
+    privacy: dict = field(default_factory=dict)
+
+    def save(self, out_dir) -> None:
+        out = Path(out_dir)
+        save_torch(out / RELEASE_FILE, {"targets": [[t.detach().cpu() for t in tc] for tc in self.targets]})
+        write_json(out / PRIVACY_FILE, self.privacy)
+        meta = {k: v for k, v in asdict(self).items() if k not in ("targets", "privacy")}
+        write_json(out / META_FILE, meta)  # written last: its presence marks a complete release
+
+    @classmethod
+    def load(cls, out_dir) -> "Release":
+        out = Path(out_dir)
+        if not (out / META_FILE).exists():
+            raise FileNotFoundError(f"release={str(out)!r}: no {META_FILE} there (not a release directory, or an unfinished one)")
+        meta = read_json(out / META_FILE)
+        targets = torch.load(out / RELEASE_FILE, map_location="cpu", weights_only=True)["targets"]
+        return cls(targets=targets, privacy=read_json(out / PRIVACY_FILE), **meta)
+
+    def check(self, fingerprint: str, names: list[str]) -> None:
+        if fingerprint != self.fingerprint:
+            raise ReleaseMismatch(f"release fingerprint {self.fingerprint} does not match this config ({fingerprint}): it was made for another model, dataset, template, verbalizers or matched parameters")
+        if names != self.param_names:
+            raise ReleaseMismatch(f"release holds gradients for {self.param_names[:3]}..., this config matches {names[:3]}...")
+
+    @property
+    def epsilon(self) -> float:
+        return float(self.privacy.get("epsilon", math.inf))
+
+
+def release_fingerprint(model_fingerprint: str, dataset_name: str, task: Task, matched_names: list[str]) -> str:
+    """What the targets depend on, public parts only: reusing a release with a different
+    model/template/verbalizer/parameter set would match the wrong thing."""
+    key = json.dumps([model_fingerprint, dataset_name, task.template, task.label_names, task.label_token_ids, task.prefix_ids, task.suffix_ids, matched_names])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def select_real_examples(ds_cfg, num_classes: int, real_per_class: int, seed: int):
+    split = load_split(
+        ds_cfg.train_split, ds_cfg.label_names, path=ds_cfg.path, hub_name=ds_cfg.hub_name,
+        hub_config=ds_cfg.hub_config, text_field=ds_cfg.text_field, label_field=ds_cfg.label_field, builtin=ds_cfg.builtin,
+    )
+    chosen = sample_per_class(split, num_classes, real_per_class, seed)
+    by_class = [[e.text for e in chosen if e.label == c] for c in range(num_classes)]
+    return by_class, split.skipped_empty
+
+
+def make_release(model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str, max_text_tokens: int, batch_size: int = 16) -> Release:
+    """Non-private release: exact per-class mean gradients (ε = ∞)."""
+    tg = class_target_gradients(model, task, matched, texts_by_class, batch_size, max_text_tokens)
+    privacy = {"mechanism": "none", "epsilon": math.inf, "delta": 0.0, "note": "non-private: targets are exact means of real-example gradients"}
+    return Release(tg.grads, tg.names, list(task.label_names), tg.counts, fingerprint, privacy)
+
+
+# --------------------------------------------------------------------------- DP release
+# (Gaussian mechanism with an accountant; see docs/privacy.md for the exact guarantee.)
+DP_NAME = "dp"
+
+
+@dataclass
+class DPDetails:
+    """What a DP release added, for tests and diagnostics only: never saved, never returned
+    by `make_dp_release` (the clipped means are exactly what the noise hides)."""
+
+    clipped_means: list[list[torch.Tensor]]
+    noise: list[list[torch.Tensor]]
+    norms: list[torch.Tensor]
+    sigma: float
+    noise_multiplier: float
+    sensitivity: float
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate(epsilon: float, delta: float, k: int, accountant: str) -> float:
+    from ..privacy.accountant import calibrate_noise_multiplier
+
+    return calibrate_noise_multiplier(epsilon, delta, k, accountant)
+
+
+def validate_dp_config(pcfg, real_per_class: int, num_classes: int) -> list[str]:
+    """One-line ValueErrors for impossible settings; warnings (returned and emitted) for weak ones."""
+    from ..privacy.accountant import ACCOUNTANTS, ADJACENCIES, validate_budget
+
+    eps, delta, clip = pcfg.epsilon, pcfg.delta, pcfg.clip_norm
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"privacy.epsilon={eps!r}: must be a finite number > 0")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"privacy.delta={delta!r}: must be in (0, 1)")
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"privacy.clip_norm={clip!r}: must be a finite number > 0")
+    if pcfg.accountant not in ACCOUNTANTS:
+        raise ValueError(f"privacy.accountant={pcfg.accountant!r}: accepted {list(ACCOUNTANTS)}")
+    if pcfg.adjacency not in ADJACENCIES:
+        raise ValueError(f"privacy.adjacency={pcfg.adjacency!r}: accepted {list(ADJACENCIES)}")
+    if real_per_class < 1:
+        raise ValueError(f"real_per_class={real_per_class!r}: must be >= 1")
+    warns = validate_budget(float(eps), float(delta), int(real_per_class) * int(num_classes))
+    for w in warns:
+        warnings.warn(f"privacy: {w}", stacklevel=2)
+    return warns
+
+
+def make_dp_release_with_details(model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str,
+                                 max_text_tokens: int, pcfg, real_per_class: int, batch_size: int = 16,
+                                 method: str = "auto") -> tuple[Release, DPDetails]:
+    """DP release: per class, clipped mean of per-example gradients + Gaussian noise, σ calibrated
+    so that the composition of all `num_classes` releases is (ε, δ)-DP (see docs/privacy.md)."""
+    from ..privacy.accountant import Mechanism, PrivacyLedger, sensitivity
+    from ..privacy.mechanism import _check_method, clipped_sum, noisy_mean, secure_generator
+
+    num_classes = task.num_classes
+    warns = validate_dp_config(pcfg, real_per_class, num_classes)
+    if len(texts_by_class) != num_classes:
+        raise ValueError(f"DP release: got texts for {len(texts_by_class)} classes, the task has {num_classes}")
+    for c, texts in enumerate(texts_by_class):
+        if len(texts) != real_per_class:  # the count is not revealed: n must be the public constant
+            raise ValueError(f"DP release needs exactly real_per_class={real_per_class} examples of every class; class "
+                             f"{task.label_names[c]!r} has a different number available (lower real_per_class; the count stays private)")
+    method = _check_method(method, matched)
+    mult = _calibrate(float(pcfg.epsilon), float(pcfg.delta), num_classes, pcfg.accountant)
+    sens = sensitivity(float(pcfg.clip_norm), real_per_class, pcfg.adjacency)
+    ledger = PrivacyLedger(float(pcfg.epsilon), float(pcfg.delta), pcfg.accountant, pcfg.adjacency)
+    gen = secure_generator()  # never the experiment seed
+    targets, means, noises, norms = [], [], [], []
+    for c, texts in enumerate(texts_by_class):
+        cs = clipped_sum(model, task, matched, texts, task.label_token_ids[c], float(pcfg.clip_norm), max_text_tokens, batch_size, method)
+        mech = Mechanism.gaussian(f"class_target:{task.label_names[c]}", float(pcfg.clip_norm), real_per_class, pcfg.adjacency, mult)
+        noisy, mean, noise = noisy_mean(cs.sums, real_per_class, mech.sigma, gen)
+        ledger.add(mech)
+        targets.append([t.to(p.dtype) for t, p in zip(noisy, matched.params)])
+        means.append(mean)
+        noises.append(noise)
+        norms.append(cs.norms)
+    privacy = ledger.to_dict()
+    privacy.update({
+        "mechanism": "gaussian",
+        "epsilon": ledger.composed_epsilon(),
+        "delta": float(pcfg.delta),
+        "accountant": pcfg.accountant,
+        "adjacency": pcfg.adjacency,
+        "noise_multiplier": mult,
+        "sensitivity": sens,
+        "sigma": mult * sens,
+        "clip_norm": float(pcfg.clip_norm),
+        "num_examples_per_class": real_per_class,
+        "num_releases": num_classes,
+        "per_example_gradients": method,
+        "noise_source": "torch.Generator seeded from os.urandom (64 bits), independent of the experiment seed",
+        "warnings": warns,
+    })
+    rel = Release(targets, list(matched.names), list(task.label_names), [real_per_class] * num_classes, fingerprint, privacy)
+    return rel, DPDetails(means, noises, norms, mult * sens, mult, sens)
+
+
+def make_dp_release(model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str, max_text_tokens: int,
+                    pcfg, real_per_class: int, batch_size: int = 16, method: str = "auto") -> Release:
+    """DP release (see make_dp_release_with_details); only the noisy targets leave this function."""
+    return make_dp_release_with_details(model, task, matched, texts_by_class, fingerprint, max_text_tokens, pcfg,
+                                        real_per_class, batch_size, method)[0]
+
+
+def build_release(cfg, model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str) -> Release:
+    """The configured release (privacy=none → exact means, privacy=dp → Gaussian mechanism)."""
+    if cfg.privacy.name == DP_NAME:
+        return make_dp_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens,
+                               cfg.privacy, cfg.real_per_class, cfg.target_batch_size)
+    return make_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens, cfg.target_batch_size)
+
+
+def check_release_privacy(rel: Release, pcfg) -> None:
+    """With privacy=dp, refuse to reuse a release that is non-private or spends more ε than configured."""
+    if pcfg.name != DP_NAME:
+        return
+    if rel.privacy.get("mechanism") != "gaussian":
+        raise ReleaseMismatch("privacy=dp but the release to reuse is non-private (epsilon=inf); make a DP release first")
+    if rel.epsilon > float(pcfg.epsilon) * (1 + 1e-6) or float(rel.privacy.get("delta", 1.0)) > float(pcfg.delta):
+        raise ReleaseMismatch(f"privacy.epsilon={pcfg.epsilon} / delta={pcfg.delta}: the release to reuse spent "
+                              f"epsilon={rel.epsilon:.4g}, delta={rel.privacy.get('delta')}")
+
+
+def run_release(cfg, run_dir) -> dict:
+    """gmtext-release: real data → run_dir/release (targets.pt, privacy.json, release.json).
+
+    An existing complete release in run_dir is reused, never redone: a second noisy release
+    of the same data would spend the privacy budget again."""
+    import time
+
+    from ..artifacts import run_lock
+    from .generate import build_task, load_generator_model
+
+    run_dir = Path(run_dir)
+    out = run_dir / "release"
+    if cfg.privacy.name == DP_NAME:
+        validate_dp_config(cfg.privacy, cfg.real_per_class, len(cfg.dataset.label_names))
+    with run_lock(run_dir, "release"):
+        t0 = time.perf_counter()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        lm = load_generator_model(cfg)
+        task = build_task(cfg, lm.tokenizer)
+        matched = MatchedParams(lm.model, list(cfg.matched_params))
+        fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names)
+        t_load = time.perf_counter() - t0
+        reused = (out / META_FILE).exists()
+        if reused:
+            rel = Release.load(out)
+            rel.check(fp, matched.names)
+            check_release_privacy(rel, cfg.privacy)
+        else:
+            texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
+            rel = build_release(cfg, lm.model, task, matched, texts, fp)
+            rel.save(out)
+        wall = time.perf_counter() - t0
+    summary = {"release_dir": str(out), "reused": reused, "epsilon": rel.epsilon, "delta": rel.privacy.get("delta"),
+               "mechanism": rel.privacy.get("mechanism"), "sigma": rel.privacy.get("sigma"), "counts": rel.counts,
+               "num_params": sum(t.numel() for t in rel.targets[0]), "model_load_seconds": t_load,
+               "release_seconds": wall - t_load, "wall_seconds": wall}
+    write_json(run_dir / "release_summary.json", summary)
+    return summary

@@ -1,0 +1,150 @@
+"""Gradients, objective, vocabulary, projection and ADMM on a tiny random Llama."""
+import pytest
+import torch
+
+from gmtext.gradients import MatchedParams, class_target_gradients, class_target_gradients_loop
+from gmtext.matching.admm import ADMMMatcher, EmbeddingMatcher
+from gmtext.matching.objective import MatchingObjective
+from gmtext.matching.projectors import LMTopKProjector, NearestProjector, ProjectionContext, lm_topk_reference
+from gmtext.matching.vocab import allowed_token_ids
+
+TEXTS = [["a dull and boring film", "awful acting, a mess", "meh", "I want my money back"],
+         ["a great film!", "I loved every minute of it", "wonderful cast", "smart and funny"]]
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-20)).item()
+
+
+@pytest.mark.parametrize("specs", [["lm_head"], ["final_norm", "last_blocks:1"], ["re:layers\\.0\\.mlp"]])
+def test_batched_targets_equal_loop(tiny, specs):
+    lm, task = tiny
+    mp = MatchedParams(lm.model, specs)
+    a = class_target_gradients(lm.model, task, mp, TEXTS, batch_size=3)
+    b = class_target_gradients_loop(lm.model, task, mp, TEXTS)
+    assert a.names == b.names and a.counts == [4, 4]
+    for ga, gb in zip(a.grads, b.grads):
+        for x, y in zip(ga, gb):
+            assert _rel(x, y) < 1e-5
+
+
+def test_tied_head_is_untied_for_gradients(tiny):
+    from gmtext.models import load_model
+
+    lm = load_model("tiny-llama")
+    m = lm.model
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+    mp = MatchedParams(m, ["lm_head"])
+    head, emb = m.get_output_embeddings().weight, m.get_input_embeddings().weight
+    assert head is not emb and head.data_ptr() == emb.data_ptr()  # same storage, separate autograd leaf
+    assert mp.head_only and mp.names == ["lm_head.weight"]
+
+
+def test_bad_param_spec(tiny):
+    lm, _ = tiny
+    with pytest.raises(ValueError, match="unknown"):
+        MatchedParams(lm.model, ["lm_hed"])
+    with pytest.raises(ValueError, match="blocks"):
+        MatchedParams(lm.model, ["last_blocks:99"])
+
+
+def _objective(lm, task, closed_form, distance="cos", specs=("lm_head",)):
+    mp = MatchedParams(lm.model, list(specs))
+    tg = class_target_gradients(lm.model, task, mp, TEXTS).grads
+    return MatchingObjective(lm.model, mp, tg, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=distance, closed_form=closed_form)
+
+
+@pytest.mark.parametrize("distance", ["cos", "l2"])
+def test_closed_form_equals_double_backward(tiny, distance):
+    lm, task = tiny
+    fast, slow = _objective(lm, task, True, distance), _objective(lm, task, False, distance)
+    assert fast.closed_form and not slow.closed_form
+    x = torch.randn(2, 3, 5, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    d1, _, s1 = fast.losses(x, per_sequence=True)
+    d2, _, s2 = slow.losses(x, per_sequence=True)
+    assert torch.allclose(d1, d2, atol=1e-5) and torch.allclose(s1, s2, atol=1e-5)
+    g1 = torch.autograd.grad(d1.sum(), x)[0]
+    g2 = torch.autograd.grad(d2.sum(), x)[0]
+    assert _rel(g1, g2) < 1e-3
+
+
+def test_vocab_filter(tiny):
+    lm, _ = tiny
+    tok = lm.tokenizer
+    allowed = allowed_token_ids(tok, lm.model.get_input_embeddings().weight.shape[0])
+    ids = set(allowed.tolist())
+    assert not ids & set(tok.all_special_ids)
+    assert max(ids) < len(tok)
+    for i in allowed[:: max(1, len(allowed) // 500)].tolist():
+        s = tok.decode([i])
+        assert s.strip() and s.isascii() and "\n" not in s and "\ufffd" not in s
+    # restricting the embedding matrix restricts the ids
+    assert allowed_token_ids(tok, 1000).max() < 1000
+
+
+def _ctx(lm, task):
+    emb = lm.model.get_input_embeddings().weight
+    return ProjectionContext(lm.model, emb, allowed_token_ids(lm.tokenizer, emb.shape[0]), task.prefix_ids)
+
+
+@pytest.mark.parametrize("topk", [1, 7, 50])
+def test_cached_projection_equals_reference(tiny, topk):
+    lm, task = tiny
+    ctx = _ctx(lm, task)
+    x = torch.randn(5, 8, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(topk))
+    fast = LMTopKProjector(topk=topk)(x, ctx)
+    assert torch.equal(fast, lm_topk_reference(x, ctx, topk))
+    if topk == 1:  # with one candidate the LM has no choice: nearest token
+        assert torch.equal(fast, NearestProjector("cos")(x, ctx))
+
+
+def test_projection_rejects_bad_topk(tiny):
+    lm, task = tiny
+    with pytest.raises(ValueError, match="topk=0"):
+        LMTopKProjector(topk=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        LMTopKProjector(topk=10**7)(torch.randn(1, 2, lm.model.config.hidden_size), _ctx(lm, task))
+
+
+def test_nearest_projection_recovers_embeddings(tiny):
+    lm, task = tiny
+    ctx = _ctx(lm, task)
+    ids = ctx.allowed_ids[torch.randint(len(ctx.allowed_ids), (3, 6), generator=torch.Generator().manual_seed(1))]
+    x = lm.model.get_input_embeddings()(ids)
+    assert torch.equal(NearestProjector("cos")(x, ctx), ids)
+    assert torch.equal(NearestProjector("l2")(x, ctx), ids)
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_admm_decreases_matching_loss(tiny, closed_form):
+    lm, task = tiny
+    obj = _objective(lm, task, closed_form)
+    ctx = _ctx(lm, task)
+    m = ADMMMatcher(outer_steps=3, inner_steps=4, init_candidates=1, init="random", closed_form=closed_form)
+    gen = torch.Generator().manual_seed(0)
+    init = m.initial_tokens(obj, ctx, 2, 3, 6, torch.Generator().manual_seed(0))
+    d0 = obj.discrete(init)[0]
+    res = m.run(obj, LMTopKProjector(topk=20), ctx, 2, 3, 6, gen)
+    assert res.tokens.shape == (2, 3, 6)
+    assert (res.class_loss <= d0 + 1e-6).all() and res.class_loss.sum() < d0.sum()
+    cont = [h["continuous_loss"] for h in res.history if "continuous_loss" in h]
+    assert cont[-1] < cont[0]
+    # the kept iterate's reported loss is its own discrete loss
+    assert torch.allclose(obj.discrete(res.tokens)[0], res.class_loss, atol=1e-6)
+    assert set(res.tokens.flatten().tolist()) <= set(ctx.allowed_ids.tolist())
+
+
+def test_admm_is_deterministic(tiny):
+    lm, task = tiny
+    obj, ctx = _objective(lm, task, True), _ctx(lm, task)
+    m = ADMMMatcher(outer_steps=2, inner_steps=2, init_candidates=2)
+    a = m.run(obj, LMTopKProjector(topk=10), ctx, 2, 2, 5, torch.Generator().manual_seed(3))
+    b = m.run(obj, LMTopKProjector(topk=10), ctx, 2, 2, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_embedding_only_ablation_runs(tiny):
+    lm, task = tiny
+    obj, ctx = _objective(lm, task, True), _ctx(lm, task)
+    res = EmbeddingMatcher(outer_steps=2, inner_steps=2, init_candidates=1).run(obj, NearestProjector(), ctx, 2, 2, 5, torch.Generator().manual_seed(0))
+    assert res.tokens.shape == (2, 2, 5) and torch.isfinite(res.perplexity).all()
