@@ -61,3 +61,40 @@ def audit_main(cfg: DictConfig) -> float:
     print(f"gmtext-audit: longest common n-gram {s['longest_common_ngram']} | {s['share_with_real_ngram']:.1%} share a real "
           f"{s['ngram']}-gram | median nearest-real cosine {s['nearest_real_cosine']['median']:.3f} → {HydraConfig.get().runtime.output_dir}/audit.md")
     return s["share_with_real_ngram"]
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="finetune")
+def finetune_main(cfg: DictConfig) -> float:
+    from .stages.finetune import run_finetune
+
+    m = _run("finetune", run_finetune, cfg)
+    eps = f" | epsilon {m['epsilon']:.3g}" if m.get("epsilon") is not None else ""
+    dev = f" | dev acc {m['dev_accuracy']:.1%}" if m.get("dev_accuracy") is not None else ""
+    print(f"gmtext-finetune: {m['train_source']} (n={m['n_train']}) | {m['splits']['accuracy']} accuracy {m['accuracy']:.1%} | "
+          f"macro-F1 {m['macro_f1']:.3f}{dev}{eps} | {m['wall_seconds']:.0f} s → {HydraConfig.get().runtime.output_dir}/metrics.json")
+    return m["accuracy"]
+
+
+def report_main() -> None:
+    """gmtext-report DIR... [-o OUT]: plain argparse (it takes paths, not a config)."""
+    from .stages.report import main
+
+    sys.exit(main())
+
+
+def merge_main() -> None:
+    """gmtext-merge OUT_DIR SHARD_DIR...: join generate shards (argparse, like report)."""
+    from .stages.merge import main
+
+    sys.exit(main())
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="select")
+def select_main(cfg: DictConfig) -> int:
+    from .stages.select import run_select
+
+    s = _run("select", run_select, cfg)
+    print(f"gmtext-select: {s['selected']} of {s['pool']} examples → {HydraConfig.get().runtime.output_dir}/selected.jsonl "
+          f"| per class {s['per_class']} | mean match loss {s['mean_match_loss']:.4f}")
+    return s["selected"]
+

@@ -37,6 +37,7 @@ class DatasetConfig:
     label_names: List[str] = MISSING
     verbalizers: List[str] = MISSING
     label_descriptions: List[str] = field(default_factory=list)  # for the prompted baseline
+    lm_context: str = ""  # public task description the LM conditions on when proposing tokens
     template: str = "{text} It was"
     train_split: str = "train"
     eval_split: str = "validation"
@@ -103,6 +104,20 @@ class PrivacyDPConfig:
     clip_norm: float = 1.0
     accountant: str = "prv"  # prv | rdp | analytic
     adjacency: str = "replace_one"  # replace_one (sensitivity 2C/n) | add_remove (C/n)
+
+
+@dataclass
+class BestMatchSelectorConfig:
+    _target_: str = "gmtext.stages.select.BestMatchSelector"
+    per_class: int = 0  # 0 = as many as the smallest class has
+    perplexity_weight: float = 0.0
+    dedupe: bool = True
+    balance: bool = True
+
+
+@dataclass
+class NoSelectorConfig:
+    _target_: str = "gmtext.stages.select.NoSelector"
 
 
 @dataclass
@@ -221,6 +236,8 @@ class RootConfig:
     real_per_class: int = 50  # real examples per class behind each target gradient
     matched_params: List[str] = field(default_factory=lambda: ["lm_head"])
     target_batch_size: int = 16
+    selector: Any = MISSING
+    pool: Optional[str] = None  # gmtext-select: generated pool (run dir or jsonl); default: this run dir
     release: Optional[str] = None  # existing release dir: generate without touching real data
     shard: ShardConfig = field(default_factory=ShardConfig)
     threads: int = 0  # torch CPU threads; 0 = torch default
@@ -259,6 +276,8 @@ def register_configs() -> None:
     cs.store(group="privacy", name="dp_schema", node=PrivacyDPConfig)
     cs.store(name="audit_schema", node=AuditConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="selector", name="best_schema", node=BestMatchSelectorConfig)
+    cs.store(group="selector", name="none_schema", node=NoSelectorConfig)
     cs.store(group="finetuner", name="full_schema", node=FullFineTunerConfig)
     cs.store(group="finetuner", name="lora_schema", node=LoRAFineTunerConfig)
     cs.store(group="finetuner", name="last_layers_schema", node=LastLayersFineTunerConfig)

@@ -96,6 +96,14 @@ def last_token_loss(model, ids, mask, last, labels) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
+def last_token_loss_fast(model, ids, mask, last, labels) -> torch.Tensor:
+    """Same as `last_token_loss`, but the LM head runs only at each row's last real position
+    (the full-sequence logits are [N, T, V]: ~20% of a small model's FLOPs, all unused)."""
+    hid = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = model.get_output_embeddings()(hid[torch.arange(ids.shape[0], device=ids.device), last])
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
 @dataclass
 class ClassTargets:
     """Per-class target gradients: grads[c][t] is the class-c mean gradient for tensor t."""
@@ -107,16 +115,19 @@ class ClassTargets:
 
 def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: Sequence[Sequence[str]], batch_size: int = 16, max_text_tokens: int | None = None) -> ClassTargets:
     """Batched mean gradient per class: one backward per chunk of a mean loss, which equals the
-    mean of per-example gradients exactly (right padding cannot leak into a causal prefix)."""
+    mean of per-example gradients exactly (right padding cannot leak into a causal prefix).
+    Texts are chunked in order of token length (less padding) and the head runs only at the
+    last real position; the sum is order-independent up to float rounding."""
     dev = next(model.parameters()).device
     grads = []
     for c, texts in enumerate(texts_by_class):
         acc = [torch.zeros_like(p) for p in matched.params]
+        texts = sorted(texts, key=lambda t: len(task.encode_text(t)))
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
             ids, mask, last = task.batch(chunk, max_text_tokens)
             labels = torch.full((len(chunk),), task.label_token_ids[c])
-            loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), labels.to(dev)).sum() / len(texts)
+            loss = last_token_loss_fast(model, ids.to(dev), mask.to(dev), last.to(dev), labels.to(dev)).sum() / len(texts)
             gs = torch.autograd.grad(loss, matched.params)
             for a, g in zip(acc, gs):
                 a += g.detach()

@@ -48,7 +48,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _tiny_llama(vocab_source: str, seed: int, hidden: int, layers: int):
+def _tiny_llama(vocab_source: str, seed: int, hidden: int, layers: int, attn_implementation: str = "eager"):
     """A small random Llama that shares the embedded tokenizer, for fast tests.
 
     Random weights, but a real tokenizer, so vocabulary filtering, templates and
@@ -66,6 +66,7 @@ def _tiny_llama(vocab_source: str, seed: int, hidden: int, layers: int):
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
+        attn_implementation=attn_implementation,  # eager: double backward through attention (last_blocks:K)
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
@@ -113,7 +114,7 @@ def load_model(
         raise ValueError(f"model.dtype={dtype!r} is not valid; accepted: float32, bfloat16, float16")
     dev = resolve_device(device)
     if name == "tiny-llama":
-        model, tok = _tiny_llama(EMBEDDED_NAME, seed, tiny_hidden, tiny_layers)
+        model, tok = _tiny_llama(EMBEDDED_NAME, seed, tiny_hidden, tiny_layers, attn_implementation)
         fingerprint = f"tiny-llama:h{tiny_hidden}:l{tiny_layers}:s{seed}"
     elif name == EMBEDDED_NAME:
         d = embedded_model_dir()

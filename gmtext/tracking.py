@@ -2,6 +2,11 @@
 
 Every logged record is also appended to `metrics.jsonl` in the run dir, so results are
 readable without W&B and `gmtext-report` has one format to read.
+
+One W&B run per Hydra job (`reinit="create_new"`, finished in `close()`), so the jobs of
+a multirun executed in one process never share a run. Runs of one sweep share a W&B
+`group` (default: the sweep dir's name under `-m`; `logger.group` overrides it) and
+`job_type` is the stage. See docs/tracking.md.
 """
 from __future__ import annotations
 
@@ -9,6 +14,22 @@ import json
 import math
 import os
 from pathlib import Path
+
+
+def default_group() -> str | None:
+    """The Hydra sweep dir's name when running under -m, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN and hc.sweep.dir:
+            return Path(str(hc.sweep.dir)).name
+    except Exception:  # no Hydra context (library use, tests): no group
+        return None
+    return None
 
 
 class Tracker:
@@ -20,22 +41,21 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.local = self.run_dir / "metrics.jsonl"
         self.run = None
+        self.group = group if group is not None else default_group()
         if name == "wandb" and mode != "disabled":
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(
-                project=project, entity=entity, group=group, job_type=job_type, tags=list(tags),
+                project=project, entity=entity, group=self.group, job_type=job_type, tags=list(tags),
                 config=config, dir=str(self.run_dir), mode=mode, reinit="create_new",
             )
 
     def log(self, metrics: dict, step: int | None = None, kind: str = "step") -> None:
-        rec = {"kind": kind, **({"step": step} if step is not None else {}), **metrics}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.local, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, default=_num) + "\n")
+        self._mirror({"kind": kind, **({"step": step} if step is not None else {}), **metrics})
         if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            self.run.log({k: v for k, v in metrics.items() if _is_num(v)}, step=step)
 
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
         if self.run is not None:
@@ -44,15 +64,32 @@ class Tracker:
             self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def summary(self, metrics: dict) -> None:
-        self.log(metrics, kind="summary")
+        """Final values: the local mirror gets a kind=summary record, W&B the run summary
+        (not a history step)."""
+        self._mirror({"kind": "summary", **metrics})
         if self.run is not None:
             for k, v in metrics.items():
                 self.run.summary[k] = v
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         if self.run is not None:
-            self.run.finish()
-            self.run = None
+            run, self.run = self.run, None
+            run.finish(exit_code=exit_code)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(0 if exc_type is None else 1)
+
+    def _mirror(self, rec: dict) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.local, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, default=_num) + "\n")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _num(o):

@@ -6,7 +6,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "dataset", "matcher", "projector", "privacy", "logger"]
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra", "__pycache__"))
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -18,9 +18,17 @@ def test_every_option_composes(compose, group):
         assert cfg[group] is not None
 
 
-def test_every_experiment_composes(compose):
+PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "base")
+
+
+def test_groups_discovered():
+    assert {"model", "dataset", "matcher", "projector", "privacy", "logger", "selector"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+def test_every_experiment_composes_under_every_entry_point(compose, primary):
     for p in sorted((CONF / "experiment").glob("*.yaml")):
-        cfg = compose([f"experiment={p.stem}"])
+        cfg = compose([f"experiment={p.stem}"], config_name=primary)
         assert cfg.stage
 
 

@@ -188,6 +188,7 @@ class Task:
         else:
             start = [tok.bos_token_id] if _adds_bos(tok) else []
         # A non-empty prefix gives the LM a context to score the first synthetic token.
+        self.start_ids = start
         self.prefix_ids = start + tok(pre, add_special_tokens=False).input_ids
         if not self.prefix_ids:
             raise ValueError("the template has no prefix and the tokenizer adds no BOS; set model.start_token (e.g. '<|endoftext|>')")
@@ -206,6 +207,14 @@ class Task:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    def lm_context_ids(self, context: str = "") -> list[int]:
+        """What the LM conditions on when it proposes or scores synthetic tokens: the input
+        prefix, optionally preceded by a public task description (never real data)."""
+        if not context:
+            return list(self.prefix_ids)
+        ctx = self.tokenizer(context, add_special_tokens=False).input_ids
+        return self.start_ids + ctx + self.prefix_ids[len(self.start_ids):]
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids

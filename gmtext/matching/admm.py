@@ -94,7 +94,7 @@ class ADMMMatcher:
             return cand[0]
         losses = torch.stack([obj.discrete(cand[j])[0] for j in range(k)])  # [k, C]
         best = losses.argmin(0)
-        return cand[best, torch.arange(c)]
+        return cand[best, torch.arange(c, device=best.device)]
 
     # -------- the ADMM loop --------
     def run(self, obj: MatchingObjective, projector, ctx: ProjectionContext, num_classes: int, batch_size: int, length: int, gen: torch.Generator, on_step: Callable[[dict], None] | None = None) -> MatchResult:
@@ -143,7 +143,7 @@ class ADMMMatcher:
                     loss = loss + pen.sum()
                 if lm is not None:
                     loss = loss + self.lm_weight * lm.sum()
-                loss.backward()
+                loss.backward(inputs=[x])  # only x: no gradients into the matched parameters
                 if not torch.isfinite(x.grad).all():
                     raise FloatingPointError("non-finite gradient in the x-step")
                 _clip_per_class(x.grad, self.grad_clip)

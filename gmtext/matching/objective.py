@@ -57,7 +57,8 @@ class MatchingObjective:
     def _hidden(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, L, d] free-slot embeddings → last-layer hidden states [N, P+L+S, d]."""
         n = x.shape[0]
-        inp = torch.cat([self.prefix_emb.expand(n, -1, -1), x, self.suffix_emb.expand(n, -1, -1)], dim=1)
+        # x is kept in float32 by the matcher; run the decoder in the model's own dtype (bf16/fp16 models)
+        inp = torch.cat([self.prefix_emb.expand(n, -1, -1), x.to(self.prefix_emb.dtype), self.suffix_emb.expand(n, -1, -1)], dim=1)
         return self.decoder(inputs_embeds=inp).last_hidden_state
 
     def tokens_to_x(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -82,10 +83,12 @@ class MatchingObjective:
     def _closed_form(self, h: torch.Tensor, per_sequence: bool):
         c, b, _ = h.shape
         h = h.float()
-        w = self.head.weight.float()
+        # detached: D is differentiated w.r.t. x only; a live W would make every backward build
+        # an unused V x d weight gradient
+        w = self.head.weight.detach().float()
         logits = h @ w.T
         if self.b_idx is not None:
-            logits = logits + self.head.bias.float()
+            logits = logits + self.head.bias.detach().float()
         e = logits.softmax(-1)
         e = e - F.one_hot(self.labels, e.shape[-1]).float()[:, None, :]  # [C, B, V]
         d_cls, d_seq = [], []

@@ -91,18 +91,17 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         matched = MatchedParams(model, list(cfg.matched_params))
         release = obtain_release(cfg, run_dir, lm, task, matched)
         emb = model.get_input_embeddings().weight
-        ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), task.prefix_ids)
+        ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), task.lm_context_ids(cfg.dataset.lm_context))
         if hasattr(projector, "check"):
             projector.check(ctx)
         obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form)
         tracker = Tracker(run_dir, job_type="generate", config=OmegaConf.to_container(cfg, resolve=True), **cfg.logger)
-        try:
+        with tracker:  # finishes the W&B run (marked failed on an exception)
             summary = _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tracker, length, release)
-            summary["epsilon"] = release.epsilon
+            summary["epsilon"] = release.epsilon  # inf for a non-private release
+            summary["delta"] = float(release.privacy.get("delta", 0.0))
             summary["wall_seconds"] = time.perf_counter() - t0
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        finally:
-            tracker.close()
         write_json(run_dir / "generate.json", {"config": OmegaConf.to_container(cfg, resolve=True), "summary": summary, "privacy": release.privacy})
     return summary
 

@@ -1,0 +1,182 @@
+"""Fine-tune + evaluate: a training set (synthetic, real, prompted, DP-SGD on real, or none /
+few-shot in context) → fine-tuned model → metrics.json on dataset.eval_split.
+
+The learning rate is chosen on the dev split (a hash bucket of the train split, disjoint
+from every training sample) when `finetune.lrs` lists several; the eval split is only
+ever used for the final numbers. `metrics.json` says which split each number is from.
+Re-running with the same config in the same run dir returns the stored metrics.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..artifacts import read_json, run_lock, write_json
+from ..config import build
+from ..data import dev_examples, load_split, sample_per_class
+from ..finetune.baselines import SOURCES, dpsgd_fit, prompted_examples, read_synthetic, real_subset, resolve_synthetic_path
+from ..finetune.evaluate import evaluate, fewshot_context
+from ..tracking import Tracker
+from .generate import build_task, load_generator_model
+
+METRICS_FILE = "metrics.json"
+
+
+def _load(ds, split: str):
+    return load_split(split, ds.label_names, path=ds.path, hub_name=ds.hub_name, hub_config=ds.hub_config,
+                      text_field=ds.text_field, label_field=ds.label_field, builtin=ds.builtin)
+
+
+def eval_subset(examples, limit: int):
+    """A fixed random subset (seed 0, independent of the run seed, so every run of a table
+    sees the same examples), in file order. limit <= 0 keeps everything."""
+    if limit <= 0 or limit >= len(examples):
+        return list(examples)
+    keep = set(random.Random(0).sample(range(len(examples)), limit))
+    return [e for i, e in enumerate(examples) if i in keep]
+
+
+def _synthetic_epsilon(path) -> float | None:
+    """epsilon of the release behind a synthetic file, when its generate.json sits beside it."""
+    try:
+        gen = resolve_synthetic_path(path).parent / "generate.json"
+        if gen.exists():
+            eps = read_json(gen).get("summary", {}).get("epsilon")
+            return float(eps) if eps is not None else None
+    except (OSError, ValueError, TypeError):
+        pass
+    return None
+
+
+def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Fine-tune and evaluate into run_dir; returns (and writes) the metrics dict."""
+    run_dir = Path(run_dir)
+    src = cfg.train.source
+    if src not in SOURCES:
+        raise ValueError(f"train.source={src!r} unknown; accepted: {', '.join(SOURCES)}")
+    fcfg = cfg.finetune
+    lrs = [float(x) for x in fcfg.lrs] or [float(cfg.finetuner.lr)]
+    if src == "dpsgd" and len(lrs) > 1:
+        raise ValueError("finetune.lrs: selecting the lr over several DP-SGD runs spends the privacy budget once per run, "
+                         "which is not accounted; give one lr (finetuner.lr) for train=dpsgd")
+    if src == "synthetic" and not cfg.train.path:
+        raise ValueError("train=synthetic needs train.path=<synthetic.jsonl | selected.jsonl | generate run dir>")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    with run_lock(run_dir, "finetune"):
+        done = run_dir / METRICS_FILE
+        if done.exists():
+            prev = read_json(done)
+            if prev.get("config") == json.loads(json.dumps(config)):
+                return prev
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        lm = load_generator_model(cfg)
+        task = build_task(cfg, lm.tokenizer)
+        ds = cfg.dataset
+        c = task.num_classes
+        eval_all = _load(ds, ds.eval_split).examples
+        eval_exs = eval_subset(eval_all, fcfg.eval_limit)
+        train_split = _load(ds, ds.train_split)
+        dev = dev_examples(train_split, fcfg.dev_size) if fcfg.dev_size > 0 else []
+        info: dict = {}
+        train_exs, demos = [], []
+        if src == "synthetic":
+            train_exs = read_synthetic(cfg.train.path, task.label_names)
+            info["path"] = str(resolve_synthetic_path(cfg.train.path))
+        elif src in ("real", "dpsgd"):
+            train_exs = real_subset(train_split, c, cfg.train.size, cfg.seed)
+        elif src == "fewshot":
+            if cfg.train.k < 1:
+                raise ValueError(f"train.k={cfg.train.k}: need at least one demonstration per class")
+            demos = sample_per_class(train_split, c, cfg.train.k, cfg.seed)
+        elif src == "prompted":
+            tg = time.perf_counter()
+            t = cfg.train
+            train_exs, pinfo = prompted_examples(lm.model, lm.tokenizer, list(ds.label_descriptions), t.size, cfg.seed, t.prompt,
+                                                 t.temperature, t.top_p, t.max_new_tokens, t.use_chat)
+            info.update(pinfo, generation_seconds=time.perf_counter() - tg)
+        tracker = Tracker(run_dir, job_type="finetune", config=config, **cfg.logger)
+        try:
+            metrics = _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker)
+            if src == "prompted":
+                from ..artifacts import write_jsonl
+
+                write_jsonl(run_dir / "prompted.jsonl", [{"text": e.text, "label": e.label, "label_name": task.label_names[e.label]} for e in train_exs])
+            epsilon = metrics.pop("_epsilon", None)
+            if src == "synthetic":
+                epsilon = _synthetic_epsilon(cfg.train.path)
+            n_train = len(demos) if src == "fewshot" else len(train_exs)
+            split_name = f"{ds.eval_split}" + (f"[{len(eval_exs)}/{len(eval_all)} fixed subset]" if len(eval_exs) < len(eval_all) else "")
+            dev_name = f"{ds.train_split}[dev hash bucket, {len(dev)}]"
+            out = {
+                "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "per_class_accuracy": metrics["per_class_accuracy"],
+                "dev_accuracy": metrics.get("dev_accuracy"),
+                "splits": {"accuracy": split_name, "macro_f1": split_name, "per_class_accuracy": split_name, "confusion": split_name,
+                           "dev_accuracy": dev_name, "lr_selection": dev_name},
+                "train_source": src, "n_train": n_train, "train_per_class": [sum(e.label == k for e in (demos or train_exs)) for k in range(c)],
+                "seed": int(cfg.seed), "epsilon": epsilon, "delta": float(cfg.train.delta) if src == "dpsgd" else None,
+                "finetuner": cfg.finetuner._target_.rsplit(".", 1)[-1] if src not in ("none", "fewshot") else None,
+                "lr": metrics.get("lr"), "lr_selection": metrics.get("lr_selection"),
+                "eval_limit": int(fcfg.eval_limit), "n_eval": len(eval_exs), "n_dev": len(dev),
+                "confusion": metrics["confusion"], "model": lm.name, "dataset": ds.name,
+                **{k: v for k, v in metrics.items() if k in ("train_seconds", "steps", "final_loss", "trainable_params", "dp")},
+                "train_info": info, "wall_seconds": time.perf_counter() - t0,
+            }
+            tracker.summary({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        finally:
+            tracker.close()
+        write_json(done, {**out, "config": config})
+    return out
+
+
+def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker) -> dict:
+    bs = cfg.finetune.eval_batch_size
+    mtt = cfg.finetuner.max_text_tokens
+    if src in ("none", "fewshot"):
+        ctx = fewshot_context(task, demos, cfg.seed) if src == "fewshot" else None
+        res = evaluate(lm.model, task, eval_exs, bs, mtt, ctx)
+        out = res.to_dict()
+        if dev:
+            out["dev_accuracy"] = evaluate(lm.model, task, dev, bs, mtt, ctx).accuracy
+        return out
+    base = lm.model
+    best = None
+    selection = {}
+    step0 = 0
+    for i, lr in enumerate(lrs):
+        ft = build(OmegaConf.merge(cfg.finetuner, {"lr": lr}))
+        model = ft.prepare(copy.deepcopy(base) if len(lrs) > 1 else base)
+
+        def on_step(rec, i=i, lr=lr):
+            tracker.log({"train/loss": rec["loss"], "train/lr": rec["lr"], "lr_run": i, "lr_value": lr}, step=step0 + rec["step"])
+
+        if src == "dpsgd":
+            t = cfg.train
+            fit = dpsgd_fit(ft, model, task, train_exs, t.epsilon, t.delta, t.clip_norm, t.accountant, t.microbatch, on_step)
+        else:
+            fit = ft.fit(model, task, train_exs, on_step)
+        step0 += fit.steps
+        dev_acc = evaluate(model, task, dev, bs, mtt).accuracy if dev else None
+        selection[str(lr)] = dev_acc
+        tracker.log({"dev/accuracy": dev_acc if dev_acc is not None else float("nan"), "lr_value": lr}, step=step0, kind="dev")
+        if best is None or (dev_acc is not None and dev_acc > best[0]):
+            best = (dev_acc if dev_acc is not None else -1.0, lr, model, fit)
+        else:
+            del model
+    _, lr, model, fit = best
+    res = evaluate(model, task, eval_exs, bs, mtt)
+    out = res.to_dict()
+    out.update(lr=lr, lr_selection=selection if len(lrs) > 1 else None, dev_accuracy=selection[str(lr)], train_seconds=fit.seconds,
+               steps=fit.steps, final_loss=fit.losses[-1] if fit.losses else None, trainable_params=fit.trainable_params)
+    if src == "dpsgd":
+        out["dp"] = fit.extra
+        out["_epsilon"] = fit.extra["epsilon"]
+    return out

@@ -1,0 +1,375 @@
+"""Report: tables (md/csv) and plots (png) across run dirs.
+
+    gmtext-report DIR... [-o OUT] [--ignore KEY ...]
+
+Each DIR may be a run dir or any folder above run dirs (a multirun sweep, outputs/, …):
+every folder holding `metrics.json` (fine-tune) and/or `generate.json` (generate) is one
+run. Its config comes from the artifact (both store the resolved config) or from
+`.hydra/config.yaml`. Runs are grouped by the config keys whose values differ between
+runs — except the seed and per-run bookkeeping (IGNORED) — and every metric is
+aggregated as mean ± std (sample std, ddof=1; 0 for one run) over the group's seeds.
+
+Outputs in OUT (default ./report): report.md, report.csv and, when there is data for
+them, accuracy_vs_examples.png, accuracy_vs_epsilon.png, admm_curves.png.
+A run without an epsilon (non-private) counts as epsilon = inf.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+RUN_FILES = ("metrics.json", "generate.json")
+SKIP_DIRS = {"wandb", ".hydra", "release", "batches", "__pycache__", ".submitit"}
+# Keys that differ between runs without defining an experimental condition.
+IGNORED = ("seed", "finetuner.seed", "train.path", "release", "progress", "threads", "stage_dir", "shard.index")
+IGNORED_PREFIXES = ("logger.", "hydra.")
+METRICS = ("accuracy", "macro_f1", "dev_accuracy", "n_train", "epsilon", "mean_match_loss", "mean_perplexity", "examples")
+PLOTS = ("accuracy_vs_examples.png", "accuracy_vs_epsilon.png", "admm_curves.png")
+X_EXAMPLE_KEYS = ("num_per_class", "train.size", "n_train")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict  # flattened: dotted key → value
+    metrics: dict
+    steps: list = field(default_factory=list)  # metrics.jsonl kind=step records (generate)
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+
+@dataclass
+class Group:
+    key: tuple  # ((config key, value), ...) over the varying keys
+    runs: list
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in self.key if v is not None) or "all runs"
+
+    def stat(self, metric: str):
+        vals = [r.metrics[metric] for r in self.runs if _isnum(r.metrics.get(metric))]
+        if not vals:
+            return None
+        a = np.asarray(vals, dtype=float)
+        mean = float(a.mean()) if np.isfinite(a).all() else (float("inf") if (a == np.inf).all() else float("nan"))
+        std = float(a.std(ddof=1)) if len(a) > 1 and np.isfinite(a).all() else 0.0
+        return mean, std, len(a)
+
+
+# ---------------------------------------------------------------- collection
+def find_run_dirs(paths) -> list[Path]:
+    found = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such run dir or folder")
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+            if any(f in files for f in RUN_FILES):
+                found.append(Path(root))
+    return sorted(set(found))
+
+
+def load_run(d: Path) -> Run:
+    cfg, metrics = None, {}
+    gen = d / "generate.json"
+    if gen.exists():
+        g = json.loads(gen.read_text())
+        cfg = g.get("config")
+        metrics.update({k: v for k, v in g.get("summary", {}).items() if k in METRICS})
+    fin = d / "metrics.json"
+    if fin.exists():
+        m = json.loads(fin.read_text())
+        cfg = m.get("config") or cfg
+        metrics.update({k: v for k, v in m.items() if k in METRICS and v is not None})
+    if cfg is None and (d / ".hydra" / "config.yaml").exists():
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=False)
+    if cfg is None:
+        raise ValueError(f"{d}: no config found (neither in {'/'.join(RUN_FILES)} nor .hydra/config.yaml)")
+    if metrics.get("epsilon") is None:
+        priv = d / "release" / "privacy.json"
+        metrics["epsilon"] = float(json.loads(priv.read_text()).get("epsilon", math.inf)) if priv.exists() else math.inf
+    metrics["epsilon"] = float(metrics["epsilon"])
+    flat = flatten(cfg)
+    if "n_train" not in metrics and "accuracy" in metrics:
+        metrics["n_train"] = examples_of(flat)
+    steps = []
+    if (d / "metrics.jsonl").exists() and gen.exists():
+        for line in (d / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("kind") == "step":
+                steps.append(rec)
+    return Run(d, flat, metrics, steps)
+
+
+def examples_of(flat: dict):
+    """Number of training examples of a fine-tune run from its config (n_train is preferred)."""
+    if flat.get("train.size") is not None:
+        return flat["train.size"]
+    if flat.get("num_per_class") is not None and flat.get("dataset.label_names"):
+        return flat["num_per_class"] * len(json.loads(flat["dataset.label_names"]))
+    return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+def varying_keys(runs, ignore=()) -> list[str]:
+    keys = sorted({k for r in runs for k in r.config})
+    skip = set(IGNORED) | set(ignore)
+    out = []
+    for k in keys:
+        if k in skip or k.startswith(IGNORED_PREFIXES):
+            continue
+        if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1:
+            out.append(k)
+    return out
+
+
+def group_runs(runs, keys) -> list[Group]:
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(tuple((k, r.config.get(k)) for k in keys), []).append(r)
+    return [Group(k, sorted(v, key=lambda r: (str(r.seed), str(r.path)))) for k, v in sorted(groups.items(), key=lambda kv: _order(kv[0]))]
+
+
+def _order(key):  # numbers numerically, then strings; None last
+    return tuple((0, v, "") if _isnum(v) else (1, 0, str(v)) if v is not None else (2, 0, "") for _, v in key)
+
+
+# ---------------------------------------------------------------- tables
+def table_rows(groups, keys) -> list[dict]:
+    rows = []
+    for g in groups:
+        row = {k: v for k, v in g.key}
+        row["runs"] = len(g.runs)
+        row["seeds"] = " ".join(str(r.seed) for r in g.runs)
+        for m in METRICS:
+            s = g.stat(m)
+            row[f"{m}_mean"], row[f"{m}_std"] = (s[0], s[1]) if s else (None, None)
+        rows.append(row)
+    return rows
+
+
+def present_metrics(rows) -> list[str]:
+    return [m for m in METRICS if any(r.get(f"{m}_mean") is not None for r in rows)]
+
+
+def write_csv(path, rows, keys) -> None:
+    ms = present_metrics(rows)
+    cols = list(keys) + ["runs", "seeds"] + [f"{m}_{s}" for m in ms for s in ("mean", "std")]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
+
+
+def markdown(rows, keys, plots, sources) -> str:
+    ms = present_metrics(rows)
+    head = list(keys) + ["runs"] + ms
+    lines = ["# gmtext report", "", f"{sum(r['runs'] for r in rows)} runs from {', '.join(map(str, sources))}; "
+             f"grouped by {', '.join(keys) or '(nothing varies)'}; mean ± std over seeds.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [_fmt(r.get(k)) for k in keys] + [str(r["runs"])]
+        for m in ms:
+            mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
+            cells.append("" if mean is None else (_fmt(mean) if not std else f"{_fmt(mean)} ± {_fmt(std)}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "∞" if v > 0 else "-∞"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _legend(ax, n: int = 60) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, [t if len(t) <= n else t[: n - 1] + "…" for t in labels], fontsize=7)
+
+
+def _isnum(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+
+
+# ---------------------------------------------------------------- plots
+def _figure(ncols=1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * ncols, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _series(groups, metric, xfn, drop_keys):
+    """{series label: [(x, mean, std), ...]} — one point per group, series = the group's
+    key without the x-axis keys."""
+    data: dict = {}
+    for g in groups:
+        s, x = g.stat(metric), xfn(g)
+        if s is None or x is None:
+            continue
+        label = ", ".join(f"{k}={_fmt(v)}" for k, v in g.key if k not in drop_keys and v is not None) or metric
+        data.setdefault(label, []).append((float(x), s[0], s[1]))
+    return {k: sorted(v) for k, v in sorted(data.items())}
+
+
+def plot_accuracy_vs_examples(groups, path):
+    data = _series(groups, "accuracy", lambda g: (g.stat("n_train") or (None,))[0], X_EXAMPLE_KEYS)
+    if not data:
+        return None
+    fig, (ax,) = _figure()
+    for label, pts in data.items():
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
+    ax.set_xlabel("training examples (synthetic or real)")
+    ax.set_ylabel("accuracy")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    return data
+
+
+def plot_accuracy_vs_epsilon(groups, path):
+    eps_keys = ("privacy.epsilon", "train.epsilon", "privacy.name", "privacy.delta", "train.delta")
+    data = _series(groups, "accuracy", lambda g: (g.stat("epsilon") or (None,))[0], eps_keys)
+    if not data:
+        return None
+    fig, (ax,) = _figure()
+    finite_x = [p[0] for pts in data.values() for p in pts if math.isfinite(p[0])]
+    for i, (label, pts) in enumerate(data.items()):
+        color = f"C{i}"
+        fin = [p for p in pts if math.isfinite(p[0])]
+        if fin:
+            x, y, e = zip(*fin)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label, color=color)
+        for _, y, e in (p for p in pts if not math.isfinite(p[0])):  # non-private: a reference line
+            ax.axhline(y, ls="--", color=color, label=f"{label} (ε = ∞)")
+    if finite_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("ε (δ per run; ∞ = non-private)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    return data
+
+
+def admm_curves(groups) -> dict:
+    """{group label: {"outer_step": [...], "best_discrete_loss": [...], "discrete_loss": [...],
+    "perplexity": [...]}} — per outer step, the mean over batches and seeds."""
+    out = {}
+    for g in groups:
+        recs = [s for r in g.runs for s in r.steps]
+        if not recs:
+            continue
+        steps = sorted({s["outer_step"] for s in recs})
+        cur = {"outer_step": steps}
+        for m in ("best_discrete_loss", "discrete_loss", "perplexity"):
+            vals = []
+            for st in steps:
+                v = [s[m] for s in recs if s["outer_step"] == st and _isnum(s.get(m))]
+                vals.append(float(np.mean(v)) if v else float("nan"))
+            cur[m] = vals
+        out[g.label] = cur
+    return out
+
+
+def plot_admm(groups, path):
+    data = admm_curves(groups)
+    if not data:
+        return None
+    fig, (a1, a2) = _figure(2)
+    for i, (label, c) in enumerate(data.items()):
+        a1.plot(c["outer_step"], c["best_discrete_loss"], marker="o", color=f"C{i}", label=f"{label} (best)")
+        a1.plot(c["outer_step"], c["discrete_loss"], ls=":", color=f"C{i}")
+        a2.plot(c["outer_step"], c["perplexity"], marker="o", color=f"C{i}", label=label)
+    a1.set_title("discrete matching loss (dotted: current)", fontsize=9)
+    a2.set_title("perplexity of the projected text", fontsize=9)
+    for a in (a1, a2):
+        a.set_xlabel("ADMM outer step")
+        a.grid(alpha=0.3)
+    _legend(a1)
+    fig.tight_layout()
+    fig.savefig(path)
+    return data
+
+
+# ---------------------------------------------------------------- entry
+def run_report(paths, out_dir="report", ignore=()) -> dict:
+    """Collect runs under `paths`, write report.md/.csv and plots into out_dir.
+
+    Returns {"runs", "keys", "rows", "plots": {file: plotted data}, "out_dir"}."""
+    dirs = find_run_dirs(paths)
+    if not dirs:
+        raise FileNotFoundError(f"no run dirs (folders with {' or '.join(RUN_FILES)}) under {', '.join(map(str, paths))}")
+    runs = [load_run(d) for d in dirs]
+    keys = varying_keys(runs, ignore)
+    groups = group_runs(runs, keys)
+    rows = table_rows(groups, keys)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    for name, fn in zip(PLOTS, (plot_accuracy_vs_examples, plot_accuracy_vs_epsilon, plot_admm)):
+        data = fn(groups, out / name)
+        if data is not None:
+            plots[name] = data
+        elif (out / name).exists():
+            (out / name).unlink()  # stale plot from an earlier report into the same dir
+    write_csv(out / "report.csv", rows, keys)
+    (out / "report.md").write_text(markdown(rows, keys, list(plots), paths), encoding="utf-8")
+    return {"runs": runs, "keys": keys, "rows": rows, "groups": groups, "plots": plots, "out_dir": out}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="gmtext-report", description="Tables and plots across gmtext run dirs and multirun dirs.")
+    ap.add_argument("dirs", nargs="+", help="run dirs or folders above them (searched recursively)")
+    ap.add_argument("-o", "--out", default="report", help="output folder (default ./report)")
+    ap.add_argument("--ignore", action="append", default=[], metavar="KEY", help="config key not to group by (repeatable)")
+    a = ap.parse_args(argv)
+    try:
+        r = run_report(a.dirs, a.out, a.ignore)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"gmtext-report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"gmtext-report: {len(r['runs'])} runs in {len(r['rows'])} groups (by {', '.join(r['keys']) or 'nothing'}) → "
+          f"{r['out_dir']}/report.md, report.csv" + "".join(f", {p}" for p in r["plots"]))
+    return 0

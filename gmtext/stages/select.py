@@ -1,0 +1,104 @@
+"""Select: the final synthetic set from a larger generated pool.
+
+Uses only what generation wrote (match_loss, perplexity, text), all of it derived from the
+release, so selection is post-processing and spends no privacy budget.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..artifacts import read_jsonl, run_lock, write_json, write_jsonl
+from ..config import build
+
+REQUIRED = ("text", "label", "match_loss", "perplexity")
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+class BestMatchSelector:
+    """Per class: lowest `match_loss + perplexity_weight·log(perplexity)`, duplicates dropped,
+    classes balanced to the same count (the smallest class's, capped at per_class)."""
+
+    def __init__(self, per_class: int = 0, perplexity_weight: float = 0.0, dedupe: bool = True, balance: bool = True):
+        if per_class < 0:
+            raise ValueError(f"selector.per_class={per_class} must be >= 0 (0 = keep all)")
+        self.per_class, self.perplexity_weight, self.dedupe, self.balance = per_class, perplexity_weight, dedupe, balance
+
+    def score(self, row: dict) -> float:
+        return row["match_loss"] + self.perplexity_weight * math.log(max(row["perplexity"], 1.0))
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        by_class: dict[int, list[dict]] = {}
+        for r in sorted(rows, key=self.score):
+            by_class.setdefault(r["label"], []).append(r)
+        if self.dedupe:
+            for c, rs in by_class.items():
+                seen, keep = set(), []
+                for r in rs:
+                    k = _norm(r["text"])
+                    if k and k not in seen:
+                        seen.add(k)
+                        keep.append(r)
+                by_class[c] = keep
+        n = min(len(v) for v in by_class.values()) if self.balance else max(len(v) for v in by_class.values())
+        if self.per_class:
+            n = min(n, self.per_class)
+        return [r for c in sorted(by_class) for r in by_class[c][:n]]
+
+
+class NoSelector:
+    """Keep the whole pool as generated."""
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        return list(rows)
+
+
+def resolve_synthetic(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        for name in ("selected.jsonl", "synthetic.jsonl"):
+            if (p / name).exists():
+                return p / name
+        raise FileNotFoundError(f"{p}: no selected.jsonl or synthetic.jsonl in this directory")
+    if not p.exists():
+        raise FileNotFoundError(f"synthetic set {str(p)!r} does not exist")
+    return p
+
+
+def load_synthetic(path, num_classes: int | None = None) -> list[dict]:
+    file = resolve_synthetic(path)
+    rows = read_jsonl(file)
+    if not rows:
+        raise ValueError(f"{file}: empty synthetic set")
+    for i, r in enumerate(rows):
+        missing = [k for k in REQUIRED if k not in r]
+        if missing:
+            raise ValueError(f"{file} line {i + 1}: missing field(s) {missing}; a synthetic set needs {list(REQUIRED)}")
+        if num_classes is not None and not (isinstance(r["label"], int) and 0 <= r["label"] < num_classes):
+            raise ValueError(f"{file} line {i + 1}: label {r['label']!r} outside 0..{num_classes - 1}")
+    return rows
+
+
+def run_select(cfg: DictConfig, run_dir) -> dict:
+    run_dir = Path(run_dir)
+    selector = build(cfg.selector)
+    source = cfg.pool or run_dir
+    with run_lock(run_dir, "select"):
+        rows = load_synthetic(source, len(cfg.dataset.label_names))
+        chosen = selector(rows)
+        write_jsonl(run_dir / "selected.jsonl", chosen)
+        counts = {}
+        for r in chosen:
+            counts[r["label"]] = counts.get(r["label"], 0) + 1
+        summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
+                   "mean_match_loss": sum(r["match_loss"] for r in chosen) / max(1, len(chosen)),
+                   "mean_perplexity": sum(r["perplexity"] for r in chosen) / max(1, len(chosen)),
+                   "source": str(resolve_synthetic(source))}
+        write_json(run_dir / "select.json", summary)
+    return summary

@@ -1,0 +1,29 @@
+"""Smoke test of benchmarks/bench_generate.py on the tiny random Llama (keys + projection equivalence)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_generate.py"
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run(
+        [sys.executable, str(BENCH), "--model", "tiny-llama", "--quick", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    res = json.loads(out.read_text())
+    for k in ("speedups", "peak_rss_gib", "machine", "device", "settings", "rows", "projection_identical"):
+        assert k in res, k
+    for k in ("projection", "target_gradients", "inner_step", "end_to_end", "init", "target_gradients_head", "inner_step_last_block"):
+        assert k in res["speedups"] and res["speedups"][k] > 0, k
+    assert res["projection_identical"] is True
+    proj = next(r for r in res["rows"] if r["key"] == "projection")
+    assert proj["identical_tokens"] is True
+    e2e = next(r for r in res["rows"] if r["key"] == "end_to_end")
+    assert e2e["extrapolated"]  # the reference side says what it scaled
+    assert res["settings"]["quick"] is True and res["peak_rss_gib"] > 0
+    assert not (ROOT / "benchmarks" / "results" / "latest.json").exists() or res["settings"]["model"] == "tiny-llama"

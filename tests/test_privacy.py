@@ -1,0 +1,230 @@
+"""DP release: per-example gradients, clipping, Gaussian noise, ledger, config and the privacy boundary."""
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gmtext.gradients import MatchedParams
+from gmtext.privacy import mechanism as M
+from gmtext.privacy.accountant import PrivacyLedger
+from gmtext.stages import release as R
+
+TEXTS = ["A dull film.", "so so so so so so", "x", "The acting is wooden, the plot is worse and it is long."]
+BLOCKS = ["final_norm", "last_blocks:1"]
+
+
+def dp(**kw):
+    base = dict(name="dp", epsilon=1.0, delta=1e-5, clip_norm=1.0, accountant="prv", adjacency="replace_one")
+    return SimpleNamespace(**{**base, **kw})
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("clip", [0.3, 1e6])  # clipping active / inactive
+def test_closed_form_head_matches_loop(tiny, clip):
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+    assert mp.head_only
+    lab = task.label_token_ids[1]
+    fast = M.clipped_sum(lm.model, task, mp, TEXTS, lab, clip, chunk=3, method="closed_form")
+    loop = M.clipped_sum(lm.model, task, mp, TEXTS, lab, clip, method="loop")
+    assert torch.allclose(fast.norms, loop.norms, rtol=1e-5)
+    for a, b in zip(fast.sums, loop.sums):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_vmap_matches_loop_blocks(tiny):
+    lm, task = tiny
+    mp = MatchedParams(lm.model, BLOCKS)
+    lab = task.label_token_ids[0]
+    v = M.per_example_grads_vmap(lm.model, task, mp, TEXTS, lab)
+    l = M.per_example_grads_loop(lm.model, task, mp, TEXTS, lab)
+    assert [tuple(g.shape) for g in v] == [(len(TEXTS), *p.shape) for p in mp.params]
+    for a, b in zip(v, l):
+        for i in range(len(TEXTS)):
+            assert rel_err(a[i], b[i]) < 1e-5
+    fast = M.clipped_sum(lm.model, task, mp, TEXTS, lab, 0.5, chunk=3, method="vmap")
+    slow = M.clipped_sum(lm.model, task, mp, TEXTS, lab, 0.5, method="loop")
+    for a, b in zip(fast.sums, slow.sums):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("specs", [["lm_head"], BLOCKS])
+def test_clipping_bound(tiny, specs):
+    lm, task = tiny
+    mp = MatchedParams(lm.model, specs)
+    lab = task.label_token_ids[0]
+    clip = 0.25
+    for t in TEXTS:  # one example: the clipped gradient has norm min(||g||, C), never more
+        cs = M.clipped_sum(lm.model, task, mp, [t], lab, clip)
+        norm = math.sqrt(sum(float((s * s).sum()) for s in cs.sums))
+        assert cs.norms[0] > clip  # clipping is active on this random model
+        assert norm <= clip * (1 + 1e-5) and norm == pytest.approx(clip, rel=1e-4)
+    cs = M.clipped_sum(lm.model, task, mp, TEXTS, lab, clip)
+    assert math.sqrt(sum(float((s * s).sum()) for s in cs.sums)) <= len(TEXTS) * clip * (1 + 1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_releases(tiny):
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+    texts = [TEXTS, TEXTS[::-1]]
+    torch.manual_seed(0)
+    a = R.make_dp_release_with_details(lm.model, task, mp, texts, "fp", 64, dp(), 4)
+    torch.manual_seed(0)  # same experiment seed: the noise must still differ
+    b = R.make_dp_release_with_details(lm.model, task, mp, texts, "fp", 64, dp(), 4)
+    return a, b, mp
+
+
+def test_noise_std_matches_sigma(two_releases):
+    (rel, det), _, mp = two_releases
+    assert det.sensitivity == pytest.approx(2 * 1.0 / 4)
+    assert det.sigma == pytest.approx(det.noise_multiplier * det.sensitivity)
+    for c in range(2):
+        z = torch.cat([t.flatten() for t in det.noise[c]])
+        assert z.numel() > 1_000_000
+        assert float(z.std()) == pytest.approx(det.sigma, rel=0.05)
+        assert abs(float(z.mean())) < 0.01 * det.sigma
+        for t, m, n in zip(rel.targets[c], det.clipped_means[c], det.noise[c]):
+            assert torch.allclose(t, m + n)
+
+
+def test_same_seed_fresh_noise_same_clipped_means(two_releases):
+    (ra, da), (rb, db), _ = two_releases
+    for c in range(2):
+        for ma, mb in zip(da.clipped_means[c], db.clipped_means[c]):
+            assert torch.allclose(ma, mb, rtol=1e-6, atol=1e-9)
+        for za, zb in zip(da.noise[c], db.noise[c]):
+            assert not torch.allclose(za, zb)
+    assert not torch.allclose(ra.targets[0][0], rb.targets[0][0])
+
+
+def test_privacy_json(two_releases, tmp_path):
+    (rel, det), _, mp = two_releases
+    rel.save(tmp_path)
+    p = json.loads((tmp_path / "privacy.json").read_text())
+    assert p["mechanism"] == "gaussian" and p["accountant"] == "prv" and p["adjacency"] == "replace_one"
+    assert p["delta"] == 1e-5 and p["epsilon_target"] == 1.0
+    assert 0.95 <= p["epsilon"] <= 1.0 + 1e-9  # composed over both classes, within the budget
+    assert [m["name"] for m in p["mechanisms"]] == ["class_target:neg", "class_target:pos"]
+    for m in p["mechanisms"]:
+        assert m["count"] == 1 and m["num_examples"] == 4 and m["clip_norm"] == 1.0
+        assert m["sensitivity"] == pytest.approx(0.5) and m["sigma"] == pytest.approx(det.sigma)
+    assert PrivacyLedger.from_dict(p).composed_epsilon() == pytest.approx(p["epsilon"], rel=1e-6)
+    assert "os.urandom" in p["noise_source"]
+    loaded = R.Release.load(tmp_path)
+    assert loaded.epsilon == pytest.approx(p["epsilon"]) and loaded.counts == [4, 4]
+
+
+def test_add_remove_sensitivity(tiny):
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64, dp(adjacency="add_remove", clip_norm=2.0), 4)
+    assert det.sensitivity == pytest.approx(2.0 / 4)
+    assert rel.privacy["adjacency"] == "add_remove"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(epsilon=0.0), "privacy.epsilon=0.0"), (dict(epsilon=-1.0), "privacy.epsilon=-1.0"),
+    (dict(epsilon=math.inf), "privacy.epsilon=inf"), (dict(delta=0.0), "privacy.delta=0.0"),
+    (dict(delta=1.0), "privacy.delta=1.0"), (dict(clip_norm=0.0), "privacy.clip_norm=0.0"),
+    (dict(clip_norm=-2.0), "privacy.clip_norm=-2.0"), (dict(accountant="moments"), "privacy.accountant='moments'"),
+    (dict(adjacency="swap"), "privacy.adjacency='swap'"),
+])
+def test_bad_settings_fail(kw, msg):
+    with pytest.raises(ValueError) as e:
+        R.validate_dp_config(dp(**kw), 4, 2)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_large_delta_warns():
+    with pytest.warns(UserWarning, match="delta"):
+        R.validate_dp_config(dp(delta=0.2), 4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        R.validate_dp_config(dp(), 4, 2)
+
+
+def test_short_class_raises_without_count(tiny):
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+    with pytest.raises(ValueError, match="real_per_class=4") as e:
+        R.make_dp_release(lm.model, task, mp, [TEXTS, TEXTS[:3]], "fp", 64, dp(), 4)
+    assert " 3 " not in str(e.value)
+
+
+FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
+        "batch_size=2", "real_per_class=4", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
+
+
+def _real_used(cfg):
+    texts, _ = R.select_real_examples(cfg.dataset, len(cfg.dataset.label_names), cfg.real_per_class, cfg.seed)
+    return [t for ts in texts for t in ts]
+
+
+def _scan(run_dir, sentences):
+    for f in Path(run_dir).rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            for s in sentences:
+                assert s.encode() not in data, f"real sentence {s!r} found in {f}"
+
+
+def test_dp_generate_run_writes_no_real_text(compose, tmp_path):
+    from gmtext.stages.generate import run_generate
+
+    cfg = compose(FAST)
+    assert cfg.privacy.name == "dp" and cfg.privacy.epsilon == 1.0
+    summary = run_generate(cfg, tmp_path)
+    assert summary["examples"] == 4 and 0.95 <= summary["epsilon"] <= 1.0
+    p = json.loads((tmp_path / "release" / "privacy.json").read_text())
+    assert p["mechanism"] == "gaussian" and p["num_examples_per_class"] == 4
+    gen = json.loads((tmp_path / "generate.json").read_text())
+    assert gen["privacy"]["epsilon"] == p["epsilon"]
+    used = _real_used(cfg)
+    assert len(used) == 8
+    _scan(tmp_path, used)
+
+
+def test_release_then_generate_without_real_data(compose, tmp_path, monkeypatch):
+    import gmtext.data
+    from gmtext.stages.generate import run_generate
+
+    cfg = compose(FAST, config_name="release")
+    assert cfg.stage == "release"
+    s = R.run_release(cfg, tmp_path / "rel")
+    assert s["mechanism"] == "gaussian" and not s["reused"] and s["counts"] == [4, 4]
+    assert (tmp_path / "rel" / "release" / "privacy.json").exists()
+
+    def boom(*a, **k):
+        raise AssertionError("real data read after the release")
+
+    monkeypatch.setattr(gmtext.data, "load_split", boom)
+    monkeypatch.setattr(R, "load_split", boom)
+    s2 = R.run_release(cfg, tmp_path / "rel")  # existing release reused: no second noisy release
+    assert s2["reused"] and s2["epsilon"] == s["epsilon"]
+    release = str(tmp_path / "rel" / "release")
+    summary = run_generate(compose(FAST + [f"release={release}"]), tmp_path / "gen")
+    assert summary["examples"] == 4 and summary["epsilon"] == pytest.approx(s["epsilon"])
+    assert not (tmp_path / "gen" / "release").exists()
+    with pytest.raises(R.ReleaseMismatch, match="epsilon"):  # stricter budget than the release spent
+        run_generate(compose(FAST + [f"release={release}", "privacy.epsilon=0.5"]), tmp_path / "gen2")
+    monkeypatch.undo()
+    _scan(tmp_path, _real_used(cfg))
+
+
+def test_release_cli_bad_epsilon_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import release_main; release_main()", "model=tiny_llama",
+                        "logger=none", "privacy=dp", "privacy.epsilon=0", f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, env={**os.environ, "GMTEXT_TRACEBACK": ""}, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "gmtext-release: error: privacy.epsilon=0.0: must be a finite number > 0"
