@@ -98,3 +98,13 @@ def select_main(cfg: DictConfig) -> int:
           f"| per class {s['per_class']} | mean match loss {s['mean_match_loss']:.4f}")
     return s["selected"]
 
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="pipeline")
+def pipeline_main(cfg: DictConfig) -> float:
+    from .stages.pipeline import run_pipeline
+
+    m = _run("pipeline", run_pipeline, cfg)
+    print(f"gmtext-pipeline: accuracy {m['accuracy']:.4f} on {m.get('splits', {}).get('accuracy', 'eval')} "
+          f"| {m['selection']['selected']} synthetic examples | epsilon {m['generation'].get('epsilon')} → {HydraConfig.get().runtime.output_dir}/metrics.json")
+    return m["accuracy"]
+

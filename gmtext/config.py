@@ -81,6 +81,7 @@ class LMTopKConfig:
     _target_: str = "gmtext.matching.projectors.LMTopKProjector"
     topk: int = 200
     metric: str = "cos"
+    sim_weight: float = 0.0  # >0: bonus for closeness to x (keeps the projection coherent)
 
 
 @dataclass

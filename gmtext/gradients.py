@@ -41,13 +41,13 @@ class MatchedParams:
             head.weight = nn.Parameter(emb.weight.detach(), requires_grad=False)
         names = dict(model.named_parameters(remove_duplicate=False))
         head_names = {n for n, p in names.items() if any(p is q for q in head.parameters())}
-        blocks = _block_prefixes(names)
+        blocks = block_prefixes(names)
         chosen: dict[str, nn.Parameter] = {}
         for s in specs:
             if s == HEAD:
                 sel = {n: names[n] for n in sorted(head_names)}
             elif s == FINAL_NORM:
-                sel = {n: p for n, p in names.items() if re.search(r"(^|\.)(norm|final_layer_norm|ln_f|final_layernorm)\.", n) and not _in_block(n, blocks)}
+                sel = {n: p for n, p in names.items() if is_final_norm(n) and not _in_block(n, blocks)}
             elif s.startswith("last_blocks:"):
                 k = int(s.split(":", 1)[1])
                 if not 1 <= k <= len(blocks):
@@ -76,13 +76,17 @@ class MatchedParams:
         return sum(p.numel() for p in self.params)
 
 
-def _block_prefixes(names) -> list[str]:
+def block_prefixes(names) -> list[str]:
     found = {}
     for n in names:
         m = re.match(r"(.*\.(layers|h|blocks)\.)(\d+)\.", n)
         if m:
             found[int(m.group(3))] = m.group(1) + m.group(3) + "."
     return [found[i] for i in sorted(found)]
+
+
+def is_final_norm(name: str) -> bool:
+    return re.search(r"(^|\.)(norm|final_layer_norm|ln_f|final_layernorm)\.", name) is not None
 
 
 def _in_block(name, blocks) -> bool:

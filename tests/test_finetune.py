@@ -96,11 +96,11 @@ def test_fewshot_context_uses_template_and_verbalizers(tiny, demo):
 def test_synthetic_wrong_schema_is_a_clear_error(tmp_path):
     f = tmp_path / "synthetic.jsonl"
     f.write_text(json.dumps({"text": "a fine film", "label": 1}) + "\n" + json.dumps({"text": "no label here"}) + "\n")
-    with pytest.raises(ValueError, match=r"synthetic\.jsonl:2: missing field 'label'") as e:
+    with pytest.raises(ValueError, match=r"synthetic\.jsonl:2: missing field\(s\) \['label'\]") as e:
         read_synthetic(f, NAMES)
     assert "\n" not in str(e.value)
     f.write_text(json.dumps({"label": 0}) + "\n")
-    with pytest.raises(ValueError, match="missing field 'text'"):
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['text'\]"):
         read_synthetic(f, NAMES)
     f.write_text(json.dumps({"text": "x", "label": 7}) + "\n")
     with pytest.raises(ValueError, match="'label'=7"):
@@ -219,5 +219,5 @@ def test_run_finetune_synthetic_zero_shot_fewshot(compose, tmp_path):
     assert z["n_train"] == 0 and f["n_train"] == 4 and z["finetuner"] is None
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"txt": "x", "label": 0}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: missing field 'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['text'\]"):
         run_finetune(compose(_tiny_overrides(tmp_path, "train=synthetic", f"train.path={bad}"), config_name="finetune"), tmp_path / "bad")

@@ -87,15 +87,24 @@ def _ctx(lm, task):
     return ProjectionContext(lm.model, emb, allowed_token_ids(lm.tokenizer, emb.shape[0]), task.prefix_ids)
 
 
-@pytest.mark.parametrize("topk", [1, 7, 50])
-def test_cached_projection_equals_reference(tiny, topk):
+@pytest.mark.parametrize("topk,sim_weight", [(1, 0.0), (7, 0.0), (50, 0.0), (50, 3.0)])
+def test_cached_projection_equals_reference(tiny, topk, sim_weight):
     lm, task = tiny
     ctx = _ctx(lm, task)
     x = torch.randn(5, 8, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(topk))
-    fast = LMTopKProjector(topk=topk)(x, ctx)
-    assert torch.equal(fast, lm_topk_reference(x, ctx, topk))
+    fast = LMTopKProjector(topk=topk, sim_weight=sim_weight)(x, ctx)
+    assert torch.equal(fast, lm_topk_reference(x, ctx, topk, sim_weight=sim_weight))
     if topk == 1:  # with one candidate the LM has no choice: nearest token
         assert torch.equal(fast, NearestProjector("cos")(x, ctx))
+
+
+def test_similarity_weight_keeps_exact_tokens(tiny):
+    lm, task = tiny
+    ctx = _ctx(lm, task)
+    ids = ctx.allowed_ids[torch.randint(len(ctx.allowed_ids), (3, 6), generator=torch.Generator().manual_seed(2))]
+    x = lm.model.get_input_embeddings()(ids)
+    # a large closeness bonus makes the projection of exact token embeddings the identity
+    assert torch.equal(LMTopKProjector(topk=20, sim_weight=1e4)(x, ctx), ids)
 
 
 def test_projection_rejects_bad_topk(tiny):
@@ -148,3 +157,12 @@ def test_embedding_only_ablation_runs(tiny):
     obj, ctx = _objective(lm, task, True), _ctx(lm, task)
     res = EmbeddingMatcher(outer_steps=2, inner_steps=2, init_candidates=1).run(obj, NearestProjector(), ctx, 2, 2, 5, torch.Generator().manual_seed(0))
     assert res.tokens.shape == (2, 2, 5) and torch.isfinite(res.perplexity).all()
+
+
+def test_lm_context_only_changes_what_the_lm_conditions_on(tiny):
+    lm, task = tiny
+    ctx = task.lm_context_ids("Movie review:")
+    words = lm.tokenizer("Movie review:", add_special_tokens=False).input_ids
+    assert task.start_ids and ctx == task.start_ids + words + task.prefix_ids[len(task.start_ids):]
+    assert len(ctx) > len(task.prefix_ids) and task.lm_context_ids("") == task.prefix_ids
+    assert task.encode("x") == task.prefix_ids + task.encode_text("x") + task.suffix_ids  # classification input unchanged

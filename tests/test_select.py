@@ -29,10 +29,10 @@ def test_wrong_schema_is_refused(tmp_path):
     f = tmp_path / "s.jsonl"
     f.write_text(json.dumps({"text": "x", "label": 0}) + "\n")
     with pytest.raises(ValueError, match=r"missing field\(s\) \['match_loss', 'perplexity'\]"):
-        load_synthetic(f)
+        load_synthetic(f, ["neg", "pos"])
     f.write_text(json.dumps(_row("x", 5, 0.1)) + "\n")
-    with pytest.raises(ValueError, match="label 5 outside"):
-        load_synthetic(f, 2)
+    with pytest.raises(ValueError, match="'label'=5 is not a class index"):
+        load_synthetic(f, ["neg", "pos"])
 
 
 def test_run_select_from_pool(compose, tmp_path):

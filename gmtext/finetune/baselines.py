@@ -8,8 +8,6 @@ subset), `none` (zero-shot), `fewshot` (k real demonstrations per class, in cont
 """
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,56 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Example, LabeledSplit, Task, sample_per_class
+from ..data.synthetic import read_synthetic_rows
 from .trainer import FineTuner, FitResult
 
 SOURCES = ("synthetic", "real", "none", "fewshot", "prompted", "dpsgd")
 
 
 # --------------------------------------------------------------------------- synthetic
-def resolve_synthetic_path(path: str | Path) -> Path:
-    """A file, or a run dir holding selected.jsonl (preferred) or synthetic.jsonl."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("selected.jsonl", "synthetic.jsonl"):
-            if (p / name).exists():
-                return p / name
-        raise FileNotFoundError(f"train.path={str(path)!r}: directory has no selected.jsonl or synthetic.jsonl")
-    if not p.exists():
-        raise FileNotFoundError(f"train.path={str(path)!r}: no such file")
-    return p
-
-
 def read_synthetic(path: str | Path, label_names: Sequence[str]) -> list[Example]:
-    """Rows of a synthetic jsonl (fields: text, label as class index or label name).
-
-    Any bad row raises a one-line ValueError naming the file, the line and the field."""
-    file = resolve_synthetic_path(path)
-    names = list(label_names)
-    out = []
-    for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{i}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{file}:{i}: expected a JSON object with fields text, label")
-        for f in ("text", "label"):
-            if f not in row:
-                raise ValueError(f"{file}:{i}: missing field {f!r} (synthetic rows need fields: text, label; row has: {sorted(row)})")
-        text, lab = row["text"], row["label"]
-        if not isinstance(text, str):
-            raise ValueError(f"{file}:{i}: field 'text' must be a string, got {type(text).__name__}")
-        if isinstance(lab, str) and lab in names:
-            lab = names.index(lab)
-        if not isinstance(lab, int) or isinstance(lab, bool) or not 0 <= lab < len(names):
-            raise ValueError(f"{file}:{i}: field 'label'={row['label']!r} is not a class index 0..{len(names) - 1} or one of {names}")
-        if text.strip():
-            out.append(Example(text.strip(), lab))
-    if not out:
-        raise ValueError(f"{file}: no non-empty synthetic examples")
-    return out
+    """Training examples from a synthetic set (fields text, label; see gmtext.data.synthetic)."""
+    return [Example(r["text"].strip(), r["label"]) for r in read_synthetic_rows(path, label_names)]
 
 
 # --------------------------------------------------------------------------- real

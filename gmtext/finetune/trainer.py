@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Example, Task
+from ..gradients import block_prefixes, is_final_norm
 
 
 def verbalizer_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, label_token_ids: Sequence[int]) -> torch.Tensor:
@@ -203,18 +203,5 @@ class LastLayersFineTuner(FineTuner):
         pre = tuple(blocks[-self.num_layers:])
         sel = {n: p for n, p in names.items() if n.startswith(pre)}
         if self.train_final_norm:
-            sel.update({n: p for n, p in names.items() if _is_final_norm(n) and not n.startswith(tuple(blocks))})
+            sel.update({n: p for n, p in names.items() if is_final_norm(n) and not n.startswith(tuple(blocks))})
         return sel
-
-
-def block_prefixes(names) -> list[str]:
-    found = {}
-    for n in names:
-        m = re.match(r"(.*\.(layers|h|blocks)\.)(\d+)\.", n)
-        if m:
-            found[int(m.group(3))] = m.group(1) + m.group(3) + "."
-    return [found[i] for i in sorted(found)]
-
-
-def _is_final_norm(name: str) -> bool:
-    return re.search(r"(^|\.)(norm|final_layer_norm|ln_f|final_layernorm)\.", name) is not None

@@ -31,6 +31,7 @@ class MatchingObjective:
         suffix_ids: Sequence[int],
         distance: str = "cos",
         closed_form: bool = True,
+        context_ids: Sequence[int] | None = None,
     ):
         if distance not in ("cos", "l2"):
             raise ValueError(f"matcher.distance={distance!r} unknown; accepted: cos, l2")
@@ -44,7 +45,9 @@ class MatchingObjective:
             self.suffix_emb = emb(torch.tensor(list(suffix_ids), device=self.device))
         self.embed = emb
         self.n_prefix = len(prefix_ids)
-        self.prefix_ids_list = list(prefix_ids)
+        # perplexity is measured under what the generator LM conditions on (template prefix,
+        # or a public task description before it: dataset.lm_context)
+        self.context_ids = list(context_ids) if context_ids else list(prefix_ids)
         self.head = model.get_output_embeddings()
         self.decoder = model.get_decoder()
         self.closed_form = closed_form and matched.head_only
@@ -151,11 +154,11 @@ class MatchingObjective:
 
     @torch.no_grad()
     def perplexity(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-sequence perplexity of the text tokens [..., L] given the template prefix."""
+        """Per-sequence perplexity of the text tokens [..., L] given the LM context."""
         shape = tokens.shape
         t = tokens.reshape(-1, shape[-1])
-        prefix = torch.tensor(self.prefix_ids_list, device=t.device).expand(t.shape[0], -1)
+        prefix = torch.tensor(self.context_ids, device=t.device).expand(t.shape[0], -1)
         ids = torch.cat([prefix, t], 1)
-        logits = self.model(input_ids=ids).logits[:, self.n_prefix - 1 : -1].float()
+        logits = self.model(input_ids=ids).logits[:, len(self.context_ids) - 1 : -1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="none").view(t.shape).mean(1)
         return nll.exp().view(shape[:-1])

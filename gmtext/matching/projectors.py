@@ -41,6 +41,18 @@ def candidate_ids(x: torch.Tensor, ctx: ProjectionContext, k: int, metric: str =
     return ctx.allowed_ids[top]
 
 
+def candidate_cosines(x: torch.Tensor, ctx: ProjectionContext, cand: torch.Tensor) -> torch.Tensor:
+    """[N, L, k] cosine between each position's embedding and each of its candidates."""
+    e = F.normalize(ctx.embeddings.detach()[cand].float(), dim=-1)
+    return (e * F.normalize(x.detach().float(), dim=-1).unsqueeze(-2)).sum(-1)
+
+
+def _scores(logits: torch.Tensor, c: torch.Tensor, cos: torch.Tensor | None, sim_weight: float) -> torch.Tensor:
+    """LM log-probability of each candidate, plus sim_weight x its cosine to x (0: LM only)."""
+    s = logits.float().log_softmax(-1).gather(-1, c)
+    return s + sim_weight * cos if sim_weight else s
+
+
 class NearestProjector:
     """Nearest allowed token per position, no LM: the readability ablation."""
 
@@ -56,12 +68,19 @@ class NearestProjector:
 class LMTopKProjector:
     """LM-guided top-k projection, KV-cached and batched over rows."""
 
-    def __init__(self, topk: int = 200, metric: str = "cos"):
+    def __init__(self, topk: int = 200, metric: str = "cos", sim_weight: float = 0.0):
+        """sim_weight > 0 trades LM likelihood against closeness to x: greedy LM choices
+        among the k neighbours of every position can drift away from the sentence x
+        encodes (each position's candidates were set for x's own prefix), which raises
+        perplexity; a closeness bonus keeps the tokens x actually points at unless the LM
+        strongly prefers another candidate."""
         if topk <= 0:
             raise ValueError(f"projector.topk={topk} must be a positive integer")
         if metric not in ("cos", "l2"):
             raise ValueError(f"projector.metric={metric!r} unknown; accepted: cos, l2")
-        self.topk, self.metric = topk, metric
+        if sim_weight < 0:
+            raise ValueError(f"projector.sim_weight={sim_weight} must be >= 0")
+        self.topk, self.metric, self.sim_weight = topk, metric, sim_weight
 
     def check(self, ctx: ProjectionContext) -> None:
         if self.topk > len(ctx.allowed_ids):
@@ -72,6 +91,7 @@ class LMTopKProjector:
         self.check(ctx)
         n, length, _ = x.shape
         cand = candidate_ids(x, ctx, self.topk, self.metric)  # [N, L, k]
+        cos = candidate_cosines(x, ctx, cand) if self.sim_weight else None
         dev = x.device
         prefix = torch.tensor(ctx.prefix_ids, device=dev).expand(n, -1)
         out = ctx.model(input_ids=prefix, use_cache=True)
@@ -80,7 +100,7 @@ class LMTopKProjector:
         chosen = torch.empty(n, length, dtype=torch.long, device=dev)
         for i in range(length):
             c = cand[:, i]
-            pick = c[rows, logits.float().gather(1, c).argmax(1)]
+            pick = c[rows, _scores(logits, c, None if cos is None else cos[:, i], self.sim_weight).argmax(1)]
             chosen[:, i] = pick
             if i + 1 < length:
                 out = ctx.model(input_ids=pick[:, None], past_key_values=past, use_cache=True)
@@ -89,18 +109,19 @@ class LMTopKProjector:
 
 
 @torch.no_grad()
-def lm_topk_reference(x: torch.Tensor, ctx: ProjectionContext, topk: int, metric: str = "cos") -> torch.Tensor:
+def lm_topk_reference(x: torch.Tensor, ctx: ProjectionContext, topk: int, metric: str = "cos", sim_weight: float = 0.0) -> torch.Tensor:
     """The reference implementation's structure: one row at a time, re-encoding the whole
     prefix for every position. Kept to test and benchmark the fast path against."""
     n, length, _ = x.shape
     cand = candidate_ids(x, ctx, topk, metric)
+    cos = candidate_cosines(x, ctx, cand)
     chosen = torch.empty(n, length, dtype=torch.long, device=x.device)
     for r in range(n):
         seq = list(ctx.prefix_ids)
         for i in range(length):
             logits = ctx.model(input_ids=torch.tensor([seq], device=x.device)).logits[0, -1]
             c = cand[r, i]
-            pick = int(c[logits.float()[c].argmax()])
+            pick = int(c[_scores(logits, c, cos[r, i], sim_weight).argmax()])
             chosen[r, i] = pick
             seq.append(pick)
     return chosen

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..artifacts import read_json, run_lock, write_json
 from ..config import build
 from ..data import dev_examples, load_split, sample_per_class
-from ..finetune.baselines import SOURCES, dpsgd_fit, prompted_examples, read_synthetic, real_subset, resolve_synthetic_path
+from ..data.synthetic import resolve_synthetic_path
+from ..finetune.baselines import SOURCES, dpsgd_fit, prompted_examples, read_synthetic, real_subset
 from ..finetune.evaluate import evaluate, fewshot_context
 from ..tracking import Tracker
 from .generate import build_task, load_generator_model

@@ -24,7 +24,7 @@ from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
 from ..models import load_model
 from ..tracking import Tracker
-from .release import Release, build_release, check_release_privacy, make_release, release_fingerprint, select_real_examples, validate_dp_config
+from .release import Release, build_release, check_release_privacy, release_fingerprint, select_real_examples, validate_dp_config
 
 SYNTHETIC_FILE = "synthetic.jsonl"
 
@@ -94,7 +94,7 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), task.lm_context_ids(cfg.dataset.lm_context))
         if hasattr(projector, "check"):
             projector.check(ctx)
-        obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form)
+        obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids)
         tracker = Tracker(run_dir, job_type="generate", config=OmegaConf.to_container(cfg, resolve=True), **cfg.logger)
         with tracker:  # finishes the W&B run (marked failed on an exception)
             summary = _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tracker, length, release)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ..artifacts import read_jsonl, run_lock, write_json, write_jsonl
+from ..artifacts import run_lock, write_json, write_jsonl
 from ..config import build
+from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path
 
 REQUIRED = ("text", "label", "match_loss", "perplexity")
 
@@ -59,30 +60,8 @@ class NoSelector:
         return list(rows)
 
 
-def resolve_synthetic(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        for name in ("selected.jsonl", "synthetic.jsonl"):
-            if (p / name).exists():
-                return p / name
-        raise FileNotFoundError(f"{p}: no selected.jsonl or synthetic.jsonl in this directory")
-    if not p.exists():
-        raise FileNotFoundError(f"synthetic set {str(p)!r} does not exist")
-    return p
-
-
-def load_synthetic(path, num_classes: int | None = None) -> list[dict]:
-    file = resolve_synthetic(path)
-    rows = read_jsonl(file)
-    if not rows:
-        raise ValueError(f"{file}: empty synthetic set")
-    for i, r in enumerate(rows):
-        missing = [k for k in REQUIRED if k not in r]
-        if missing:
-            raise ValueError(f"{file} line {i + 1}: missing field(s) {missing}; a synthetic set needs {list(REQUIRED)}")
-        if num_classes is not None and not (isinstance(r["label"], int) and 0 <= r["label"] < num_classes):
-            raise ValueError(f"{file} line {i + 1}: label {r['label']!r} outside 0..{num_classes - 1}")
-    return rows
+def load_synthetic(path, label_names) -> list[dict]:
+    return read_synthetic_rows(path, label_names, REQUIRED)
 
 
 def run_select(cfg: DictConfig, run_dir) -> dict:
@@ -90,7 +69,7 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
     selector = build(cfg.selector)
     source = cfg.pool or run_dir
     with run_lock(run_dir, "select"):
-        rows = load_synthetic(source, len(cfg.dataset.label_names))
+        rows = load_synthetic(source, list(cfg.dataset.label_names))
         chosen = selector(rows)
         write_jsonl(run_dir / "selected.jsonl", chosen)
         counts = {}
@@ -99,6 +78,6 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
         summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
                    "mean_match_loss": sum(r["match_loss"] for r in chosen) / max(1, len(chosen)),
                    "mean_perplexity": sum(r["perplexity"] for r in chosen) / max(1, len(chosen)),
-                   "source": str(resolve_synthetic(source))}
+                   "source": str(resolve_synthetic_path(source))}
         write_json(run_dir / "select.json", summary)
     return summary

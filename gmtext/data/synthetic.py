@@ -1,0 +1,56 @@
+"""Reading synthetic sets (synthetic.jsonl / selected.jsonl) with schema checks.
+
+Shared by selection (needs the scores) and fine-tuning (needs text and label), so both
+accept the same paths and refuse bad files with the same one-line messages.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+
+def resolve_synthetic_path(path: str | Path) -> Path:
+    """A file, or a run dir holding selected.jsonl (preferred) or synthetic.jsonl."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("selected.jsonl", "synthetic.jsonl"):
+            if (p / name).exists():
+                return p / name
+        raise FileNotFoundError(f"{str(path)!r}: directory has no selected.jsonl or synthetic.jsonl")
+    if not p.exists():
+        raise FileNotFoundError(f"synthetic set {str(path)!r}: no such file")
+    return p
+
+
+def read_synthetic_rows(path: str | Path, label_names: Sequence[str], required: Sequence[str] = ("text", "label")) -> list[dict]:
+    """Rows with `label` normalised to a class index; empty texts dropped.
+
+    Any bad row raises a one-line ValueError naming the file, the line and the field."""
+    file = resolve_synthetic_path(path)
+    names = list(label_names)
+    out = []
+    for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{i}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{file}:{i}: expected a JSON object with fields {list(required)}")
+        missing = [f for f in required if f not in row]
+        if missing:
+            raise ValueError(f"{file}:{i}: missing field(s) {missing} (a synthetic set needs {list(required)}; row has: {sorted(row)})")
+        text, lab = row["text"], row["label"]
+        if not isinstance(text, str):
+            raise ValueError(f"{file}:{i}: field 'text' must be a string, got {type(text).__name__}")
+        if isinstance(lab, str) and lab in names:
+            lab = names.index(lab)
+        if not isinstance(lab, int) or isinstance(lab, bool) or not 0 <= lab < len(names):
+            raise ValueError(f"{file}:{i}: field 'label'={row['label']!r} is not a class index 0..{len(names) - 1} or one of {names}")
+        if text.strip():
+            out.append({**row, "label": lab})
+    if not out:
+        raise ValueError(f"{file}: no non-empty synthetic examples")
+    return out

@@ -1,0 +1,34 @@
+"""Pipeline: release → generate → select → fine-tune + evaluate, in one run dir.
+
+Each stage is the same function its own entry point runs, and each resumes: generation
+skips finished batches, selection is a pure function of the pool, fine-tuning returns the
+stored metrics.json when it already exists for the same config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..artifacts import read_json, write_json
+from .finetune import run_finetune
+from .generate import run_generate
+from .select import run_select
+
+
+def run_pipeline(cfg: DictConfig, run_dir) -> dict:
+    run_dir = Path(run_dir)
+    if cfg.train.source != "synthetic":
+        raise ValueError(f"gmtext-pipeline fine-tunes on its own synthetic set; train={cfg.train.source!r} belongs to gmtext-finetune")
+    gen = run_generate(cfg, run_dir)
+    sel_cfg = cfg.copy()
+    OmegaConf.update(sel_cfg, "pool", str(run_dir), force_add=False)
+    sel = run_select(sel_cfg, run_dir)
+    ft_cfg = cfg.copy()
+    OmegaConf.update(ft_cfg, "train.path", str(run_dir / "selected.jsonl"))
+    run_finetune(ft_cfg, run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    metrics["generation"] = {k: gen[k] for k in ("examples", "mean_match_loss", "mean_perplexity", "epsilon", "delta") if k in gen}
+    metrics["selection"] = {k: sel[k] for k in ("pool", "selected", "mean_match_loss", "mean_perplexity")}
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
