@@ -49,7 +49,7 @@ def score_real(cfg, release: Release, n: int, seed: int = 0):
     task = build_task(cfg, lm.tokenizer)
     matched = MatchedParams(lm.model, list(cfg.matched_params))
     obj = MatchingObjective(lm.model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids,
-                            context_ids=task.lm_context_ids(cfg.dataset.lm_context))
+                            context_ids=task.lm_context_ids(cfg.dataset.lm_context), match_loss=cfg.match_loss)
     split = load_split("validation", list(cfg.dataset.label_names), path=cfg.dataset.path)  # never used by the release
     rng = random.Random(seed)
     by_class = split.by_class(task.num_classes)

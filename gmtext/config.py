@@ -236,6 +236,9 @@ class RootConfig:
     batch_size: int = 10  # synthetic sequences per class optimised together
     real_per_class: int = 50  # real examples per class behind each target gradient
     matched_params: List[str] = field(default_factory=lambda: ["lm_head"])
+    # loss whose gradient is matched: full_vocab (the paper) or verbalizer (cross-entropy over
+    # the label tokens only: the loss fine-tuning uses; class-specific, far fewer noisy dims)
+    match_loss: str = "full_vocab"
     target_batch_size: int = 16
     selector: Any = MISSING
     pool: Optional[str] = None  # gmtext-select: generated pool (run dir or jsonl); default: this run dir

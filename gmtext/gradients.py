@@ -93,19 +93,41 @@ def _in_block(name, blocks) -> bool:
     return any(name.startswith(b) for b in blocks)
 
 
-def last_token_loss(model, ids, mask, last, labels) -> torch.Tensor:
-    """Per-example cross-entropy of the label token at each row's last real position."""
-    out = model(input_ids=ids, attention_mask=mask)
-    logits = out.logits[torch.arange(ids.shape[0]), last]
+MATCH_LOSSES = ("full_vocab", "verbalizer")
+
+
+def check_match_loss(match_loss: str) -> None:
+    if match_loss not in MATCH_LOSSES:
+        raise ValueError(f"match_loss={match_loss!r} unknown; accepted: {', '.join(MATCH_LOSSES)}")
+
+
+def _ce(logits, labels, vocab):
+    """Cross-entropy over the whole vocabulary (labels = token ids), or over the verbalizer
+    tokens `vocab` only (labels = class indices): the loss fine-tuning optimises."""
+    if vocab is not None:
+        logits = logits[..., vocab]
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
-def last_token_loss_fast(model, ids, mask, last, labels) -> torch.Tensor:
+def last_token_loss(model, ids, mask, last, labels, vocab=None) -> torch.Tensor:
+    """Per-example cross-entropy of the label at each row's last real position."""
+    out = model(input_ids=ids, attention_mask=mask)
+    return _ce(out.logits[torch.arange(ids.shape[0]), last], labels, vocab)
+
+
+def last_token_loss_fast(model, ids, mask, last, labels, vocab=None) -> torch.Tensor:
     """Same as `last_token_loss`, but the LM head runs only at each row's last real position
     (the full-sequence logits are [N, T, V]: ~20% of a small model's FLOPs, all unused)."""
     hid = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     logits = model.get_output_embeddings()(hid[torch.arange(ids.shape[0], device=ids.device), last])
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+    return _ce(logits, labels, vocab)
+
+
+def _label_and_vocab(task, c: int, match_loss: str, dev):
+    check_match_loss(match_loss)
+    if match_loss == "verbalizer":
+        return c, torch.tensor(task.label_token_ids, device=dev)
+    return task.label_token_ids[c], None
 
 
 @dataclass
@@ -117,7 +139,7 @@ class ClassTargets:
     counts: list[int]
 
 
-def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: Sequence[Sequence[str]], batch_size: int = 16, max_text_tokens: int | None = None) -> ClassTargets:
+def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: Sequence[Sequence[str]], batch_size: int = 16, max_text_tokens: int | None = None, match_loss: str = "full_vocab") -> ClassTargets:
     """Batched mean gradient per class: one backward per chunk of a mean loss, which equals the
     mean of per-example gradients exactly (right padding cannot leak into a causal prefix).
     Texts are chunked in order of token length (less padding) and the head runs only at the
@@ -126,12 +148,13 @@ def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: 
     grads = []
     for c, texts in enumerate(texts_by_class):
         acc = [torch.zeros_like(p) for p in matched.params]
+        label, vocab = _label_and_vocab(task, c, match_loss, dev)
         texts = sorted(texts, key=lambda t: len(task.encode_text(t)))
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
             ids, mask, last = task.batch(chunk, max_text_tokens)
-            labels = torch.full((len(chunk),), task.label_token_ids[c])
-            loss = last_token_loss_fast(model, ids.to(dev), mask.to(dev), last.to(dev), labels.to(dev)).sum() / len(texts)
+            labels = torch.full((len(chunk),), label)
+            loss = last_token_loss_fast(model, ids.to(dev), mask.to(dev), last.to(dev), labels.to(dev), vocab).sum() / len(texts)
             gs = torch.autograd.grad(loss, matched.params)
             for a, g in zip(acc, gs):
                 a += g.detach()
@@ -139,15 +162,16 @@ def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: 
     return ClassTargets(grads, matched.names, [len(t) for t in texts_by_class])
 
 
-def class_target_gradients_loop(model, task, matched: MatchedParams, texts_by_class, max_text_tokens=None) -> ClassTargets:
+def class_target_gradients_loop(model, task, matched: MatchedParams, texts_by_class, max_text_tokens=None, match_loss: str = "full_vocab") -> ClassTargets:
     """Reference path: one example at a time (the reference implementation's structure)."""
     dev = next(model.parameters()).device
     grads = []
     for c, texts in enumerate(texts_by_class):
         acc = [torch.zeros_like(p) for p in matched.params]
+        label, vocab = _label_and_vocab(task, c, match_loss, dev)
         for t in texts:
             ids, mask, last = task.batch([t], max_text_tokens)
-            loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([task.label_token_ids[c]], device=dev))[0]
+            loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([label], device=dev), vocab)[0]
             for a, g in zip(acc, torch.autograd.grad(loss, matched.params)):
                 a += g.detach() / len(texts)
         grads.append(acc)

@@ -76,3 +76,12 @@ def test_cli_bad_value_one_line_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "gmtext-generate: error: projector.topk=0 must be a positive integer"
     assert not (tmp_path / "synthetic.jsonl").exists()
+
+
+def test_verbalizer_match_loss_end_to_end(compose, tmp_path):
+    s = run_generate(compose(FAST + ["match_loss=verbalizer"]), tmp_path / "v")
+    assert s["examples"] == 8 and all(0 <= r["match_loss"] <= 2 for r in read_jsonl(tmp_path / "v" / "synthetic.jsonl"))
+    with pytest.raises(ValueError, match="fingerprint"):  # a verbalizer-loss release cannot serve a full-vocab run
+        run_generate(compose(FAST + [f"release={tmp_path / 'v' / 'release'}"]), tmp_path / "f")
+    with pytest.raises(ValueError, match="match_loss='bogus'"):
+        run_generate(compose(FAST + ["match_loss=bogus"]), tmp_path / "b")

@@ -16,16 +16,27 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-20)).item()
 
 
-@pytest.mark.parametrize("specs", [["lm_head"], ["final_norm", "last_blocks:1"], ["re:layers\\.0\\.mlp"]])
-def test_batched_targets_equal_loop(tiny, specs):
+@pytest.mark.parametrize("specs,match_loss", [(["lm_head"], "full_vocab"), (["final_norm", "last_blocks:1"], "full_vocab"),
+                                              (["re:layers\\.0\\.mlp"], "full_vocab"), (["lm_head"], "verbalizer"), (["final_norm"], "verbalizer")])
+def test_batched_targets_equal_loop(tiny, specs, match_loss):
     lm, task = tiny
     mp = MatchedParams(lm.model, specs)
-    a = class_target_gradients(lm.model, task, mp, TEXTS, batch_size=3)
-    b = class_target_gradients_loop(lm.model, task, mp, TEXTS)
+    a = class_target_gradients(lm.model, task, mp, TEXTS, batch_size=3, match_loss=match_loss)
+    b = class_target_gradients_loop(lm.model, task, mp, TEXTS, match_loss=match_loss)
     assert a.names == b.names and a.counts == [4, 4]
     for ga, gb in zip(a.grads, b.grads):
         for x, y in zip(ga, gb):
             assert _rel(x, y) < 1e-5
+
+
+def test_verbalizer_loss_gradient_lives_on_label_rows(tiny):
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+    g = class_target_gradients(lm.model, task, mp, TEXTS, match_loss="verbalizer").grads[0][0]
+    rows = g.abs().sum(1).nonzero().flatten().tolist()
+    assert rows == sorted(task.label_token_ids)
+    with pytest.raises(ValueError, match="match_loss='vocab'"):
+        class_target_gradients(lm.model, task, mp, TEXTS, match_loss="vocab")
 
 
 def test_tied_head_is_untied_for_gradients(tiny):
@@ -48,16 +59,16 @@ def test_bad_param_spec(tiny):
         MatchedParams(lm.model, ["last_blocks:99"])
 
 
-def _objective(lm, task, closed_form, distance="cos", specs=("lm_head",)):
+def _objective(lm, task, closed_form, distance="cos", specs=("lm_head",), match_loss="full_vocab"):
     mp = MatchedParams(lm.model, list(specs))
-    tg = class_target_gradients(lm.model, task, mp, TEXTS).grads
-    return MatchingObjective(lm.model, mp, tg, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=distance, closed_form=closed_form)
+    tg = class_target_gradients(lm.model, task, mp, TEXTS, match_loss=match_loss).grads
+    return MatchingObjective(lm.model, mp, tg, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=distance, closed_form=closed_form, match_loss=match_loss)
 
 
-@pytest.mark.parametrize("distance", ["cos", "l2"])
-def test_closed_form_equals_double_backward(tiny, distance):
+@pytest.mark.parametrize("distance,match_loss", [("cos", "full_vocab"), ("l2", "full_vocab"), ("cos", "verbalizer"), ("l2", "verbalizer")])
+def test_closed_form_equals_double_backward(tiny, distance, match_loss):
     lm, task = tiny
-    fast, slow = _objective(lm, task, True, distance), _objective(lm, task, False, distance)
+    fast, slow = _objective(lm, task, True, distance, match_loss=match_loss), _objective(lm, task, False, distance, match_loss=match_loss)
     assert fast.closed_form and not slow.closed_form
     x = torch.randn(2, 3, 5, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
     d1, _, s1 = fast.losses(x, per_sequence=True)

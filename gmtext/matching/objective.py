@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..gradients import MatchedParams
+from ..gradients import MatchedParams, check_match_loss
 
 EPS = 1e-12
 
@@ -32,6 +32,7 @@ class MatchingObjective:
         distance: str = "cos",
         closed_form: bool = True,
         context_ids: Sequence[int] | None = None,
+        match_loss: str = "full_vocab",
     ):
         if distance not in ("cos", "l2"):
             raise ValueError(f"matcher.distance={distance!r} unknown; accepted: cos, l2")
@@ -39,6 +40,10 @@ class MatchingObjective:
         self.device = next(model.parameters()).device
         self.targets = [[t.to(self.device) for t in tc] for tc in targets]
         self.labels = torch.tensor(list(label_token_ids), device=self.device)
+        check_match_loss(match_loss)
+        # verbalizer: the loss is a softmax over the C label tokens only, so the head gradient
+        # lives on those C rows and the class index is the target
+        self.vocab = self.labels if match_loss == "verbalizer" else None
         emb = model.get_input_embeddings()
         with torch.no_grad():
             self.prefix_emb = emb(torch.tensor(list(prefix_ids), device=self.device))
@@ -88,15 +93,20 @@ class MatchingObjective:
         h = h.float()
         # detached: D is differentiated w.r.t. x only; a live W would make every backward build
         # an unused V x d weight gradient
+        rows = self.vocab  # None: all V rows; else the C verbalizer rows (all others are zero)
         w = self.head.weight.detach().float()
+        w = w if rows is None else w[rows]
         logits = h @ w.T
         if self.b_idx is not None:
-            logits = logits + self.head.bias.detach().float()
+            bias = self.head.bias.detach().float()
+            logits = logits + (bias if rows is None else bias[rows])
         e = logits.softmax(-1)
-        e = e - F.one_hot(self.labels, e.shape[-1]).float()[:, None, :]  # [C, B, V]
+        target = self.labels if rows is None else torch.arange(c, device=h.device)
+        e = e - F.one_hot(target, e.shape[-1]).float()[:, None, :]  # [C, B, V or C]
         d_cls, d_seq = [], []
         for k in range(c):
             gw = self.targets[k][self.w_idx].float()
+            gw = gw if rows is None else gw[rows]
             g_norm2 = (gw * gw).sum()
             gh = h[k] @ gw.T  # [B, V]: g h_i for every row
             row_dot = (e[k] * gh).sum(-1)  # e_i^T g h_i
@@ -107,6 +117,7 @@ class MatchingObjective:
             seq_parts = [self._dist(row_dot, gram.diagonal(), g_norm2)] if per_sequence else []
             if self.b_idx is not None:
                 gb = self.targets[k][self.b_idx].float()
+                gb = gb if rows is None else gb[rows]
                 eb = e[k].mean(0)
                 parts.append(self._dist((eb * gb).sum(), (eb * eb).sum(), (gb * gb).sum()))
                 if per_sequence:
@@ -128,7 +139,11 @@ class MatchingObjective:
     def _autograd(self, h: torch.Tensor, per_sequence: bool, create_graph: bool):
         c, b, _ = h.shape
         logits = self.head(h).float()  # [C, B, V]
-        ce = F.cross_entropy(logits.reshape(c * b, -1), self.labels.repeat_interleave(b), reduction="none").view(c, b)
+        if self.vocab is not None:
+            logits, target = logits[..., self.vocab], torch.arange(c, device=h.device)
+        else:
+            target = self.labels
+        ce = F.cross_entropy(logits.reshape(c * b, -1), target.repeat_interleave(b), reduction="none").view(c, b)
         d_cls, d_seq = [], []
         params = self.matched.params
         for k in range(c):

@@ -46,7 +46,7 @@ def load_generator_model(cfg: DictConfig):
 
 def obtain_release(cfg: DictConfig, run_dir: Path, lm, task: Task, matched: MatchedParams) -> Release:
     """Load the configured release, resume the run dir's own, or make one from real data."""
-    fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names)
+    fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, cfg.match_loss)
     if cfg.release:
         rel = Release.load(cfg.release)
         rel.check(fp, matched.names)
@@ -94,7 +94,7 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), task.lm_context_ids(cfg.dataset.lm_context))
         if hasattr(projector, "check"):
             projector.check(ctx)
-        obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids)
+        obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
         tracker = Tracker(run_dir, job_type="generate", config=OmegaConf.to_container(cfg, resolve=True), **cfg.logger)
         with tracker:  # finishes the W&B run (marked failed on an exception)
             summary = _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tracker, length, release)

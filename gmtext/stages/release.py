@@ -66,10 +66,10 @@ class Release:
         return float(self.privacy.get("epsilon", math.inf))
 
 
-def release_fingerprint(model_fingerprint: str, dataset_name: str, task: Task, matched_names: list[str]) -> str:
+def release_fingerprint(model_fingerprint: str, dataset_name: str, task: Task, matched_names: list[str], match_loss: str = "full_vocab") -> str:
     """What the targets depend on, public parts only: reusing a release with a different
     model/template/verbalizer/parameter set would match the wrong thing."""
-    key = json.dumps([model_fingerprint, dataset_name, task.template, task.label_names, task.label_token_ids, task.prefix_ids, task.suffix_ids, matched_names])
+    key = json.dumps([model_fingerprint, dataset_name, task.template, task.label_names, task.label_token_ids, task.prefix_ids, task.suffix_ids, matched_names] + ([match_loss] if match_loss != "full_vocab" else []))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -83,9 +83,9 @@ def select_real_examples(ds_cfg, num_classes: int, real_per_class: int, seed: in
     return by_class, split.skipped_empty
 
 
-def make_release(model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str, max_text_tokens: int, batch_size: int = 16) -> Release:
+def make_release(model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str, max_text_tokens: int, batch_size: int = 16, match_loss: str = "full_vocab") -> Release:
     """Non-private release: exact per-class mean gradients (ε = ∞)."""
-    tg = class_target_gradients(model, task, matched, texts_by_class, batch_size, max_text_tokens)
+    tg = class_target_gradients(model, task, matched, texts_by_class, batch_size, max_text_tokens, match_loss)
     privacy = {"mechanism": "none", "epsilon": math.inf, "delta": 0.0, "note": "non-private: targets are exact means of real-example gradients"}
     return Release(tg.grads, tg.names, list(task.label_names), tg.counts, fingerprint, privacy)
 
@@ -200,9 +200,11 @@ def make_dp_release(model, task: Task, matched: MatchedParams, texts_by_class, f
 def build_release(cfg, model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str) -> Release:
     """The configured release (privacy=none → exact means, privacy=dp → Gaussian mechanism)."""
     if cfg.privacy.name == DP_NAME:
+        if cfg.match_loss != "full_vocab":
+            raise ValueError(f"match_loss={cfg.match_loss!r} is not supported with privacy=dp yet; use match_loss=full_vocab")
         return make_dp_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens,
                                cfg.privacy, cfg.real_per_class, cfg.target_batch_size)
-    return make_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens, cfg.target_batch_size)
+    return make_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens, cfg.target_batch_size, cfg.match_loss)
 
 
 def check_release_privacy(rel: Release, pcfg) -> None:
@@ -238,7 +240,7 @@ def run_release(cfg, run_dir) -> dict:
         lm = load_generator_model(cfg)
         task = build_task(cfg, lm.tokenizer)
         matched = MatchedParams(lm.model, list(cfg.matched_params))
-        fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names)
+        fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, cfg.match_loss)
         t_load = time.perf_counter() - t0
         reused = (out / META_FILE).exists()
         if reused:
