@@ -24,7 +24,7 @@ from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
 from ..models import load_model
 from ..tracking import Tracker
-from .release import Release, build_release, check_release_privacy, release_fingerprint, select_real_examples, validate_dp_config
+from .release import Release, load_or_make_release
 
 SYNTHETIC_FILE = "synthetic.jsonl"
 
@@ -46,24 +46,7 @@ def load_generator_model(cfg: DictConfig):
 
 def obtain_release(cfg: DictConfig, run_dir: Path, lm, task: Task, matched: MatchedParams) -> Release:
     """Load the configured release, resume the run dir's own, or make one from real data."""
-    fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, cfg.match_loss)
-    if cfg.release:
-        rel = Release.load(cfg.release)
-        rel.check(fp, matched.names)
-        check_release_privacy(rel, cfg.privacy)
-        return rel
-    own = run_dir / "release"
-    if (own / "release.json").exists():
-        rel = Release.load(own)
-        rel.check(fp, matched.names)
-        check_release_privacy(rel, cfg.privacy)
-        return rel
-    if cfg.privacy.name == "dp":  # fail on a bad budget before touching real data
-        validate_dp_config(cfg.privacy, cfg.real_per_class, task.num_classes)
-    texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
-    rel = build_release(cfg, lm.model, task, matched, texts, fp)  # privacy=dp → make_dp_release
-    rel.save(own)
-    return rel
+    return load_or_make_release(cfg, run_dir / "release", lm, task, matched, existing=cfg.release)[0]
 
 
 def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:

@@ -240,17 +240,8 @@ def run_release(cfg, run_dir) -> dict:
         lm = load_generator_model(cfg)
         task = build_task(cfg, lm.tokenizer)
         matched = MatchedParams(lm.model, list(cfg.matched_params))
-        fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, cfg.match_loss)
         t_load = time.perf_counter() - t0
-        reused = (out / META_FILE).exists()
-        if reused:
-            rel = Release.load(out)
-            rel.check(fp, matched.names)
-            check_release_privacy(rel, cfg.privacy)
-        else:
-            texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
-            rel = build_release(cfg, lm.model, task, matched, texts, fp)
-            rel.save(out)
+        rel, reused = load_or_make_release(cfg, out, lm, task, matched)
         wall = time.perf_counter() - t0
     summary = {"release_dir": str(out), "reused": reused, "epsilon": rel.epsilon, "delta": rel.privacy.get("delta"),
                "mechanism": rel.privacy.get("mechanism"), "sigma": rel.privacy.get("sigma"), "counts": rel.counts,
@@ -258,3 +249,24 @@ def run_release(cfg, run_dir) -> dict:
                "release_seconds": wall - t_load, "wall_seconds": wall}
     write_json(run_dir / "release_summary.json", summary)
     return summary
+
+
+def load_or_make_release(cfg, release_dir: Path, lm, task: Task, matched: MatchedParams, existing: str | None = None) -> tuple[Release, bool]:
+    """The one way a stage obtains a release: load `existing` (a release dir given by the user)
+    or a finished release in `release_dir`, checked against this config's fingerprint and
+    privacy settings; otherwise read real data, build the configured release and save it
+    into `release_dir`. Returns (release, reused)."""
+    fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, cfg.match_loss)
+    for src in (existing, release_dir if (Path(release_dir) / META_FILE).exists() else None):
+        if src:
+            rel = Release.load(src)
+            rel.check(fp, matched.names)
+            check_release_privacy(rel, cfg.privacy)
+            return rel, True
+    if cfg.privacy.name == DP_NAME:  # fail on a bad budget before touching real data
+        validate_dp_config(cfg.privacy, cfg.real_per_class, task.num_classes)
+    texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
+    rel = build_release(cfg, lm.model, task, matched, texts, fp)
+    rel.save(release_dir)
+    return rel, False
+
