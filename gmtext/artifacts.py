@@ -6,6 +6,7 @@ half-written one.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -26,11 +27,13 @@ def _atomic(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno and not e.filename:
+            e.filename = str(path)  # name the file a full disk or an I/O error stopped
         raise
 
 
@@ -74,37 +77,68 @@ class RunDirLocked(RuntimeError):
 def run_lock(run_dir, stage: str):
     """Refuse a second process writing the same stage into the same run dir.
 
-    A lock file holds the owner's pid; a stale lock (owner dead, e.g. after kill -9)
-    is taken over, so resuming after a crash needs no manual clean-up.
+    An advisory lock (flock) on `run_dir/.{stage}.lock`, a file that also names the owner's
+    pid for the message. The kernel drops the lock when its owner ends in any way (kill -9
+    included), so resuming after a crash needs no clean-up, and a stale file whose pid was
+    reused by another program blocks nothing.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / f".{stage}.lock"
     while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        if not _try_lock(fd, fcntl.LOCK_EX):
+            os.close(fd)
+            raise RunDirLocked(f"{run_dir} is in use by process {_owner(lock) or '?'} ({stage}); wait for it or use another hydra.run.dir")
+        if _is_path_of(fd, lock):  # else a finishing owner unlinked it meanwhile: lock the new file
             break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid) and pid != os.getpid():
-                raise RunDirLocked(f"{run_dir} is in use by process {pid} ({stage}); wait for it or use another hydra.run.dir") from None
-            lock.unlink(missing_ok=True)
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def other_writers(run_dir) -> list[int]:
+    """Pids of other processes holding a stage lock in run_dir right now."""
+    out = []
+    for lock in Path(run_dir).glob(".*.lock"):
+        pid = _owner(lock)
+        if pid == os.getpid():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            if not _try_lock(fd, fcntl.LOCK_SH):
+                out.append(pid)
+        finally:
+            os.close(fd)  # closing drops a lock taken just to test
+    return out
+
+
+def _try_lock(fd: int, kind: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
         return True
-    return True
+    except BlockingIOError:
+        return False
+
+
+def _is_path_of(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(os.fstat(fd), st)
+
+
+def _owner(lock: Path) -> int:
+    try:
+        return int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0

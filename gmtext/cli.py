@@ -1,22 +1,61 @@
 """Console entry points: thin @hydra.main wrappers around pure stage functions.
 
-Known user errors (bad config values, missing data, locked run dirs, mismatched
-releases) end with one line on stderr and exit code 2, not a traceback.
+Known user errors (an unknown config option or key, bad values, missing or malformed
+data, locked or unwritable run dirs, a full disk, mismatched releases) end with one line
+on stderr and exit code 2, not a traceback. GMTEXT_TRACEBACK=1 (or Hydra's
+HYDRA_FULL_ERROR=1) shows the traceback instead. docs/troubleshooting.md lists them.
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
+import functools
 import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from .config import register_configs
 
 register_configs()
 CONF = "pkg://gmtext.conf"
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, PermissionError, OSError)
+# An OSError with one of these errno values is about where the run writes, not a bug.
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+
+
+def error_line(e: BaseException) -> str:
+    """One line for a user error: the message itself, or for an OS write error which file
+    and what to do."""
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS and e.filename:
+        return f"cannot write {e.filename}: {e.strerror}; choose a writable hydra.run.dir with free space"
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def config_error_line(e: BaseException) -> str:
+    """Hydra's multi-line composition errors as one line naming the bad value and what is accepted."""
+    if isinstance(e, MissingConfigException) and e.options:
+        what = str(e).splitlines()[0].split(": ", 1)[-1]  # "Could not find 'projector/fancy'"
+        return f"{what}; available options: {', '.join(o for o in e.options if not o.endswith('_schema'))}"
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the override {e.override!r}: {e.message.splitlines()[0]} (grammar: https://hydra.cc/docs/advanced/override_grammar/basic)"
+    msg = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+    cause = e.__cause__
+    if cause is not None and str(cause):
+        msg += ": " + str(cause).splitlines()[0]
+        schema = getattr(cause, "object_type", None)
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(schema):
+            msg += "; accepted keys: " + ", ".join(f.name for f in dataclasses.fields(schema) if not f.name.startswith("_"))
+    return msg
+
+
+def _fail(stage: str, line: str):
+    print(f"gmtext-{stage}: error: {line}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _run(stage: str, fn, cfg: DictConfig):
@@ -27,22 +66,50 @@ def _run(stage: str, fn, cfg: DictConfig):
     except USER_ERRORS as e:
         if os.environ.get("GMTEXT_TRACEBACK"):
             raise
-        print(f"gmtext-{stage}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(stage, error_line(e))
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="generate")
+def _main(stage: str):
+    """@hydra.main, plus: errors Hydra meets before the job (unknown option, misspelled key,
+    bad override syntax, a run dir it cannot create) end like every other user error."""
+
+    def deco(task):
+        run = hydra.main(version_base="1.3", config_path=CONF, config_name=stage)(task)
+
+        @functools.wraps(task)
+        def main(*args, **kwargs):
+            if os.environ.get("HYDRA_FULL_ERROR") or os.environ.get("GMTEXT_TRACEBACK"):
+                return run(*args, **kwargs)
+            os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing a multi-line report
+            try:
+                return run(*args, **kwargs)
+            except (HydraException, OmegaConfBaseException) as e:
+                _fail(stage, config_error_line(e))
+            except OSError as e:  # Hydra creating the run dir or writing .hydra/
+                _fail(stage, error_line(e))
+            finally:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+
+        return main
+
+    return deco
+
+
+@_main("generate")
 def generate_main(cfg: DictConfig) -> float:
     from .stages.generate import run_generate
 
     summary = _run("generate", run_generate, cfg)
+    if summary["failed_batches"]:
+        print(f"gmtext-generate: warning: batches {summary['failed_batches']} went non-finite and wrote no text "
+              f"(batches/*.failed.json; docs/troubleshooting.md)", file=sys.stderr)
     print(f"gmtext-generate: {summary['examples']} examples → {HydraConfig.get().runtime.output_dir}/synthetic.jsonl | "
           f"mean match loss {summary['mean_match_loss']:.4f} | mean perplexity {summary['mean_perplexity']:.1f} | "
           f"{summary['wall_seconds']:.0f} s")
     return summary["mean_match_loss"]
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="release")
+@_main("release")
 def release_main(cfg: DictConfig) -> float:
     from .stages.release import run_release
 
@@ -53,7 +120,7 @@ def release_main(cfg: DictConfig) -> float:
     return s["epsilon"]
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="audit")
+@_main("audit")
 def audit_main(cfg: DictConfig) -> float:
     from .privacy.audit import run_audit
 
@@ -63,7 +130,7 @@ def audit_main(cfg: DictConfig) -> float:
     return s["share_with_real_ngram"]
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="finetune")
+@_main("finetune")
 def finetune_main(cfg: DictConfig) -> float:
     from .stages.finetune import run_finetune
 
@@ -89,7 +156,7 @@ def merge_main() -> None:
     sys.exit(main())
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="select")
+@_main("select")
 def select_main(cfg: DictConfig) -> int:
     from .stages.select import run_select
 
@@ -99,7 +166,7 @@ def select_main(cfg: DictConfig) -> int:
     return s["selected"]
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="pipeline")
+@_main("pipeline")
 def pipeline_main(cfg: DictConfig) -> float:
     from .stages.pipeline import run_pipeline
 

@@ -60,6 +60,7 @@ class ADMMConfig:
     init_temperature: float = 1.0
     closed_form: bool = True
     admm: bool = True
+    nan_retries: int = 3  # non-finite x-step: undo it and retry at half the lr, this many times
 
 
 @dataclass

@@ -133,6 +133,16 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tok, name=name, fingerprint=fingerprint)
 
 
+def check_fits_context(model, key: str, text_tokens: int, around: int) -> None:
+    """Refuse a text slot (`key`=`text_tokens`) that cannot fit the model's context with the
+    `around` template/context tokens that surround it."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if text_tokens < 1 or (limit and text_tokens + around > limit):
+        most = f"; at most {limit - around}" if limit else ""
+        raise ValueError(f"{key}={text_tokens}: must be >= 1 and fit the model context ({limit} tokens) "
+                         f"with the {around} template tokens around it{most}")
+
+
 def _file_digest(path: Path, nbytes: int = 1 << 20) -> str:
     # Hash the first MiB plus the size: enough to tell checkpoints apart, fast on 100 MB files.
     h = hashlib.sha256()

@@ -1,7 +1,10 @@
 """Experiment tracking: W&B (online/offline/disabled) or none, always mirrored locally.
 
 Every logged record is also appended to `metrics.jsonl` in the run dir, so results are
-readable without W&B and `gmtext-report` has one format to read.
+readable without W&B and `gmtext-report` has one format to read. Stages `commit(outputs)`
+the mirror before each unit of work (a generated batch, a stage's summary); a new Tracker
+drops what a killed attempt logged for work whose outputs never appeared (and a torn last
+line), so a resumed run's metrics.jsonl reads like an uninterrupted run's.
 
 One W&B run per Hydra job (`reinit="create_new"`, finished in `close()`), so the jobs of
 a multirun executed in one process never share a run. Runs of one sweep share a W&B
@@ -14,6 +17,10 @@ import json
 import math
 import os
 from pathlib import Path
+
+from .artifacts import other_writers, write_text
+
+COMMIT_FILE = ".metrics.jsonl.commit"  # length of metrics.jsonl at the last commit(), and that work's outputs
 
 
 def default_group() -> str | None:
@@ -40,6 +47,7 @@ class Tracker:
             raise ValueError(f"logger.mode={mode!r} unknown; accepted: online, offline, disabled")
         self.run_dir = Path(run_dir)
         self.local = self.run_dir / "metrics.jsonl"
+        self._recover()
         self.run = None
         self.group = group if group is not None else default_group()
         if name == "wandb" and mode != "disabled":
@@ -81,6 +89,29 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb):
         self.close(0 if exc_type is None else 1)
+
+    def commit(self, *outputs) -> None:
+        """Mark everything mirrored so far as finished work. What is logged after it belongs to
+        work whose result is one of `outputs` (paths): a later Tracker keeps it if one of them
+        exists by then, and drops it otherwise (the work was killed and will be redone)."""
+        size = self.local.stat().st_size if self.local.exists() else 0
+        names = [str(Path(o).relative_to(self.run_dir)) for o in outputs]
+        write_text(self.run_dir / COMMIT_FILE, json.dumps({"size": size, "outputs": names}))
+
+    def _recover(self) -> None:
+        mark = self.run_dir / COMMIT_FILE
+        if self.local.exists() and not other_writers(self.run_dir):
+            data = self.local.read_bytes()
+            keep = len(data)
+            if mark.exists():
+                m = json.loads(mark.read_text())
+                if not any((self.run_dir / o).exists() for o in m["outputs"]):
+                    keep = min(m["size"], keep)
+            keep = data.rfind(b"\n", 0, keep) + 1  # whole records only
+            if keep < len(data):
+                with open(self.local, "r+b") as f:
+                    f.truncate(keep)
+        self.commit()
 
     def _mirror(self, rec: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,16 @@ def test_merge_errors_one_line(shards, tmp_path, capsys):
     r = subprocess.run([sys.executable, "-c", "from gmtext.cli import merge_main; merge_main()", str(tmp_path / "f"), str(s0), str(s1)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "2 shards, 2 batches, 8 examples" in r.stdout
+
+
+def test_batch_a_shard_recorded_failed_is_not_missing(shards, tmp_path):
+    root, single, s0, s1 = shards
+    failed = tmp_path / "s1_failed"  # shard 1's only batch went non-finite: no rows, listed as failed
+    shutil.copytree(s1, failed)
+    (failed / "synthetic.jsonl").write_text("")
+    g = json.loads((failed / "generate.json").read_text())
+    g["summary"]["failed_batches"] = [1]
+    (failed / "generate.json").write_text(json.dumps(g))
+    info = merge_shards(tmp_path / "m", [s0, failed])
+    assert info["summary"]["failed_batches"] == [1] and info["summary"]["examples"] == 4
+    assert (tmp_path / "m" / "synthetic.jsonl").read_text() == (s0 / "synthetic.jsonl").read_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Sequence
 import torch
 
 DEMO_DIR = Path(__file__).parent / "demo"
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -41,11 +43,15 @@ class LabeledSplit:
         return out
 
 
-def _read_rows(file: Path) -> list[dict]:
+def read_utf8(file: Path) -> str:
     try:
-        raw = file.read_bytes().decode("utf-8")
+        return file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{file}: not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8") from None
+
+
+def _read_rows(file: Path) -> list[dict]:
+    raw = read_utf8(file)
     if file.suffix == ".csv":
         return list(csv.DictReader(raw.splitlines()))
     rows = []
@@ -101,12 +107,12 @@ def load_split(
 
 
 def _to_examples(rows, where, label_names, text_field, label_field) -> LabeledSplit:
-    for f in (text_field, label_field):
-        if f not in rows[0]:
-            raise DataError(f"{where}: field {f!r} missing (row has: {sorted(rows[0])}); set dataset.text_field / dataset.label_field")
     names = list(label_names)
     examples, skipped = [], 0
     for i, r in enumerate(rows):
+        missing = [f for f in (text_field, label_field) if f not in r]
+        if missing:
+            raise DataError(f"{where} row {i}: field {missing[0]!r} missing (row has: {sorted(r)}); set dataset.text_field / dataset.label_field")
         text, lab = r.get(text_field), r.get(label_field)
         if isinstance(lab, str) and lab in names:
             lab = names.index(lab)
@@ -124,6 +130,8 @@ def _to_examples(rows, where, label_names, text_field, label_field) -> LabeledSp
     empty = [names[c] for c, n in enumerate(counts) if n == 0]
     if empty:
         raise DataError(f"{where}: class(es) {empty} have zero examples; every declared label needs at least one")
+    if skipped:  # logged for whoever runs the job, never stored in a release (a statistic of the data)
+        log.warning("%s: skipped %d empty or whitespace-only text(s) of %d rows", where, skipped, len(rows))
     return LabeledSplit(examples, skipped)
 
 

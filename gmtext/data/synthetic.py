@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from . import read_utf8
+
 
 def resolve_synthetic_path(path: str | Path) -> Path:
     """A file, or a run dir holding selected.jsonl (preferred) or synthetic.jsonl."""
@@ -30,7 +32,7 @@ def read_synthetic_rows(path: str | Path, label_names: Sequence[str], required: 
     file = resolve_synthetic_path(path)
     names = list(label_names)
     out = []
-    for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_utf8(file).splitlines(), 1):
         if not line.strip():
             continue
         try:

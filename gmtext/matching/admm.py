@@ -6,6 +6,7 @@ with the best *discrete* matching distance seen, not the last one.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,6 +51,7 @@ class ADMMMatcher:
         init_temperature: float = 1.0,
         closed_form: bool = True,
         admm: bool = True,
+        nan_retries: int = 3,
     ):
         for name, v in (("outer_steps", outer_steps), ("inner_steps", inner_steps)):
             if v < 1:
@@ -60,6 +62,9 @@ class ADMMMatcher:
             raise ValueError(f"matcher.init={init!r} unknown; accepted: lm_sample, random")
         if init_candidates < 1:
             raise ValueError(f"matcher.init_candidates={init_candidates} must be >= 1")
+        if nan_retries < 0:
+            raise ValueError(f"matcher.nan_retries={nan_retries} must be >= 0")
+        self.nan_retries = nan_retries
         self.outer_steps, self.inner_steps, self.lr, self.rho = outer_steps, inner_steps, lr, rho
         self.grad_clip, self.distance, self.lm_weight = grad_clip, distance, lm_weight
         self.init, self.init_candidates, self.init_temperature = init, init_candidates, init_temperature
@@ -130,24 +135,37 @@ class ADMMMatcher:
                 if on_step:
                     on_step(rec)
                 break
-            # x-step
+            # x-step; a non-finite loss or gradient undoes it and retries with half the step size
             t = time.perf_counter()
             z_emb = obj.tokens_to_x(z).detach().float() if self.admm else None
-            for _ in range(inner):
-                opt.zero_grad()
-                d_cls, lm, _ = obj.losses(x, lm_tokens=z if (self.lm_weight > 0 and self.admm) else None)
-                loss = d_cls.sum()
-                pen = torch.zeros(())
-                if self.admm:
-                    pen = self.rho / 2 * ((x - z_emb + lam / self.rho) ** 2).sum(-1).mean((1, 2))  # [C]
-                    loss = loss + pen.sum()
-                if lm is not None:
-                    loss = loss + self.lm_weight * lm.sum()
-                loss.backward(inputs=[x])  # only x: no gradients into the matched parameters
-                if not torch.isfinite(x.grad).all():
-                    raise FloatingPointError("non-finite gradient in the x-step")
-                _clip_per_class(x.grad, self.grad_clip)
-                opt.step()
+            saved, retries = (x.detach().clone(), copy.deepcopy(opt.state_dict())), 0
+            while True:
+                for _ in range(inner):
+                    opt.zero_grad()
+                    d_cls, lm, _ = obj.losses(x, lm_tokens=z if (self.lm_weight > 0 and self.admm) else None)
+                    loss = d_cls.sum()
+                    pen = torch.zeros(())
+                    if self.admm:
+                        pen = self.rho / 2 * ((x - z_emb + lam / self.rho) ** 2).sum(-1).mean((1, 2))  # [C]
+                        loss = loss + pen.sum()
+                    if lm is not None:
+                        loss = loss + self.lm_weight * lm.sum()
+                    loss.backward(inputs=[x])  # only x: no gradients into the matched parameters
+                    if not (torch.isfinite(loss) and torch.isfinite(x.grad).all()):
+                        break
+                    _clip_per_class(x.grad, self.grad_clip)
+                    opt.step()
+                else:
+                    break
+                lr = opt.param_groups[0]["lr"]
+                if retries == self.nan_retries:
+                    raise FloatingPointError(f"non-finite loss or gradient in the x-step of outer step {step}, still at lr {lr:.3g} "
+                                             f"after {retries} halvings (matcher.nan_retries); lower matcher.lr or check the release")
+                retries += 1
+                with torch.no_grad():
+                    x.copy_(saved[0])
+                opt.load_state_dict(copy.deepcopy(saved[1]))  # a copy: Adam updates its state in place
+                opt.param_groups[0]["lr"] = lr / 2
             timings["x_step"] += time.perf_counter() - t
             # λ-step
             if self.admm:
@@ -162,6 +180,8 @@ class ADMMMatcher:
             }
             if self.admm:
                 rec["perplexity"] = obj.perplexity(z).mean().item()
+            if retries:
+                rec.update(x_step_retries=retries, lr=opt.param_groups[0]["lr"])
             history.append(rec)
             if on_step:
                 on_step(rec)

@@ -23,6 +23,7 @@ from ..data import dev_examples, load_split, sample_per_class
 from ..data.synthetic import resolve_synthetic_path
 from ..finetune.baselines import SOURCES, dpsgd_fit, prompted_examples, read_synthetic, real_subset
 from ..finetune.evaluate import evaluate, fewshot_context
+from ..models import check_fits_context
 from ..tracking import Tracker
 from .generate import build_task, load_generator_model
 
@@ -81,6 +82,7 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         torch.manual_seed(cfg.seed)
         lm = load_generator_model(cfg)
         task = build_task(cfg, lm.tokenizer)
+        check_fits_context(lm.model, "finetuner.max_text_tokens", cfg.finetuner.max_text_tokens, len(task.prefix_ids) + len(task.suffix_ids))
         ds = cfg.dataset
         c = task.num_classes
         eval_all = _load(ds, ds.eval_split).examples
@@ -135,6 +137,7 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         finally:
             tracker.close()
         write_json(done, {**out, "config": config})
+        tracker.commit()
     return out
 
 

@@ -22,7 +22,7 @@ from ..gradients import MatchedParams
 from ..matching.objective import MatchingObjective
 from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
-from ..models import load_model
+from ..models import check_fits_context, load_model
 from ..tracking import Tracker
 from .release import Release, load_or_make_release
 
@@ -67,16 +67,14 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         model, tok = lm.model, lm.tokenizer
         task = build_task(cfg, tok)
         length = cfg.dataset.length
-        ctx_len = getattr(model.config, "max_position_embeddings", None)
-        total = len(task.prefix_ids) + length + len(task.suffix_ids)
-        if length < 1 or (ctx_len and total > ctx_len):
-            raise ValueError(f"dataset.length={length}: sequence of {total} tokens must fit the model context ({ctx_len}) and length must be >= 1")
+        context_ids = task.lm_context_ids(cfg.dataset.lm_context)
+        check_fits_context(model, "dataset.length", length, len(context_ids) + len(task.suffix_ids))
+        emb = model.get_input_embeddings().weight
+        ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), context_ids)
+        if hasattr(projector, "check"):
+            projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
         matched = MatchedParams(model, list(cfg.matched_params))
         release = obtain_release(cfg, run_dir, lm, task, matched)
-        emb = model.get_input_embeddings().weight
-        ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), task.lm_context_ids(cfg.dataset.lm_context))
-        if hasattr(projector, "check"):
-            projector.check(ctx)
         obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
         tracker = Tracker(run_dir, job_type="generate", config=OmegaConf.to_container(cfg, resolve=True), **cfg.logger)
         with tracker:  # finishes the W&B run (marked failed on an exception)
@@ -84,9 +82,15 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
             summary["epsilon"] = release.epsilon  # inf for a non-private release
             summary["delta"] = float(release.privacy.get("delta", 0.0))
             summary["wall_seconds"] = time.perf_counter() - t0
+            tracker.commit(run_dir / "generate.json")
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         write_json(run_dir / "generate.json", {"config": OmegaConf.to_container(cfg, resolve=True), "summary": summary, "privacy": release.privacy})
+        tracker.commit()
     return summary
+
+
+def _batch_file(bdir: Path, b: int, failed: bool = False) -> Path:
+    return bdir / (f"batch_{b:05d}.failed.json" if failed else f"batch_{b:05d}.jsonl")
 
 
 def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tracker, length, release) -> dict:
@@ -94,20 +98,26 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
     nb = math.ceil(cfg.num_per_class / cfg.batch_size)
     mine = [b for b in range(nb) if b % cfg.shard.count == cfg.shard.index]
     bdir = run_dir / "batches"
-    timings = []
-    todo = [b for b in mine if not (bdir / f"batch_{b:05d}.jsonl").exists()]
+    timings, retries = [], 0
+    # A batch marked failed is final too (same seed, same failure): delete its .failed.json to retry it.
+    todo = [b for b in mine if not _batch_file(bdir, b).exists() and not _batch_file(bdir, b, failed=True).exists()]
     bar = tqdm(todo, desc="generate", unit="batch", disable=not cfg.progress)
     for b in bar:
         bsz = min(cfg.batch_size, cfg.num_per_class - b * cfg.batch_size)
         gen = torch.Generator().manual_seed(batch_seed(cfg.seed, b))
         torch.manual_seed(batch_seed(cfg.seed, b))
         step0 = b * (matcher.outer_steps + 1)
+        tracker.commit(_batch_file(bdir, b), _batch_file(bdir, b, failed=True))  # this batch's records go with its file
 
         def on_step(rec, b=b, step0=step0):
             tracker.log({"batch": b, **rec}, step=step0 + rec["outer_step"])
             bar.set_postfix(step=rec["outer_step"], loss=f"{rec['best_discrete_loss']:.4f}")
 
-        res = matcher.run(obj, projector, ctx, c, bsz, length, gen, on_step)
+        try:
+            res = matcher.run(obj, projector, ctx, c, bsz, length, gen, on_step)
+        except FloatingPointError as e:  # non-finite even after the matcher's smaller-step retries
+            _record_failed(bdir, b, str(e), tracker)
+            continue
         rows = []
         for k in range(c):
             for i in range(bsz):
@@ -118,19 +128,33 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
                     "batch": b, "class_batch_loss": float(res.class_loss[k]),
                 })
         if not all(math.isfinite(r["match_loss"]) for r in rows):
-            raise FloatingPointError(f"batch {b}: non-finite matching loss; lower matcher.lr or check the release")
-        write_jsonl(bdir / f"batch_{b:05d}.jsonl", rows)
+            _record_failed(bdir, b, "non-finite matching loss of the projected text; check the release (targets.pt)", tracker)
+            continue
+        write_jsonl(_batch_file(bdir, b), rows)
         tracker.table(f"synthetic/batch_{b}", ["text", "label_name", "match_loss", "perplexity"], [[r["text"], r["label_name"], r["match_loss"], r["perplexity"]] for r in rows])
         timings.append(res.timings)
-    rows = [r for b in mine for r in read_jsonl(bdir / f"batch_{b:05d}.jsonl")]
+        retries += sum(h.get("x_step_retries", 0) for h in res.history)
+    failed = [b for b in mine if _batch_file(bdir, b, failed=True).exists()]
+    rows = [r for b in mine if b not in failed for r in read_jsonl(_batch_file(bdir, b))]
+    if not rows:
+        raise ValueError(f"every batch failed ({len(failed)}, see {bdir}/*.failed.json): non-finite matching loss or gradient; "
+                         "lower matcher.lr or check the release")
     write_jsonl(run_dir / SYNTHETIC_FILE, rows)
     summary = {
         "examples": len(rows),
         "batches": len(mine),
         "batches_generated_now": len(todo),
+        "failed_batches": failed,
+        "x_step_retries": retries,
         "mean_match_loss": sum(r["match_loss"] for r in rows) / len(rows),
         "mean_class_batch_loss": sum(r["class_batch_loss"] for r in rows) / len(rows),
         "mean_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
         "timings": {k: sum(t.get(k, 0.0) for t in timings) for k in ("init", "project", "x_step", "evaluate", "total")},
     }
     return summary
+
+
+def _record_failed(bdir: Path, b: int, reason: str, tracker) -> None:
+    """A batch whose optimisation went non-finite writes no text: a marker, in the outputs."""
+    tracker.log({"batch": b, "failed": reason}, kind="failed")
+    write_json(_batch_file(bdir, b, failed=True), {"batch": b, "reason": reason})

@@ -8,7 +8,8 @@ privacy budget once. The merge refuses, with one line on stderr and exit code 2:
 - shards made from different releases (release fingerprint, privacy.json or targets
   differ) — a second release of the same data would spend the budget again;
 - shards whose generation config differs (other than shard.index and bookkeeping);
-- a batch present in two shards, or a batch of the run missing from every shard.
+- a batch present in two shards, or a batch of the run missing from every shard (a batch
+  a shard recorded as failed, non-finite, is listed in `failed_batches`, not missing).
 
 It writes OUT_DIR/synthetic.jsonl (rows ordered by batch, exactly the file one
 unsharded run with the same seed writes), OUT_DIR/merge.json (shards, release,
@@ -100,19 +101,20 @@ def merge_shards(out_dir, shard_dirs) -> dict:
                 raise MergeError(f"batch {b} is in two shards ({owner[b]} and {s['dir']}): overlapping shards")
             owner[b] = s["dir"]
             rows_by_batch[b] = rows
-    missing = [b for b in range(nb) if b not in rows_by_batch]
+    failed = sorted({int(b) for s in shards for b in s["generate"].get("summary", {}).get("failed_batches", [])})
+    missing = [b for b in range(nb) if b not in rows_by_batch and b not in failed]
     if missing:
         raise MergeError(f"batches {missing} of {nb} are missing (shard.count={count}; shard indexes given: "
                          f"{sorted({int(s['config']['shard']['index']) for s in shards})}); add the missing shards or finish them")
     extra = sorted(b for b in rows_by_batch if b >= nb)
     if extra:
         raise MergeError(f"batches {extra} are beyond the run's {nb} batches (num_per_class/batch_size mismatch)")
-    rows = [r for b in range(nb) for r in rows_by_batch[b]]
+    rows = [r for b in range(nb) for r in rows_by_batch.get(b, [])]
     out = Path(out_dir)
     write_jsonl(out / SYNTHETIC_FILE, rows)
     privacy = first["release"]["privacy"]
     summary = {
-        "examples": len(rows), "batches": nb,
+        "examples": len(rows), "batches": nb, "failed_batches": failed,
         "mean_match_loss": sum(r["match_loss"] for r in rows) / len(rows),
         "mean_class_batch_loss": sum(r["class_batch_loss"] for r in rows) / len(rows),
         "mean_perplexity": sum(r["perplexity"] for r in rows) / len(rows),

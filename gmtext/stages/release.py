@@ -20,6 +20,7 @@ import torch
 from ..artifacts import read_json, save_torch, write_json
 from ..data import Task, load_split, sample_per_class
 from ..gradients import MatchedParams, class_target_gradients
+from ..models import check_fits_context
 
 RELEASE_FILE = "targets.pt"
 META_FILE = "release.json"
@@ -265,6 +266,7 @@ def load_or_make_release(cfg, release_dir: Path, lm, task: Task, matched: Matche
             return rel, True
     if cfg.privacy.name == DP_NAME:  # fail on a bad budget before touching real data
         validate_dp_config(cfg.privacy, cfg.real_per_class, task.num_classes)
+    check_fits_context(lm.model, "dataset.max_text_tokens", cfg.dataset.max_text_tokens, len(task.prefix_ids) + len(task.suffix_ids))
     texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
     rel = build_release(cfg, lm.model, task, matched, texts, fp)
     rel.save(release_dir)
