@@ -61,6 +61,7 @@ class ADMMConfig:
     closed_form: bool = True
     admm: bool = True
     nan_retries: int = 3  # non-finite x-step: undo it and retry at half the lr, this many times
+    objective: str = "batch"  # batch: the batch-mean gradient matches (paper); sequence: every sequence's own
 
 
 @dataclass
@@ -75,6 +76,7 @@ class EmbeddingOnlyConfig:
     init_candidates: int = 4
     init_temperature: float = 1.0
     closed_form: bool = True
+    objective: str = "batch"
 
 
 @dataclass

@@ -79,6 +79,29 @@ def test_closed_form_equals_double_backward(tiny, distance, match_loss):
     assert _rel(g1, g2) < 1e-3
 
 
+@pytest.mark.parametrize("specs", [("lm_head",), ("final_norm", "last_blocks:1")])
+def test_sequence_objective_is_mean_of_per_sequence_distances(tiny, specs):
+    """The `sequence` objective equals the mean of the (non-differentiable) per-sequence scores,
+    and its x-gradient equals the sum of per-row gradients computed one row at a time."""
+    lm, task = tiny
+    obj = _objective(lm, task, True, specs=specs, match_loss="verbalizer")
+    x = torch.randn(2, 3, 5, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    d_seq_obj, _, s = obj.losses(x, objective="sequence")
+    _, _, s_ref = obj.losses(x.detach(), per_sequence=True, create_graph=False)
+    assert torch.allclose(d_seq_obj, s_ref.mean(1), atol=1e-6) and torch.allclose(s, s_ref, atol=1e-6)
+    d_batch, _, _ = obj.losses(x.detach(), create_graph=False)
+    assert not torch.allclose(d_seq_obj, d_batch, atol=1e-4)  # a different objective, not a renamed one
+    g = torch.autograd.grad(d_seq_obj.sum(), x)[0]
+    # row (k, i) alone: a batch of one sequence per class, with the same targets
+    for i in range(3):
+        xi = x.detach()[:, i : i + 1].clone().requires_grad_(True)
+        di, _, _ = obj.losses(xi, objective="batch")
+        gi = torch.autograd.grad(di.sum() / 3, xi)[0]
+        assert _rel(g[:, i : i + 1], gi) < 1e-3
+    with pytest.raises(ValueError, match="matcher.objective='mean'"):
+        obj.losses(x, objective="mean")
+
+
 def test_vocab_filter(tiny):
     lm, _ = tiny
     tok = lm.tokenizer
@@ -152,6 +175,23 @@ def test_admm_decreases_matching_loss(tiny, closed_form):
     # the kept iterate's reported loss is its own discrete loss
     assert torch.allclose(obj.discrete(res.tokens)[0], res.class_loss, atol=1e-6)
     assert set(res.tokens.flatten().tolist()) <= set(ctx.allowed_ids.tolist())
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_sequence_objective_keeps_each_sequences_best(tiny, closed_form):
+    lm, task = tiny
+    obj = _objective(lm, task, closed_form)
+    ctx = _ctx(lm, task)
+    m = ADMMMatcher(outer_steps=3, inner_steps=4, init_candidates=3, closed_form=closed_form, objective="sequence")
+    init = m.initial_tokens(obj, ctx, 2, 3, 6, torch.Generator().manual_seed(0))
+    # init picks, per sequence slot, the candidate with the lowest own distance
+    cand = m.sample_tokens(ctx, 3 * 2 * 3, 6, torch.Generator().manual_seed(0)).view(3, 2, 3, 6)
+    per = torch.stack([obj.discrete(cand[j], per_sequence=True)[1] for j in range(3)])
+    assert torch.allclose(obj.discrete(init, per_sequence=True)[1], per.min(0).values, atol=1e-6)
+    res = m.run(obj, LMTopKProjector(topk=20), ctx, 2, 3, 6, torch.Generator().manual_seed(0))
+    s0 = per.min(0).values
+    assert (res.seq_loss <= s0 + 1e-6).all() and res.seq_loss.sum() < s0.sum()
+    assert torch.allclose(obj.discrete(res.tokens, per_sequence=True)[1], res.seq_loss, atol=1e-6)
 
 
 def test_admm_is_deterministic(tiny):

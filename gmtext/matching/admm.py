@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .objective import MatchingObjective
+from .objective import MatchingObjective, check_objective
 from .projectors import ProjectionContext
 
 
@@ -52,7 +52,11 @@ class ADMMMatcher:
         closed_form: bool = True,
         admm: bool = True,
         nan_retries: int = 3,
+        objective: str = "batch",
     ):
+        """objective: `batch` matches each class batch's mean gradient (the paper) and keeps the
+        best batch; `sequence` matches every sequence's own gradient and keeps the best
+        iterate of every sequence separately."""
         for name, v in (("outer_steps", outer_steps), ("inner_steps", inner_steps)):
             if v < 1:
                 raise ValueError(f"matcher.{name}={v} must be >= 1")
@@ -65,6 +69,8 @@ class ADMMMatcher:
         if nan_retries < 0:
             raise ValueError(f"matcher.nan_retries={nan_retries} must be >= 0")
         self.nan_retries = nan_retries
+        check_objective(objective)
+        self.objective = objective
         self.outer_steps, self.inner_steps, self.lr, self.rho = outer_steps, inner_steps, lr, rho
         self.grad_clip, self.distance, self.lm_weight = grad_clip, distance, lm_weight
         self.init, self.init_candidates, self.init_temperature = init, init_candidates, init_temperature
@@ -97,9 +103,18 @@ class ADMMMatcher:
         cand = self.sample_tokens(ctx, k * c * b, length, gen).view(k, c, b, length)
         if k == 1:
             return cand[0]
+        if self.objective == "sequence":  # best candidate of every sequence slot
+            losses = torch.stack([obj.discrete(cand[j], per_sequence=True)[1] for j in range(k)])  # [k, C, B]
+            best = losses.argmin(0)
+            return cand.gather(0, best[None, :, :, None].expand(1, c, b, length))[0]
         losses = torch.stack([obj.discrete(cand[j])[0] for j in range(k)])  # [k, C]
         best = losses.argmin(0)
         return cand[best, torch.arange(c, device=best.device)]
+
+    def _score(self, obj: MatchingObjective, tokens: torch.Tensor) -> torch.Tensor:
+        """What the best iterate is chosen by: [C] batch distances, or [C, B] per sequence."""
+        d, s = obj.discrete(tokens, per_sequence=self.objective == "sequence")
+        return s if self.objective == "sequence" else d
 
     # -------- the ADMM loop --------
     def run(self, obj: MatchingObjective, projector, ctx: ProjectionContext, num_classes: int, batch_size: int, length: int, gen: torch.Generator, on_step: Callable[[dict], None] | None = None) -> MatchResult:
@@ -112,7 +127,7 @@ class ADMMMatcher:
         lam = torch.zeros_like(x)
         opt = torch.optim.Adam([x], lr=self.lr)
         best_tok = tok0.clone()
-        best_loss = obj.discrete(tok0)[0]
+        best_loss = self._score(obj, tok0)
         history = []
         steps = self.outer_steps if self.admm else 1
         inner = self.inner_steps if self.admm else self.inner_steps * self.outer_steps
@@ -124,7 +139,7 @@ class ADMMMatcher:
             timings["project"] += time.perf_counter() - t
             t = time.perf_counter()
             if self.admm or step == steps:
-                dz = obj.discrete(z)[0]
+                dz = self._score(obj, z)
                 improved = dz < best_loss
                 best_loss = torch.where(improved, dz, best_loss)
                 best_tok[improved] = z[improved]
@@ -142,7 +157,7 @@ class ADMMMatcher:
             while True:
                 for _ in range(inner):
                     opt.zero_grad()
-                    d_cls, lm, _ = obj.losses(x, lm_tokens=z if (self.lm_weight > 0 and self.admm) else None)
+                    d_cls, lm, _ = obj.losses(x, lm_tokens=z if (self.lm_weight > 0 and self.admm) else None, objective=self.objective)
                     loss = d_cls.sum()
                     pen = torch.zeros(())
                     if self.admm:
@@ -197,5 +212,5 @@ class EmbeddingMatcher(ADMMMatcher):
     """Ablation: optimise continuous embeddings on D alone (no ADMM coupling), then project
     once at the end with the configured projector."""
 
-    def __init__(self, outer_steps: int = 10, inner_steps: int = 10, lr: float = 0.008, grad_clip: float = 1.0, distance: str = "cos", init: str = "lm_sample", init_candidates: int = 4, init_temperature: float = 1.0, closed_form: bool = True):
-        super().__init__(outer_steps, inner_steps, lr, 0.0, grad_clip, distance, 0.0, init, init_candidates, init_temperature, closed_form, admm=False)
+    def __init__(self, outer_steps: int = 10, inner_steps: int = 10, lr: float = 0.008, grad_clip: float = 1.0, distance: str = "cos", init: str = "lm_sample", init_candidates: int = 4, init_temperature: float = 1.0, closed_form: bool = True, objective: str = "batch"):
+        super().__init__(outer_steps, inner_steps, lr, 0.0, grad_clip, distance, 0.0, init, init_candidates, init_temperature, closed_form, admm=False, objective=objective)

@@ -7,6 +7,11 @@ compared with its own target. Two implementations give the same numbers:
   products and the x-gradient needs one ordinary backward (no double backward, and the
   V x d gradient is never materialised);
 - autograd, for any parameter subset: torch.autograd.grad with create_graph=True.
+
+Two objectives: `batch` (the paper's: the batch-mean gradient matches the class target, so
+sequences may compensate for each other) and `sequence` (each sequence's own gradient
+matches the target: every synthetic example is a class-representative training example
+on its own, which is what selection and per-example scores look at).
 """
 from __future__ import annotations
 
@@ -18,6 +23,12 @@ import torch.nn.functional as F
 from ..gradients import MatchedParams, check_match_loss
 
 EPS = 1e-12
+OBJECTIVES = ("batch", "sequence")
+
+
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"matcher.objective={objective!r} unknown; accepted: {', '.join(OBJECTIVES)}")
 
 
 class MatchingObjective:
@@ -72,9 +83,13 @@ class MatchingObjective:
     def tokens_to_x(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed(tokens)
 
-    def losses(self, x: torch.Tensor, lm_tokens: torch.Tensor | None = None, per_sequence: bool = False, create_graph: bool = True):
-        """x: [C, B, L, d]. Returns (D per class [C], LM cross-entropy of x predicting lm_tokens
-        per class [C] or None, and per-sequence D [C, B] when asked)."""
+    def losses(self, x: torch.Tensor, lm_tokens: torch.Tensor | None = None, per_sequence: bool = False, create_graph: bool = True, objective: str = "batch"):
+        """x: [C, B, L, d]. Returns (objective per class [C]: the batch-gradient distance, or with
+        objective="sequence" the mean of per-sequence distances, differentiable; LM cross-entropy
+        of x predicting lm_tokens per class [C] or None; per-sequence D [C, B] when asked)."""
+        check_objective(objective)
+        if objective == "sequence":
+            per_sequence = True
         c, b, length, d = x.shape
         hid = self._hidden(x.reshape(c * b, length, d))
         h_last = hid[:, -1]
@@ -85,7 +100,9 @@ class MatchingObjective:
         if self.closed_form:
             d_cls, d_seq = self._closed_form(h_last.view(c, b, d), per_sequence)
         else:
-            d_cls, d_seq = self._autograd(h_last.view(c, b, d), per_sequence, create_graph)
+            d_cls, d_seq = self._autograd(h_last.view(c, b, d), per_sequence, create_graph, seq_graph=objective == "sequence")
+        if objective == "sequence":
+            d_cls = d_seq.mean(1)
         return d_cls, lm, d_seq
 
     def _closed_form(self, h: torch.Tensor, per_sequence: bool):
@@ -136,7 +153,18 @@ class MatchingObjective:
     def _tensor_dist(self, gs, ts):
         return torch.stack([self._dist((g.float() * t.float()).sum(), (g.float() ** 2).sum(), (t.float() ** 2).sum()) for g, t in zip(gs, ts)]).mean()
 
-    def _autograd(self, h: torch.Tensor, per_sequence: bool, create_graph: bool):
+    def _row_dist(self, gs, ts):
+        """[B] distances of B stacked gradients (each g in gs is [B, *t.shape]) to the targets."""
+        out = []
+        for g, t in zip(gs, ts):
+            g, t = g.float().flatten(1), t.float().flatten()
+            out.append(self._dist((g * t).sum(1), (g * g).sum(1), (t * t).sum()))  # not g @ t: gemv sums less accurately
+        return torch.stack(out).mean(0)
+
+    def _autograd(self, h: torch.Tensor, per_sequence: bool, create_graph: bool, seq_graph: bool = False):
+        """seq_graph: per-sequence distances stay differentiable (the `sequence` objective); each
+        row's gradient is a backward through the matched tensors only, the expensive backward
+        to x happens once for the sum."""
         c, b, _ = h.shape
         logits = self.head(h).float()  # [C, B, V]
         if self.vocab is not None:
@@ -147,14 +175,17 @@ class MatchingObjective:
         d_cls, d_seq = [], []
         params = self.matched.params
         for k in range(c):
-            gs = torch.autograd.grad(ce[k].mean(), params, create_graph=create_graph, retain_graph=True)
-            d_cls.append(self._tensor_dist(gs, self.targets[k]))
+            if not seq_graph:  # the sequence objective never uses the batch distance
+                gs = torch.autograd.grad(ce[k].mean(), params, create_graph=create_graph, retain_graph=True)
+                d_cls.append(self._tensor_dist(gs, self.targets[k]))
             if per_sequence:
-                rows = []
-                for i in range(b):
-                    gi = torch.autograd.grad(ce[k, i], params, retain_graph=True)
-                    rows.append(self._tensor_dist(gi, self.targets[k]).detach())
-                d_seq.append(torch.stack(rows))
+                # all B per-sequence gradients in one vmapped backward (one-hot grad_outputs)
+                onehot = torch.eye(b, device=ce.device, dtype=ce.dtype)
+                gi = torch.autograd.grad(ce[k], params, grad_outputs=onehot, is_grads_batched=True, retain_graph=True, create_graph=seq_graph and create_graph)
+                ds = self._row_dist(gi, self.targets[k])
+                d_seq.append(ds if seq_graph else ds.detach())
+        if seq_graph:
+            return None, torch.stack(d_seq)
         return torch.stack(d_cls), (torch.stack(d_seq) if per_sequence else None)
 
     def discrete(self, tokens: torch.Tensor, per_sequence: bool = False):

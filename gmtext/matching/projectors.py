@@ -86,25 +86,35 @@ class LMTopKProjector:
         if self.topk > len(ctx.allowed_ids):
             raise ValueError(f"projector.topk={self.topk} exceeds the allowed vocabulary ({len(ctx.allowed_ids)} tokens)")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, x: torch.Tensor, ctx: ProjectionContext) -> torch.Tensor:
         self.check(ctx)
         n, length, _ = x.shape
         cand = candidate_ids(x, ctx, self.topk, self.metric)  # [N, L, k]
         cos = candidate_cosines(x, ctx, cand) if self.sim_weight else None
         dev = x.device
+        decoder, head = ctx.model.get_decoder(), ctx.model.get_output_embeddings()
+        w = head.weight
+        bias = getattr(head, "bias", None)
         prefix = torch.tensor(ctx.prefix_ids, device=dev).expand(n, -1)
-        out = ctx.model(input_ids=prefix, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
-        rows = torch.arange(n, device=dev)
+        out = decoder(input_ids=prefix, use_cache=True)
+        past, h = out.past_key_values, out.last_hidden_state[:, -1]
         chosen = torch.empty(n, length, dtype=torch.long, device=dev)
         for i in range(length):
             c = cand[:, i]
-            pick = c[rows, _scores(logits, c, None if cos is None else cos[:, i], self.sim_weight).argmax(1)]
+            # Only the k candidates' logits: log-softmax subtracts one constant per row, so the
+            # argmax over candidates (with or without the closeness bonus) is unchanged, and
+            # the N x V head product (a fifth of a small model's step) is skipped.
+            s = torch.einsum("nd,nkd->nk", h.float(), w[c].float())
+            if bias is not None:
+                s = s + bias[c].float()
+            if cos is not None:
+                s = s + self.sim_weight * cos[:, i]
+            pick = c.gather(1, s.argmax(1, keepdim=True))[:, 0]
             chosen[:, i] = pick
             if i + 1 < length:
-                out = ctx.model(input_ids=pick[:, None], past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1]
+                out = decoder(input_ids=pick[:, None], past_key_values=past, use_cache=True)
+                past, h = out.past_key_values, out.last_hidden_state[:, -1]
         return chosen
 
 
