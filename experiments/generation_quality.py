@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-per-class", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "generation_quality"))
     ap.add_argument("--extra", nargs="*", default=[], help="extra overrides for every variant")
+    ap.add_argument("--lm-topk-extra", nargs="*", default=[], help="extra overrides for the LM top-k variant only (e.g. projector.sim_weight=5)")
     a = ap.parse_args(argv)
     if not (DATA / "train.jsonl").exists():
         print(f"needs {DATA}", file=sys.stderr)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     base = ["dataset=rotten_tomatoes", f"dataset.path={DATA}", f"num_per_class={a.num_per_class}", "logger=none", "progress=false", *a.extra]
     results, release_dir = {}, out / "gradmm" / "release"
     for name, ov in VARIANTS.items():
-        extra = [] if name == "gradmm" else [f"release={release_dir}"]
+        extra = a.lm_topk_extra if name == "gradmm" else [f"release={release_dir}"]
         cfg = cfg_for(base + ov + extra)
         s = run_generate(cfg, out / name)
         rows = [json.loads(l) for l in (out / name / "synthetic.jsonl").read_text().splitlines()]
