@@ -78,6 +78,8 @@ def _main(stage: str):
 
         @functools.wraps(task)
         def main(*args, **kwargs):
+            if stage == "finetune":
+                _distributed_launch_setup()
             if os.environ.get("HYDRA_FULL_ERROR") or os.environ.get("GMTEXT_TRACEBACK"):
                 return run(*args, **kwargs)
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing a multi-line report
@@ -93,6 +95,27 @@ def _main(stage: str):
         return main
 
     return deco
+
+
+def _distributed_launch_setup() -> None:
+    """gmtext-finetune under `accelerate launch` with N > 1 processes: every rank resolves
+    the same default run dir (rank 0's time stamp), and the ranks other than 0 make Hydra
+    write nothing into it (no .hydra/, no job log file)."""
+    from .finetune.distributed import launched_rank, launched_world_size, share_run_stamp
+
+    if launched_world_size() <= 1:
+        return
+    share_run_stamp()
+    if launched_rank() != 0:
+        for extra in ("hydra.output_subdir=null", "hydra/job_logging=none"):
+            if not any(a.startswith(extra.split("=")[0] + "=") for a in sys.argv[1:]):
+                sys.argv.append(extra)
+
+
+def _is_main_rank() -> bool:
+    from .finetune.distributed import launched_rank
+
+    return launched_rank() == 0
 
 
 @_main("generate")
@@ -135,6 +158,8 @@ def finetune_main(cfg: DictConfig) -> float:
     from .stages.finetune import run_finetune
 
     m = _run("finetune", run_finetune, cfg)
+    if not _is_main_rank():
+        return m["accuracy"]
     eps = f" | epsilon {m['epsilon']:.3g}" if m.get("epsilon") is not None else ""
     dev = f" | dev acc {m['dev_accuracy']:.1%}" if m.get("dev_accuracy") is not None else ""
     print(f"gmtext-finetune: {m['train_source']} (n={m['n_train']}) | {m['splits']['accuracy']} accuracy {m['accuracy']:.1%} | "

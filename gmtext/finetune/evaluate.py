@@ -62,9 +62,14 @@ def _pad(seqs: list[list[int]], pad_id: int):
 
 @torch.no_grad()
 def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_text_tokens: int | None = None,
-            context_ids: Sequence[int] | None = None) -> list[int]:
+            context_ids: Sequence[int] | None = None, accelerator=None) -> list[int]:
     """Predicted class index per text. `context_ids` (few-shot demonstrations, already
-    encoded) are inserted after the start token, before the template prefix."""
+    encoded) are inserted after the start token, before the template prefix.
+
+    With an `accelerator` of N > 1 processes each rank predicts a shard (batches of
+    `batch_size` per rank) and every rank returns all the predictions (gather_predictions),
+    checked to hold every text exactly once; one process, or none given, runs the loop
+    below unchanged."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -72,6 +77,16 @@ def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_t
     if context_ids:
         ns = _num_start(task)
         seqs = [s[:ns] + list(context_ids) + s[ns:] for s in seqs]
+    if accelerator is not None and accelerator.num_processes > 1:
+        rows, _ = gather_predictions(model, task, seqs, batch_size, accelerator)
+        model.train(was_training)
+        if sorted(j for j, _ in rows) != list(range(len(seqs))):
+            raise RuntimeError(f"distributed evaluation gathered {len(rows)} predictions for {len(seqs)} examples "
+                               f"({len({j for j, _ in rows})} distinct): refusing to report metrics over a wrong set")
+        preds = [0] * len(seqs)
+        for j, p in rows:
+            preds[j] = p
+        return preds
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     preds = [0] * len(seqs)
     for i in range(0, len(order), batch_size):
@@ -84,11 +99,36 @@ def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_t
     return preds
 
 
+@torch.no_grad()
+def gather_predictions(model, task: Task, seqs: list[list[int]], batch_size: int, accelerator) -> tuple[list[list[int]], int]:
+    """Data-parallel prediction of encoded sequences: a DataLoader over the length-sorted
+    indices, sharded by the accelerator (rank r takes batches r, r+N, ...; the last ones
+    are padded with repeated samples so every rank runs as many full batches), gathered per
+    batch as [index, prediction] rows with gather_for_metrics, which cuts the repeats off.
+    Returns the rows (every rank gets all of them) and how many samples this rank ran,
+    repeats included."""
+    from torch.utils.data import DataLoader
+
+    dev = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    loader = accelerator.prepare_data_loader(DataLoader(order, batch_size=batch_size, shuffle=False), device_placement=False)
+    got: list[torch.Tensor] = []
+    seen = 0
+    for idx in loader:
+        idx = idx.tolist()
+        seen += len(idx)
+        ids, mask, last = _pad([seqs[j] for j in idx], task.tokenizer.pad_token_id)
+        logits = verbalizer_logits(model, ids.to(dev), mask.to(dev), last.to(dev), task.label_token_ids)
+        rows = torch.stack([torch.tensor(idx, device=dev), logits.argmax(-1)], 1)
+        got.append(accelerator.gather_for_metrics(rows).cpu())
+    return (torch.cat(got).tolist() if got else []), seen
+
+
 def evaluate(model, task: Task, examples: Sequence[Example], batch_size: int = 32, max_text_tokens: int | None = None,
-             context_ids: Sequence[int] | None = None) -> EvalResult:
+             context_ids: Sequence[int] | None = None, accelerator=None) -> EvalResult:
     if not examples:
         raise ValueError("evaluate: no examples to evaluate on")
-    preds = predict(model, task, [e.text for e in examples], batch_size, max_text_tokens, context_ids)
+    preds = predict(model, task, [e.text for e in examples], batch_size, max_text_tokens, context_ids, accelerator)
     return classification_metrics([e.label for e in examples], preds, task.label_names)
 
 

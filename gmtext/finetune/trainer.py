@@ -68,6 +68,8 @@ class FineTuner:
 
     `prepare(model)` chooses the trainable parameters (and may wrap the model);
     subclasses override `_select`. `fit` trains a model that `prepare` returned.
+    `batch_size` is the global batch: examples per optimizer step over all processes when
+    run data-parallel under `accelerate launch` (see `fit`).
     """
 
     def __init__(self, lr: float = 1e-5, epochs: int = 3, max_steps: int = 0, batch_size: int = 16, weight_decay: float = 0.0,
@@ -128,8 +130,20 @@ class FineTuner:
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
 
     # ----- training --------------------------------------------------------------
-    def fit(self, model: nn.Module, task: Task, examples: Sequence[Example], on_step: Callable[[dict], None] | None = None) -> FitResult:
-        """Train `model` (as returned by `prepare`) on `examples`; deterministic given the seed."""
+    def fit(self, model: nn.Module, task: Task, examples: Sequence[Example], on_step: Callable[[dict], None] | None = None,
+            accelerator=None) -> FitResult:
+        """Train `model` (as returned by `prepare`) on `examples`; deterministic given the seed.
+
+        Runs through an `accelerate.Accelerator` (one is made when none is given). On one
+        process it changes nothing: the same batches, loss, clipping and AdamW steps. On N
+        processes (`accelerate launch`) `batch_size` stays the *global* batch: every rank
+        draws the same seeded schedule and takes its share `batch[rank::N]` of each batch;
+        the loss is the sum over its share divided by the global batch length, times N
+        (DDP averages gradients over ranks), so every step applies the gradient of the mean
+        loss over the whole global batch, as one process would (up to float summation
+        order). The model must already sit on `accelerator.device`."""
+        from .distributed import get_accelerator
+
         t0 = time.perf_counter()
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -137,26 +151,63 @@ class FineTuner:
         examples = list(examples)
         if not examples:
             return FitResult(model, [], 0, 0.0, sum(p.numel() for p in params))
+        acc = accelerator if accelerator is not None else get_accelerator()
+        world, rank = acc.num_processes, acc.process_index
         torch.manual_seed(self.seed)
         rng = random.Random(self.seed)
-        opt = self.optimizer(params)
+        net, opt = acc.prepare(VerbalizerClassifier(model, task.label_token_ids), self.optimizer(params))
         total = self.num_steps(len(examples))
         losses = []
         model.train()
         for step, take in enumerate(self.schedule(len(examples), total, rng)):
             for g in opt.param_groups:
                 g["lr"] = self.lr_at(step, total)
-            loss = classification_loss(model, task, [examples[i] for i in take], self.max_text_tokens)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if world == 1:
+                loss = _classifier_loss(net, task, [examples[i] for i in take], self.max_text_tokens)
+                opt.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                value = float(loss.detach())
+            else:
+                mine = take[rank::world]
+                # a rank without a share (global batch < N) still joins the gradient all-reduce, with weight 0
+                part_sum = _classifier_loss(net, task, [examples[i] for i in mine] or [examples[take[0]]], self.max_text_tokens,
+                                            reduction="sum") * (1.0 if mine else 0.0)
+                opt.zero_grad(set_to_none=True)
+                acc.backward(part_sum * (world / len(take)))
+                value = float(acc.reduce(part_sum.detach(), "sum")) / len(take)
             if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                acc.clip_grad_norm_(params, self.grad_clip)
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(value)
             if on_step:
                 on_step({"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
         model.eval()
+        del net, opt
+        acc.free_memory()  # the accelerator keeps no reference to this model (a stage trains one per lr)
         return FitResult(model, losses, total, time.perf_counter() - t0, sum(p.numel() for p in params))
+
+
+class VerbalizerClassifier(nn.Module):
+    """`model` as a classifier: forward(ids, mask, last) → [B, C] verbalizer logits. The
+    module the Accelerator prepares (and DDP wraps on several processes), so that the
+    gradient all-reduce sees the same cheap last-position forward as one process."""
+
+    def __init__(self, model: nn.Module, label_token_ids: Sequence[int]):
+        super().__init__()
+        self.model = model
+        self.label_token_ids = list(label_token_ids)
+
+    def forward(self, ids, mask, last):
+        return verbalizer_logits(self.model, ids, mask, last, self.label_token_ids)
+
+
+def _classifier_loss(net, task: Task, examples: Sequence[Example], max_text_tokens: int | None, reduction: str = "mean") -> torch.Tensor:
+    """classification_loss through a (prepared) VerbalizerClassifier."""
+    dev = next(net.parameters()).device
+    ids, mask, last = task.batch([e.text for e in examples], max_text_tokens)
+    y = torch.tensor([e.label for e in examples], device=dev)
+    logits = net(ids.to(dev), mask.to(dev), last.to(dev))
+    return F.cross_entropy(logits, y, reduction=reduction)
 
 
 class FullFineTuner(FineTuner):

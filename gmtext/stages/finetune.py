@@ -5,6 +5,11 @@ The learning rate is chosen on the dev split (a hash bucket of the train split, 
 from every training sample) when `finetune.lrs` lists several; the eval split is only
 ever used for the final numbers. `metrics.json` says which split each number is from.
 Re-running with the same config in the same run dir returns the stored metrics.
+
+Under `accelerate launch` (N processes, data-parallel) every rank runs this function:
+the main process alone takes the run lock and writes metrics.json, metrics.jsonl,
+prompted.jsonl and the W&B run; the other ranks train and evaluate their shares and
+write nothing (gmtext/finetune/distributed.py).
 """
 from __future__ import annotations
 
@@ -17,11 +22,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..artifacts import read_json, run_lock, write_json
+from ..artifacts import read_json, write_json
 from ..config import build
 from ..data import dev_examples, load_split, sample_per_class
 from ..data.synthetic import resolve_synthetic_path
 from ..finetune.baselines import SOURCES, dpsgd_fit, prompted_examples, read_synthetic, real_subset
+from ..finetune.distributed import broadcast, get_accelerator, main_process_lock
 from ..finetune.evaluate import evaluate, fewshot_context
 from ..models import check_fits_context
 from ..tracking import Tracker
@@ -72,15 +78,26 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     config = OmegaConf.to_container(cfg, resolve=True)
-    with run_lock(run_dir, "finetune"):
+    acc = get_accelerator()
+    main = acc.is_main_process
+    if acc.num_processes > 1 and src == "dpsgd":
+        raise ValueError(f"train=dpsgd runs on one process (its sampling and accounting are per process); "
+                         f"launched with {acc.num_processes}: run plain gmtext-finetune")
+    with main_process_lock(acc, run_dir, "finetune"):
         done = run_dir / METRICS_FILE
-        if done.exists():
+        prev = None
+        if main and done.exists():
             prev = read_json(done)
-            if prev.get("config") == json.loads(json.dumps(config)):
-                return prev
+            if prev.get("config") != json.loads(json.dumps(config)):
+                prev = None
+        prev = broadcast(acc, prev)
+        if prev is not None:
+            return prev
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         lm = load_generator_model(cfg)
+        if acc.num_processes > 1:
+            lm.model.to(acc.device)  # one GPU per rank (accelerate's choice); one process keeps model.device
         task = build_task(cfg, lm.tokenizer)
         check_fits_context(lm.model, "finetuner.max_text_tokens", cfg.finetuner.max_text_tokens, len(task.prefix_ids) + len(task.suffix_ids))
         ds = cfg.dataset
@@ -106,10 +123,11 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             train_exs, pinfo = prompted_examples(lm.model, lm.tokenizer, list(ds.label_descriptions), t.size, cfg.seed, t.prompt,
                                                  t.temperature, t.top_p, t.max_new_tokens, t.use_chat)
             info.update(pinfo, generation_seconds=time.perf_counter() - tg)
-        tracker = Tracker(run_dir, job_type="finetune", config=config, **cfg.logger)
+            train_exs = broadcast(acc, train_exs)  # every rank trains on the main process's samples
+        tracker = Tracker(run_dir, job_type="finetune", config=config, **cfg.logger) if main else NullTracker()
         try:
-            metrics = _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker)
-            if src == "prompted":
+            metrics = _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker, acc)
+            if src == "prompted" and main:
                 from ..artifacts import write_jsonl
 
                 write_jsonl(run_dir / "prompted.jsonl", [{"text": e.text, "label": e.label, "label_name": task.label_names[e.label]} for e in train_exs])
@@ -128,7 +146,7 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 "seed": int(cfg.seed), "epsilon": epsilon, "delta": float(cfg.train.delta) if src == "dpsgd" else None,
                 "finetuner": cfg.finetuner._target_.rsplit(".", 1)[-1] if src not in ("none", "fewshot") else None,
                 "lr": metrics.get("lr"), "lr_selection": metrics.get("lr_selection"),
-                "eval_limit": int(fcfg.eval_limit), "n_eval": len(eval_exs), "n_dev": len(dev),
+                "eval_limit": int(fcfg.eval_limit), "n_eval": len(eval_exs), "n_dev": len(dev), "num_processes": acc.num_processes,
                 "confusion": metrics["confusion"], "model": lm.name, "dataset": ds.name,
                 **{k: v for k, v in metrics.items() if k in ("train_seconds", "steps", "final_loss", "trainable_params", "dp")},
                 "train_info": info, "wall_seconds": time.perf_counter() - t0,
@@ -136,20 +154,33 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             tracker.summary({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         finally:
             tracker.close()
-        write_json(done, {**out, "config": config})
-        tracker.commit()
+        if main:
+            write_json(done, {**out, "config": config})
+            tracker.commit()
     return out
 
 
-def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker) -> dict:
+class NullTracker:
+    """What the non-main ranks log to: nothing (no metrics.jsonl, no W&B run)."""
+
+    def log(self, *a, **k) -> None:
+        pass
+
+    table = summary = commit = log
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+
+def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker, acc=None) -> dict:
     bs = cfg.finetune.eval_batch_size
     mtt = cfg.finetuner.max_text_tokens
     if src in ("none", "fewshot"):
         ctx = fewshot_context(task, demos, cfg.seed) if src == "fewshot" else None
-        res = evaluate(lm.model, task, eval_exs, bs, mtt, ctx)
+        res = evaluate(lm.model, task, eval_exs, bs, mtt, ctx, accelerator=acc)
         out = res.to_dict()
         if dev:
-            out["dev_accuracy"] = evaluate(lm.model, task, dev, bs, mtt, ctx).accuracy
+            out["dev_accuracy"] = evaluate(lm.model, task, dev, bs, mtt, ctx, accelerator=acc).accuracy
         return out
     base = lm.model
     best = None
@@ -166,9 +197,9 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
             t = cfg.train
             fit = dpsgd_fit(ft, model, task, train_exs, t.epsilon, t.delta, t.clip_norm, t.accountant, t.microbatch, on_step)
         else:
-            fit = ft.fit(model, task, train_exs, on_step)
+            fit = ft.fit(model, task, train_exs, on_step, accelerator=acc)
         step0 += fit.steps
-        dev_acc = evaluate(model, task, dev, bs, mtt).accuracy if dev else None
+        dev_acc = evaluate(model, task, dev, bs, mtt, accelerator=acc).accuracy if dev else None
         selection[str(lr)] = dev_acc
         tracker.log({"dev/accuracy": dev_acc if dev_acc is not None else float("nan"), "lr_value": lr}, step=step0, kind="dev")
         if best is None or (dev_acc is not None and dev_acc > best[0]):
@@ -176,7 +207,7 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
         else:
             del model
     _, lr, model, fit = best
-    res = evaluate(model, task, eval_exs, bs, mtt)
+    res = evaluate(model, task, eval_exs, bs, mtt, accelerator=acc)
     out = res.to_dict()
     out.update(lr=lr, lr_selection=selection if len(lrs) > 1 else None, dev_accuracy=selection[str(lr)], train_seconds=fit.seconds,
                steps=fit.steps, final_loss=fit.losses[-1] if fit.losses else None, trainable_params=fit.trainable_params)
