@@ -22,3 +22,5 @@ for s in "${@:-0}"; do
   gmtext-finetune "${COMMON[@]}" seed=$s train=prompted train.size=20 hydra.run.dir=$OUT/prompted20_s$s
   gmtext-finetune "${COMMON[@]}" seed=$s train=synthetic train.path=$OUT/select_nearest hydra.run.dir=$OUT/nearest20_s$s
 done
+# table + plots over every row above (synthetic sets told apart by the pool they came from)
+gmtext-report $OUT -o $OUT/report --group-by train.path --ignore match_loss

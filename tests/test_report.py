@@ -136,3 +136,17 @@ def test_cli_and_errors(report, tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("gmtext-report: error: no run dirs")
     r = subprocess.run([sys.executable, "-c", "from gmtext.cli import report_main; report_main()", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "output folder" in r.stdout
+
+
+def test_group_by_a_default_ignored_key(report, tmp_path):
+    """Synthetic runs that differ only in train.path are one group by default, separate groups
+    with --group-by train.path; an unknown key is refused."""
+    root, _, _ = report
+    merged = run_report([root / "multirun"], tmp_path / "a")
+    assert "train.path" not in merged["keys"]
+    split = run_report([root / "multirun"], tmp_path / "b", group_by=["train.path"])
+    assert "train.path" in split["keys"] and len(split["rows"]) > len(merged["rows"])
+    paths = {r.get("train.path") for r in split["rows"]} - {None, ""}
+    assert paths == {f"/runs/gen/{s}" for s in range(3)}
+    with pytest.raises(ValueError, match="--group-by no.such.key"):
+        run_report([root / "multirun"], tmp_path / "c", group_by=["no.such.key"])

@@ -1,6 +1,6 @@
 """Report: tables (md/csv) and plots (png) across run dirs.
 
-    gmtext-report DIR... [-o OUT] [--ignore KEY ...]
+    gmtext-report DIR... [-o OUT] [--ignore KEY ...] [--group-by KEY ...]
 
 Each DIR may be a run dir or any folder above run dirs (a multirun sweep, outputs/, …):
 every folder holding `metrics.json` (fine-tune) and/or `generate.json` (generate) is one
@@ -135,12 +135,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def varying_keys(runs, ignore=()) -> list[str]:
+def varying_keys(runs, ignore=(), group_by=()) -> list[str]:
+    """Config keys whose values differ between runs. `group_by` keeps keys that are skipped by
+    default: two synthetic sets from different generators (GRADMM vs an ablation) can differ
+    only in `train.path`, and must not be averaged together."""
     keys = sorted({k for r in runs for k in r.config})
-    skip = set(IGNORED) | set(ignore)
+    skip = (set(IGNORED) | set(ignore)) - set(group_by)
     out = []
     for k in keys:
-        if k in skip or k.startswith(IGNORED_PREFIXES):
+        if k in skip or (k.startswith(IGNORED_PREFIXES) and k not in group_by):
             continue
         if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1:
             out.append(k)
@@ -331,7 +334,7 @@ def plot_admm(groups, path):
 
 
 # ---------------------------------------------------------------- entry
-def run_report(paths, out_dir="report", ignore=()) -> dict:
+def run_report(paths, out_dir="report", ignore=(), group_by=()) -> dict:
     """Collect runs under `paths`, write report.md/.csv and plots into out_dir.
 
     Returns {"runs", "keys", "rows", "plots": {file: plotted data}, "out_dir"}."""
@@ -339,7 +342,10 @@ def run_report(paths, out_dir="report", ignore=()) -> dict:
     if not dirs:
         raise FileNotFoundError(f"no run dirs (folders with {' or '.join(RUN_FILES)}) under {', '.join(map(str, paths))}")
     runs = [load_run(d) for d in dirs]
-    keys = varying_keys(runs, ignore)
+    unknown = sorted(set(group_by) - {k for r in runs for k in r.config})
+    if unknown:
+        raise ValueError(f"--group-by {', '.join(unknown)}: no run has this config key")
+    keys = varying_keys(runs, ignore, group_by)
     groups = group_runs(runs, keys)
     rows = table_rows(groups, keys)
     out = Path(out_dir)
@@ -364,9 +370,11 @@ def main(argv=None) -> int:
     ap.add_argument("dirs", nargs="+", help="run dirs or folders above them (searched recursively)")
     ap.add_argument("-o", "--out", default="report", help="output folder (default ./report)")
     ap.add_argument("--ignore", action="append", default=[], metavar="KEY", help="config key not to group by (repeatable)")
+    ap.add_argument("--group-by", action="append", default=[], metavar="KEY",
+                    help="also group by a key skipped by default, e.g. train.path (repeatable)")
     a = ap.parse_args(argv)
     try:
-        r = run_report(a.dirs, a.out, a.ignore)
+        r = run_report(a.dirs, a.out, a.ignore, a.group_by)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"gmtext-report: error: {e}", file=sys.stderr)
         return 2
