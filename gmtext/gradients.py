@@ -123,7 +123,7 @@ def last_token_loss_fast(model, ids, mask, last, labels, vocab=None) -> torch.Te
     return _ce(logits, labels, vocab)
 
 
-def _label_and_vocab(task, c: int, match_loss: str, dev):
+def label_and_vocab(task, c: int, match_loss: str, dev):
     check_match_loss(match_loss)
     if match_loss == "verbalizer":
         return c, torch.tensor(task.label_token_ids, device=dev)
@@ -148,7 +148,7 @@ def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: 
     grads = []
     for c, texts in enumerate(texts_by_class):
         acc = [torch.zeros_like(p) for p in matched.params]
-        label, vocab = _label_and_vocab(task, c, match_loss, dev)
+        label, vocab = label_and_vocab(task, c, match_loss, dev)
         texts = sorted(texts, key=lambda t: len(task.encode_text(t)))
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
@@ -168,7 +168,7 @@ def class_target_gradients_loop(model, task, matched: MatchedParams, texts_by_cl
     grads = []
     for c, texts in enumerate(texts_by_class):
         acc = [torch.zeros_like(p) for p in matched.params]
-        label, vocab = _label_and_vocab(task, c, match_loss, dev)
+        label, vocab = label_and_vocab(task, c, match_loss, dev)
         for t in texts:
             ids, mask, last = task.batch([t], max_text_tokens)
             loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([label], device=dev), vocab)[0]

@@ -54,13 +54,14 @@ FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=1", "matcher.inn
         "batch_size=2", "real_per_class=4", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
 
 
-def test_audit_entry_with_canaries(compose, tmp_path):
+@pytest.mark.parametrize("match_loss", ["full_vocab", "verbalizer"])  # the canary release must carry the run's loss
+def test_audit_entry_with_canaries(compose, tmp_path, match_loss):
     from gmtext.artifacts import write_jsonl
 
     write_jsonl(tmp_path / "gen" / "synthetic.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(
         ["A dull film , truly", "zebra quartz", "the acting is fine", "A warm, funny film that earns every one of its quiet tears."])])
     cfg = compose(FAST + [f"synthetic={tmp_path / 'gen'}", "canaries.enabled=true", "canaries.k=2",
-                          "canaries.references=20"], config_name="audit")
+                          "canaries.references=20", f"match_loss={match_loss}"], config_name="audit")
     assert cfg.stage == "audit" and cfg.ngram == 8
     s = A.run_audit(cfg, tmp_path / "audit")
     assert s["share_with_real_ngram"] == 0.25 and s["longest_common_ngram"] == 14  # the copied demo review (13 words + 1 punctuation token)
@@ -70,7 +71,7 @@ def test_audit_entry_with_canaries(compose, tmp_path):
     assert can["k"] == 2 and can["privacy"] == "dp" and can["any_canary_ngram_in_output"] is False
     assert all(1 <= p["rank"] <= 21 for p in can["canaries"])
     rel = json.loads((tmp_path / "audit" / "canary" / "release" / "privacy.json").read_text())
-    assert rel["mechanism"] == "gaussian"
+    assert rel["mechanism"] == "gaussian" and rel["match_loss"] == match_loss
     md = (tmp_path / "audit" / "audit.md").read_text()
     assert "Memorisation audit" in md and "Canaries" in md
     for c in A.make_canaries(2, 8, cfg.seed):  # canaries never reach generation artifacts

@@ -59,6 +59,46 @@ def test_vmap_matches_loop_blocks(tiny):
 
 
 @pytest.mark.parametrize("specs", [["lm_head"], BLOCKS])
+def test_verbalizer_loss_per_example_paths_agree(tiny, specs):
+    """match_loss=verbalizer under DP: closed form (head), vmap and loop give the same clipped sum,
+    and with clipping inactive the clipped mean is the non-private verbalizer target."""
+    from gmtext.gradients import class_target_gradients, label_and_vocab
+
+    lm, task = tiny
+    mp = MatchedParams(lm.model, specs)
+    label, vocab = label_and_vocab(task, 1, "verbalizer", "cpu")
+    fast = M.clipped_sum(lm.model, task, mp, TEXTS, label, 1e6, chunk=3, vocab=vocab)  # auto: closed form or vmap
+    loop = M.clipped_sum(lm.model, task, mp, TEXTS, label, 1e6, method="loop", vocab=vocab)
+    assert torch.allclose(fast.norms, loop.norms, rtol=1e-5)
+    ref = class_target_gradients(lm.model, task, mp, [TEXTS[:1], TEXTS], match_loss="verbalizer")
+    for a, b, r in zip(fast.sums, loop.sums, ref.grads[1]):
+        assert rel_err(a, b) < 1e-5
+        assert rel_err(a / len(TEXTS), r) < 1e-5
+    full = M.clipped_sum(lm.model, task, mp, TEXTS, task.label_token_ids[1], 1e6, chunk=3)
+    assert rel_err(fast.sums[0], full.sums[0]) > 0.01  # a different loss, not the full-vocabulary one
+    if mp.head_only:  # only the verbalizer rows of the head get a gradient
+        other = torch.ones(fast.sums[0].shape[0], dtype=torch.bool)
+        other[vocab] = False
+        assert float(fast.sums[0][other].abs().max()) == 0.0
+        clipped = M.clipped_sum(lm.model, task, mp, TEXTS, label, 0.01, chunk=3, vocab=vocab)
+        slow = M.clipped_sum(lm.model, task, mp, TEXTS, label, 0.01, method="loop", vocab=vocab)
+        assert rel_err(clipped.sums[0], slow.sums[0]) < 1e-5
+
+
+def test_dp_release_verbalizer_records_loss(tiny):
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, TEXTS[::-1]], "fp", 64, dp(), 4,
+                                              match_loss="verbalizer")
+    assert rel.privacy["match_loss"] == "verbalizer"
+    vocab = torch.tensor(task.label_token_ids)
+    for c in range(2):
+        rows = det.clipped_means[c][0].abs().sum(1).nonzero().flatten()
+        assert set(rows.tolist()) <= set(vocab.tolist()) and len(rows) > 0
+        assert float(rel.targets[c][0].std()) == pytest.approx(det.sigma, rel=0.05)  # noise everywhere: the rows are public
+
+
+@pytest.mark.parametrize("specs", [["lm_head"], BLOCKS])
 def test_clipping_bound(tiny, specs):
     lm, task = tiny
     mp = MatchedParams(lm.model, specs)

@@ -231,7 +231,7 @@ def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None
     task = build_task(cfg, lm.tokenizer)
     if not (rel_dir / "release.json").exists():
         matched = MatchedParams(lm.model, list(cfg.matched_params))
-        fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names)
+        fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, cfg.match_loss)
         texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
         texts, labels = plant_canaries(texts, canaries)
         build_release(cfg, lm.model, task, matched, texts, fp).save(rel_dir)

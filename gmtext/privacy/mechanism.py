@@ -82,8 +82,10 @@ def _head_parts(model, matched: MatchedParams):
     return head, w_idx, b_idx
 
 
-def _head_chunk(model, matched, task, texts, label_id, max_text_tokens):
-    """e [N, V] and h [N, d] (float32) for a chunk of texts."""
+def _head_chunk(model, matched, task, texts, label_id, max_text_tokens, vocab=None):
+    """e [N, V] and h [N, d] (float32) for a chunk of texts: dLoss/dlogits and the last hidden
+    state. With `vocab` (verbalizer loss) `label_id` is the class index and e is zero outside
+    the verbalizer rows, because that loss never sees the other logits."""
     dev = next(model.parameters()).device
     head, _, _ = _head_parts(model, matched)
     ids, mask, last = task.batch(texts, max_text_tokens)
@@ -91,17 +93,23 @@ def _head_chunk(model, matched, task, texts, label_id, max_text_tokens):
         hid = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
         h = hid[torch.arange(len(texts), device=dev), last.to(dev)]
         logits = head(h).float()
-        e = logits.softmax(-1)
-        e[:, label_id] -= 1.0
+        if vocab is None:
+            e = logits.softmax(-1)
+            e[:, label_id] -= 1.0
+        else:
+            ev = logits[:, vocab].softmax(-1)
+            ev[:, label_id] -= 1.0
+            e = torch.zeros_like(logits)
+            e[:, vocab] = ev
     return e, h.float()
 
 
-def clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens=None, chunk=16) -> ClippedSum:
+def clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens=None, chunk=16, vocab=None) -> ClippedSum:
     head, w_idx, b_idx = _head_parts(model, matched)
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
     norms = []
     for i in range(0, len(texts), chunk):
-        e, h = _head_chunk(model, matched, task, texts[i : i + chunk], label_id, max_text_tokens)
+        e, h = _head_chunk(model, matched, task, texts[i : i + chunk], label_id, max_text_tokens, vocab)
         e2 = (e * e).sum(-1)
         n2 = e2 * (h * h).sum(-1)
         if b_idx is not None:
@@ -119,23 +127,27 @@ def clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, ma
 class _LastTokenLoss(nn.Module):
     """Loss of one example (batch of 1) from decoder + head, as a module for functional_call."""
 
-    def __init__(self, model):
+    def __init__(self, model, vocab=None):
         super().__init__()
         self.model = model
+        self.vocab = vocab
 
     def forward(self, ids, sel, label):
         hid = self.model.get_decoder()(input_ids=ids[None]).last_hidden_state[0]  # [T, d]
         h = (hid * sel[:, None]).sum(0)  # row at the last real token (one-hot select: vmap-safe)
         logits = self.model.get_output_embeddings()(h[None]).float()
+        if self.vocab is not None:
+            logits = logits[:, self.vocab]
         return F.cross_entropy(logits, label[None])
 
 
-def per_example_grads_vmap(model, task, matched, texts, label_id, max_text_tokens=None) -> list[torch.Tensor]:
-    """Per-example gradients [N, *shape] for every matched tensor, vectorised with torch.func."""
+def per_example_grads_vmap(model, task, matched, texts, label_id, max_text_tokens=None, vocab=None) -> list[torch.Tensor]:
+    """Per-example gradients [N, *shape] for every matched tensor, vectorised with torch.func.
+    `vocab` given: verbalizer-only cross-entropy and `label_id` is the class index."""
     from torch.func import functional_call, grad, vmap
 
     dev = next(model.parameters()).device
-    wrapper = _LastTokenLoss(model)
+    wrapper = _LastTokenLoss(model, vocab)
     names = ["model." + n for n in matched.names]
     params = {k: p.detach() for k, p in zip(names, matched.params)}
     ids, _, last = task.batch(texts, max_text_tokens)
@@ -152,13 +164,13 @@ def per_example_grads_vmap(model, task, matched, texts, label_id, max_text_token
     return [g[k].detach() for k in names]
 
 
-def per_example_grads_loop(model, task, matched, texts, label_id, max_text_tokens=None) -> list[torch.Tensor]:
+def per_example_grads_loop(model, task, matched, texts, label_id, max_text_tokens=None, vocab=None) -> list[torch.Tensor]:
     """Reference: one forward/backward per example through the full model (last_token_loss)."""
     dev = next(model.parameters()).device
     out = [[] for _ in matched.params]
     for t in texts:
         ids, mask, last = task.batch([t], max_text_tokens)
-        loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([label_id], device=dev))[0]
+        loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([label_id], device=dev), vocab)[0]
         for acc, g in zip(out, torch.autograd.grad(loss, matched.params)):
             acc.append(g.detach())
     return [torch.stack(a) for a in out]
@@ -172,21 +184,22 @@ def _clip_materialised(grads: list[torch.Tensor], clip_norm: float):
 
 
 def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label_id: int, clip_norm: float,
-                max_text_tokens: int | None = None, chunk: int = 16, method: str = "auto") -> ClippedSum:
+                max_text_tokens: int | None = None, chunk: int = 16, method: str = "auto", vocab=None) -> ClippedSum:
     """Sum of per-example gradients of `texts` (all labelled `label_id`), each clipped jointly
-    over all matched tensors to L2 norm `clip_norm`."""
+    over all matched tensors to L2 norm `clip_norm`. `vocab` (verbalizer token ids) switches to
+    the verbalizer-only loss; `label_id` is then the class index (gradients.label_and_vocab)."""
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
     method = _check_method(method, matched)
     texts = list(texts)
     if method == "closed_form":
-        return clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk)
+        return clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk, vocab)
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
     norms = []
     for i in range(0, len(texts), chunk if method == "vmap" else 1):
         part = texts[i : i + (chunk if method == "vmap" else 1)]
         f = per_example_grads_vmap if method == "vmap" else per_example_grads_loop
-        cs, nrm = _clip_materialised(f(model, task, matched, part, label_id, max_text_tokens), clip_norm)
+        cs, nrm = _clip_materialised(f(model, task, matched, part, label_id, max_text_tokens, vocab), clip_norm)
         for a, c in zip(sums, cs):
             a += c
         norms.append(nrm)

@@ -19,7 +19,7 @@ import torch
 
 from ..artifacts import read_json, save_torch, write_json
 from ..data import Task, load_split, sample_per_class
-from ..gradients import MatchedParams, class_target_gradients
+from ..gradients import MatchedParams, class_target_gradients, label_and_vocab
 from ..models import check_fits_context
 
 RELEASE_FILE = "targets.pt"
@@ -141,7 +141,7 @@ def validate_dp_config(pcfg, real_per_class: int, num_classes: int) -> list[str]
 
 def make_dp_release_with_details(model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str,
                                  max_text_tokens: int, pcfg, real_per_class: int, batch_size: int = 16,
-                                 method: str = "auto") -> tuple[Release, DPDetails]:
+                                 method: str = "auto", match_loss: str = "full_vocab") -> tuple[Release, DPDetails]:
     """DP release: per class, clipped mean of per-example gradients + Gaussian noise, σ calibrated
     so that the composition of all `num_classes` releases is (ε, δ)-DP (see docs/privacy.md)."""
     from ..privacy.accountant import Mechanism, PrivacyLedger, sensitivity
@@ -161,8 +161,10 @@ def make_dp_release_with_details(model, task: Task, matched: MatchedParams, text
     ledger = PrivacyLedger(float(pcfg.epsilon), float(pcfg.delta), pcfg.accountant, pcfg.adjacency)
     gen = secure_generator()  # never the experiment seed
     targets, means, noises, norms = [], [], [], []
+    dev = next(model.parameters()).device
     for c, texts in enumerate(texts_by_class):
-        cs = clipped_sum(model, task, matched, texts, task.label_token_ids[c], float(pcfg.clip_norm), max_text_tokens, batch_size, method)
+        label, vocab = label_and_vocab(task, c, match_loss, dev)  # same loss as the non-private targets
+        cs = clipped_sum(model, task, matched, texts, label, float(pcfg.clip_norm), max_text_tokens, batch_size, method, vocab)
         mech = Mechanism.gaussian(f"class_target:{task.label_names[c]}", float(pcfg.clip_norm), real_per_class, pcfg.adjacency, mult)
         noisy, mean, noise = noisy_mean(cs.sums, real_per_class, mech.sigma, gen)
         ledger.add(mech)
@@ -184,6 +186,7 @@ def make_dp_release_with_details(model, task: Task, matched: MatchedParams, text
         "num_examples_per_class": real_per_class,
         "num_releases": num_classes,
         "per_example_gradients": method,
+        "match_loss": match_loss,
         "noise_source": "torch.Generator seeded from os.urandom (64 bits), independent of the experiment seed",
         "warnings": warns,
     })
@@ -192,19 +195,17 @@ def make_dp_release_with_details(model, task: Task, matched: MatchedParams, text
 
 
 def make_dp_release(model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str, max_text_tokens: int,
-                    pcfg, real_per_class: int, batch_size: int = 16, method: str = "auto") -> Release:
+                    pcfg, real_per_class: int, batch_size: int = 16, method: str = "auto", match_loss: str = "full_vocab") -> Release:
     """DP release (see make_dp_release_with_details); only the noisy targets leave this function."""
     return make_dp_release_with_details(model, task, matched, texts_by_class, fingerprint, max_text_tokens, pcfg,
-                                        real_per_class, batch_size, method)[0]
+                                        real_per_class, batch_size, method, match_loss)[0]
 
 
 def build_release(cfg, model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str) -> Release:
     """The configured release (privacy=none → exact means, privacy=dp → Gaussian mechanism)."""
     if cfg.privacy.name == DP_NAME:
-        if cfg.match_loss != "full_vocab":
-            raise ValueError(f"match_loss={cfg.match_loss!r} is not supported with privacy=dp yet; use match_loss=full_vocab")
         return make_dp_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens,
-                               cfg.privacy, cfg.real_per_class, cfg.target_batch_size)
+                               cfg.privacy, cfg.real_per_class, cfg.target_batch_size, match_loss=cfg.match_loss)
     return make_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens, cfg.target_batch_size, cfg.match_loss)
 
 
