@@ -18,6 +18,14 @@ declare -A EPS=([inf]="privacy=none" [4]="privacy=dp privacy.epsilon=4" [1]="pri
 for e in inf 4 1; do
   [ -f $OUT/eps$e/audit.json ] || gmtext-audit "${GEN[@]}" ${EPS[$e]} synthetic=$POOLS/gen_eps$e hydra.run.dir=$OUT/eps$e
 done
+# reference: 40 held-out real reviews (validation split, disjoint from train) audited the same way,
+# i.e. what "no copying" looks like on this data
+if [ ! -f $OUT/reference_heldout/audit.json ]; then
+  python -c "import json, random, sys; rows = [json.loads(l) for l in open(sys.argv[1])]; random.Random(0).shuffle(rows)
+with open(sys.argv[2], 'w') as f: f.writelines(json.dumps({'text': r['text'], 'label': r['label']}) + '\n' for r in rows[:40])" \
+    $DATA/validation.jsonl $OUT/heldout40.jsonl
+  gmtext-audit dataset=rotten_tomatoes dataset.path=$DATA logger=none synthetic=$OUT/heldout40.jsonl hydra.run.dir=$OUT/reference_heldout
+fi
 python - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -31,6 +39,9 @@ for e in ("inf", "4", "1"):
     rows.append(f"| {'∞' if e == 'inf' else e} | {o['longest_common_ngram']} | {o['share_with_real_ngram']:.1%} | "
                 f"{o['nearest_real_cosine']['median']:.3f} / {o['nearest_real_cosine']['max']:.3f} | "
                 f"{c['any_canary_ngram_in_output']} | {ranks} | {c['max_exposure_bits']:.2f} |")
+o = json.loads((out / "reference_heldout" / "audit.json").read_text())["overlap"]
+rows.append(f"| held-out real (reference) | {o['longest_common_ngram']} | {o['share_with_real_ngram']:.1%} | "
+            f"{o['nearest_real_cosine']['median']:.3f} / {o['nearest_real_cosine']['max']:.3f} | – | – | – |")
 (out / "summary.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 EOF
