@@ -150,3 +150,20 @@ def test_group_by_a_default_ignored_key(report, tmp_path):
     assert paths == {f"/runs/gen/{s}" for s in range(3)}
     with pytest.raises(ValueError, match="--group-by no.such.key"):
         run_report([root / "multirun"], tmp_path / "c", group_by=["no.such.key"])
+
+
+def test_one_table_per_stage_and_partial_keys(report):
+    """Generation and fine-tuning runs get separate tables, each grouped by what varies among
+    its own runs; a key that only some runs have, always with one value, groups nothing."""
+    from gmtext.stages.report import Run, varying_keys
+
+    root, out, r = report
+    md = (out / "report.md").read_text()
+    assert "## finetune (11 runs; grouped by " in md and "## generate (1 runs; grouped by nothing (one condition))" in md
+    fin = md.split("## finetune")[1].split("## generate")[0]
+    assert "matcher." not in fin and "projector." not in fin  # generate-only settings stay out of the fine-tune table
+    runs = [Run(root, {"train.source": "fewshot", "train.k": 4}, {}), Run(root, {"train.source": "real", "train.size": 20}, {}),
+            Run(root, {"train.source": "real", "train.size": 20, "matcher.nan_retries": 3}, {})]
+    assert varying_keys(runs) == ["train.source"]
+    runs.append(Run(root, {"train.source": "real", "train.size": 100}, {}))
+    assert varying_keys(runs) == ["train.size", "train.source"]

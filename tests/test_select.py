@@ -45,3 +45,23 @@ def test_run_select_from_pool(compose, tmp_path):
     assert s["selected"] == 6 and s["per_class"] == {0: 3, 1: 3}
     sel = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
     assert [r["text"] for r in sel] == ["t0", "t2", "t4", "t1", "t3", "t5"]
+
+
+def test_pool_epsilon_travels_through_select_to_finetune(compose, tmp_path):
+    """A set selected into its own run dir keeps the ε of the release behind its pool
+    (it used to be lost, and fine-tuning on a DP set reported ε = ∞)."""
+    from gmtext.data.synthetic import synthetic_privacy
+    from gmtext.stages.finetune import _synthetic_epsilon
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "synthetic.jsonl").write_text("".join(json.dumps(_row(f"t{i}", i % 2, i / 10)) + "\n" for i in range(6)))
+    assert synthetic_privacy(pool) is None  # no record: unknown, not "non-private"
+    (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": 3.9995, "delta": 1e-5}}))
+    s = run_select(compose([f"pool={pool}", "selector.per_class=2"], config_name="select"), tmp_path / "sel")
+    assert s["epsilon"] == 3.9995 and s["delta"] == 1e-5
+    again = run_select(compose([f"pool={tmp_path / 'sel'}", "selector.per_class=1"], config_name="select"), tmp_path / "sel2")
+    assert again["epsilon"] == 3.9995  # select of a select
+    assert _synthetic_epsilon(tmp_path / "sel2") == 3.9995 and _synthetic_epsilon(tmp_path / "sel2" / "selected.jsonl") == 3.9995
+    (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": float("inf"), "delta": 0.0}}))
+    assert _synthetic_epsilon(pool) == float("inf")

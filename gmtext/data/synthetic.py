@@ -25,6 +25,26 @@ def resolve_synthetic_path(path: str | Path) -> Path:
     return p
 
 
+def synthetic_privacy(path: str | Path) -> dict | None:
+    """{"epsilon", "delta"} of the release behind a synthetic set, from the generate.json (or
+    merged generate.json) or select.json beside it; None when the set has no such record
+    (a hand-made file). Selection copies the pool's record, so it survives any number of
+    select steps in separate run dirs."""
+    try:
+        d = resolve_synthetic_path(path).parent
+        if (d / "generate.json").exists():
+            rec = json.loads(read_utf8(d / "generate.json")).get("summary", {})
+        elif (d / "select.json").exists():
+            rec = json.loads(read_utf8(d / "select.json"))
+        else:
+            return None
+        if rec.get("epsilon") is None:
+            return None
+        return {"epsilon": float(rec["epsilon"]), "delta": float(rec.get("delta") or 0.0)}
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def read_synthetic_rows(path: str | Path, label_names: Sequence[str], required: Sequence[str] = ("text", "label")) -> list[dict]:
     """Rows with `label` normalised to a class index; empty texts dropped.
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..artifacts import read_json, write_json
 from ..config import build
 from ..data import dev_examples, load_split, sample_per_class
-from ..data.synthetic import resolve_synthetic_path
+from ..data.synthetic import resolve_synthetic_path, synthetic_privacy
 from ..finetune.baselines import SOURCES, dpsgd_fit, prompted_examples, read_synthetic, real_subset
 from ..finetune.distributed import broadcast, get_accelerator, main_process_lock
 from ..finetune.evaluate import evaluate, fewshot_context
@@ -51,15 +51,9 @@ def eval_subset(examples, limit: int):
 
 
 def _synthetic_epsilon(path) -> float | None:
-    """epsilon of the release behind a synthetic file, when its generate.json sits beside it."""
-    try:
-        gen = resolve_synthetic_path(path).parent / "generate.json"
-        if gen.exists():
-            eps = read_json(gen).get("summary", {}).get("epsilon")
-            return float(eps) if eps is not None else None
-    except (OSError, ValueError, TypeError):
-        pass
-    return None
+    """epsilon of the release behind a synthetic set (generate.json or select.json beside it)."""
+    rec = synthetic_privacy(path)
+    return rec["epsilon"] if rec else None
 
 
 def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:

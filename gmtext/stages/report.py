@@ -136,17 +136,33 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def varying_keys(runs, ignore=(), group_by=()) -> list[str]:
-    """Config keys whose values differ between runs. `group_by` keeps keys that are skipped by
-    default: two synthetic sets from different generators (GRADMM vs an ablation) can differ
-    only in `train.path`, and must not be averaged together."""
+    """Config keys that take at least two different values among the runs that have them.
+    A key present in some runs only (train.k exists for few-shot runs alone, a newer config
+    field is missing from older runs) is not a condition of its own. `group_by` keeps keys
+    that are skipped by default: two synthetic sets from different generators (GRADMM vs an
+    ablation) can differ only in `train.path`, and must not be averaged together."""
     keys = sorted({k for r in runs for k in r.config})
     skip = (set(IGNORED) | set(ignore)) - set(group_by)
     out = []
     for k in keys:
         if k in skip or (k.startswith(IGNORED_PREFIXES) and k not in group_by):
             continue
-        if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1:
+        if len({json.dumps(r.config[k], sort_keys=True) for r in runs if k in r.config}) > 1:
             out.append(k)
+    return out
+
+
+def stage_sections(runs, ignore=(), group_by=()) -> list[tuple[str, list[str], list["Group"]]]:
+    """(stage, keys, groups) per stage: generation and fine-tuning runs have different
+    settings, so each stage's table is grouped by what varies among its own runs."""
+    by_stage: dict = {}
+    for r in runs:
+        by_stage.setdefault(str(r.config.get("stage") or "run"), []).append(r)
+    order = {"finetune": 0, "pipeline": 1, "generate": 2, "select": 3, "audit": 4}
+    out = []
+    for stage in sorted(by_stage, key=lambda st: (order.get(st, 9), st)):
+        keys = varying_keys(by_stage[stage], ignore, group_by)
+        out.append((stage, keys, group_runs(by_stage[stage], keys)))
     return out
 
 
@@ -189,18 +205,22 @@ def write_csv(path, rows, keys) -> None:
             w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
 
 
-def markdown(rows, keys, plots, sources) -> str:
-    ms = present_metrics(rows)
-    head = list(keys) + ["runs"] + ms
-    lines = ["# gmtext report", "", f"{sum(r['runs'] for r in rows)} runs from {', '.join(map(str, sources))}; "
-             f"grouped by {', '.join(keys) or '(nothing varies)'}; mean ± std over seeds.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [_fmt(r.get(k)) for k in keys] + [str(r["runs"])]
-        for m in ms:
-            mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
-            cells.append("" if mean is None else (_fmt(mean) if not std else f"{_fmt(mean)} ± {_fmt(std)}"))
-        lines.append("| " + " | ".join(cells) + " |")
+def markdown(sections, plots, sources) -> str:
+    """One table per stage: `sections` = [(stage, keys, rows)]."""
+    n = sum(r["runs"] for _, _, rows in sections for r in rows)
+    lines = ["# gmtext report", "", f"{n} runs from {', '.join(map(str, sources))}; one table per stage, grouped by "
+             "the settings that vary within it; mean ± std over seeds."]
+    for stage, keys, rows in sections:
+        ms = present_metrics(rows)
+        head = list(keys) + ["runs"] + ms
+        lines += ["", f"## {stage} ({sum(r['runs'] for r in rows)} runs; grouped by {', '.join(keys) or 'nothing (one condition)'})", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [_fmt(r.get(k)) for k in keys] + [str(r["runs"])]
+            for m in ms:
+                mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
+                cells.append("" if mean is None else (_fmt(mean) if not std else f"{_fmt(mean)} ± {_fmt(std)}"))
+            lines.append("| " + " | ".join(cells) + " |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -345,9 +365,13 @@ def run_report(paths, out_dir="report", ignore=(), group_by=()) -> dict:
     unknown = sorted(set(group_by) - {k for r in runs for k in r.config})
     if unknown:
         raise ValueError(f"--group-by {', '.join(unknown)}: no run has this config key")
-    keys = varying_keys(runs, ignore, group_by)
-    groups = group_runs(runs, keys)
-    rows = table_rows(groups, keys)
+    sections, groups, rows = [], [], []
+    for stage, skeys, sgroups in stage_sections(runs, ignore, group_by):
+        srows = [{"stage": stage, **row} for row in table_rows(sgroups, skeys)]
+        sections.append((stage, skeys, srows))
+        groups += sgroups
+        rows += srows
+    keys = (["stage"] if len(sections) > 1 else []) + sorted({k for _, sk, _ in sections for k in sk})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
@@ -358,7 +382,7 @@ def run_report(paths, out_dir="report", ignore=(), group_by=()) -> dict:
         elif (out / name).exists():
             (out / name).unlink()  # stale plot from an earlier report into the same dir
     write_csv(out / "report.csv", rows, keys)
-    (out / "report.md").write_text(markdown(rows, keys, list(plots), paths), encoding="utf-8")
+    (out / "report.md").write_text(markdown(sections, list(plots), paths), encoding="utf-8")
     return {"runs": runs, "keys": keys, "rows": rows, "groups": groups, "plots": plots, "out_dir": out}
 
 

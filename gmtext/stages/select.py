@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from ..artifacts import run_lock, write_json, write_jsonl
 from ..config import build
-from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path
+from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
 
 REQUIRED = ("text", "label", "match_loss", "perplexity")
 
@@ -79,5 +79,6 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
                    "mean_match_loss": sum(r["match_loss"] for r in chosen) / max(1, len(chosen)),
                    "mean_perplexity": sum(r["perplexity"] for r in chosen) / max(1, len(chosen)),
                    "source": str(resolve_synthetic_path(source))}
+        summary.update(synthetic_privacy(source) or {})  # the pool's ε travels with the selected set
         write_json(run_dir / "select.json", summary)
     return summary
