@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The paper's main-table protocol on rotten tomatoes, CPU scale, in one command, from nothing:
 #   bash experiments/rt_main_cpu.sh [SEEDS...]          (default: 0 1 2; ~1.5 h on 2 cores)
+#   N=100 POOL_PER_CLASS=50 EPS_LIST=inf ROWS="real prompted gradmm" bash experiments/rt_main_cpu.sh 0
 # generate (GRADMM at ε = ∞, 4, 1) → select → fine-tune every row → audit → report.
-# SmolLM2-135M (embedded), N = 20 training examples (10 per class) for every trained row, one
+# SmolLM2-135M (embedded), N training examples (default 20, N/2 per class) for every trained row, one
 # fine-tuning recipe (full model, AdamW lr 1e-5, batch 8, 10 epochs, loss over the verbalizer
 # tokens), evaluated on a fixed 500-example subset of validation. Finished steps are skipped,
 # so a killed run continues where it stopped. Results: experiments/results/rt_main_cpu/.
@@ -11,22 +12,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=../shared/data/rotten_tomatoes
-OUT=${OUT:-experiments/results/rt_main_cpu}
+N=${N:-20}                                  # training examples per trained row
+POOL_PER_CLASS=${POOL_PER_CLASS:-$N}        # GRADMM pool per class; select keeps N/2 of them
+EPS_LIST=${EPS_LIST:-inf 4 1}               # GRADMM privacy levels (inf = non-private)
+ROWS=${ROWS:-zero fewshot real prompted gradmm dpsgd}
+if [ "$N" = 20 ]; then OUT=${OUT:-experiments/results/rt_main_cpu}; else OUT=${OUT:-experiments/results/rt_main_cpu_n$N}; fi
+has() { [[ " $ROWS " == *" $1 "* ]]; }
 BASE=(dataset=rotten_tomatoes dataset.path=$DATA logger=none threads=2)
 FT=("${BASE[@]}" finetune.eval_limit=500 finetune.dev_size=0 finetuner.lr=1e-5 finetuner.batch_size=8 finetuner.epochs=10)
 # generator: last block + final norm matched, verbalizer loss, every sequence matched to its class
 # target, 8 LM-sampled starts, LM top-k projection with a closeness bonus (docs/generation.md)
-GEN=("${BASE[@]}" seed=0 num_per_class=20 batch_size=10 real_per_class=50 match_loss=verbalizer
+GEN=("${BASE[@]}" seed=0 num_per_class=$POOL_PER_CLASS batch_size=10 real_per_class=50 match_loss=verbalizer
      "matched_params=[final_norm,last_blocks:1]" matcher.objective=sequence matcher.init_candidates=8
      projector.topk=200 projector.sim_weight=5)
 export WANDB_MODE=disabled
 [ -d "$DATA" ] || { echo "rt_main_cpu.sh: $DATA not found (see ../shared/data/README)" >&2; exit 2; }
 
-# ε = ∞ (non-private), 4, 1: each pool is 20 per class; select keeps the 10 best-matching per class
+# ε = ∞ (non-private), 4, 1: each pool is POOL_PER_CLASS per class; select keeps the N/2 best-matching per class
 declare -A EPS=([inf]="privacy=none" [4]="privacy=dp privacy.epsilon=4" [1]="privacy=dp privacy.epsilon=1")
-for e in inf 4 1; do
+has gradmm || EPS_LIST=
+for e in $EPS_LIST; do
   [ -f $OUT/gen_eps$e/generate.json ] || gmtext-generate "${GEN[@]}" ${EPS[$e]} hydra.run.dir=$OUT/gen_eps$e
-  [ -f $OUT/select_eps$e/selected.jsonl ] || gmtext-select "${BASE[@]}" pool=$OUT/gen_eps$e selector.per_class=10 hydra.run.dir=$OUT/select_eps$e
+  [ -f $OUT/select_eps$e/selected.jsonl ] || gmtext-select "${BASE[@]}" pool=$OUT/gen_eps$e selector.per_class=$((N / 2)) hydra.run.dir=$OUT/select_eps$e
   [ -f $OUT/audit_eps$e/audit.json ] || gmtext-audit "${BASE[@]}" synthetic=$OUT/gen_eps$e hydra.run.dir=$OUT/audit_eps$e
 done
 
@@ -34,14 +41,14 @@ ft() {  # ft RUN_NAME OVERRIDES...: one fine-tune + eval, skipped when already f
   local d=$OUT/$1; shift
   [ -f $d/metrics.json ] || gmtext-finetune "${FT[@]}" "$@" hydra.run.dir=$d
 }
-ft zero_shot train=none
+has zero && ft zero_shot train=none
 for s in "${@:-0 1 2}"; do
   for s1 in $s; do
-    ft fewshot4_s$s1 seed=$s1 train=fewshot train.k=4
-    ft real20_s$s1 seed=$s1 train=real train.size=20
-    ft prompted20_s$s1 seed=$s1 train=prompted train.size=20
-    for e in inf 4 1; do ft gradmm20_eps${e}_s$s1 seed=$s1 train=synthetic train.path=$OUT/select_eps$e; done
-    for e in 4 1; do ft dpsgd20_eps${e}_s$s1 seed=$s1 train=dpsgd train.size=20 train.epsilon=$e; done
+    has fewshot && ft fewshot4_s$s1 seed=$s1 train=fewshot train.k=4
+    has real && ft real${N}_s$s1 seed=$s1 train=real train.size=$N
+    has prompted && ft prompted${N}_s$s1 seed=$s1 train=prompted train.size=$N
+    for e in $EPS_LIST; do ft gradmm${N}_eps${e}_s$s1 seed=$s1 train=synthetic train.path=$OUT/select_eps$e; done
+    if has dpsgd; then for e in 4 1; do ft dpsgd${N}_eps${e}_s$s1 seed=$s1 train=dpsgd train.size=$N train.epsilon=$e; done; fi
   done
 done
 # table + plots over every row (synthetic sets told apart by the pool they came from)
