@@ -219,7 +219,8 @@ def markdown(sections, plots, sources) -> str:
             cells = [_fmt(r.get(k)) for k in keys] + [str(r["runs"])]
             for m in ms:
                 mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
-                cells.append("" if mean is None else (_fmt(mean) if not std else f"{_fmt(mean)} ± {_fmt(std)}"))
+                tiny = not std or abs(std) <= 1e-9 * max(1.0, abs(mean))  # float round-off of equal values
+                cells.append("" if mean is None else (_fmt(mean) if tiny else f"{_fmt(mean)} ± {_fmt(std)}"))
             lines.append("| " + " | ".join(cells) + " |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
