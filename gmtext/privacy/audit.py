@@ -214,7 +214,7 @@ def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None
 
     from ..gradients import MatchedParams
     from ..stages.generate import SYNTHETIC_FILE, build_task, load_generator_model, run_generate
-    from ..stages.release import build_release, release_fingerprint, select_real_examples
+    from ..stages.release import load_or_make_release
 
     can_cfg = cfg.get("canaries", {}) if hasattr(cfg, "get") else {}
     k = k if k is not None else int(can_cfg.get("k", 4))
@@ -229,12 +229,8 @@ def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None
     rel_dir = run_dir / "release"
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
-    if not (rel_dir / "release.json").exists():
-        matched = MatchedParams(lm.model, list(cfg.matched_params))
-        fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, cfg.match_loss)
-        texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
-        texts, labels = plant_canaries(texts, canaries)
-        build_release(cfg, lm.model, task, matched, texts, fp).save(rel_dir)
+    matched = MatchedParams(lm.model, list(cfg.matched_params))
+    load_or_make_release(cfg, rel_dir, lm, task, matched, edit_texts=lambda texts: plant_canaries(texts, canaries)[0])
     gen_cfg = OmegaConf.merge(cfg, {"release": str(rel_dir)})
     run_generate(gen_cfg, run_dir / "generate")
     synth = [r["text"] for r in read_jsonl(run_dir / "generate" / SYNTHETIC_FILE)]

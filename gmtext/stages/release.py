@@ -253,11 +253,13 @@ def run_release(cfg, run_dir) -> dict:
     return summary
 
 
-def load_or_make_release(cfg, release_dir: Path, lm, task: Task, matched: MatchedParams, existing: str | None = None) -> tuple[Release, bool]:
+def load_or_make_release(cfg, release_dir: Path, lm, task: Task, matched: MatchedParams, existing: str | None = None,
+                         edit_texts=None) -> tuple[Release, bool]:
     """The one way a stage obtains a release: load `existing` (a release dir given by the user)
     or a finished release in `release_dir`, checked against this config's fingerprint and
     privacy settings; otherwise read real data, build the configured release and save it
-    into `release_dir`. Returns (release, reused)."""
+    into `release_dir`. `edit_texts` (texts_by_class → texts_by_class, same counts) lets the
+    canary audit plant its canaries into the private set. Returns (release, reused)."""
     fp = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, cfg.match_loss)
     for src in (existing, release_dir if (Path(release_dir) / META_FILE).exists() else None):
         if src:
@@ -269,6 +271,8 @@ def load_or_make_release(cfg, release_dir: Path, lm, task: Task, matched: Matche
         validate_dp_config(cfg.privacy, cfg.real_per_class, task.num_classes)
     check_fits_context(lm.model, "dataset.max_text_tokens", cfg.dataset.max_text_tokens, len(task.prefix_ids) + len(task.suffix_ids))
     texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
+    if edit_texts is not None:
+        texts = edit_texts(texts)
     rel = build_release(cfg, lm.model, task, matched, texts, fp)
     rel.save(release_dir)
     return rel, False
