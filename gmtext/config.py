@@ -85,6 +85,7 @@ class LMTopKConfig:
     topk: int = 200
     metric: str = "cos"
     sim_weight: float = 0.0  # >0: bonus for closeness to x (keeps the projection coherent)
+    lm_candidates: int = 0  # >0: also offer the LM's m likeliest tokens at every position
 
 
 @dataclass

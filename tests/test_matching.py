@@ -121,15 +121,33 @@ def _ctx(lm, task):
     return ProjectionContext(lm.model, emb, allowed_token_ids(lm.tokenizer, emb.shape[0]), task.prefix_ids)
 
 
-@pytest.mark.parametrize("topk,sim_weight", [(1, 0.0), (7, 0.0), (50, 0.0), (50, 3.0)])
-def test_cached_projection_equals_reference(tiny, topk, sim_weight):
+@pytest.mark.parametrize("topk,sim_weight,lm_candidates", [(1, 0.0, 0), (7, 0.0, 0), (50, 0.0, 0), (50, 3.0, 0), (7, 0.0, 5), (50, 3.0, 10)])
+def test_cached_projection_equals_reference(tiny, topk, sim_weight, lm_candidates):
     lm, task = tiny
     ctx = _ctx(lm, task)
     x = torch.randn(5, 8, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(topk))
-    fast = LMTopKProjector(topk=topk, sim_weight=sim_weight)(x, ctx)
-    assert torch.equal(fast, lm_topk_reference(x, ctx, topk, sim_weight=sim_weight))
-    if topk == 1:  # with one candidate the LM has no choice: nearest token
+    fast = LMTopKProjector(topk=topk, sim_weight=sim_weight, lm_candidates=lm_candidates)(x, ctx)
+    assert torch.equal(fast, lm_topk_reference(x, ctx, topk, sim_weight=sim_weight, lm_candidates=lm_candidates))
+    if topk == 1 and not lm_candidates:  # with one candidate the LM has no choice: nearest token
         assert torch.equal(fast, NearestProjector("cos")(x, ctx))
+
+
+def test_all_lm_candidates_without_closeness_is_greedy_decoding(tiny):
+    """With every allowed token offered by the LM and no closeness bonus, x no longer matters:
+    the projection is greedy decoding over the allowed vocabulary."""
+    lm, task = tiny
+    ctx = _ctx(lm, task)
+    proj = LMTopKProjector(topk=3, lm_candidates=len(ctx.allowed_ids))
+    gen = torch.Generator().manual_seed(0)
+    a, b = (proj(torch.randn(2, 6, lm.model.config.hidden_size, generator=gen), ctx) for _ in range(2))
+    assert torch.equal(a, b) and torch.equal(a[0], a[1])
+    seq = list(ctx.prefix_ids)
+    for _ in range(6):
+        logits = lm.model(input_ids=torch.tensor([seq])).logits[0, -1]
+        seq.append(int(ctx.allowed_ids[logits[ctx.allowed_ids].argmax()]))
+    assert a[0].tolist() == seq[len(ctx.prefix_ids):]
+    with pytest.raises(ValueError, match="lm_candidates"):
+        LMTopKProjector(topk=3, lm_candidates=len(ctx.allowed_ids) + 1)(torch.zeros(1, 2, lm.model.config.hidden_size), ctx)
 
 
 def test_similarity_weight_keeps_exact_tokens(tiny):

@@ -68,23 +68,32 @@ class NearestProjector:
 class LMTopKProjector:
     """LM-guided top-k projection, KV-cached and batched over rows."""
 
-    def __init__(self, topk: int = 200, metric: str = "cos", sim_weight: float = 0.0):
+    def __init__(self, topk: int = 200, metric: str = "cos", sim_weight: float = 0.0, lm_candidates: int = 0):
         """sim_weight > 0 trades LM likelihood against closeness to x: greedy LM choices
         among the k neighbours of every position can drift away from the sentence x
         encodes (each position's candidates were set for x's own prefix), which raises
         perplexity; a closeness bonus keeps the tokens x actually points at unless the LM
-        strongly prefers another candidate."""
+        strongly prefers another candidate.
+
+        lm_candidates = m > 0 also offers the LM's m most likely allowed tokens (given the
+        prefix chosen so far) at every position. Once an earlier pick has differed from
+        what x encodes, x's own neighbours may hold no sensible continuation; the LM's
+        favourites always do. With sim_weight > 0 they win only where the neighbours are
+        much less likely, so the text stays close to x elsewhere."""
         if topk <= 0:
             raise ValueError(f"projector.topk={topk} must be a positive integer")
         if metric not in ("cos", "l2"):
             raise ValueError(f"projector.metric={metric!r} unknown; accepted: cos, l2")
         if sim_weight < 0:
             raise ValueError(f"projector.sim_weight={sim_weight} must be >= 0")
-        self.topk, self.metric, self.sim_weight = topk, metric, sim_weight
+        if lm_candidates < 0:
+            raise ValueError(f"projector.lm_candidates={lm_candidates} must be >= 0 (0: neighbours only)")
+        self.topk, self.metric, self.sim_weight, self.lm_candidates = topk, metric, sim_weight, lm_candidates
 
     def check(self, ctx: ProjectionContext) -> None:
-        if self.topk > len(ctx.allowed_ids):
-            raise ValueError(f"projector.topk={self.topk} exceeds the allowed vocabulary ({len(ctx.allowed_ids)} tokens)")
+        for name, v in (("topk", self.topk), ("lm_candidates", self.lm_candidates)):
+            if v > len(ctx.allowed_ids):
+                raise ValueError(f"projector.{name}={v} exceeds the allowed vocabulary ({len(ctx.allowed_ids)} tokens)")
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, ctx: ProjectionContext) -> torch.Tensor:
@@ -96,6 +105,9 @@ class LMTopKProjector:
         decoder, head = ctx.model.get_decoder(), ctx.model.get_output_embeddings()
         w = head.weight
         bias = getattr(head, "bias", None)
+        w_allowed = w[ctx.allowed_ids].float() if self.lm_candidates else None
+        b_allowed = bias[ctx.allowed_ids].float() if self.lm_candidates and bias is not None else None
+        unit_x = F.normalize(x.detach().float(), dim=-1)
         prefix = torch.tensor(ctx.prefix_ids, device=dev).expand(n, -1)
         out = decoder(input_ids=prefix, use_cache=True)
         past, h = out.past_key_values, out.last_hidden_state[:, -1]
@@ -110,6 +122,14 @@ class LMTopKProjector:
                 s = s + bias[c].float()
             if cos is not None:
                 s = s + self.sim_weight * cos[:, i]
+            if self.lm_candidates:
+                la = h.float() @ w_allowed.T  # [N, A]: the same constant-free logits as s
+                if b_allowed is not None:
+                    la = la + b_allowed
+                sl, top = la.topk(self.lm_candidates, dim=-1)
+                if self.sim_weight:
+                    sl = sl + self.sim_weight * (unit_x[:, i, None] * ctx.allowed_unit[top]).sum(-1)
+                c, s = torch.cat([c, ctx.allowed_ids[top]], 1), torch.cat([s, sl], 1)
             pick = c.gather(1, s.argmax(1, keepdim=True))[:, 0]
             chosen[:, i] = pick
             if i + 1 < length:
@@ -119,7 +139,7 @@ class LMTopKProjector:
 
 
 @torch.no_grad()
-def lm_topk_reference(x: torch.Tensor, ctx: ProjectionContext, topk: int, metric: str = "cos", sim_weight: float = 0.0) -> torch.Tensor:
+def lm_topk_reference(x: torch.Tensor, ctx: ProjectionContext, topk: int, metric: str = "cos", sim_weight: float = 0.0, lm_candidates: int = 0) -> torch.Tensor:
     """The reference implementation's structure: one row at a time, re-encoding the whole
     prefix for every position. Kept to test and benchmark the fast path against."""
     n, length, _ = x.shape
@@ -130,8 +150,11 @@ def lm_topk_reference(x: torch.Tensor, ctx: ProjectionContext, topk: int, metric
         seq = list(ctx.prefix_ids)
         for i in range(length):
             logits = ctx.model(input_ids=torch.tensor([seq], device=x.device)).logits[0, -1]
-            c = cand[r, i]
-            pick = int(c[_scores(logits, c, cos[r, i], sim_weight).argmax()])
+            c, cs = cand[r, i], cos[r, i]
+            if lm_candidates:  # the LM's favourites among the allowed tokens, scored the same way
+                lm_top = ctx.allowed_ids[logits[ctx.allowed_ids].topk(lm_candidates).indices]
+                c, cs = torch.cat([c, lm_top]), torch.cat([cs, candidate_cosines(x[r, i, None, None], ctx, lm_top[None, None])[0, 0]])
+            pick = int(c[_scores(logits, c, cs, sim_weight).argmax()])
             chosen[r, i] = pick
             seq.append(pick)
     return chosen
