@@ -97,6 +97,7 @@ class NearestConfig:
 @dataclass
 class PrivacyNoneConfig:
     name: str = "none"
+    clip_norm: Optional[float] = None  # set: clip per-example gradients to it (the DP release minus its noise)
 
 
 @dataclass

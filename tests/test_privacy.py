@@ -268,3 +268,39 @@ def test_release_cli_bad_epsilon_one_line_error(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "GMTEXT_TRACEBACK": ""}, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "gmtext-release: error: privacy.epsilon=0.0: must be a finite number > 0"
+
+
+@pytest.mark.parametrize("specs", [["lm_head"], BLOCKS])
+def test_clipped_nonprivate_release(tiny, specs):
+    """privacy=none with clip_norm: a huge C gives the plain means; a C below every norm gives
+    C times the mean of per-example gradient directions (each example weighted equally)."""
+    lm, task = tiny
+    mp = MatchedParams(lm.model, specs)
+    by_class = [TEXTS, TEXTS[::-1][:3]]
+    plain = R.make_release(lm.model, task, mp, by_class, "fp", 64, match_loss="verbalizer")
+    big = R.make_clipped_release(lm.model, task, mp, by_class, "fp", 64, 1e9, match_loss="verbalizer")
+    tiny_c = 1e-7
+    small = R.make_clipped_release(lm.model, task, mp, by_class, "fp", 64, tiny_c, match_loss="verbalizer")
+    assert small.epsilon == math.inf and small.privacy["clip_norm"] == tiny_c and small.counts == [4, 3]
+    for c, texts in enumerate(by_class):
+        for a, b in zip(big.targets[c], plain.targets[c]):
+            assert rel_err(a, b) < 1e-5
+        units = []  # each example's own gradient (a one-example release), normalised jointly over tensors
+        for t in texts:
+            g = R.make_release(lm.model, task, mp, [[t], [t]], "fp", 64, match_loss="verbalizer").targets[c]
+            n = torch.sqrt(sum((x.float() ** 2).sum() for x in g))
+            assert n > tiny_c
+            units.append([x.float() / n for x in g])
+        for k, got in enumerate(small.targets[c]):
+            want = tiny_c * sum(u[k] for u in units) / len(texts)
+            assert rel_err(got, want) < 1e-4
+    assert rel_err(torch.cat([t.flatten() for t in small.targets[1]]), torch.cat([t.flatten() for t in small.targets[0]])) > 1e-3
+
+
+def test_clipped_release_reuse_checks_clip_norm(tmp_path):
+    rel = R.Release([[torch.zeros(2)]], ["w"], ["a"], [1], "fp", {"mechanism": "none", "epsilon": math.inf, "clip_norm": 0.5})
+    R.check_release_privacy(rel, SimpleNamespace(name="none", clip_norm=0.5))
+    with pytest.raises(R.ReleaseMismatch, match="clip_norm"):
+        R.check_release_privacy(rel, SimpleNamespace(name="none", clip_norm=None))
+    with pytest.raises(ValueError, match=r"privacy.clip_norm=-1\.0"):
+        R.check_release_privacy(rel, SimpleNamespace(name="none", clip_norm=-1.0))

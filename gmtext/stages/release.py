@@ -91,6 +91,35 @@ def make_release(model, task: Task, matched: MatchedParams, texts_by_class, fing
     return Release(tg.grads, tg.names, list(task.label_names), tg.counts, fingerprint, privacy)
 
 
+def make_clipped_release(model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str, max_text_tokens: int,
+                         clip_norm: float, batch_size: int = 16, match_loss: str = "full_vocab") -> Release:
+    """Non-private release of clipped means: the DP release without its noise (ε = ∞).
+
+    Separates what clipping does to the targets from what noise does. With a C below every
+    per-example norm it weights examples equally: the plain mean is dominated by the examples
+    the model gets most wrong (the verbalizer-loss gradient scales with 1 − p(label)), so for
+    a class the model already favours it describes that class's atypical members."""
+    from ..privacy.mechanism import clipped_sum
+
+    dev = next(model.parameters()).device
+    targets = []
+    for c, texts in enumerate(texts_by_class):
+        label, vocab = label_and_vocab(task, c, match_loss, dev)
+        cs = clipped_sum(model, task, matched, texts, label, clip_norm, max_text_tokens, batch_size, "auto", vocab)
+        targets.append([(t / len(texts)).to(p.dtype) for t, p in zip(cs.sums, matched.params)])
+    privacy = {"mechanism": "none", "epsilon": math.inf, "delta": 0.0, "clip_norm": clip_norm, "match_loss": match_loss,
+               "note": "non-private: targets are means of real-example gradients clipped to clip_norm, no noise"}
+    return Release(targets, list(matched.names), list(task.label_names), [len(t) for t in texts_by_class], fingerprint, privacy)
+
+
+def _none_clip_norm(pcfg) -> float | None:
+    """privacy=none's optional clip_norm, checked (one-line error) before any real data is read."""
+    clip = pcfg.get("clip_norm") if hasattr(pcfg, "get") else getattr(pcfg, "clip_norm", None)
+    if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"privacy.clip_norm={clip!r}: must be a finite number > 0, or null for unclipped means")
+    return None if clip is None else float(clip)
+
+
 # --------------------------------------------------------------------------- DP release
 # (Gaussian mechanism with an accountant; see docs/privacy.md for the exact guarantee.)
 DP_NAME = "dp"
@@ -206,12 +235,20 @@ def build_release(cfg, model, task: Task, matched: MatchedParams, texts_by_class
     if cfg.privacy.name == DP_NAME:
         return make_dp_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens,
                                cfg.privacy, cfg.real_per_class, cfg.target_batch_size, match_loss=cfg.match_loss)
+    clip = _none_clip_norm(cfg.privacy)
+    if clip is not None:
+        return make_clipped_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens, clip,
+                                    cfg.target_batch_size, cfg.match_loss)
     return make_release(model, task, matched, texts_by_class, fingerprint, cfg.dataset.max_text_tokens, cfg.target_batch_size, cfg.match_loss)
 
 
 def check_release_privacy(rel: Release, pcfg) -> None:
-    """With privacy=dp, refuse to reuse a release that is non-private or spends more ε than configured."""
+    """With privacy=dp, refuse to reuse a release that is non-private or spends more ε than configured;
+    with privacy=none, refuse a non-private release made with a different clip_norm."""
     if pcfg.name != DP_NAME:
+        want, have = _none_clip_norm(pcfg), rel.privacy.get("clip_norm")
+        if rel.privacy.get("mechanism") == "none" and want != (None if have is None else float(have)):
+            raise ReleaseMismatch(f"privacy.clip_norm={want}: the non-private release to reuse was made with clip_norm={have}")
         return
     if rel.privacy.get("mechanism") != "gaussian":
         raise ReleaseMismatch("privacy=dp but the release to reuse is non-private (epsilon=inf); make a DP release first")
@@ -269,6 +306,8 @@ def load_or_make_release(cfg, release_dir: Path, lm, task: Task, matched: Matche
             return rel, True
     if cfg.privacy.name == DP_NAME:  # fail on a bad budget before touching real data
         validate_dp_config(cfg.privacy, cfg.real_per_class, task.num_classes)
+    else:
+        _none_clip_norm(cfg.privacy)
     check_fits_context(lm.model, "dataset.max_text_tokens", cfg.dataset.max_text_tokens, len(task.prefix_ids) + len(task.suffix_ids))
     texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
     if edit_texts is not None:
