@@ -2,6 +2,7 @@
 # The paper's main-table protocol on rotten tomatoes, CPU scale, in one command, from nothing:
 #   bash experiments/rt_main_cpu.sh [SEEDS...]          (default: 0 1 2; ~1.5 h on 2 cores)
 #   N=100 POOL_PER_CLASS=50 EPS_LIST=inf ROWS="real prompted gradmm" bash experiments/rt_main_cpu.sh 0
+#   N=100 POOL_PER_CLASS=100 EPS_LIST=inf ROWS=gradmm OUT=experiments/results/rt_main_cpu_n100_pool100 bash experiments/rt_main_cpu.sh
 # generate (GRADMM at ε = ∞, 4, 1) → select → fine-tune every row → audit → report.
 # SmolLM2-135M (embedded), N training examples (default 20, N/2 per class) for every trained row, one
 # fine-tuning recipe (full model, AdamW lr 1e-5, batch 8, 10 epochs, loss over the verbalizer
@@ -52,4 +53,4 @@ for s in "${@:-0 1 2}"; do
   done
 done
 # table + plots over every row (synthetic sets told apart by the pool they came from)
-gmtext-report $OUT -o $OUT/report --group-by train.path --ignore match_loss
+gmtext-report $OUT -o $OUT/report --group-by train.path --plot-ignore train.path --ignore match_loss

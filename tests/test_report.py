@@ -150,6 +150,14 @@ def test_group_by_a_default_ignored_key(report, tmp_path):
     assert paths == {f"/runs/gen/{s}" for s in range(3)}
     with pytest.raises(ValueError, match="--group-by no.such.key"):
         run_report([root / "multirun"], tmp_path / "c", group_by=["no.such.key"])
+    # --plot-ignore: the table keeps train.path, the plot curves do not split by it
+    joined = run_report([root / "multirun"], tmp_path / "d", group_by=["train.path"], plot_ignore=["train.path"])
+    assert joined["rows"] == split["rows"]
+    for name in ("accuracy_vs_epsilon.png", "accuracy_vs_examples.png"):
+        by_path, without = split["plots"][name], joined["plots"][name]
+        assert any("train.path" in k for k in by_path) and not any("train.path" in k for k in without)
+        assert len(without) < len(by_path)
+        assert sorted(p for v in without.values() for p in v) == sorted(p for v in by_path.values() for p in v)
 
 
 def test_one_table_per_stage_and_partial_keys(report):

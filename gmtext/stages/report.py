@@ -1,6 +1,6 @@
 """Report: tables (md/csv) and plots (png) across run dirs.
 
-    gmtext-report DIR... [-o OUT] [--ignore KEY ...] [--group-by KEY ...]
+    gmtext-report DIR... [-o OUT] [--ignore KEY ...] [--group-by KEY ...] [--plot-ignore KEY ...]
 
 Each DIR may be a run dir or any folder above run dirs (a multirun sweep, outputs/, …):
 every folder holding `metrics.json` (fine-tune) and/or `generate.json` (generate) is one
@@ -259,7 +259,7 @@ def _figure(ncols=1):
 
 def _series(groups, metric, xfn, drop_keys):
     """{series label: [(x, mean, std), ...]} — one point per group, series = the group's
-    key without the x-axis keys."""
+    key without the x-axis keys (and the --plot-ignore keys)."""
     data: dict = {}
     for g in groups:
         s, x = g.stat(metric), xfn(g)
@@ -270,8 +270,8 @@ def _series(groups, metric, xfn, drop_keys):
     return {k: sorted(v) for k, v in sorted(data.items())}
 
 
-def plot_accuracy_vs_examples(groups, path):
-    data = _series(groups, "accuracy", lambda g: (g.stat("n_train") or (None,))[0], X_EXAMPLE_KEYS)
+def plot_accuracy_vs_examples(groups, path, plot_ignore=()):
+    data = _series(groups, "accuracy", lambda g: (g.stat("n_train") or (None,))[0], (*X_EXAMPLE_KEYS, *plot_ignore))
     if not data:
         return None
     fig, (ax,) = _figure()
@@ -288,8 +288,8 @@ def plot_accuracy_vs_examples(groups, path):
     return data
 
 
-def plot_accuracy_vs_epsilon(groups, path):
-    eps_keys = ("privacy.epsilon", "train.epsilon", "privacy.name", "privacy.delta", "train.delta")
+def plot_accuracy_vs_epsilon(groups, path, plot_ignore=()):
+    eps_keys = ("privacy.epsilon", "train.epsilon", "privacy.name", "privacy.delta", "train.delta", *plot_ignore)
     data = _series(groups, "accuracy", lambda g: (g.stat("epsilon") or (None,))[0], eps_keys)
     if not data:
         return None
@@ -355,8 +355,10 @@ def plot_admm(groups, path):
 
 
 # ---------------------------------------------------------------- entry
-def run_report(paths, out_dir="report", ignore=(), group_by=()) -> dict:
-    """Collect runs under `paths`, write report.md/.csv and plots into out_dir.
+def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=()) -> dict:
+    """Collect runs under `paths`, write report.md/.csv and plots into out_dir. `plot_ignore`
+    keys stay in the tables but not in plot series: e.g. GRADMM pools at several ε, told apart
+    in the table by train.path, form one curve of accuracy against ε.
 
     Returns {"runs", "keys", "rows", "plots": {file: plotted data}, "out_dir"}."""
     dirs = find_run_dirs(paths)
@@ -377,7 +379,7 @@ def run_report(paths, out_dir="report", ignore=(), group_by=()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
     for name, fn in zip(PLOTS, (plot_accuracy_vs_examples, plot_accuracy_vs_epsilon, plot_admm)):
-        data = fn(groups, out / name)
+        data = fn(groups, out / name, plot_ignore) if fn is not plot_admm else fn(groups, out / name)
         if data is not None:
             plots[name] = data
         elif (out / name).exists():
@@ -397,9 +399,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ignore", action="append", default=[], metavar="KEY", help="config key not to group by (repeatable)")
     ap.add_argument("--group-by", action="append", default=[], metavar="KEY",
                     help="also group by a key skipped by default, e.g. train.path (repeatable)")
+    ap.add_argument("--plot-ignore", action="append", default=[], metavar="KEY",
+                    help="keep KEY in the tables but join runs differing in it into one plot curve (repeatable)")
     a = ap.parse_args(argv)
     try:
-        r = run_report(a.dirs, a.out, a.ignore, a.group_by)
+        r = run_report(a.dirs, a.out, a.ignore, a.group_by, a.plot_ignore)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"gmtext-report: error: {e}", file=sys.stderr)
         return 2
