@@ -49,7 +49,12 @@ def main(argv=None) -> int:
     ap.add_argument("b")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    res = compare(load(args.a), load(args.b))
+    try:
+        res = compare(load(args.a), load(args.b))
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) else repr(e)
+        print(f"paired_compare: error: {what} (give two synthetic.jsonl files)", file=sys.stderr)
+        return 2
     print(f"{res['slots_differing']} of {res['n']} slots differ")
     for k in ("match_loss", "log_perplexity"):
         r = res[k]
