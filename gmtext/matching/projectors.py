@@ -107,7 +107,7 @@ class LMTopKProjector:
         bias = getattr(head, "bias", None)
         w_allowed = w[ctx.allowed_ids].float() if self.lm_candidates else None
         b_allowed = bias[ctx.allowed_ids].float() if self.lm_candidates and bias is not None else None
-        unit_x = F.normalize(x.detach().float(), dim=-1)
+        unit_x = F.normalize(x.detach().float(), dim=-1) if self.lm_candidates and self.sim_weight else None
         prefix = torch.tensor(ctx.prefix_ids, device=dev).expand(n, -1)
         out = decoder(input_ids=prefix, use_cache=True)
         past, h = out.past_key_values, out.last_hidden_state[:, -1]
