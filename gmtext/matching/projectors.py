@@ -7,6 +7,7 @@ KV cache, so a projection costs about one single-token forward per position.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,15 @@ class ProjectionContext:
         e = self.embeddings.detach()[self.allowed_ids].float()
         self.allowed_emb = e
         self.allowed_unit = F.normalize(e, dim=-1)
+
+    @functools.cached_property
+    def allowed_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Output-head rows (and bias) of the allowed tokens, for scoring all of them at once:
+        gathered once per context, not per projection (the head need not be tied to the
+        input embeddings)."""
+        head = self.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        return head.weight.detach()[self.allowed_ids].float(), None if bias is None else bias.detach()[self.allowed_ids].float()
 
 
 def candidate_ids(x: torch.Tensor, ctx: ProjectionContext, k: int, metric: str = "cos") -> torch.Tensor:
@@ -105,8 +115,7 @@ class LMTopKProjector:
         decoder, head = ctx.model.get_decoder(), ctx.model.get_output_embeddings()
         w = head.weight
         bias = getattr(head, "bias", None)
-        w_allowed = w[ctx.allowed_ids].float() if self.lm_candidates else None
-        b_allowed = bias[ctx.allowed_ids].float() if self.lm_candidates and bias is not None else None
+        w_allowed, b_allowed = ctx.allowed_head if self.lm_candidates else (None, None)
         unit_x = F.normalize(x.detach().float(), dim=-1) if self.lm_candidates and self.sim_weight else None
         prefix = torch.tensor(ctx.prefix_ids, device=dev).expand(n, -1)
         out = decoder(input_ids=prefix, use_cache=True)

@@ -91,6 +91,18 @@ def make_release(model, task: Task, matched: MatchedParams, texts_by_class, fing
     return Release(tg.grads, tg.names, list(task.label_names), tg.counts, fingerprint, privacy)
 
 
+def _clipped_sums(model, task: Task, matched: MatchedParams, texts_by_class, clip_norm: float, max_text_tokens: int,
+                  batch_size: int, method: str, match_loss: str):
+    """Per class, the sum of per-example gradients clipped to clip_norm (what both the DP
+    release and the noiseless clipped release start from), with the same loss as the plain means."""
+    from ..privacy.mechanism import clipped_sum
+
+    dev = next(model.parameters()).device
+    for c, texts in enumerate(texts_by_class):
+        label, vocab = label_and_vocab(task, c, match_loss, dev)
+        yield clipped_sum(model, task, matched, texts, label, clip_norm, max_text_tokens, batch_size, method, vocab)
+
+
 def make_clipped_release(model, task: Task, matched: MatchedParams, texts_by_class, fingerprint: str, max_text_tokens: int,
                          clip_norm: float, batch_size: int = 16, match_loss: str = "full_vocab") -> Release:
     """Non-private release of clipped means: the DP release without its noise (ε = ∞).
@@ -99,14 +111,9 @@ def make_clipped_release(model, task: Task, matched: MatchedParams, texts_by_cla
     per-example norm it weights examples equally: the plain mean is dominated by the examples
     the model gets most wrong (the verbalizer-loss gradient scales with 1 − p(label)), so for
     a class the model already favours it describes that class's atypical members."""
-    from ..privacy.mechanism import clipped_sum
-
-    dev = next(model.parameters()).device
-    targets = []
-    for c, texts in enumerate(texts_by_class):
-        label, vocab = label_and_vocab(task, c, match_loss, dev)
-        cs = clipped_sum(model, task, matched, texts, label, clip_norm, max_text_tokens, batch_size, "auto", vocab)
-        targets.append([(t / len(texts)).to(p.dtype) for t, p in zip(cs.sums, matched.params)])
+    targets = [[(t / len(texts)).to(p.dtype) for t, p in zip(cs.sums, matched.params)]
+               for texts, cs in zip(texts_by_class, _clipped_sums(model, task, matched, texts_by_class, clip_norm, max_text_tokens,
+                                                                 batch_size, "auto", match_loss))]
     privacy = {"mechanism": "none", "epsilon": math.inf, "delta": 0.0, "clip_norm": clip_norm, "match_loss": match_loss,
                "note": "non-private: targets are means of real-example gradients clipped to clip_norm, no noise"}
     return Release(targets, list(matched.names), list(task.label_names), [len(t) for t in texts_by_class], fingerprint, privacy)
@@ -174,7 +181,7 @@ def make_dp_release_with_details(model, task: Task, matched: MatchedParams, text
     """DP release: per class, clipped mean of per-example gradients + Gaussian noise, σ calibrated
     so that the composition of all `num_classes` releases is (ε, δ)-DP (see docs/privacy.md)."""
     from ..privacy.accountant import Mechanism, PrivacyLedger, sensitivity
-    from ..privacy.mechanism import _check_method, clipped_sum, noisy_mean, secure_generator
+    from ..privacy.mechanism import _check_method, noisy_mean, secure_generator
 
     num_classes = task.num_classes
     warns = validate_dp_config(pcfg, real_per_class, num_classes)
@@ -190,10 +197,8 @@ def make_dp_release_with_details(model, task: Task, matched: MatchedParams, text
     ledger = PrivacyLedger(float(pcfg.epsilon), float(pcfg.delta), pcfg.accountant, pcfg.adjacency)
     gen = secure_generator()  # never the experiment seed
     targets, means, noises, norms = [], [], [], []
-    dev = next(model.parameters()).device
-    for c, texts in enumerate(texts_by_class):
-        label, vocab = label_and_vocab(task, c, match_loss, dev)  # same loss as the non-private targets
-        cs = clipped_sum(model, task, matched, texts, label, float(pcfg.clip_norm), max_text_tokens, batch_size, method, vocab)
+    sums = _clipped_sums(model, task, matched, texts_by_class, float(pcfg.clip_norm), max_text_tokens, batch_size, method, match_loss)
+    for c, cs in enumerate(sums):
         mech = Mechanism.gaussian(f"class_target:{task.label_names[c]}", float(pcfg.clip_norm), real_per_class, pcfg.adjacency, mult)
         noisy, mean, noise = noisy_mean(cs.sums, real_per_class, mech.sigma, gen)
         ledger.add(mech)

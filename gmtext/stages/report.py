@@ -20,6 +20,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -378,8 +379,9 @@ def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=()) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
-    for name, fn in zip(PLOTS, (plot_accuracy_vs_examples, plot_accuracy_vs_epsilon, plot_admm)):
-        data = fn(groups, out / name, plot_ignore) if fn is not plot_admm else fn(groups, out / name)
+    plotters = (partial(plot_accuracy_vs_examples, plot_ignore=plot_ignore), partial(plot_accuracy_vs_epsilon, plot_ignore=plot_ignore), plot_admm)
+    for name, fn in zip(PLOTS, plotters):
+        data = fn(groups, out / name)
         if data is not None:
             plots[name] = data
         elif (out / name).exists():
