@@ -3,6 +3,7 @@
 #   bash experiments/rt_main_cpu.sh [SEEDS...]          (default: 0 1 2; ~1.5 h on 2 cores)
 #   N=100 POOL_PER_CLASS=50 EPS_LIST=inf ROWS="real prompted gradmm" bash experiments/rt_main_cpu.sh 0
 #   N=100 POOL_PER_CLASS=100 EPS_LIST=inf ROWS=gradmm OUT=experiments/results/rt_main_cpu_n100_pool100 bash experiments/rt_main_cpu.sh
+#   MARGIN=1 ...   also select the ε = ∞ pool by label-fit margin against a middle-layer probe release (docs/selection.md)
 # generate (GRADMM at ε = ∞, 4, 1) → select → fine-tune every row → audit → report.
 # SmolLM2-135M (embedded), N training examples (default 20, N/2 per class) for every trained row, one
 # fine-tuning recipe (full model, AdamW lr 1e-5, batch 8, 10 epochs, loss over the verbalizer
@@ -17,6 +18,7 @@ N=${N:-20}                                  # training examples per trained row
 POOL_PER_CLASS=${POOL_PER_CLASS:-$N}        # GRADMM pool per class; select keeps N/2 of them
 EPS_LIST=${EPS_LIST:-inf 4 1}               # GRADMM privacy levels (inf = non-private)
 ROWS=${ROWS:-zero fewshot real prompted gradmm dpsgd}
+MARGIN=${MARGIN:-0}                         # 1: add the margin-selected GRADMM row (ε = ∞ pool only)
 if [ "$N" = 20 ]; then OUT=${OUT:-experiments/results/rt_main_cpu}; else OUT=${OUT:-experiments/results/rt_main_cpu_n$N}; fi
 has() { [[ " $ROWS " == *" $1 "* ]]; }
 BASE=(dataset=rotten_tomatoes dataset.path=$DATA logger=none threads=2)
@@ -38,6 +40,16 @@ for e in $EPS_LIST; do
   [ -f $OUT/audit_eps$e/audit.json ] || gmtext-audit "${BASE[@]}" synthetic=$OUT/gen_eps$e hydra.run.dir=$OUT/audit_eps$e
 done
 
+# margin selection: a second, non-private release of the same 50 real examples per class over layers
+# 10-19, whose gradients tell the classes apart (experiments/probe_params.py); it scores the ε = ∞ pool
+has gradmm && [[ " $EPS_LIST " == *" inf "* ]] || MARGIN=0
+if [ "$MARGIN" = 1 ]; then
+  [ -f $OUT/probe_mid/release/release.json ] || gmtext-release "${BASE[@]}" seed=0 real_per_class=50 match_loss=verbalizer \
+      "matched_params=['re:layers\.(1[0-9])\.']" hydra.run.dir=$OUT/probe_mid
+  [ -f $OUT/select_margin/selected.jsonl ] || gmtext-select "${BASE[@]}" pool=$OUT/gen_epsinf selector=margin \
+      selector.release=$OUT/probe_mid/release selector.per_class=$((N / 2)) hydra.run.dir=$OUT/select_margin
+fi
+
 ft() {  # ft RUN_NAME OVERRIDES...: one fine-tune + eval, skipped when already finished
   local d=$OUT/$1; shift
   [ -f $d/metrics.json ] || gmtext-finetune "${FT[@]}" "$@" hydra.run.dir=$d
@@ -49,6 +61,7 @@ for s in "${@:-0 1 2}"; do
     has real && ft real${N}_s$s1 seed=$s1 train=real train.size=$N
     has prompted && ft prompted${N}_s$s1 seed=$s1 train=prompted train.size=$N
     for e in $EPS_LIST; do ft gradmm${N}_eps${e}_s$s1 seed=$s1 train=synthetic train.path=$OUT/select_eps$e; done
+    [ "$MARGIN" = 1 ] && ft gradmm${N}_margin_s$s1 seed=$s1 train=synthetic train.path=$OUT/select_margin
     if has dpsgd; then for e in 4 1; do ft dpsgd${N}_eps${e}_s$s1 seed=$s1 train=dpsgd train.size=$N train.epsilon=$e; done; fi
   done
 done

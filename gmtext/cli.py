@@ -187,7 +187,8 @@ def select_main(cfg: DictConfig) -> int:
 
     s = _run("select", run_select, cfg)
     print(f"gmtext-select: {s['selected']} of {s['pool']} examples → {HydraConfig.get().runtime.output_dir}/selected.jsonl "
-          f"| per class {s['per_class']} | mean match loss {s['mean_match_loss']:.4f}")
+          f"| per class {s['per_class']} | mean match loss {s['mean_match_loss']:.4f}"
+          + (f" | mean label margin {s['mean_label_margin']:.4f} | epsilon {s.get('epsilon', 'unknown')}" if "mean_label_margin" in s else ""))
     return s["selected"]
 
 

@@ -122,6 +122,16 @@ class BestMatchSelectorConfig:
 
 
 @dataclass
+class LabelMarginSelectorConfig:
+    _target_: str = "gmtext.stages.select.LabelMarginSelector"
+    release: str = MISSING  # probe release dir scoring the pool (gmtext-release → RUN_DIR/release)
+    per_class: int = 0
+    dedupe: bool = True
+    balance: bool = True
+    chunk: int = 8  # texts per vmapped per-example-gradient call
+
+
+@dataclass
 class NoSelectorConfig:
     _target_: str = "gmtext.stages.select.NoSelector"
 
@@ -287,6 +297,7 @@ def register_configs() -> None:
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="selector", name="best_schema", node=BestMatchSelectorConfig)
     cs.store(group="selector", name="none_schema", node=NoSelectorConfig)
+    cs.store(group="selector", name="margin_schema", node=LabelMarginSelectorConfig)
     cs.store(group="finetuner", name="full_schema", node=FullFineTunerConfig)
     cs.store(group="finetuner", name="lora_schema", node=LoRAFineTunerConfig)
     cs.store(group="finetuner", name="last_layers_schema", node=LastLayersFineTunerConfig)

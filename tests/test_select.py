@@ -1,5 +1,6 @@
 """gmtext-select: best per class, de-duplicated, balanced; schema errors are clear."""
 import json
+import math
 
 import pytest
 
@@ -65,3 +66,63 @@ def test_pool_epsilon_travels_through_select_to_finetune(compose, tmp_path):
     assert _synthetic_epsilon(tmp_path / "sel2") == 3.9995 and _synthetic_epsilon(tmp_path / "sel2" / "selected.jsonl") == 3.9995
     (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": float("inf"), "delta": 0.0}}))
     assert _synthetic_epsilon(pool) == float("inf")
+
+
+def test_label_margin_picks_the_label_that_fits_best():
+    import torch
+
+    from gmtext.matching.rescore import label_margin
+
+    fit = torch.tensor([[0.1, 0.5], [0.7, 0.2], [0.3, 0.3]])  # row i: distance under label j to target j
+    assert label_margin(fit, [0, 0, 1]).tolist() == pytest.approx([0.4, -0.5, 0.0])
+    fit3 = torch.tensor([[0.2, 0.9, 0.4]])
+    assert label_margin(fit3, [0]).tolist() == pytest.approx([0.2])  # nearest other label counts
+
+
+def test_label_fit_of_the_texts_behind_each_target(tiny):
+    """A target made of one text's gradient is fitted exactly by that text under that label
+    (distance 0); the same text under the other label fits that label's target worse."""
+    from gmtext.gradients import MatchedParams, class_target_gradients
+    from gmtext.matching.rescore import label_fit, label_margin
+
+    lm, task = tiny
+    matched = MatchedParams(lm.model, ["final_norm", "last_blocks:1"])
+    a, b = "a truly wonderful film", "dull and far too long"
+    tg = class_target_gradients(lm.model, task, matched, [[b], [a]], match_loss="verbalizer")
+    fit = label_fit(lm.model, task, matched, tg.grads, [a, b, a], "verbalizer", chunk=2)
+    assert fit[0, 1] == pytest.approx(0.0, abs=1e-5) and fit[1, 0] == pytest.approx(0.0, abs=1e-5)
+    m = label_margin(fit, [1, 0, 0])
+    assert m[0] > 1e-3 and m[1] > 1e-3 and m[2] == pytest.approx(-m[0].item())
+
+
+def test_margin_selector_stage(compose, tmp_path):
+    """selector=margin scores the pool against a probe release, keeps the largest margins,
+    and adds the probe's ε to the pool's; a missing or mismatched release fails clearly."""
+    from gmtext.stages.release import run_release
+
+    tiny_cfg = ["model=tiny_llama", "logger=none", "progress=false", "dataset=demo", "real_per_class=6", "threads=1"]
+    run_release(compose(tiny_cfg + ["matched_params=[final_norm]", "match_loss=verbalizer"], config_name="release"), tmp_path / "probe")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    texts = ["a truly wonderful film", "dull and far too long", "great fun", "boring", "a joy", "awful", "fine", "weak"]
+    # plain labelled text, no generation scores: any pool can be margin-selected (e.g. prompted.jsonl)
+    (pool / "synthetic.jsonl").write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts)))
+    (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": 2.0, "delta": 1e-6}}))
+    probe = tmp_path / "probe" / "release"
+    (probe / "privacy.json").write_text(json.dumps({"mechanism": "gaussian", "epsilon": 1.5, "delta": 1e-6}))
+    s = run_select(compose(tiny_cfg + [f"pool={pool}", "selector=margin", f"selector.release={probe}", "selector.per_class=2"],
+                           config_name="select"), tmp_path / "sel")
+    assert s["selected"] == 4 and s["probe_release"]["epsilon"] == 1.5 and math.isnan(s["mean_match_loss"])
+    assert s["epsilon"] == 3.5 and s["delta"] == pytest.approx(2e-6)  # two releases of the same data compose
+    sel = [json.loads(l) for l in (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()]
+    for c in (0, 1):
+        kept = [r["label_margin"] for r in sel if r["label"] == c]
+        assert kept == sorted(kept, reverse=True)
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['match_loss', 'perplexity'\]"):  # best needs the scores
+        run_select(compose(tiny_cfg + [f"pool={pool}"], config_name="select"), tmp_path / "z")
+    with pytest.raises(ValueError, match="selector.release is empty"):
+        run_select(compose(tiny_cfg + [f"pool={pool}", "selector=margin", "selector.release="], config_name="select"), tmp_path / "x")
+    with pytest.raises(ValueError, match="does not match this config"):
+        run_select(compose(tiny_cfg + [f"pool={pool}", "selector=margin", f"selector.release={probe}", "dataset.template='{text} So it was'"],
+                           config_name="select"), tmp_path / "y")
+

@@ -15,7 +15,6 @@ from ..artifacts import run_lock, write_json, write_jsonl
 from ..config import build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
 
-REQUIRED = ("text", "label", "match_loss", "perplexity")
 
 
 def _norm(text: str) -> str:
@@ -25,6 +24,8 @@ def _norm(text: str) -> str:
 class BestMatchSelector:
     """Per class: lowest `match_loss + perplexity_weight·log(perplexity)`, duplicates dropped,
     classes balanced to the same count (the smallest class's, capped at per_class)."""
+
+    required = ("text", "label", "match_loss", "perplexity")  # pool fields the score reads
 
     def __init__(self, per_class: int = 0, perplexity_weight: float = 0.0, dedupe: bool = True, balance: bool = True):
         if per_class < 0:
@@ -53,15 +54,71 @@ class BestMatchSelector:
         return [r for c in sorted(by_class) for r in by_class[c][:n]]
 
 
+class LabelMarginSelector(BestMatchSelector):
+    """Per class: largest label-fit margin against a probe release (gmtext/matching/rescore.py):
+    keeps the texts whose gradient fits their own label's target better than any other
+    label's, most clearly first. The probe release may match other parameters than the
+    generator did (the matched set that makes matching cheap is not the one whose gradients
+    tell the classes apart); its ε adds to the pool's."""
+
+    def __init__(self, release: str, per_class: int = 0, dedupe: bool = True, balance: bool = True, chunk: int = 8):
+        if not release:
+            raise ValueError("selector.release is empty: give a release dir (gmtext-release ... → RUN_DIR/release) whose targets score the pool")
+        if chunk < 1:
+            raise ValueError(f"selector.chunk={chunk} must be >= 1")
+        super().__init__(per_class=per_class, dedupe=dedupe, balance=balance)
+        self.release, self.chunk = release, chunk
+
+    def score(self, row: dict) -> float:
+        return -row["label_margin"]
+
+    required = ("text", "label")  # scores any pool of labelled text (e.g. train=prompted's prompted.jsonl)
+
+
 class NoSelector:
     """Keep the whole pool as generated."""
+
+    required = BestMatchSelector.required
 
     def __call__(self, rows: list[dict]) -> list[dict]:
         return list(rows)
 
 
-def load_synthetic(path, label_names) -> list[dict]:
-    return read_synthetic_rows(path, label_names, REQUIRED)
+def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk: int) -> dict:
+    """Adds `label_margin` to every row (scored with the probe release's parameters and loss);
+    returns the probe release's {epsilon, delta}."""
+    import torch
+
+    from ..gradients import MATCH_LOSSES, MatchedParams
+    from ..matching.rescore import label_fit, label_margin
+    from .generate import build_task, load_generator_model
+    from .release import Release, release_fingerprint
+
+    rel = Release.load(release_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    lm = load_generator_model(cfg)
+    task = build_task(cfg, lm.tokenizer)
+    matched = MatchedParams(lm.model, [f"re:^{re.escape(n)}$" for n in rel.param_names])
+    # the release records its loss only through its fingerprint: score with the one it was made with
+    fps = {release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, m): m for m in MATCH_LOSSES}
+    match_loss = fps.get(rel.fingerprint, cfg.match_loss)
+    rel.check(release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, match_loss), matched.names)
+    fit = label_fit(lm.model, task, matched, rel.targets, [r["text"] for r in rows], match_loss, cfg.dataset.max_text_tokens, chunk)
+    for r, m in zip(rows, label_margin(fit, [r["label"] for r in rows]).tolist()):
+        r["label_margin"] = m
+    return {"release": str(release_dir), "epsilon": rel.epsilon, "delta": float(rel.privacy.get("delta", 0.0)),
+            "param_names": len(rel.param_names)}
+
+
+def load_synthetic(path, label_names, required=BestMatchSelector.required) -> list[dict]:
+    return read_synthetic_rows(path, label_names, required)
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    """Mean of a score over the rows that have it (NaN when none do: a pool of plain text)."""
+    vals = [r[key] for r in rows if key in r]
+    return sum(vals) / len(vals) if vals else math.nan
 
 
 def run_select(cfg: DictConfig, run_dir) -> dict:
@@ -69,16 +126,23 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
     selector = build(cfg.selector)
     source = cfg.pool or run_dir
     with run_lock(run_dir, "select"):
-        rows = load_synthetic(source, list(cfg.dataset.label_names))
+        rows = load_synthetic(source, list(cfg.dataset.label_names), selector.required)
+        pool_privacy = synthetic_privacy(source) or {}
+        probe_privacy = add_label_margins(cfg, rows, selector.release, selector.chunk) if isinstance(selector, LabelMarginSelector) else None
         chosen = selector(rows)
         write_jsonl(run_dir / "selected.jsonl", chosen)
         counts = {}
         for r in chosen:
             counts[r["label"]] = counts.get(r["label"], 0) + 1
         summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
-                   "mean_match_loss": sum(r["match_loss"] for r in chosen) / max(1, len(chosen)),
-                   "mean_perplexity": sum(r["perplexity"] for r in chosen) / max(1, len(chosen)),
+                   "mean_match_loss": _mean(chosen, "match_loss"), "mean_perplexity": _mean(chosen, "perplexity"),
                    "source": str(resolve_synthetic_path(source))}
-        summary.update(synthetic_privacy(source) or {})  # the pool's ε travels with the selected set
+        summary.update(pool_privacy)  # the pool's ε travels with the selected set
+        if probe_privacy is not None:  # two releases of the same data: basic composition
+            summary["mean_label_margin"] = _mean(chosen, "label_margin")
+            summary["probe_release"] = probe_privacy
+            if pool_privacy:
+                summary["epsilon"] = pool_privacy["epsilon"] + probe_privacy["epsilon"]
+                summary["delta"] = pool_privacy["delta"] + probe_privacy["delta"]
         write_json(run_dir / "select.json", summary)
     return summary
