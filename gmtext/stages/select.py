@@ -16,7 +16,6 @@ from ..config import build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
 
 
-
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.lower()).strip()
 
@@ -61,6 +60,8 @@ class LabelMarginSelector(BestMatchSelector):
     generator did (the matched set that makes matching cheap is not the one whose gradients
     tell the classes apart); its ε adds to the pool's."""
 
+    required = ("text", "label")  # scores any pool of labelled text (e.g. train=prompted's prompted.jsonl)
+
     def __init__(self, release: str, per_class: int = 0, dedupe: bool = True, balance: bool = True, chunk: int = 8):
         if not release:
             raise ValueError("selector.release is empty: give a release dir (gmtext-release ... → RUN_DIR/release) whose targets score the pool")
@@ -71,8 +72,6 @@ class LabelMarginSelector(BestMatchSelector):
 
     def score(self, row: dict) -> float:
         return -row["label_margin"]
-
-    required = ("text", "label")  # scores any pool of labelled text (e.g. train=prompted's prompted.jsonl)
 
 
 class NoSelector:
