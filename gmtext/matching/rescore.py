@@ -19,8 +19,7 @@ import torch
 
 from ..gradients import MatchedParams, label_and_vocab
 from ..privacy.mechanism import per_example_grads_vmap
-
-EPS = 1e-12
+from .objective import EPS
 
 
 def cosine_distance(grads: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:

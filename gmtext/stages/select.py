@@ -100,9 +100,9 @@ def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk
     task = build_task(cfg, lm.tokenizer)
     matched = MatchedParams(lm.model, [f"re:^{re.escape(n)}$" for n in rel.param_names])
     # the release records its loss only through its fingerprint: score with the one it was made with
-    fps = {release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, m): m for m in MATCH_LOSSES}
-    match_loss = fps.get(rel.fingerprint, cfg.match_loss)
-    rel.check(release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, match_loss), matched.names)
+    fps = {m: release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, m) for m in MATCH_LOSSES}
+    match_loss = next((m for m, fp in fps.items() if fp == rel.fingerprint), cfg.match_loss)
+    rel.check(fps.get(match_loss, ""), matched.names)  # an unknown match_loss fits no release
     fit = label_fit(lm.model, task, matched, rel.targets, [r["text"] for r in rows], match_loss, cfg.dataset.max_text_tokens, chunk)
     for r, m in zip(rows, label_margin(fit, [r["label"] for r in rows]).tolist()):
         r["label_margin"] = m
