@@ -220,13 +220,14 @@ class TrainPromptedConfig:
 
 @dataclass
 class TrainDPSGDConfig:
+    # the recipe (expected batch, epochs, lr) lives in finetuner.*, set by conf/train/dpsgd.yaml
     source: str = "dpsgd"
-    size: int = 100
+    size: Optional[int] = None  # null = every non-dev record of the train split; int = record-stable subsample of that expected size
     epsilon: float = 8.0
     delta: float = 1e-5
-    clip_norm: float = 1.0
+    clip_norm: float = 0.1
     accountant: str = "prv"  # prv | rdp
-    microbatch: int = 8  # per-example gradients computed this many at a time
+    microbatch: int = 8  # physical batch (memory only): examples per forward/backward
 
 
 @dataclass

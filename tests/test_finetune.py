@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gmtext.data import Example, dev_examples, is_dev, load_split
-from gmtext.finetune.baselines import dpsgd_fit, prompted_examples, read_synthetic, real_subset
+from gmtext.finetune.baselines import prompted_examples, read_synthetic, real_subset
 from gmtext.finetune.evaluate import classification_metrics, evaluate, evaluate_fewshot, fewshot_context, predict
 from gmtext.finetune.trainer import (FineTuner, FullFineTuner, LastLayersFineTuner, LoRAFineTuner, classification_loss,
                                      verbalizer_logits)
@@ -160,18 +160,6 @@ def test_prompted_produces_n_labeled_texts(tiny):
     assert again == exs  # seeded
     with pytest.raises(ValueError, match="label_descriptions"):
         prompted_examples(lm.model, lm.tokenizer, [], 6, seed=0)
-
-
-def test_dpsgd_one_epoch_reports_epsilon_within_target(tiny, demo):
-    lm, task = tiny
-    ft = LoRAFineTuner(r=2, alpha=4, lr=1e-2, epochs=1, batch_size=8)
-    model = ft.prepare(copy.deepcopy(lm.model))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fit = dpsgd_fit(ft, model, task, real_subset(demo[0], 2, 20, 0), epsilon=4.0, delta=1e-3, clip_norm=0.5)
-    assert fit.steps == 3 and len(fit.losses) == 3
-    assert 0 < fit.extra["epsilon"] <= 4.0 and fit.extra["noise_multiplier"] > 0
-    assert fit.extra["sample_rate"] == pytest.approx(8 / 20)
-    assert _changed(before, model) and all("lora_" in n for n in _changed(before, model))
 
 
 def test_every_finetune_option_composes_and_generate_still_composes(compose):

@@ -26,7 +26,7 @@ from ..artifacts import read_json, write_json
 from ..config import build
 from ..data import dev_examples, load_split, sample_per_class
 from ..data.synthetic import resolve_synthetic_path, synthetic_privacy
-from ..finetune.baselines import SOURCES, dpsgd_fit, prompted_examples, read_synthetic, real_subset
+from ..finetune.baselines import SOURCES, prompted_examples, read_synthetic, real_subset
 from ..finetune.distributed import broadcast, get_accelerator, main_process_lock
 from ..finetune.evaluate import evaluate, fewshot_context
 from ..models import check_fits_context
@@ -77,6 +77,11 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     if acc.num_processes > 1 and src == "dpsgd":
         raise ValueError(f"train=dpsgd runs on one process (its sampling and accounting are per process); "
                          f"launched with {acc.num_processes}: run plain gmtext-finetune")
+    if src == "dpsgd":  # opacus is imported only for DP-SGD runs (seconds of import time)
+        from ..finetune.dpsgd import check_dpsgd_args
+
+        t = cfg.train
+        check_dpsgd_args(t.epsilon, t.delta, t.clip_norm, t.accountant, t.microbatch)
     with main_process_lock(acc, run_dir, "finetune"):
         done = run_dir / METRICS_FILE
         prev = None
@@ -105,8 +110,12 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         if src == "synthetic":
             train_exs = read_synthetic(cfg.train.path, task.label_names)
             info["path"] = str(resolve_synthetic_path(cfg.train.path))
-        elif src in ("real", "dpsgd"):
+        elif src == "real":
             train_exs = real_subset(train_split, c, cfg.train.size, cfg.seed)
+        elif src == "dpsgd":
+            from ..finetune.dpsgd import private_records
+
+            train_exs = private_records(train_split, cfg.train.size, cfg.seed)
         elif src == "fewshot":
             if cfg.train.k < 1:
                 raise ValueError(f"train.k={cfg.train.k}: need at least one demonstration per class")
@@ -136,7 +145,7 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 "dev_accuracy": metrics.get("dev_accuracy"),
                 "splits": {"accuracy": split_name, "macro_f1": split_name, "per_class_accuracy": split_name, "confusion": split_name,
                            "dev_accuracy": dev_name, "lr_selection": dev_name},
-                "train_source": src, "n_train": n_train, "train_per_class": [sum(e.label == k for e in (demos or train_exs)) for k in range(c)],
+                "train_source": src, "n_train": n_train, "train_per_class": None if src == "dpsgd" else [sum(e.label == k for e in (demos or train_exs)) for k in range(c)],
                 "seed": int(cfg.seed), "epsilon": epsilon, "delta": float(cfg.train.delta) if src == "dpsgd" else None,
                 "finetuner": cfg.finetuner._target_.rsplit(".", 1)[-1] if src not in ("none", "fewshot") else None,
                 "lr": metrics.get("lr"), "lr_selection": metrics.get("lr_selection"),
@@ -185,9 +194,13 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
         model = ft.prepare(copy.deepcopy(base) if len(lrs) > 1 else base)
 
         def on_step(rec, i=i, lr=lr):
-            tracker.log({"train/loss": rec["loss"], "train/lr": rec["lr"], "lr_run": i, "lr_value": lr}, step=step0 + rec["step"])
+            # DP-SGD reports no loss (a statistic of a private batch): only step and lr
+            tracker.log({**({"train/loss": rec["loss"]} if "loss" in rec else {}), "train/lr": rec["lr"], "lr_run": i, "lr_value": lr},
+                        step=step0 + rec["step"])
 
         if src == "dpsgd":
+            from ..finetune.dpsgd import dpsgd_fit
+
             t = cfg.train
             fit = dpsgd_fit(ft, model, task, train_exs, t.epsilon, t.delta, t.clip_norm, t.accountant, t.microbatch, on_step)
         else:
@@ -206,6 +219,7 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
     out.update(lr=lr, lr_selection=selection if len(lrs) > 1 else None, dev_accuracy=selection[str(lr)], train_seconds=fit.seconds,
                steps=fit.steps, final_loss=fit.losses[-1] if fit.losses else None, trainable_params=fit.trainable_params)
     if src == "dpsgd":
+        out.pop("final_loss")
         out["dp"] = fit.extra
         out["_epsilon"] = fit.extra["epsilon"]
     return out
