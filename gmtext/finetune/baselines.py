@@ -166,14 +166,14 @@ def dpsgd_fit(finetuner: FineTuner, model: nn.Module, task: Task, examples: Sequ
     Gaussian noise of std sigma * clip_norm on the clipped sum, divided by the expected
     batch size; AdamW step (post-processing). sigma is calibrated by opacus' accountant
     (`prv` or `rdp`) for q and the step count, and the spent epsilon is re-accounted at
-    the end. Sampling and noise come from a generator seeded by os.urandom, never from the
+    the end. Sampling and noise come from the OS CSPRNG (privacy/noise.py), never from the
     experiment seed (so DP runs are not bit-reproducible, by design). Adjacency:
     add/remove one example (the standard subsampled-Gaussian analysis).
     """
     from opacus.accountants import PRVAccountant, RDPAccountant
     from opacus.accountants.utils import get_noise_multiplier
 
-    from ..privacy.mechanism import secure_generator
+    from ..privacy import noise as secure
 
     if not (epsilon > 0 and 0 < delta < 1 and clip_norm > 0):
         raise ValueError(f"dpsgd: need epsilon > 0, 0 < delta < 1, clip_norm > 0 (got {epsilon}, {delta}, {clip_norm})")
@@ -191,34 +191,26 @@ def dpsgd_fit(finetuner: FineTuner, model: nn.Module, task: Task, examples: Sequ
     q = min(1.0, finetuner.batch_size / n)
     steps = finetuner.num_steps(n)
     sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps, accountant=accountant)
-    sec = secure_generator("cpu")
     torch.manual_seed(finetuner.seed)
     opt = finetuner.optimizer(params)
     expected = q * n
     losses = []
     model.train()
     for step in range(steps):
-        take = (torch.rand(n, generator=sec) < q).nonzero().flatten().tolist()
+        take = (secure.uniform(n) <= q).nonzero()[0].tolist()  # Poisson sampling from the OS CSPRNG
         batch = [examples[i] for i in take]
         for g in opt.param_groups:
             g["lr"] = finetuner.lr_at(step, steps)
         sums = _per_example_clipped_sum(model, task, names, params, batch, clip_norm, microbatch, finetuner.max_text_tokens) if batch \
             else [torch.zeros_like(p, dtype=torch.float32) for p in params]
         for p, s in zip(params, sums):
-            noise = torch.randn(p.shape, generator=sec, dtype=torch.float32).to(p.device)
-            p.grad = ((s + noise * (sigma * clip_norm)) / expected).to(p.dtype)
+            noise = secure.randn(p.shape, std=sigma * clip_norm, device=p.device)
+            p.grad = ((s + noise) / expected).to(p.dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        # the logged loss is a diagnostic on the sampled batch (not part of the release)
-        loss = float("nan")
-        if batch:
-            with torch.no_grad():
-                from .trainer import classification_loss
-
-                loss = float(classification_loss(model, task, batch, finetuner.max_text_tokens))
-        losses.append(loss)
+        # nothing computed from the private batch (its loss, its size) is reported: only the public schedule
         if on_step:
-            on_step({"step": step, "loss": loss, "batch_size": len(batch), "lr": opt.param_groups[0]["lr"]})
+            on_step({"step": step, "lr": opt.param_groups[0]["lr"]})
     model.eval()
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = [(sigma, q, steps)]
