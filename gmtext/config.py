@@ -102,14 +102,16 @@ class PrivacyNoneConfig:
 
 @dataclass
 class PrivacyDPConfig:
-    """Gaussian mechanism on clipped per-class mean gradients, calibrated by an accountant."""
+    """Gaussian mechanism on the per-class sums of clipped gradients of the whole private split."""
 
     name: str = "dp"
     epsilon: float = 1.0
     delta: float = 1e-5
     clip_norm: float = 1.0
-    accountant: str = "prv"  # prv | rdp | analytic
-    adjacency: str = "replace_one"  # replace_one (sensitivity 2C/n) | add_remove (C/n)
+    accountant: str = "analytic"  # calibrates σ: analytic (exact for one Gaussian) | prv | rdp
+    adjacency: str = "replace_one"  # replace_one (sensitivity 2C) | add_remove (C)
+    sample_rate: float = 1.0  # < 1: each record kept on its own with this probability (keyed hash)
+    divisor: Optional[float] = None  # public constant the noisy sums are divided by; null: rows*rate/classes (replace_one)
 
 
 @dataclass
@@ -233,7 +235,7 @@ class TrainDPSGDConfig:
 @dataclass
 class FinetuneStageConfig:
     eval_limit: int = 0  # >0: evaluate on a fixed (seed-independent) random subset of this size
-    dev_size: int = 200  # dev examples carved by hash from the train split
+    dev_size: int = 0  # >0: dev examples carved by hash from the (private) train split: the ledger then reports ε = ∞
     eval_batch_size: int = 32
     lrs: List[float] = field(default_factory=list)  # >1 value: pick finetuner.lr by dev accuracy
 
@@ -250,7 +252,7 @@ class RootConfig:
     seed: int = 0
     num_per_class: int = 10  # synthetic examples per class
     batch_size: int = 10  # synthetic sequences per class optimised together
-    real_per_class: int = 50  # real examples per class behind each target gradient
+    real_per_class: Optional[int] = None  # null: every record of the train split; N: a seeded sample (non-private only)
     matched_params: List[str] = field(default_factory=lambda: ["lm_head"])
     # loss whose gradient is matched: full_vocab (the paper) or verbalizer (cross-entropy over
     # the label tokens only: the loss fine-tuning uses; class-specific, far fewer noisy dims)

@@ -51,7 +51,7 @@ def test_canary_exposure_ranks(tiny):
 
 
 FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
-        "batch_size=2", "real_per_class=4", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
+        "batch_size=2", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
 
 
 @pytest.mark.parametrize("match_loss", ["full_vocab", "verbalizer"])  # the canary release must carry the run's loss

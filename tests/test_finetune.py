@@ -181,7 +181,7 @@ def _tiny_overrides(tmp_path, *extra):
 def test_run_finetune_writes_metrics(compose, tmp_path):
     from gmtext.stages.finetune import run_finetune
 
-    cfg = compose(_tiny_overrides(tmp_path, "train=real", "train.size=10", "finetune.lrs=[1e-4,1e-3]", "finetune.eval_limit=12"), config_name="finetune")
+    cfg = compose(_tiny_overrides(tmp_path, "train=real", "train.size=10", "finetune.lrs=[1e-4,1e-3]", "finetune.dev_size=8", "finetune.eval_limit=12"), config_name="finetune")
     m = run_finetune(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0 <= saved["accuracy"] <= 1 and saved["accuracy"] == m["accuracy"]
@@ -189,7 +189,7 @@ def test_run_finetune_writes_metrics(compose, tmp_path):
     assert saved["n_eval"] == 12 and saved["eval_limit"] == 12 and saved["n_train"] == 10
     assert set(saved["lr_selection"]) == {"0.0001", "0.001"} and saved["lr"] in (1e-4, 1e-3)
     assert saved["splits"]["accuracy"].startswith("validation") and "dev" in saved["splits"]["dev_accuracy"]
-    assert saved["train_source"] == "real" and saved["seed"] == 0 and saved["epsilon"] is None
+    assert saved["train_source"] == "real" and saved["seed"] == 0 and saved["epsilon"] == float("inf")
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in r for r in recs) and recs[-1]["kind"] == "summary"
     assert run_finetune(cfg, tmp_path / "run") == saved  # same config: resumed, not retrained

@@ -52,7 +52,9 @@ def test_pool_epsilon_travels_through_select_to_finetune(compose, tmp_path):
     """A set selected into its own run dir keeps the ε of the release behind its pool
     (it used to be lost, and fine-tuning on a DP set reported ε = ∞)."""
     from gmtext.data.synthetic import synthetic_privacy
-    from gmtext.stages.finetune import _synthetic_epsilon
+
+    def _synthetic_epsilon(path):
+        return synthetic_privacy(path)["epsilon"]
 
     pool = tmp_path / "pool"
     pool.mkdir()

@@ -35,6 +35,11 @@ def _uniforms(n: int, entropy: Callable[[int], bytes]) -> np.ndarray:
     return ((words >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53
 
 
+def uniform(n: int) -> np.ndarray:
+    """n independent uniforms in (0, 1] from os.urandom (Poisson sampling decisions)."""
+    return _uniforms(n, os.urandom)
+
+
 def standard_normal(n: int, entropy: Callable[[int], bytes] | None = None) -> np.ndarray:
     """n independent N(0, 1) draws (float64). `entropy` defaults to os.urandom; tests pass
     their own byte source to check that every high bit of it reaches the output."""
@@ -73,11 +78,3 @@ def randn(shape, std: float = 1.0, dtype=torch.float32, device="cpu") -> torch.T
     n = int(np.prod(shape)) if len(tuple(shape)) else 1
     z = torch.from_numpy(standard_normal(n)).reshape(tuple(shape))
     return (z * float(std)).to(dtype=dtype, device=device)
-
-
-def uniform(n: int, entropy: Callable[[int], bytes] | None = None) -> np.ndarray:
-    """n independent uniforms in (0, 1] (float64) from the same source as the noise: for
-    Poisson sampling masks, which must be as unpredictable as the noise they are amplified by."""
-    if n < 0:
-        raise ValueError(f"number of uniforms must be >= 0, got {n}")
-    return _uniforms(n, entropy or os.urandom)

@@ -75,6 +75,8 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
             projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
         matched = MatchedParams(model, list(cfg.matched_params))
         release = obtain_release(cfg, run_dir, lm, task, matched)
+        if release.privacy.get("mechanism") != "none":
+            t0 = time.perf_counter()  # a DP release's run time depends on the private records: not in the wall time
         obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
         tracker = Tracker(run_dir, job_type="generate", config=OmegaConf.to_container(cfg, resolve=True), **cfg.logger)
         with tracker:  # finishes the W&B run (marked failed on an exception)

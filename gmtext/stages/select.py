@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from ..artifacts import run_lock, write_json, write_jsonl
 from ..config import build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
+from ..privacy.ledger import compose_records, ledger_of
 
 
 def _norm(text: str) -> str:
@@ -107,7 +108,7 @@ def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk
     for r, m in zip(rows, label_margin(fit, [r["label"] for r in rows]).tolist()):
         r["label_margin"] = m
     return {"release": str(release_dir), "epsilon": rel.epsilon, "delta": float(rel.privacy.get("delta", 0.0)),
-            "param_names": len(rel.param_names)}
+            "param_names": len(rel.param_names), "ledger": ledger_of(rel.privacy)}
 
 
 def load_synthetic(path, label_names, required=BestMatchSelector.required) -> list[dict]:
@@ -136,12 +137,13 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
         summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
                    "mean_match_loss": _mean(chosen, "match_loss"), "mean_perplexity": _mean(chosen, "perplexity"),
                    "source": str(resolve_synthetic_path(source))}
-        summary.update(pool_privacy)  # the pool's ε travels with the selected set
-        if probe_privacy is not None:  # two releases of the same data: basic composition
+        parts = [pool_privacy] if pool_privacy else []
+        if probe_privacy is not None:
             summary["mean_label_margin"] = _mean(chosen, "label_margin")
-            summary["probe_release"] = probe_privacy
-            if pool_privacy:
-                summary["epsilon"] = pool_privacy["epsilon"] + probe_privacy["epsilon"]
-                summary["delta"] = pool_privacy["delta"] + probe_privacy["delta"]
-        write_json(run_dir / "select.json", summary)
+            summary["probe_release"] = {k: v for k, v in probe_privacy.items() if k != "ledger"}
+            parts.append(probe_privacy)
+        privacy = compose_records(parts) if pool_privacy else None  # a pool of unknown origin stays unknown
+        if privacy:
+            summary.update(epsilon=privacy["epsilon"], delta=privacy["delta"])
+        write_json(run_dir / "select.json", {**summary, "privacy": privacy})
     return summary
