@@ -23,7 +23,6 @@ standard DP-SGD practice (opacus derives q from the dataset length the same way)
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 import warnings
@@ -38,7 +37,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import Example, LabeledSplit, Task, is_dev
+from ..data import Example, LabeledSplit, Task, _keyed_uniform, is_dev
 from ..privacy import noise
 from .trainer import FineTuner, FitResult, VerbalizerClassifier
 
@@ -49,12 +48,11 @@ NUM_RECORDS_NOTE = ("the number of private records N sets the sample rate q = 1/
 
 # --------------------------------------------------------------------------- which records
 def keyed_uniform(seed: int, text: str) -> float:
-    """A uniform in [0, 1) that is a function of (seed, text) alone: a record's inclusion in
-    a subsample never depends on which other records exist, so the subsample of a dataset
-    with one more record is the old subsample plus at most that record (add/remove
-    adjacency survives the subsampling)."""
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=f"gmtext-dpsgd:{int(seed)}".encode())
-    return int.from_bytes(h.digest(), "big") / 2.0 ** 64
+    """A uniform in [0, 1) that is a function of (seed, text) alone (the release's keyed hash,
+    keyed by the seed): a record's inclusion in a subsample never depends on which other
+    records exist, so the subsample of a dataset with one more record is the old subsample
+    plus at most that record (add/remove adjacency survives the subsampling)."""
+    return _keyed_uniform(text, int(seed))
 
 
 def record_subsample(examples: Sequence[Example], rate: float, seed: int) -> list[Example]:
