@@ -197,6 +197,7 @@ def test_job_log_has_no_counts_of_the_private_file(tmp_path, caplog):
     assert not caplog.records
 
 
+@pytest.mark.slow
 def test_whole_rotten_tomatoes_split_release_ledger(compose, tmp_path):
     """gmtext-release privacy=dp on the whole train split: the ledger names the split, the
     records rule, the row count (public under replace-one) and the noise source."""
@@ -207,6 +208,7 @@ def test_whole_rotten_tomatoes_split_release_ledger(compose, tmp_path):
     assert p["num_records"] == 8530 and p["divisor"] == pytest.approx(8530 / 2) and s["epsilon"] <= 1.0
     (entry,) = p["ledger"]["entries"]
     assert entry["split"].startswith("rotten_tomatoes/train@") and "every non-empty record" in entry["records"]
+    assert entry["num_records"] == 8530 and "os.urandom" in entry["noise_source"]
     assert p["ledger"]["protected_splits"] == [entry["split"]] and "os.urandom" in p["noise_source"]
 
 

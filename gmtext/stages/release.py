@@ -263,7 +263,8 @@ def make_dp_release_with_details(model, task: Task, matched: MatchedParams, text
     k = len(matched.params)
     targets = [[(noisy[c * k + j] / divisor).to(p.dtype) for j, p in enumerate(matched.params)] for c in range(num_classes)]
     entry = LedgerEntry(name=name, kind="gaussian", split=split, records=records, noise_multiplier=mult, sensitivity=sens, sigma=sigma,
-                        adjacency=pcfg.adjacency, release_id=_release_id(targets))
+                        adjacency=pcfg.adjacency, release_id=_release_id(targets), noise_source=NOISE_SOURCE,
+                        num_records=num_rows if pcfg.adjacency == "replace_one" else None)
     ledger = Ledger(float(pcfg.delta), [entry])
     warns = validate_budget(float(pcfg.epsilon), float(pcfg.delta), num_rows if pcfg.adjacency == "replace_one" else None)
     for w in warns:
