@@ -241,6 +241,15 @@ class FinetuneStageConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """A second release over other parameters, made with the generator's (same records, same
+    budget): label-fit margin selection scores the pool against it (docs/selection.md)."""
+
+    matched_params: List[str] = field(default_factory=list)  # empty: no probe release
+    budget_share: float = 0.5  # share of the privacy budget (of mu^2 = 1/m^2 under GDP) spent on the probe
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -258,6 +267,7 @@ class RootConfig:
     # the label tokens only: the loss fine-tuning uses; class-specific, far fewer noisy dims)
     match_loss: str = "full_vocab"
     target_batch_size: int = 16
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     selector: Any = MISSING
     pool: Optional[str] = None  # gmtext-select: generated pool (run dir or jsonl); default: this run dir
     release: Optional[str] = None  # existing release dir: generate without touching real data

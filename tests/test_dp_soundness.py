@@ -197,6 +197,7 @@ def test_job_log_has_no_counts_of_the_private_file(tmp_path, caplog):
     assert not caplog.records
 
 
+@pytest.mark.slow
 def test_whole_rotten_tomatoes_split_release_ledger(compose, tmp_path):
     """gmtext-release privacy=dp on the whole train split: the ledger names the split, the
     records rule, the row count (public under replace-one) and the noise source."""
@@ -207,4 +208,72 @@ def test_whole_rotten_tomatoes_split_release_ledger(compose, tmp_path):
     assert p["num_records"] == 8530 and p["divisor"] == pytest.approx(8530 / 2) and s["epsilon"] <= 1.0
     (entry,) = p["ledger"]["entries"]
     assert entry["split"].startswith("rotten_tomatoes/train@") and "every non-empty record" in entry["records"]
+    assert entry["num_records"] == 8530 and "os.urandom" in entry["noise_source"]
     assert p["ledger"]["protected_splits"] == [entry["split"]] and "os.urandom" in p["noise_source"]
+
+
+def test_a_release_being_made_is_not_made_twice(compose, tmp_path):
+    """Two stages on one run dir (gmtext-release and gmtext-generate started together) must not
+    both compute a noisy release: while one holds the release lock the other is refused."""
+    from gmtext.artifacts import RunDirLocked, run_lock
+    from gmtext.stages.generate import run_generate
+
+    cfg = compose(["model=tiny_llama", "logger=none", "privacy=dp", "progress=false", "num_per_class=2", "batch_size=2",
+                   "matcher.outer_steps=1", "matcher.inner_steps=1", "projector=nearest", "matcher.init=random"])
+    with run_lock(tmp_path, "release-making"):  # what the other stage holds while it computes
+        with pytest.raises(RunDirLocked, match="release-making"):
+            run_generate(cfg, tmp_path)
+        with pytest.raises(RunDirLocked, match="release-making"):
+            R.run_release(compose(["model=tiny_llama", "logger=none", "privacy=dp", "progress=false"], config_name="release"), tmp_path)
+    assert not (tmp_path / "release").exists()
+    run_generate(cfg, tmp_path)  # the lock gone: made once, then reused by the next stage
+    assert R.run_release(compose(["model=tiny_llama", "logger=none", "privacy=dp", "progress=false"], config_name="release"),
+                         tmp_path)["reused"]
+
+
+# --------------------------------------------------------------------------- one budget, two releases
+def test_split_multipliers_spend_exactly_one_budget():
+    m = calibrate_noise_multiplier(2.0, 1e-5, 1, "analytic")
+    for share in (0.2, 0.5, 0.8):
+        mg, mp = R.split_multipliers(m, share)
+        assert composed_epsilon([(mg, 1), (mp, 1)], 1e-5, "analytic") == pytest.approx(composed_epsilon([(m, 1)], 1e-5, "analytic"), rel=1e-9)
+        assert mp / mg == pytest.approx(math.sqrt((1 - share) / share))
+    with pytest.raises(ValueError, match="probe.budget_share=1.0"):
+        R.split_multipliers(m, 1.0)
+
+
+@pytest.mark.slow
+def test_private_pipeline_with_probe_in_one_run_dir(compose, tmp_path):
+    """gmtext-pipeline privacy=dp selector=margin probe.matched_params=[...]: generator and
+    probe releases from one (ε, δ), the margin selection scores against the probe, and every
+    artifact down to metrics.json reports that one ε (not ε_gen + ε_probe)."""
+    from gmtext.stages.pipeline import run_pipeline
+
+    cfg = compose(["model=tiny_llama", "logger=none", "privacy=dp", "privacy.epsilon=2", "progress=false", "num_per_class=4",
+                   "batch_size=2", "matcher.outer_steps=1", "matcher.inner_steps=1", "projector=nearest", "matcher.init=random",
+                   "selector=margin", "selector.per_class=1", "probe.matched_params=[final_norm]", "probe.budget_share=0.3",
+                   "finetuner.epochs=1", "finetune.eval_limit=8"], config_name="pipeline")
+    m = run_pipeline(cfg, tmp_path)
+    gen = json.loads((tmp_path / "release" / "privacy.json").read_text())
+    probe = json.loads((tmp_path / "probe" / "privacy.json").read_text())
+    assert [e["name"] for e in gen["ledger"]["entries"]] == ["release", "probe"] and gen["ledger"] == probe["ledger"]
+    mg, mp = (e["noise_multiplier"] for e in gen["ledger"]["entries"])
+    assert mp / mg == pytest.approx(math.sqrt(0.7 / 0.3), rel=1e-6)
+    sel = json.loads((tmp_path / "select.json").read_text())
+    assert sel["probe_release"]["release"] == str(tmp_path / "probe") and len(sel["privacy"]["entries"]) == 2
+    assert 1.98 <= gen["epsilon"] <= 2.0 and sel["epsilon"] == pytest.approx(gen["epsilon"]) == pytest.approx(m["epsilon"])
+    assert sel["delta"] == 1e-5 and m["delta"] == 1e-5
+    with pytest.raises(ValueError, match="probe.matched_params"):
+        run_pipeline(compose(["model=tiny_llama", "logger=none", "selector=margin"], config_name="pipeline"), tmp_path / "x")
+
+
+def test_non_private_release_with_probe(compose, tmp_path):
+    s = R.run_release(compose(["model=tiny_llama", "logger=none", "progress=false", "probe.matched_params=[final_norm]"],
+                              config_name="release"), tmp_path)
+    probe = R.Release.load(tmp_path / "probe")
+    gen = R.Release.load(tmp_path / "release")
+    assert s["probe_dir"] == str(tmp_path / "probe") and probe.epsilon == gen.epsilon == math.inf
+    assert probe.param_names != gen.param_names and all(len(t) for t in probe.targets)
+    with pytest.raises(ValueError, match="probe.budget_share=0"):
+        R.run_release(compose(["model=tiny_llama", "logger=none", "probe.matched_params=[final_norm]", "probe.budget_share=0"],
+                              config_name="release"), tmp_path / "b")

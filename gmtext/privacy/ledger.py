@@ -40,6 +40,8 @@ class LedgerEntry:
     kind: str
     split: str  # split_id of the protected split
     records: str = ""  # which of its records the mechanism read (the inclusion rule, public)
+    num_records: int | None = None  # rows of the split, where public (replace-one: the same for every neighbour)
+    noise_source: str | None = None
     noise_multiplier: float | None = None
     sensitivity: float | None = None
     sigma: float | None = None

@@ -263,7 +263,8 @@ def make_dp_release_with_details(model, task: Task, matched: MatchedParams, text
     k = len(matched.params)
     targets = [[(noisy[c * k + j] / divisor).to(p.dtype) for j, p in enumerate(matched.params)] for c in range(num_classes)]
     entry = LedgerEntry(name=name, kind="gaussian", split=split, records=records, noise_multiplier=mult, sensitivity=sens, sigma=sigma,
-                        adjacency=pcfg.adjacency, release_id=_release_id(targets))
+                        adjacency=pcfg.adjacency, release_id=_release_id(targets), noise_source=NOISE_SOURCE,
+                        num_records=num_rows if pcfg.adjacency == "replace_one" else None)
     ledger = Ledger(float(pcfg.delta), [entry])
     warns = validate_budget(float(pcfg.epsilon), float(pcfg.delta), num_rows if pcfg.adjacency == "replace_one" else None)
     for w in warns:
@@ -312,6 +313,49 @@ def build_release(cfg, model, task: Task, matched: MatchedParams, texts_by_class
     return make_release(model, task, matched, texts_by_class, fingerprint, mtt, bs, cfg.match_loss, split, records)
 
 
+PROBE_DIR = "probe"
+
+
+def split_multipliers(m_total: float, probe_share: float) -> tuple[float, float]:
+    """Noise multipliers of the generator and probe releases that together spend exactly what
+    one release with m_total would: Gaussian mechanisms compose as μ² = Σ μ_i² (Gaussian DP,
+    exact), with μ = 1/m, so the probe gets μ² · share and the generator the rest."""
+    if not 0 < probe_share < 1:
+        raise ValueError(f"probe.budget_share={probe_share!r}: must be in (0, 1)")
+    return m_total / math.sqrt(1.0 - probe_share), m_total / math.sqrt(probe_share)
+
+
+def _check_probe(cfg) -> list[str]:
+    specs = list(cfg.probe.matched_params)
+    if specs and not 0 < cfg.probe.budget_share < 1:
+        raise ValueError(f"probe.budget_share={cfg.probe.budget_share!r}: must be in (0, 1)")
+    return specs
+
+
+def build_joint_release(cfg, model, task: Task, matched: MatchedParams, probe: MatchedParams, texts_by_class,
+                        fingerprints: tuple[str, str], num_rows: int) -> tuple[Release, Release]:
+    """Generator and probe releases from the same records under one budget. Under DP each gets
+    its share of one (ε, δ) (split_multipliers) and both carry the joint ledger, so the pool,
+    the probe and a selection that uses both all report the same ε, at the same δ."""
+    if cfg.privacy.name != DP_NAME:
+        return tuple(build_release(cfg, model, task, mp.activate(), texts_by_class, fp, num_rows)
+                     for mp, fp in ((matched, fingerprints[0]), (probe, fingerprints[1])))
+    pcfg = cfg.privacy
+    m_gen, m_probe = split_multipliers(_calibrate(float(pcfg.epsilon), float(pcfg.delta), pcfg.accountant),
+                                       float(cfg.probe.budget_share))
+    split, records = protected_split_id(cfg), inclusion_rule(cfg)
+    rels = []
+    for name, mp, fp, mult in (("release", matched, fingerprints[0], m_gen), ("probe", probe, fingerprints[1], m_probe)):
+        mp.activate()
+        rels.append(make_dp_release(model, task, mp, texts_by_class, fp, cfg.dataset.max_text_tokens, pcfg, num_rows, split,
+                                    records, cfg.target_batch_size, match_loss=cfg.match_loss, noise_multiplier=mult,
+                                    name=name, progress=cfg.progress))
+    joint = Ledger(float(pcfg.delta), [e for r in rels for e in Ledger.from_dict(r.privacy["ledger"]).entries])
+    for r in rels:
+        r.privacy.update(epsilon=joint.epsilon(), ledger=joint.to_dict(), probe_budget_share=float(cfg.probe.budget_share))
+    return rels[0], rels[1]
+
+
 def check_release_privacy(rel: Release, pcfg) -> None:
     """With privacy=dp, refuse to reuse a release that is non-private, spends more ε than
     configured, or was made under another adjacency; with privacy=none, refuse a non-private
@@ -357,6 +401,8 @@ def run_release(cfg, run_dir) -> dict:
     summary = {"release_dir": str(out), "reused": reused, "epsilon": rel.epsilon, "delta": rel.privacy.get("delta"),
                "mechanism": rel.privacy.get("mechanism"), "sigma": rel.privacy.get("sigma"), "divisors": rel.divisors,
                "num_params": sum(t.numel() for t in rel.targets[0]), "model_load_seconds": t_load}
+    if (run_dir / PROBE_DIR / META_FILE).exists():
+        summary["probe_dir"] = str(run_dir / PROBE_DIR)
     if rel.privacy.get("mechanism") == "none":  # a DP release's run time depends on the private records: not published
         summary["wall_seconds"] = time.perf_counter() - t0
     write_json(run_dir / "release_summary.json", summary)
@@ -386,6 +432,7 @@ def load_or_make_release(cfg, release_dir: Path, lm, task: Task, matched: Matche
         validate_dp_config(cfg.privacy, cfg.real_per_class)
     else:
         _none_clip_norm(cfg.privacy)
+    _check_probe(cfg)
     release_dir = Path(release_dir)
     with run_lock(release_dir.parent, f"{release_dir.name}-making"):  # beside it: a failed start leaves no empty dir
         if (release_dir / META_FILE).exists():
@@ -395,6 +442,14 @@ def load_or_make_release(cfg, release_dir: Path, lm, task: Task, matched: Matche
         texts, num_rows = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed, rate)
         if edit_texts is not None:
             texts = edit_texts(texts)
-        rel = build_release(cfg, lm.model, task, matched, texts, fp, num_rows)
+        probe_specs = _check_probe(cfg)
+        if not probe_specs:
+            rel = build_release(cfg, lm.model, task, matched, texts, fp, num_rows)
+        else:
+            probe = MatchedParams(lm.model, probe_specs)
+            fp_probe = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, probe.names, cfg.match_loss)
+            rel, prel = build_joint_release(cfg, lm.model, task, matched, probe, texts, (fp, fp_probe), num_rows)
+            matched.activate()
+            prel.save(release_dir.parent / PROBE_DIR)  # before the generator's: its release.json marks both complete
         rel.save(release_dir)
     return rel, False
