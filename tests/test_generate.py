@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gmtext.artifacts import read_jsonl
+from gmtext.artifacts import ConfigChanged, read_jsonl
 from gmtext.stages.generate import run_generate
 
 FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
@@ -49,9 +49,36 @@ def test_resume_after_interruption_matches_uninterrupted(compose, tmp_path, monk
     assert sorted(p.name for p in (part / "batches").iterdir()) == ["batch_00000.jsonl"]
     assert not (part / "synthetic.jsonl").exists()
     monkeypatch.setattr(admm.ADMMMatcher, "run", real_run)
+    # resuming the half-finished dir with another seed would append batches of seed 1 to seed 0's
+    files = _snapshot(part)
+    with pytest.raises(ConfigChanged, match=r"holds generate output made with another config \(finetuner.seed 0 → 1, seed 0 → 1\)"):
+        run_generate(compose(FAST + ["seed=1"]), part)
+    assert _snapshot(part) == files
     s = run_generate(compose(FAST), part)
     assert s["batches_generated_now"] == 1
     assert (part / "synthetic.jsonl").read_text() == (full / "synthetic.jsonl").read_text()
+
+
+def _snapshot(d):
+    """Every file under d with its bytes: what a refused run must leave exactly as it was."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_rerun_with_another_config_is_refused_and_writes_nothing(compose, tmp_path):
+    """Issue 20, bug 1: a finished seed-0 dir rerun with other settings used to exit 0,
+    regenerate nothing and record the new seed in generate.json beside seed 0's texts."""
+    run_generate(compose(FAST), tmp_path)
+    files = _snapshot(tmp_path)
+    with pytest.raises(ConfigChanged) as e:
+        run_generate(compose(FAST + ["seed=1", "real_per_class=12", "matcher.outer_steps=1"]), tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path} holds generate output made with another config (")
+    assert "matcher.outer_steps 2 → 1, real_per_class 6 → 12, seed 0 → 1)" in msg
+    assert _snapshot(tmp_path) == files  # not even generate.json or the tracker's log
+    # keys that shape nothing may differ: the finished run is resumed, nothing regenerated
+    s = run_generate(compose(FAST + ["progress=true", "logger=none"]), tmp_path)
+    assert s["batches_generated_now"] == 0 and s["examples"] == 8
+    assert (tmp_path / "synthetic.jsonl").read_bytes() == files["synthetic.jsonl"]
 
 
 def test_release_reuse_and_fingerprint(compose, tmp_path):

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ..config import build
-from ..artifacts import read_jsonl, run_lock, write_json, write_jsonl
+from ..artifacts import check_resume, config_record, read_json, read_jsonl, record_config, run_lock, write_json, write_jsonl
 from ..data import Task
 from ..gradients import MatchedParams
 from ..matching.objective import MatchingObjective
@@ -60,7 +60,9 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         raise ValueError(f"num_per_class={cfg.num_per_class} and batch_size={cfg.batch_size} must be >= 1")
     projector = build(cfg.projector)
     matcher = build(cfg.matcher)
+    config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "generate"):
+        check_resume(run_dir, "generate", config, stored=_stored_config(run_dir))  # before the model: a refusal costs nothing
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         lm = load_generator_model(cfg)
@@ -74,9 +76,9 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         if hasattr(projector, "check"):
             projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
         matched = MatchedParams(model, list(cfg.matched_params))
-        release = obtain_release(cfg, run_dir, lm, task, matched)
+        release = _obtain_release_recorded(cfg, run_dir, lm, task, matched, config)
         obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
-        tracker = Tracker(run_dir, job_type="generate", config=OmegaConf.to_container(cfg, resolve=True), **cfg.logger)
+        tracker = Tracker(run_dir, job_type="generate", config=config, **cfg.logger)
         with tracker:  # finishes the W&B run (marked failed on an exception)
             summary = _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tracker, length, release)
             summary["epsilon"] = release.epsilon  # inf for a non-private release
@@ -84,9 +86,32 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
             summary["wall_seconds"] = time.perf_counter() - t0
             tracker.commit(run_dir / "generate.json")
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        write_json(run_dir / "generate.json", {"config": OmegaConf.to_container(cfg, resolve=True), "summary": summary, "privacy": release.privacy})
+        write_json(run_dir / "generate.json", {"config": config, "summary": summary, "privacy": release.privacy})
         tracker.commit()
     return summary
+
+
+def _stored_config(run_dir: Path) -> dict | None:
+    """The config the run dir's batches were made with: the record written before the first
+    one, else (a run dir from before records existed) the finished run's generate.json."""
+    if config_record(run_dir, "generate").exists() or not (run_dir / "generate.json").exists():
+        return None  # check_resume reads the record, or there is nothing to compare
+    return read_json(run_dir / "generate.json").get("config")
+
+
+def _obtain_release_recorded(cfg, run_dir: Path, lm, task, matched, config: dict) -> Release:
+    """The release, with the config recorded before anything is written into run_dir (the
+    release in run_dir/release depends on seed, real_per_class, privacy, ...: a later run with
+    other settings must not resume on it). A record this call created goes again when the
+    release fails, since then nothing was written that a resume could reuse."""
+    fresh = not config_record(run_dir, "generate").exists()
+    record_config(run_dir, "generate", config)
+    try:
+        return obtain_release(cfg, run_dir, lm, task, matched)
+    except BaseException:
+        if fresh:
+            config_record(run_dir, "generate").unlink(missing_ok=True)
+        raise
 
 
 def _batch_file(bdir: Path, b: int, failed: bool = False) -> Path:

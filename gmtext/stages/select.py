@@ -9,9 +9,9 @@ import math
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ..artifacts import run_lock, write_json, write_jsonl
+from ..artifacts import check_resume, record_config, run_lock, write_json, write_jsonl
 from ..config import build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
 
@@ -124,11 +124,17 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
     run_dir = Path(run_dir)
     selector = build(cfg.selector)
     source = cfg.pool or run_dir
+    config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "select"):
+        # selection is recomputed from the pool (cheap, deterministic), but into a run dir whose
+        # selected.jsonl came from other settings it would silently replace what a later stage
+        # (a pipeline's fine-tuning) was made from: refuse instead
+        check_resume(run_dir, "select", config)
         rows = load_synthetic(source, list(cfg.dataset.label_names), selector.required)
         pool_privacy = synthetic_privacy(source) or {}
         probe_privacy = add_label_margins(cfg, rows, selector.release, selector.chunk) if isinstance(selector, LabelMarginSelector) else None
         chosen = selector(rows)
+        record_config(run_dir, "select", config)
         write_jsonl(run_dir / "selected.jsonl", chosen)
         counts = {}
         for r in chosen:
