@@ -4,13 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gmtext.artifacts import ConfigChanged, read_jsonl
 from gmtext.stages.generate import run_generate
 
 FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
         "projector.topk=20", "num_per_class=4", "batch_size=2", "real_per_class=6", "dataset.length=6", "progress=false"]
-FIELDS = {"text", "label", "label_name", "match_loss", "perplexity", "batch", "class_batch_loss"}
+FIELDS = {"text", "label", "label_name", "match_loss", "token_match_loss", "perplexity", "batch", "class_batch_loss", "token_ids"}
 
 
 def test_generate_writes_outputs(compose, tmp_path):
@@ -26,6 +27,52 @@ def test_generate_writes_outputs(compose, tmp_path):
     assert (tmp_path / "release" / "release.json").exists() and (tmp_path / "metrics.jsonl").exists()
     steps = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("discrete_loss" in r for r in steps) and any(r["kind"] == "summary" for r in steps)
+    assert s["mean_match_loss"] == pytest.approx(sum(r["match_loss"] for r in rows) / 8)
+
+
+def _objective(cfg, run_dir):
+    """The generator's objective for a finished run, rebuilt from its config and release."""
+    from gmtext.config import build
+    from gmtext.gradients import MatchedParams
+    from gmtext.matching.objective import MatchingObjective
+    from gmtext.stages.generate import build_task, load_generator_model
+    from gmtext.stages.release import Release
+
+    lm = load_generator_model(cfg)
+    task = build_task(cfg, lm.tokenizer)
+    m = build(cfg.matcher)
+    obj = MatchingObjective(lm.model, MatchedParams(lm.model, list(cfg.matched_params)), Release.load(run_dir / "release").targets,
+                            task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=m.distance, closed_form=m.closed_form,
+                            context_ids=task.lm_context_ids(cfg.dataset.lm_context), match_loss=cfg.match_loss)
+    return lm, task, obj
+
+
+def _row_loss(obj, ids, label, num_classes):
+    """One sequence's own distance through the batch path ([C, 1, L], the ids in every class slot)."""
+    t = torch.tensor(ids).view(1, 1, -1).expand(num_classes, 1, -1)
+    return obj.discrete(t, per_sequence=True)[1][label, 0].item()
+
+
+def test_match_loss_is_the_loss_of_the_written_text(compose, tmp_path):
+    """match_loss is the distance of the text as written (decoded, tokenised again), which is
+    what selection ranks and fine-tuning trains on; token_match_loss keeps the optimised ids'
+    distance. On the tiny model many texts do not re-tokenise to their ids, and there the two differ."""
+    cfg = compose(FAST)
+    run_generate(cfg, tmp_path)
+    rows = read_jsonl(tmp_path / "synthetic.jsonl")
+    lm, task, obj = _objective(cfg, tmp_path)
+    changed = 0
+    for r in rows:
+        assert len(r["token_ids"]) == cfg.dataset.length
+        assert lm.tokenizer.decode(r["token_ids"], skip_special_tokens=True).strip() == r["text"]
+        assert r["token_match_loss"] == pytest.approx(_row_loss(obj, r["token_ids"], r["label"], 2), abs=1e-5)
+        again = task.encode_text(r["text"])
+        assert r["match_loss"] == pytest.approx(_row_loss(obj, again, r["label"], 2), abs=1e-5)
+        if again != r["token_ids"] and abs(r["match_loss"] - r["token_match_loss"]) > 1e-4:
+            changed += 1
+        elif again == r["token_ids"]:
+            assert r["match_loss"] == pytest.approx(r["token_match_loss"], abs=1e-5)
+    assert changed >= 1  # else this test could not tell the two losses apart
 
 
 def test_resume_after_interruption_matches_uninterrupted(compose, tmp_path, monkeypatch):

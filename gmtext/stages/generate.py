@@ -146,12 +146,17 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
         rows = []
         for k in range(c):
             for i in range(bsz):
-                text = tok.decode(res.tokens[k, i].tolist(), skip_special_tokens=True).strip()
+                ids = res.tokens[k, i].tolist()
                 rows.append({
-                    "text": text, "label": k, "label_name": task.label_names[k],
-                    "match_loss": float(res.seq_loss[k, i]), "perplexity": float(res.perplexity[k, i]),
-                    "batch": b, "class_batch_loss": float(res.class_loss[k]),
+                    "text": tok.decode(ids, skip_special_tokens=True).strip(), "label": k, "label_name": task.label_names[k],
+                    "match_loss": None, "token_match_loss": float(res.seq_loss[k, i]), "perplexity": float(res.perplexity[k, i]),
+                    "batch": b, "class_batch_loss": float(res.class_loss[k]), "token_ids": ids,
                 })
+        # match_loss is the distance of the text as written (decoded and tokenised again, as
+        # fine-tuning and selection read it), not of the optimised ids it was decoded from
+        text_loss = obj.text_losses([task.encode_text(r["text"]) for r in rows], [r["label"] for r in rows])
+        for r, v in zip(rows, text_loss.tolist()):
+            r["match_loss"] = v
         if not all(math.isfinite(r["match_loss"]) for r in rows):
             _record_failed(bdir, b, "non-finite matching loss of the projected text; check the release (targets.pt)", tracker)
             continue
@@ -172,6 +177,8 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
         "failed_batches": failed,
         "x_step_retries": retries,
         "mean_match_loss": sum(r["match_loss"] for r in rows) / len(rows),
+        # rows from before token_match_loss existed (a resumed old run dir) count with their match_loss
+        "mean_token_match_loss": sum(r.get("token_match_loss", r["match_loss"]) for r in rows) / len(rows),
         "mean_class_batch_loss": sum(r["class_batch_loss"] for r in rows) / len(rows),
         "mean_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
         "timings": {k: sum(t.get(k, 0.0) for t in timings) for k in ("init", "project", "x_step", "evaluate", "total")},
