@@ -120,12 +120,23 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def _pool_file(pool, run_dir: Path) -> Path:
+    """The pool file, never this stage's own output: a run dir resolves to its selected.jsonl
+    first, so selecting into the generate run dir itself (gmtext-pipeline; gmtext-select
+    without pool=) read its previous selection on a rerun, and reported that as the pool."""
+    p = resolve_synthetic_path(pool)
+    own = run_dir / "selected.jsonl"
+    if own.exists() and p.resolve() == own.resolve() and (run_dir / "synthetic.jsonl").exists():
+        return run_dir / "synthetic.jsonl"
+    return p
+
+
 def run_select(cfg: DictConfig, run_dir) -> dict:
     run_dir = Path(run_dir)
     selector = build(cfg.selector)
-    source = cfg.pool or run_dir
     config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "select"):
+        source = _pool_file(cfg.pool or run_dir, run_dir)
         # selection is recomputed from the pool (cheap, deterministic), but into a run dir whose
         # selected.jsonl came from other settings it would silently replace what a later stage
         # (a pipeline's fine-tuning) was made from: refuse instead
@@ -141,7 +152,7 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
             counts[r["label"]] = counts.get(r["label"], 0) + 1
         summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
                    "mean_match_loss": _mean(chosen, "match_loss"), "mean_perplexity": _mean(chosen, "perplexity"),
-                   "source": str(resolve_synthetic_path(source))}
+                   "source": str(source)}
         summary.update(pool_privacy)  # the pool's ε travels with the selected set
         if probe_privacy is not None:  # two releases of the same data: basic composition
             summary["mean_label_margin"] = _mean(chosen, "label_margin")
