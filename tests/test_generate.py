@@ -142,6 +142,17 @@ def test_embedding_only_and_nearest(compose, tmp_path):
     base = [o for o in FAST if not o.startswith(("projector.", "matcher."))]
     s = run_generate(compose(base + ["matcher=embedding_only", "matcher.outer_steps=1", "matcher.inner_steps=2", "projector=nearest"]), tmp_path)
     assert s["examples"] == 8
+    # per batch: one x-run with no ADMM penalty and no intermediate projection, then the final
+    # projection, whose best loss is what the batch's rows record as their class loss
+    recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    rows = read_jsonl(tmp_path / "synthetic.jsonl")
+    for b in (0, 1):
+        mine = [r for r in recs if r["batch"] == b]
+        assert [r["outer_step"] for r in mine] == [0, 1]
+        assert mine[0]["admm_penalty"] == 0.0 and "perplexity" not in mine[0]
+        class_loss = {r["label"]: r["class_batch_loss"] for r in rows if r["batch"] == b}
+        assert mine[1]["best_discrete_loss"] == pytest.approx(sum(class_loss.values()) / 2)
+        assert mine[1]["best_discrete_loss"] <= mine[1]["discrete_loss"] + 1e-7
 
 
 def test_cli_bad_value_one_line_error(tmp_path):
