@@ -1,7 +1,5 @@
 """The generate stage end to end on the tiny model and the builtin demo set."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -156,11 +154,11 @@ def test_embedding_only_and_nearest(compose, tmp_path):
 
 
 def test_cli_bad_value_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import generate_main; generate_main()", "model=tiny_llama", "logger=none",
-                        "projector.topk=0", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "gmtext-generate: error: projector.topk=0 must be a positive integer"
-    assert not (tmp_path / "synthetic.jsonl").exists()
+    from test_hardening import cli, no_outputs, one_line_error
+
+    r = cli("generate", "model=tiny_llama", "logger=none", "projector.topk=0", f"hydra.run.dir={tmp_path}")
+    assert one_line_error(r, "generate") == "gmtext-generate: error: projector.topk=0 must be a positive integer"  # the whole stderr
+    no_outputs(tmp_path)
 
 
 def test_verbalizer_match_loss_end_to_end(compose, tmp_path):
