@@ -203,9 +203,10 @@ class MatchingObjective:
         label's target: what `discrete(..., per_sequence=True)` gives for a [C, B, L] batch.
 
         For the text a user receives: decoding the optimised ids and tokenising the text again
-        rarely gives the same ids (on the tiny model 29 of 48 texts came back 9-13 tokens long
-        instead of 8), so the optimised ids' distance is not the written text's. Sequences of
-        one length share a forward; each row's distance depends on that row only."""
+        rarely gives the same ids (SmolLM2-135M: 8 of 8 texts came back as other ids, 3 of
+        them with another length; docs/generation.md), so the optimised ids' distance is not
+        the written text's. Sequences of one length share a forward; each row's distance
+        depends on that row only (no attention across rows, per-row gradients)."""
         out = torch.full((len(token_lists),), float("nan"))
         groups: dict[int, list[int]] = {}
         for i, t in enumerate(token_lists):
