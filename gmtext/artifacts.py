@@ -215,6 +215,13 @@ def check_resume(run_dir, stage: str, config: dict, stored: dict | None = None, 
     return True
 
 
-def record_config(run_dir, stage: str, config: dict) -> None:
-    """Record the config of `stage`'s output in run_dir, before its first output file."""
-    write_json(config_record(run_dir, stage), config)
+def record_config(run_dir, stage: str, config: dict) -> bool:
+    """Record the config of `stage`'s output in run_dir, before its first output file.
+
+    An existing record stays: check_resume already found it equal (up to the free keys),
+    and a resumed run writes only what it must. Returns whether this call wrote it."""
+    rec = config_record(run_dir, stage)
+    if rec.exists():
+        return False
+    write_json(rec, config)
+    return True

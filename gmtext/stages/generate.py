@@ -104,8 +104,7 @@ def _obtain_release_recorded(cfg, run_dir: Path, lm, task, matched, config: dict
     release in run_dir/release depends on seed, real_per_class, privacy, ...: a later run with
     other settings must not resume on it). A record this call created goes again when the
     release fails, since then nothing was written that a resume could reuse."""
-    fresh = not config_record(run_dir, "generate").exists()
-    record_config(run_dir, "generate", config)
+    fresh = record_config(run_dir, "generate", config)
     try:
         return obtain_release(cfg, run_dir, lm, task, matched)
     except BaseException:
