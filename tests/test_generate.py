@@ -126,6 +126,27 @@ def test_rerun_with_another_config_is_refused_and_writes_nothing(compose, tmp_pa
     assert (tmp_path / "synthetic.jsonl").read_bytes() == files["synthetic.jsonl"]
 
 
+def test_pool_may_grow_when_its_batches_stay_whole(compose, tmp_path):
+    """num_per_class alone may change when every batch the two runs share has the same size:
+    the grown pool is byte-identical to one generated at that size from the start."""
+    from omegaconf import OmegaConf
+
+    from gmtext.stages.generate import pool_grows_cleanly
+
+    small = FAST + ["matcher.outer_steps=1", "real_per_class=2"]
+    run_generate(compose(small + ["num_per_class=2"]), tmp_path / "grow")  # one batch of 2 per class
+    s = run_generate(compose(small + ["num_per_class=4"]), tmp_path / "grow")
+    assert s["batches_generated_now"] == 1 and s["examples"] == 8
+    run_generate(compose(small + ["num_per_class=4"]), tmp_path / "fresh")
+    assert (tmp_path / "grow" / "synthetic.jsonl").read_bytes() == (tmp_path / "fresh" / "synthetic.jsonl").read_bytes()
+    cfg = lambda n, b=2: OmegaConf.create({"num_per_class": n, "batch_size": b})
+    assert pool_grows_cleanly({"num_per_class": 4, "batch_size": 2}, cfg(5))  # batches 0-1 whole in both
+    assert not pool_grows_cleanly({"num_per_class": 5, "batch_size": 2}, cfg(6))  # batch 2: 1 row, then 2
+    assert not pool_grows_cleanly({"num_per_class": 4, "batch_size": 2}, cfg(4, 4))  # other batches
+    with pytest.raises(ConfigChanged, match=r"\(batch_size 2 → 4, num_per_class 4 → 8\)"):  # the record names the grown pool
+        run_generate(compose(small + ["num_per_class=8", "batch_size=4"]), tmp_path / "grow")
+
+
 def test_release_reuse_and_fingerprint(compose, tmp_path):
     a = tmp_path / "a"
     run_generate(compose(FAST), a)

@@ -83,3 +83,19 @@ def _pool(t):
     if not pool.exists():
         write_jsonl(pool, [{"text": f"text {i}", "label": i % 2, "match_loss": i / 10, "perplexity": 2.0} for i in range(6)])
     return pool
+
+
+def test_release_rerun_with_another_config_is_refused(compose, tmp_path):
+    """gmtext-release reuses the release in its run dir (a DP release must never be made
+    twice); with other settings that reuse would label seed-0 targets as another config's."""
+    from gmtext.artifacts import ConfigChanged
+    from gmtext.stages.release import run_release
+
+    run = tmp_path / "run"
+    first = run_release(compose(GEN, config_name="release"), run)
+    files = {p.name: p.read_bytes() for p in (run / "release").iterdir()} | {"summary": (run / "release_summary.json").read_bytes()}
+    with pytest.raises(ConfigChanged, match=r"holds release output made with another config \(real_per_class 6 → 4\)"):
+        run_release(compose(GEN + ["real_per_class=4"], config_name="release"), run)
+    assert {p.name: p.read_bytes() for p in (run / "release").iterdir()} | {"summary": (run / "release_summary.json").read_bytes()} == files
+    again = run_release(compose(GEN + ["progress=true"], config_name="release"), run)  # a free key: reused
+    assert again["reused"] and again["counts"] == first["counts"]

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ..config import build
-from ..artifacts import check_resume, config_record, read_json, read_jsonl, record_config, run_lock, write_json, write_jsonl
+from ..artifacts import RESUME_FREE_KEYS, check_resume, config_record, read_json, read_jsonl, record_config, run_lock, write_json, write_jsonl
 from ..data import Task
 from ..gradients import MatchedParams
 from ..matching.objective import MatchingObjective
@@ -62,7 +62,12 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
     matcher = build(cfg.matcher)
     config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "generate"):
-        check_resume(run_dir, "generate", config, stored=_stored_config(run_dir))  # before the model: a refusal costs nothing
+        stored = _stored_config(run_dir)
+        if stored is not None:  # before the model: a refusal costs nothing
+            free = RESUME_FREE_KEYS | ({"num_per_class"} if pool_grows_cleanly(stored, cfg) else set())
+            check_resume(run_dir, "generate", config, stored=stored, free=free)
+            if cfg.num_per_class > int(stored["num_per_class"]):  # the record names the largest pool its batches hold
+                write_json(config_record(run_dir, "generate"), {**stored, "num_per_class": int(cfg.num_per_class)})
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         lm = load_generator_model(cfg)
@@ -94,9 +99,23 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
 def _stored_config(run_dir: Path) -> dict | None:
     """The config the run dir's batches were made with: the record written before the first
     one, else (a run dir from before records existed) the finished run's generate.json."""
-    if config_record(run_dir, "generate").exists() or not (run_dir / "generate.json").exists():
-        return None  # check_resume reads the record, or there is nothing to compare
-    return read_json(run_dir / "generate.json").get("config")
+    if config_record(run_dir, "generate").exists():
+        return read_json(config_record(run_dir, "generate"))
+    if (run_dir / "generate.json").exists():
+        return read_json(run_dir / "generate.json").get("config")
+    return None
+
+
+def pool_grows_cleanly(stored: dict, cfg: DictConfig) -> bool:
+    """True when only a larger (or smaller) num_per_class separates this run from the stored
+    one and every batch both runs share has the same size in each: batch b's seed depends on
+    (seed, b) alone, so resuming then ends with exactly what an uninterrupted run with the
+    new num_per_class writes (growing a pool from 100 to 150 per class reuses batches 0-9).
+    A partial last batch (num_per_class not a multiple of batch_size) would not be. `stored`
+    names the largest pool generated in the run dir (a grown pool updates its record), so
+    batches left by a larger earlier run count too."""
+    old, new, bs = int(stored.get("num_per_class", -1)), int(cfg.num_per_class), int(cfg.batch_size)
+    return stored.get("batch_size") == bs and old > 0 and min(old, new) % bs == 0
 
 
 def _obtain_release_recorded(cfg, run_dir: Path, lm, task, matched, config: dict) -> Release:
