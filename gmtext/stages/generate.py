@@ -3,7 +3,9 @@
 Work is split into batches (B sequences for every class, optimised together). Each
 finished batch is written atomically to batches/batch_XXXXX.jsonl with its own seed, so
 a killed run resumes after the last finished batch and ends with the same file as an
-uninterrupted run.
+uninterrupted run. It resumes only under the config those batches were made with
+(generate.config.json, written before the release and the first batch): another config
+would keep old batches or mix seeds, so it is refused (artifacts.check_resume).
 """
 from __future__ import annotations
 
