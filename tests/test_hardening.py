@@ -351,9 +351,11 @@ def test_disk_full_keeps_previous_complete_file(compose, tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    # the same config (another one is refused before any write) on a pool whose scores changed
+    write_jsonl(pool, [{"text": f"t{i}", "label": i % 2, "match_loss": 1 - i / 10, "perplexity": 2.0} for i in range(10)])
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as e:
-        run_select(compose(["logger=none", f"pool={pool}", "selector.per_class=1"], config_name="select"), run)
+        run_select(compose(["logger=none", f"pool={pool}"], config_name="select"), run)
     assert e.value.errno == errno.ENOSPC
     assert error_line(e.value) == f"cannot write {run / 'selected.jsonl'}: No space left on device; choose a writable hydra.run.dir with free space"
     assert (run / "selected.jsonl").read_bytes() == before  # the previous complete file survives

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..artifacts import read_json, write_json
+from ..artifacts import ConfigChanged, check_resume, read_json, write_json
 from ..config import build
 from ..data import dev_examples, load_split, sample_per_class
 from ..data.synthetic import resolve_synthetic_path, synthetic_privacy
@@ -113,11 +113,15 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     with main_process_lock(acc, run_dir, "finetune"):
         done = run_dir / METRICS_FILE
         prev = None
-        if main and done.exists():
+        if main and done.exists():  # the stored metrics, when made with the same config; another config is refused
             prev = read_json(done)
-            if prev.get("config") != json.loads(json.dumps(config)):
-                prev = None
-        prev = broadcast(acc, prev)
+            try:
+                check_resume(run_dir, "finetune", config, stored=prev.get("config") or {})
+            except ConfigChanged as e:
+                prev = {"_refused": str(e)}
+        prev = broadcast(acc, prev)  # every rank returns, or is refused, together
+        if prev is not None and "_refused" in prev:
+            raise ConfigChanged(prev["_refused"])
         if prev is not None:
             return prev
         t0 = time.perf_counter()

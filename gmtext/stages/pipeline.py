@@ -5,7 +5,9 @@ one budget) into <run dir>/probe, and `selector=margin` scores the pool against 
 
 Each stage is the same function its own entry point runs, and each resumes: generation
 skips finished batches, selection is a pure function of the pool, fine-tuning returns the
-stored metrics.json when it already exists for the same config.
+stored metrics.json when it already exists for the same config. Each stage also refuses a
+run dir whose output came from another config (generate, the first, before anything runs),
+so a rerun with other settings stops with one line instead of mixing the two.
 """
 from __future__ import annotations
 

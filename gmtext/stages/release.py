@@ -382,13 +382,18 @@ def run_release(cfg, run_dir) -> dict:
     of the same data would spend the privacy budget again."""
     import time
 
+    from omegaconf import OmegaConf
+
+    from ..artifacts import check_resume, record_config, run_lock
     from .generate import build_task, load_generator_model
 
     run_dir = Path(run_dir)
     out = run_dir / "release"
     if cfg.privacy.name == DP_NAME:
         validate_dp_config(cfg.privacy, cfg.real_per_class)
+    config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "release"):
+        check_resume(run_dir, "release", config)  # the release in run_dir is reused: only under the config it was made with
         t0 = time.perf_counter()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -398,6 +403,7 @@ def run_release(cfg, run_dir) -> dict:
         matched = MatchedParams(lm.model, list(cfg.matched_params))
         t_load = time.perf_counter() - t0
         rel, reused = load_or_make_release(cfg, out, lm, task, matched)
+        record_config(run_dir, "release", config)
     summary = {"release_dir": str(out), "reused": reused, "epsilon": rel.epsilon, "delta": rel.privacy.get("delta"),
                "mechanism": rel.privacy.get("mechanism"), "sigma": rel.privacy.get("sigma"), "divisors": rel.divisors,
                "num_params": sum(t.numel() for t in rel.targets[0]), "model_load_seconds": t_load}

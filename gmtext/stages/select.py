@@ -9,9 +9,9 @@ import math
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ..artifacts import run_lock, write_json, write_jsonl
+from ..artifacts import check_resume, record_config, run_lock, write_json, write_jsonl
 from ..config import build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
 from ..privacy.ledger import compose_records, ledger_of
@@ -121,22 +121,39 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def _pool_file(pool, run_dir: Path) -> Path:
+    """The pool file, never this stage's own output: a run dir resolves to its selected.jsonl
+    first, so selecting into the generate run dir itself (gmtext-pipeline; gmtext-select
+    without pool=) read its previous selection on a rerun, and reported that as the pool."""
+    p = resolve_synthetic_path(pool)
+    own = run_dir / "selected.jsonl"
+    if own.exists() and p.resolve() == own.resolve() and (run_dir / "synthetic.jsonl").exists():
+        return run_dir / "synthetic.jsonl"
+    return p
+
+
 def run_select(cfg: DictConfig, run_dir) -> dict:
     run_dir = Path(run_dir)
     selector = build(cfg.selector)
-    source = cfg.pool or run_dir
+    config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "select"):
+        source = _pool_file(cfg.pool or run_dir, run_dir)
+        # selection is recomputed from the pool (cheap, deterministic), but into a run dir whose
+        # selected.jsonl came from other settings it would silently replace what a later stage
+        # (a pipeline's fine-tuning) was made from: refuse instead
+        check_resume(run_dir, "select", config)
         rows = load_synthetic(source, list(cfg.dataset.label_names), selector.required)
         pool_privacy = synthetic_privacy(source) or {}
         probe_privacy = add_label_margins(cfg, rows, selector.release, selector.chunk) if isinstance(selector, LabelMarginSelector) else None
         chosen = selector(rows)
+        record_config(run_dir, "select", config)
         write_jsonl(run_dir / "selected.jsonl", chosen)
         counts = {}
         for r in chosen:
             counts[r["label"]] = counts.get(r["label"], 0) + 1
         summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
                    "mean_match_loss": _mean(chosen, "match_loss"), "mean_perplexity": _mean(chosen, "perplexity"),
-                   "source": str(resolve_synthetic_path(source))}
+                   "source": str(source)}
         parts = [pool_privacy] if pool_privacy else []
         if probe_privacy is not None:
             summary["mean_label_margin"] = _mean(chosen, "label_margin")
