@@ -186,7 +186,7 @@ def test_accelerate_launch_two_cpu_processes(compose, tmp_path):
     assert len(runs) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", runs[0].name), runs  # one shared run dir
     run = runs[0]
     assert list(work.rglob("metrics.json")) == [run / "metrics.json"]
-    assert sorted(x.name for x in run.iterdir()) == [".hydra", ".metrics.jsonl.commit", "cli.log", "metrics.json", "metrics.jsonl", "wandb"]
+    assert sorted(x.name for x in run.iterdir()) == [".hydra", ".metrics.jsonl.commit", "finetune.log", "metrics.json", "metrics.jsonl", "wandb"]
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # one W&B run, rank 0's
 
     events = [ln.split("\t") for f in tmp_path.glob("audit.*") for ln in f.read_text().splitlines()]
