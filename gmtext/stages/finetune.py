@@ -145,7 +145,8 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 **{k: v for k, v in metrics.items() if k in ("train_seconds", "steps", "final_loss", "trainable_params", "dp")},
                 "train_info": info, "wall_seconds": time.perf_counter() - t0,
             }
-            tracker.summary({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            tracker.summary({k: v for k, v in out.items() if (isinstance(v, (int, float)) and not isinstance(v, bool))
+                             or k in ("per_class_accuracy", "confusion")})
         finally:
             tracker.close()
         if main:

@@ -131,7 +131,6 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
             _record_failed(bdir, b, "non-finite matching loss of the projected text; check the release (targets.pt)", tracker)
             continue
         write_jsonl(_batch_file(bdir, b), rows)
-        tracker.table(f"synthetic/batch_{b}", ["text", "label_name", "match_loss", "perplexity"], [[r["text"], r["label_name"], r["match_loss"], r["perplexity"]] for r in rows])
         timings.append(res.timings)
         retries += sum(h.get("x_step_retries", 0) for h in res.history)
     failed = [b for b in mine if _batch_file(bdir, b, failed=True).exists()]
@@ -140,6 +139,8 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
         raise ValueError(f"every batch failed ({len(failed)}, see {bdir}/*.failed.json): non-finite matching loss or gradient; "
                          "lower matcher.lr or check the release")
     write_jsonl(run_dir / SYNTHETIC_FILE, rows)
+    tracker.table("synthetic", ["text", "label_name", "match_loss", "perplexity", "batch"],  # one table: the whole set
+                  [[r["text"], r["label_name"], r["match_loss"], r["perplexity"], r["batch"]] for r in rows])
     summary = {
         "examples": len(rows),
         "batches": len(mine),
