@@ -78,8 +78,20 @@ def _main(stage: str):
 
         @functools.wraps(task)
         def main(*args, **kwargs):
-            if stage == "finetune":
-                _distributed_launch_setup()
+            if stage != "finetune":
+                return _hydra_main(*args, **kwargs)
+            _distributed_launch_setup()
+            ok = False
+            try:
+                out = _hydra_main(*args, **kwargs)
+                ok = True
+                return out
+            finally:  # under accelerate launch: end the process group before exit (no abort at teardown)
+                from .finetune.distributed import end_process_group
+
+                end_process_group(clean=ok)
+
+        def _hydra_main(*args, **kwargs):
             if os.environ.get("HYDRA_FULL_ERROR") or os.environ.get("GMTEXT_TRACEBACK"):
                 return run(*args, **kwargs)
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing a multi-line report
