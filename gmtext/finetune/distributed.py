@@ -47,7 +47,9 @@ def get_accelerator():
 
     acc = Accelerator(device_placement=False, cpu=not torch.cuda.is_available())
     if launched_world_size() > 1 and acc.num_processes != launched_world_size():
-        raise RuntimeError(f"launched with WORLD_SIZE={launched_world_size()} but accelerate formed a group of {acc.num_processes}: "
+        from ..errors import UserError
+
+        raise UserError(f"launched with WORLD_SIZE={launched_world_size()} but accelerate formed a group of {acc.num_processes}: "
                            "every rank would write the same run dir; launch with accelerate launch --multi_gpu --num_processes N "
                            "as in README.md")
     return acc
@@ -88,7 +90,9 @@ def main_process_lock(acc, run_dir, stage: str):
             raise err
         if msg is not None:
             locked, text = msg
-            raise (RunDirLocked if locked else RuntimeError)(text)
+            from ..errors import UserError
+
+            raise (RunDirLocked if locked else UserError)(text)
         yield
 
 
