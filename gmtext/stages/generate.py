@@ -22,7 +22,7 @@ from ..gradients import MatchedParams
 from ..matching.objective import MatchingObjective
 from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
-from ..models import check_fits_context, load_model
+from ..models import check_fits_context, load_model, quiet_kv_cache_rename
 from ..tracking import Tracker
 from .release import Release, load_or_make_release
 
@@ -114,7 +114,8 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
             bar.set_postfix(step=rec["outer_step"], loss=f"{rec['best_discrete_loss']:.4f}")
 
         try:
-            res = matcher.run(obj, projector, ctx, c, bsz, length, gen, on_step)
+            with quiet_kv_cache_rename():  # transformers' past_key_values notice would cut through the bar
+                res = matcher.run(obj, projector, ctx, c, bsz, length, gen, on_step)
         except FloatingPointError as e:  # non-finite even after the matcher's smaller-step retries
             _record_failed(bdir, b, str(e), tracker)
             continue
