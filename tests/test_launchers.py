@@ -84,6 +84,7 @@ def test_submitit_local_sweep(tmp_path):
         (wb,) = (sweep / job).glob("wandb/offline-run-*/run-*.wandb")
         run, _, summary, config = wandb_contents(wb)
         assert run.run_group == "sweep" and run.job_type == "generate" and config["seed"] == int(job)
+        assert run.display_name == f"generate-seed{job}-job{job}" and (sweep / job / ".wandb_id.generate").read_text() == run.run_id
         assert summary["examples"] == 4
         run_ids.add(run.run_id)
     assert len(run_ids) == 2
