@@ -238,3 +238,18 @@ def test_run_finetune_synthetic_zero_shot_fewshot(compose, tmp_path):
     bad.write_text(json.dumps({"txt": "x", "label": 0}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['text'\]"):
         run_finetune(compose(_tiny_overrides(tmp_path, "train=synthetic", f"train.path={bad}"), config_name="finetune"), tmp_path / "bad")
+
+
+def test_progress_bars_follow_the_progress_setting(compose, tmp_path, capfd):
+    """Fine-tuning and evaluation draw tqdm bars on stderr with progress=true (the default),
+    none with progress=false."""
+    from gmtext.stages.finetune import run_finetune
+
+    base = ["model=tiny_llama", "logger=none", "train=real", "train.size=8", "finetuner.max_steps=3", "finetuner.batch_size=4",
+            "finetune.eval_limit=8", "finetune.dev_size=4"]
+    run_finetune(compose(base + ["progress=true"], config_name="finetune"), tmp_path / "on")
+    err = capfd.readouterr().err
+    assert "finetune" in err and "3/3" in err and "evaluate" in err and "dev" in err
+    run_finetune(compose(base + ["progress=false"], config_name="finetune"), tmp_path / "off")
+    err = capfd.readouterr().err
+    assert "finetune" not in err and "evaluate" not in err and "it/s" not in err

@@ -61,7 +61,7 @@ def one_line_error(r: subprocess.CompletedProcess, stage: str) -> str:
 def no_outputs(run_dir: Path) -> None:
     """Nothing but Hydra's own .hydra/ and job log: no artifact, no lock, no temp file."""
     left = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
-    assert set(left) <= {".hydra", "cli.log"}, left
+    assert set(left) <= {".hydra"} | {f"{s}.log" for s in ("generate", "release", "select", "finetune", "pipeline", "audit")}, left
 
 
 def data_dir(tmp_path: Path, rows, split="train", raw: bytes | None = None) -> Path:

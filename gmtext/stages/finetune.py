@@ -187,7 +187,8 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             }
             if src != "dpsgd":  # DP-SGD's run time depends on its private Poisson batches
                 out["wall_seconds"] = time.perf_counter() - t0
-            tracker.summary({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            tracker.summary({k: v for k, v in out.items() if (isinstance(v, (int, float)) and not isinstance(v, bool))
+                             or k in ("per_class_accuracy", "confusion")})
         finally:
             tracker.close()
         if main:
@@ -209,14 +210,21 @@ class NullTracker:
 
 
 def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker, acc=None) -> dict:
+    from tqdm.auto import tqdm
+
+    show = bool(cfg.progress) and (acc is None or acc.is_main_process)
+
+    def bar(name):  # progress=false, or a rank other than 0: no bar
+        return name if show else None
+
     bs = cfg.finetune.eval_batch_size
     mtt = cfg.finetuner.max_text_tokens
     if src in ("none", "fewshot"):
         ctx = fewshot_context(task, demos, cfg.seed) if src == "fewshot" else None
-        res = evaluate(lm.model, task, eval_exs, bs, mtt, ctx, accelerator=acc)
+        res = evaluate(lm.model, task, eval_exs, bs, mtt, ctx, accelerator=acc, desc=bar("evaluate"))
         out = res.to_dict()
         if dev:
-            out["dev_accuracy"] = evaluate(lm.model, task, dev, bs, mtt, ctx, accelerator=acc).accuracy
+            out["dev_accuracy"] = evaluate(lm.model, task, dev, bs, mtt, ctx, accelerator=acc, desc=bar("dev")).accuracy
         return out
     base = lm.model
     best = None
@@ -226,10 +234,15 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
         ft = build(OmegaConf.merge(cfg.finetuner, {"lr": lr}))
         model = ft.prepare(copy.deepcopy(base) if len(lrs) > 1 else base)
 
-        def on_step(rec, i=i, lr=lr):
+        total = None if src == "dpsgd" else ft.num_steps(len(train_exs))
+        pbar = tqdm(total=total, desc=f"finetune lr={lr:g}" if len(lrs) > 1 else "finetune", unit="step", disable=not show)
+
+        def on_step(rec, i=i, lr=lr, pbar=pbar):
             rec_log = {"train/lr": rec["lr"], "lr_run": i, "lr_value": lr}
+            pbar.update(1)
             if src != "dpsgd":  # DP-SGD's batch loss is computed from private records without noise: never logged
                 rec_log["train/loss"] = rec["loss"]
+                pbar.set_postfix(loss=f"{rec['loss']:.4f}")
             tracker.log(rec_log, step=step0 + rec["step"])
 
         if src == "dpsgd":
@@ -239,8 +252,9 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
             fit = dpsgd_fit(ft, model, task, train_exs, t.epsilon, t.delta, t.clip_norm, t.accountant, t.microbatch, on_step)
         else:
             fit = ft.fit(model, task, train_exs, on_step, accelerator=acc)
+        pbar.close()
         step0 += fit.steps
-        dev_acc = evaluate(model, task, dev, bs, mtt, accelerator=acc).accuracy if dev else None
+        dev_acc = evaluate(model, task, dev, bs, mtt, accelerator=acc, desc=bar("dev")).accuracy if dev else None
         selection[str(lr)] = dev_acc
         tracker.log({"dev/accuracy": dev_acc if dev_acc is not None else float("nan"), "lr_value": lr}, step=step0, kind="dev")
         if best is None or (dev_acc is not None and dev_acc > best[0]):
@@ -248,7 +262,7 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
         else:
             del model
     _, lr, model, fit = best
-    res = evaluate(model, task, eval_exs, bs, mtt, accelerator=acc)
+    res = evaluate(model, task, eval_exs, bs, mtt, accelerator=acc, desc=bar("evaluate"))
     out = res.to_dict()
     out.update(lr=lr, lr_selection=selection if len(lrs) > 1 else None, dev_accuracy=selection[str(lr)], train_seconds=fit.seconds,
                steps=fit.steps, final_loss=fit.losses[-1] if fit.losses else None, trainable_params=fit.trainable_params)

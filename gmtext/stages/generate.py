@@ -24,7 +24,7 @@ from ..gradients import MatchedParams
 from ..matching.objective import MatchingObjective
 from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
-from ..models import check_fits_context, load_model
+from ..models import check_fits_context, load_model, quiet_kv_cache_rename
 from ..tracking import Tracker
 from .release import Release, load_or_make_release
 
@@ -161,7 +161,8 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
             bar.set_postfix(step=rec["outer_step"], loss=f"{rec['best_discrete_loss']:.4f}")
 
         try:
-            res = matcher.run(obj, projector, ctx, c, bsz, length, gen, on_step)
+            with quiet_kv_cache_rename():  # transformers' past_key_values notice would cut through the bar
+                res = matcher.run(obj, projector, ctx, c, bsz, length, gen, on_step)
         except FloatingPointError as e:  # non-finite even after the matcher's smaller-step retries
             _record_failed(bdir, b, str(e), tracker)
             continue
@@ -183,7 +184,6 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
             _record_failed(bdir, b, "non-finite matching loss of the projected text; check the release (targets.pt)", tracker)
             continue
         write_jsonl(_batch_file(bdir, b), rows)
-        tracker.table(f"synthetic/batch_{b}", ["text", "label_name", "match_loss", "perplexity"], [[r["text"], r["label_name"], r["match_loss"], r["perplexity"]] for r in rows])
         timings.append(res.timings)
         retries += sum(h.get("x_step_retries", 0) for h in res.history)
     failed = [b for b in mine if _batch_file(bdir, b, failed=True).exists()]
@@ -192,6 +192,8 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
         raise ValueError(f"every batch failed ({len(failed)}, see {bdir}/*.failed.json): non-finite matching loss or gradient; "
                          "lower matcher.lr or check the release")
     write_jsonl(run_dir / SYNTHETIC_FILE, rows)
+    tracker.table("synthetic", ["text", "label_name", "match_loss", "perplexity", "batch"],  # one table: the whole set
+                  [[r["text"], r["label_name"], r["match_loss"], r["perplexity"], r["batch"]] for r in rows])
     summary = {
         "examples": len(rows),
         "batches": len(mine),

@@ -104,7 +104,8 @@ def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk
     fps = {m: release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, m) for m in MATCH_LOSSES}
     match_loss = next((m for m, fp in fps.items() if fp == rel.fingerprint), cfg.match_loss)
     rel.check(fps.get(match_loss, ""), matched.names)  # an unknown match_loss fits no release
-    fit = label_fit(lm.model, task, matched, rel.targets, [r["text"] for r in rows], match_loss, cfg.dataset.max_text_tokens, chunk)
+    fit = label_fit(lm.model, task, matched, rel.targets, [r["text"] for r in rows], match_loss, cfg.dataset.max_text_tokens, chunk,
+                    progress=bool(cfg.progress))
     for r, m in zip(rows, label_margin(fit, [r["label"] for r in rows]).tolist()):
         r["label_margin"] = m
     return {"release": str(release_dir), "epsilon": rel.epsilon, "delta": float(rel.privacy.get("delta", 0.0)),
