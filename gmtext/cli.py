@@ -62,11 +62,23 @@ def _run(stage: str, fn, cfg: DictConfig):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_dir = HydraConfig.get().runtime.output_dir
     try:
+        _expand_sketch_specs(cfg)
         return fn(cfg, run_dir)
     except USER_ERRORS as e:
         if os.environ.get("GMTEXT_TRACEBACK"):
             raise
         _fail(stage, error_line(e))
+
+
+def _expand_sketch_specs(cfg: DictConfig) -> None:
+    """Short `sketch:<regex>` entries of matched_params → the full form with cfg.sketch's k_in,
+    k_out and seed, before any stage builds MatchedParams (so every stage, and the config it
+    records, sees the same projection)."""
+    specs = cfg.get("matched_params")
+    if specs and any(str(s).startswith("sketch:") for s in specs):
+        from .sketch import expand_specs
+
+        cfg.matched_params = expand_specs(list(specs), cfg.get("sketch"))
 
 
 def _main(stage: str):

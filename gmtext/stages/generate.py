@@ -23,6 +23,7 @@ from ..matching.objective import MatchingObjective
 from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
 from ..models import check_fits_context, load_model
+from ..sketch import expand_specs
 from ..tracking import Tracker
 from .release import Release, load_or_make_release
 
@@ -73,7 +74,7 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), context_ids)
         if hasattr(projector, "check"):
             projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
-        matched = MatchedParams(model, list(cfg.matched_params))
+        matched = MatchedParams(model, expand_specs(cfg.matched_params, cfg.get("sketch")))
         release = obtain_release(cfg, run_dir, lm, task, matched)
         obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
         tracker = Tracker(run_dir, job_type="generate", config=OmegaConf.to_container(cfg, resolve=True), **cfg.logger)
