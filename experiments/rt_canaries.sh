@@ -9,12 +9,13 @@ cd "$(dirname "$0")/.."
 DATA=../shared/data/rotten_tomatoes
 OUT=${OUT:-experiments/results/rt_canaries}
 POOLS=${POOLS:-experiments/results/rt_main_cpu}
-GEN=(dataset=rotten_tomatoes dataset.path=$DATA logger=none threads=${THREADS:-2} seed=0 num_per_class=4 batch_size=4 real_per_class=50
+GEN=(dataset=rotten_tomatoes dataset.path=$DATA logger=none threads=${THREADS:-2} seed=0 num_per_class=4 batch_size=4
      match_loss=verbalizer "matched_params=[final_norm,last_blocks:1]" matcher.objective=sequence matcher.init_candidates=8
      projector.topk=200 projector.sim_weight=5 canaries.enabled=true canaries.k=4 canaries.references=200)
 export WANDB_MODE=disabled
 [ -d "$DATA" ] || { echo "rt_canaries.sh: $DATA not found (see ../shared/data/README)" >&2; exit 2; }
-declare -A EPS=([inf]="privacy=none" [4]="privacy=dp privacy.epsilon=4" [1]="privacy=dp privacy.epsilon=1")
+# ε = ∞ keeps the published 50-per-class sample; a DP release reads the whole train split
+declare -A EPS=([inf]="privacy=none real_per_class=50" [4]="privacy=dp privacy.epsilon=4" [1]="privacy=dp privacy.epsilon=1")
 for e in inf 4 1; do
   [ -f $OUT/eps$e/audit.json ] || gmtext-audit "${GEN[@]}" ${EPS[$e]} synthetic=$POOLS/gen_eps$e hydra.run.dir=$OUT/eps$e
 done

@@ -25,14 +25,15 @@ BASE=(dataset=rotten_tomatoes dataset.path=$DATA logger=none threads=2)
 FT=("${BASE[@]}" finetune.eval_limit=500 finetune.dev_size=0 finetuner.lr=1e-5 finetuner.batch_size=8 finetuner.epochs=10)
 # generator: last block + final norm matched, verbalizer loss, every sequence matched to its class
 # target, 8 LM-sampled starts, LM top-k projection with a closeness bonus (docs/generation.md)
-GEN=("${BASE[@]}" seed=0 num_per_class=$POOL_PER_CLASS batch_size=10 real_per_class=50 match_loss=verbalizer
+GEN=("${BASE[@]}" seed=0 num_per_class=$POOL_PER_CLASS batch_size=10 match_loss=verbalizer
      "matched_params=[final_norm,last_blocks:1]" matcher.objective=sequence matcher.init_candidates=8
      projector.topk=200 projector.sim_weight=5)
 export WANDB_MODE=disabled
 [ -d "$DATA" ] || { echo "rt_main_cpu.sh: $DATA not found (see ../shared/data/README)" >&2; exit 2; }
 
 # ε = ∞ (non-private), 4, 1: each pool is POOL_PER_CLASS per class; select keeps the N/2 best-matching per class
-declare -A EPS=([inf]="privacy=none" [4]="privacy=dp privacy.epsilon=4" [1]="privacy=dp privacy.epsilon=1")
+# ε = ∞ keeps the published 50-per-class sample; a DP release reads the whole train split
+declare -A EPS=([inf]="privacy=none real_per_class=50" [4]="privacy=dp privacy.epsilon=4" [1]="privacy=dp privacy.epsilon=1")
 has gradmm || EPS_LIST=
 for e in $EPS_LIST; do
   [ -f $OUT/gen_eps$e/generate.json ] || gmtext-generate "${GEN[@]}" ${EPS[$e]} hydra.run.dir=$OUT/gen_eps$e

@@ -142,3 +142,86 @@ def _owner(lock: Path) -> int:
         return int(lock.read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
+
+
+# ------------------------------------------------------------------ resume: same config only
+# Top-level config keys that do not shape any stage's output: how progress is shown, where
+# metrics go, how many CPU threads run, Hydra's own settings, and which entry point ran the
+# stage (gmtext-pipeline runs generate with stage=pipeline; gmtext-generate may resume it).
+RESUME_FREE_KEYS = frozenset({"progress", "logger", "threads", "hydra", "stage"})
+
+
+class ConfigChanged(ValueError):
+    """A run dir holds a stage's output made with another config: resuming would mix or
+    silently reuse it, so the stage stops before writing anything."""
+
+
+def config_record(run_dir, stage: str) -> Path:
+    """Where a stage records the config its output in run_dir was made with."""
+    return Path(run_dir) / f"{stage}.config.json"
+
+
+def _plain(config) -> dict:
+    """The config as it reads back from JSON (tuples → lists, Paths → str), so a stored
+    config and a live one compare equal when they would write the same file."""
+    return json.loads(json.dumps(config, default=_json_default))
+
+
+def config_diff(stored: dict, config: dict, free=RESUME_FREE_KEYS) -> list[tuple[str, object, object]]:
+    """(dotted key, stored value, new value) for every leaf that differs, top-level `free`
+    keys ignored; a key present on one side only counts as a difference."""
+    out: list[tuple[str, object, object]] = []
+    missing = object()
+
+    def walk(a, b, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                if not prefix and k in free:
+                    continue
+                walk(a.get(k, missing), b.get(k, missing), f"{prefix}{k}.")
+            return
+        if a != b:
+            out.append((prefix[:-1], None if a is missing else a, None if b is missing else b))
+
+    walk(_plain(stored), _plain(config), "")
+    return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v, default=_json_default)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def check_resume(run_dir, stage: str, config: dict, stored: dict | None = None, free=RESUME_FREE_KEYS) -> bool:
+    """Refuse to resume (or reuse) `stage`'s output in run_dir when it was made with a config
+    that differs from `config` in a key that shapes the output.
+
+    `stored` is the config the stage kept with its finished output (finetune's metrics.json,
+    generate's generate.json); without one, the record written by `record_config` is read.
+    Returns True when a stored config exists and matches (there is something to resume),
+    False when the run dir holds no record of this stage. Raises ConfigChanged, one line
+    naming the differing keys with both values, otherwise: the caller must not have written
+    anything yet."""
+    if stored is None:
+        rec = config_record(run_dir, stage)
+        if not rec.exists():
+            return False
+        stored = read_json(rec)
+    diff = config_diff(stored, config, free)
+    if diff:
+        keys = ", ".join(f"{k} {_short(a)} → {_short(b)}" for k, a, b in diff[:8]) + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "")
+        raise ConfigChanged(f"{run_dir} holds {stage} output made with another config ({keys}); rerun with the same "
+                            f"settings to resume (only {', '.join(sorted(free))} may differ) or choose another hydra.run.dir")
+    return True
+
+
+def record_config(run_dir, stage: str, config: dict) -> bool:
+    """Record the config of `stage`'s output in run_dir, before its first output file.
+
+    An existing record stays: check_resume already found it equal (up to the free keys),
+    and a resumed run writes only what it must. Returns whether this call wrote it."""
+    rec = config_record(run_dir, stage)
+    if rec.exists():
+        return False
+    write_json(rec, config)
+    return True

@@ -1,8 +1,9 @@
 """Console entry points: thin @hydra.main wrappers around pure stage functions.
 
 Known user errors (an unknown config option or key, bad values, missing or malformed
-data, locked or unwritable run dirs, a full disk, mismatched releases) end with one line
-on stderr and exit code 2, not a traceback. GMTEXT_TRACEBACK=1 (or Hydra's
+data, locked or unwritable run dirs, a full disk, mismatched releases, gmtext.errors.UserError)
+end with one line on stderr and exit code 2, not a traceback; anything else (a torch
+RuntimeError, an I/O error that is no setting) is a bug and shows its traceback. GMTEXT_TRACEBACK=1 (or Hydra's
 HYDRA_FULL_ERROR=1) shows the traceback instead. docs/troubleshooting.md lists them.
 """
 from __future__ import annotations
@@ -23,9 +24,23 @@ from .config import register_configs
 
 register_configs()
 CONF = "pkg://gmtext.conf"
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, PermissionError, OSError)
 # An OSError with one of these errno values is about where the run writes, not a bug.
 WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+# ... or about a path the user gave.
+PATH_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Errors the user can fix: bad values (ValueError and the data/release/merge errors
+    derived from it), missing files, permissions, a full disk or an unusable run dir, a run
+    dir in use, and UserError (a launch or install problem). Everything else, a
+    RuntimeError from torch included, is a bug and keeps its traceback."""
+    from .artifacts import RunDirLocked
+    from .errors import UserError
+
+    if isinstance(e, (ValueError, FileNotFoundError, PermissionError, UserError, RunDirLocked)):
+        return True
+    return isinstance(e, OSError) and e.errno in WRITE_ERRNOS | PATH_ERRNOS
 
 
 def error_line(e: BaseException) -> str:
@@ -64,21 +79,24 @@ def _run(stage: str, fn, cfg: DictConfig):
     try:
         _expand_sketch_specs(cfg)
         return fn(cfg, run_dir)
-    except USER_ERRORS as e:
-        if os.environ.get("GMTEXT_TRACEBACK"):
+    except Exception as e:
+        if os.environ.get("GMTEXT_TRACEBACK") or not is_user_error(e):
             raise
         _fail(stage, error_line(e))
 
 
 def _expand_sketch_specs(cfg: DictConfig) -> None:
-    """Short `sketch:<regex>` entries of matched_params → the full form with cfg.sketch's k_in,
+    """Short `sketch:<regex>` entries of matched_params and probe.matched_params → the full form with cfg.sketch's k_in,
     k_out and seed, before any stage builds MatchedParams (so every stage, and the config it
     records, sees the same projection)."""
+    from .sketch import expand_specs
+
     specs = cfg.get("matched_params")
     if specs and any(str(s).startswith("sketch:") for s in specs):
-        from .sketch import expand_specs
-
         cfg.matched_params = expand_specs(list(specs), cfg.get("sketch"))
+    probe = cfg.get("probe")
+    if probe is not None and any(str(s).startswith("sketch:") for s in probe.matched_params):
+        probe.matched_params = expand_specs(list(probe.matched_params), cfg.get("sketch"))
 
 
 def _main(stage: str):
@@ -90,8 +108,20 @@ def _main(stage: str):
 
         @functools.wraps(task)
         def main(*args, **kwargs):
-            if stage == "finetune":
-                _distributed_launch_setup()
+            if stage != "finetune":
+                return _hydra_main(*args, **kwargs)
+            _distributed_launch_setup()
+            ok = False
+            try:
+                out = _hydra_main(*args, **kwargs)
+                ok = True
+                return out
+            finally:  # under accelerate launch: end the process group before exit (no abort at teardown)
+                from .finetune.distributed import end_process_group
+
+                end_process_group(clean=ok)
+
+        def _hydra_main(*args, **kwargs):
             if os.environ.get("HYDRA_FULL_ERROR") or os.environ.get("GMTEXT_TRACEBACK"):
                 return run(*args, **kwargs)
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing a multi-line report
@@ -100,6 +130,8 @@ def _main(stage: str):
             except (HydraException, OmegaConfBaseException) as e:
                 _fail(stage, config_error_line(e))
             except OSError as e:  # Hydra creating the run dir or writing .hydra/
+                if not is_user_error(e):
+                    raise
                 _fail(stage, error_line(e))
             finally:
                 os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -8,17 +8,47 @@ arguments: `hydra.utils.instantiate` builds them, and they never see the whole c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+class Choice(str, Enum):
+    """A closed set of string values. As a schema field type, Hydra rejects any other value
+    when the config is composed (`matcher.distance=cosine` fails at start-up, listing the
+    accepted ones) instead of an hour later in the constructor. A `str` subclass whose
+    str()/format() is the plain value: code comparing with "cos", json.dumps, f-strings and
+    dict lookups keyed by the value keep working on the member (member name == value)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+Distance = Choice("Distance", {v: v for v in ("cos", "l2")}, module=__name__)
+Metric = Choice("Metric", {v: v for v in ("cos", "l2")}, module=__name__)
+Init = Choice("Init", {v: v for v in ("lm_sample", "random")}, module=__name__)
+Objective = Choice("Objective", {v: v for v in ("batch", "sequence")}, module=__name__)
+Accountant = Choice("Accountant", {v: v for v in ("prv", "rdp", "analytic")}, module=__name__)
+SGDAccountant = Choice("SGDAccountant", {v: v for v in ("prv", "rdp")}, module=__name__)
+Adjacency = Choice("Adjacency", {v: v for v in ("replace_one", "add_remove")}, module=__name__)
+MatchLoss = Choice("MatchLoss", {v: v for v in ("full_vocab", "verbalizer")}, module=__name__)
+DType = Choice("DType", {v: v for v in ("float32", "bfloat16", "float16")}, module=__name__)
+LoggerName = Choice("LoggerName", {v: v for v in ("wandb", "none")}, module=__name__)
+LoggerMode = Choice("LoggerMode", {v: v for v in ("online", "offline", "disabled")}, module=__name__)
+
+
 @dataclass
 class ModelConfig:
     name: str = "embedded:smollm2-135m"
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    dtype: str = "float32"
+    # cpu | cuda | cuda:N | auto (cuda when present); GMTEXT_DEVICE sets the default, as the
+    # hydra/launcher=slurm preset does on its GPU nodes (auto); an explicit model.device wins
+    device: str = "${oc.env:GMTEXT_DEVICE,cpu}"
+    dtype: DType = DType.float32
     attn_implementation: str = "eager"  # double backward needs eager attention on CPU
     start_token: Optional[str] = None  # context token when the tokenizer adds no BOS
     tiny_hidden: int = 64
@@ -53,15 +83,15 @@ class ADMMConfig:
     lr: float = 0.008
     rho: float = 1.0
     grad_clip: float = 1.0
-    distance: str = "cos"
+    distance: Distance = Distance.cos
     lm_weight: float = 0.0
-    init: str = "lm_sample"
+    init: Init = Init.lm_sample
     init_candidates: int = 4
     init_temperature: float = 1.0
     closed_form: bool = True
     admm: bool = True
     nan_retries: int = 3  # non-finite x-step: undo it and retry at half the lr, this many times
-    objective: str = "batch"  # batch: the batch-mean gradient matches (paper); sequence: every sequence's own
+    objective: Objective = Objective.batch  # batch: the batch-mean gradient matches (paper); sequence: every sequence's own
 
 
 @dataclass
@@ -71,19 +101,19 @@ class EmbeddingOnlyConfig:
     inner_steps: int = 10
     lr: float = 0.008
     grad_clip: float = 1.0
-    distance: str = "cos"
-    init: str = "lm_sample"
+    distance: Distance = Distance.cos
+    init: Init = Init.lm_sample
     init_candidates: int = 4
     init_temperature: float = 1.0
     closed_form: bool = True
-    objective: str = "batch"
+    objective: Objective = Objective.batch
 
 
 @dataclass
 class LMTopKConfig:
     _target_: str = "gmtext.matching.projectors.LMTopKProjector"
     topk: int = 200
-    metric: str = "cos"
+    metric: Metric = Metric.cos
     sim_weight: float = 0.0  # >0: bonus for closeness to x (keeps the projection coherent)
     lm_candidates: int = 0  # >0: also offer the LM's m likeliest tokens at every position
 
@@ -91,7 +121,7 @@ class LMTopKConfig:
 @dataclass
 class NearestConfig:
     _target_: str = "gmtext.matching.projectors.NearestProjector"
-    metric: str = "cos"
+    metric: Metric = Metric.cos
 
 
 @dataclass
@@ -102,14 +132,16 @@ class PrivacyNoneConfig:
 
 @dataclass
 class PrivacyDPConfig:
-    """Gaussian mechanism on clipped per-class mean gradients, calibrated by an accountant."""
+    """Gaussian mechanism on the per-class sums of clipped gradients of the whole private split."""
 
     name: str = "dp"
     epsilon: float = 1.0
     delta: float = 1e-5
     clip_norm: float = 1.0
-    accountant: str = "prv"  # prv | rdp | analytic
-    adjacency: str = "replace_one"  # replace_one (sensitivity 2C/n) | add_remove (C/n)
+    accountant: Accountant = Accountant.analytic  # calibrates σ: analytic (exact for one Gaussian) | prv | rdp
+    adjacency: Adjacency = Adjacency.replace_one  # replace_one (sensitivity 2C) | add_remove (C)
+    sample_rate: float = 1.0  # < 1: each record kept on its own with this probability (keyed hash)
+    divisor: Optional[float] = None  # public constant the noisy sums are divided by; null: rows*rate/classes (replace_one)
 
 
 @dataclass
@@ -138,9 +170,10 @@ class NoSelectorConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"  # wandb | none
-    mode: str = "offline"  # online | offline | disabled
-    project: str = "gmtext"
+    name: LoggerName = LoggerName.wandb
+    # null: W&B's own WANDB_MODE / WANDB_PROJECT decide, else offline / gmtext (docs/tracking.md)
+    mode: Optional[LoggerMode] = None
+    project: Optional[str] = None
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
@@ -220,19 +253,20 @@ class TrainPromptedConfig:
 
 @dataclass
 class TrainDPSGDConfig:
+    # the recipe (expected batch, epochs, lr) lives in finetuner.*, set by conf/train/dpsgd.yaml
     source: str = "dpsgd"
-    size: int = 100
+    size: Optional[int] = None  # null = every non-dev record of the train split; int = record-stable subsample of that expected size
     epsilon: float = 8.0
     delta: float = 1e-5
-    clip_norm: float = 1.0
-    accountant: str = "prv"  # prv | rdp
-    microbatch: int = 8  # per-example gradients computed this many at a time
+    clip_norm: float = 0.1
+    accountant: SGDAccountant = SGDAccountant.prv
+    microbatch: int = 8  # physical batch (memory only): examples per forward/backward
 
 
 @dataclass
 class FinetuneStageConfig:
     eval_limit: int = 0  # >0: evaluate on a fixed (seed-independent) random subset of this size
-    dev_size: int = 200  # dev examples carved by hash from the train split
+    dev_size: int = 0  # >0: dev examples carved by hash from the (private) train split: the ledger then reports ε = ∞
     eval_batch_size: int = 32
     lrs: List[float] = field(default_factory=list)  # >1 value: pick finetuner.lr by dev accuracy
 
@@ -249,6 +283,15 @@ class SketchConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """A second release over other parameters, made with the generator's (same records, same
+    budget): label-fit margin selection scores the pool against it (docs/selection.md)."""
+
+    matched_params: List[str] = field(default_factory=list)  # empty: no probe release
+    budget_share: float = 0.5  # share of the privacy budget (of mu^2 = 1/m^2 under GDP) spent on the probe
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -260,13 +303,14 @@ class RootConfig:
     seed: int = 0
     num_per_class: int = 10  # synthetic examples per class
     batch_size: int = 10  # synthetic sequences per class optimised together
-    real_per_class: int = 50  # real examples per class behind each target gradient
+    real_per_class: Optional[int] = None  # null: every record of the train split; N: a seeded sample (non-private only)
     matched_params: List[str] = field(default_factory=lambda: ["lm_head"])
     sketch: SketchConfig = field(default_factory=SketchConfig)  # for sketch:<regex> entries of matched_params
     # loss whose gradient is matched: full_vocab (the paper) or verbalizer (cross-entropy over
     # the label tokens only: the loss fine-tuning uses; class-specific, far fewer noisy dims)
-    match_loss: str = "full_vocab"
+    match_loss: MatchLoss = MatchLoss.full_vocab
     target_batch_size: int = 16
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     selector: Any = MISSING
     pool: Optional[str] = None  # gmtext-select: generated pool (run dir or jsonl); default: this run dir
     release: Optional[str] = None  # existing release dir: generate without touching real data

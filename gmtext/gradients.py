@@ -75,13 +75,19 @@ class MatchedParams:
             if not sel:
                 raise ValueError(f"matcher.params entry {s!r} matches no parameter of this model")
             chosen.update(sel)
-        for p in model.parameters():
-            p.requires_grad_(False)
         self.names = list(chosen)
         self.params = [chosen[n] for n in self.names]
         self.head_only = set(self.names) == head_names
+        self.activate()
+
+    def activate(self) -> "MatchedParams":
+        """Make these the only tensors with requires_grad (another MatchedParams on the same
+        model, e.g. a probe's, switches them off)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
+        return self
 
     def shapes(self) -> list[tuple[int, ...]]:
         return [tuple(p.shape) for p in self.params]

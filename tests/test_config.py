@@ -1,8 +1,11 @@
 """Config composition: every group option composes, typos fail at start-up."""
 from pathlib import Path
 
+import subprocess
+import sys
+
 import pytest
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -38,7 +41,8 @@ def test_defaults(compose):
     assert cfg.dataset.name == "demo" and cfg.dataset.builtin == "demo"
     assert cfg.projector._target_.endswith("LMTopKProjector") and cfg.projector.topk == 200
     assert cfg.matcher._target_.endswith("ADMMMatcher")
-    assert cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
+    assert cfg.logger.name == "wandb" and cfg.logger.mode is None and cfg.logger.project is None  # W&B's env decides
+    assert cfg.model.device == "cpu" and "experiment" not in cfg
 
 
 def test_user_facing_override_names(compose):
@@ -72,3 +76,115 @@ def test_matcher_instantiates_with_typed_args(compose):
         assert m.outer_steps >= 1 and m.lr > 0
     for opt in ("lm_topk", "nearest"):
         assert instantiate(compose([f"projector={opt}"]).projector) is not None
+
+
+# ---------------------------------------------------------------- experiments, job names, help
+def test_misspelled_experiment_fails(compose):
+    """experiment=NAME must name a file of conf/experiment (it was `optional`: a typo composed
+    the defaults and the run went ahead without the experiment)."""
+    with pytest.raises(MissingConfigException, match="rt_main_cpuu"):
+        compose(["experiment=rt_main_cpuu"])
+    assert compose(["experiment=rt_main_cpu"], config_name="pipeline").dataset.name == "rotten_tomatoes"
+
+
+def test_misspelled_experiment_cli_one_line_exit_2():
+    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import generate_main; generate_main()", "experiment=rt_main_cpuu", "--cfg", "job"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert line.startswith("gmtext-generate: error: ") and "experiment/rt_main_cpuu" in line and "rt_main_cpu," in line
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+def test_job_named_after_its_stage(primary):
+    """Job log <stage>.log, sbatch job <stage>, --help about the stage (Hydra's default is the
+    module name: every stage was `cli`)."""
+    from hydra import compose as _compose, initialize_config_module
+
+    from gmtext.config import register_configs
+
+    register_configs()
+    with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
+        hc = _compose(config_name=primary, overrides=["synthetic=x"] if primary == "audit" else [], return_hydra_config=True).hydra
+    assert hc.job.name == primary and hc.help.app_name == f"gmtext-{primary}"
+    assert hc.help.header.startswith(f"gmtext-{primary}: ") and len(hc.help.header) > 60
+
+
+def test_help_describes_the_stage():
+    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import select_main; select_main()", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("gmtext-select: Pick the final synthetic set") and "cli is powered by Hydra" not in r.stdout
+    assert "== Configuration groups ==" in r.stdout
+
+
+# ---------------------------------------------------------------- closed choices
+BAD_CHOICES = [("matcher.distance=cosine", "generate"), ("matcher.objective=batches", "generate"), ("matcher.init=zeros", "generate"),
+               ("projector.metric=dot", "generate"), ("match_loss=verb", "generate"), ("model.dtype=fp8", "generate"),
+               ("logger.mode=onlin", "generate"), ("logger.name=tensorboard", "generate"),
+               ("privacy=dp privacy.accountant=prvv", "release"), ("privacy=dp privacy.adjacency=add", "release"),
+               ("train=dpsgd train.accountant=analytic", "finetune"), ("matcher=embedding_only matcher.distance=L2", "generate")]
+
+
+@pytest.mark.parametrize("overrides,primary", BAD_CHOICES)
+def test_closed_choice_rejected_at_compose(compose, overrides, primary):
+    *rest, bad = overrides.split()
+    with pytest.raises(ConfigCompositionException) as e:
+        compose([*rest, bad], config_name=primary)
+    assert "expected one of" in str(e.value.__cause__) and bad.split("=")[1] in str(e.value.__cause__)
+
+
+def test_choices_behave_as_strings(compose):
+    """Enum members from the schema compare, format and serialise as their plain value, so
+    the code comparing with "cos" and the stored configs (json) are unchanged."""
+    import json
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose(["matcher.distance=l2", "match_loss=verbalizer", "privacy=dp", "privacy.accountant=rdp"])
+    assert cfg.matcher.distance == "l2" and f"{cfg.match_loss}" == "verbalizer" and str(cfg.privacy.accountant) == "rdp"
+    assert {"rdp": 1}[cfg.privacy.accountant] == 1
+    d = OmegaConf.to_container(cfg, resolve=True)
+    assert json.loads(json.dumps(d))["matcher"]["distance"] == "l2"
+    assert instantiate(cfg.matcher).outer_steps >= 1
+    assert instantiate(compose(["projector.metric=l2"]).projector) is not None
+
+
+# ---------------------------------------------------------------- CLI: one line for user errors, tracebacks for bugs
+def test_user_errors_versus_bugs():
+    import errno
+
+    from gmtext.artifacts import RunDirLocked
+    from gmtext.cli import is_user_error
+    from gmtext.data import DataError
+    from gmtext.errors import UserError
+
+    for e in (ValueError("x"), DataError("x"), FileNotFoundError(errno.ENOENT, "no", "f"), PermissionError(errno.EACCES, "no", "f"),
+              OSError(errno.ENOSPC, "full", "f"), UserError("launch"), RunDirLocked("busy")):
+        assert is_user_error(e), e
+    for e in (RuntimeError("CUDA error: an illegal memory access"), OSError(errno.EIO, "I/O error"), KeyError("k"), TypeError("t")):
+        assert not is_user_error(e), e
+
+
+def test_cli_shows_a_traceback_for_a_bug(monkeypatch, capsys):
+    """A RuntimeError out of a stage (a torch bug) propagates with its traceback; a
+    ValueError ends as one line and exit 2."""
+    import types
+
+    import gmtext.cli as cli
+
+    monkeypatch.setattr(cli, "HydraConfig", types.SimpleNamespace(get=lambda: types.SimpleNamespace(runtime=types.SimpleNamespace(output_dir="."))))
+
+    def bug(cfg, run_dir):
+        raise RuntimeError("expected scalar type Float but found Half")
+
+    with pytest.raises(RuntimeError, match="scalar type"):
+        cli._run("generate", bug, None)
+
+    def bad_value(cfg, run_dir):
+        raise ValueError("num_per_class=0 must be >= 1")
+
+    with pytest.raises(SystemExit) as e:
+        cli._run("generate", bad_value, None)
+    assert e.value.code == 2 and capsys.readouterr().err == "gmtext-generate: error: num_per_class=0 must be >= 1\n"

@@ -177,16 +177,17 @@ def test_accelerate_launch_two_cpu_processes(compose, tmp_path):
                GMTEXT_AUDIT_ROOT=str(work / "outputs"), GMTEXT_AUDIT_LOG=str(tmp_path / "audit"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(script), *TRAIN, "logger=wandb"]  # logger.mode is offline: no network
+           str(script), *TRAIN, "logger=wandb", "logger.mode=offline"]  # explicit: wins over WANDB_MODE=disabled; no network
     p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert len([ln for ln in p.stdout.splitlines() if ln.startswith("gmtext-finetune: real")]) == 1  # rank 0 prints
+    assert "terminate called" not in p.stderr  # each rank ended its process group before exit (end_process_group)
 
     runs = list((work / "outputs" / "finetune" / "demo").iterdir())
     assert len(runs) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", runs[0].name), runs  # one shared run dir
     run = runs[0]
     assert list(work.rglob("metrics.json")) == [run / "metrics.json"]
-    assert sorted(x.name for x in run.iterdir()) == [".hydra", ".metrics.jsonl.commit", "cli.log", "metrics.json", "metrics.jsonl", "wandb"]
+    assert sorted(x.name for x in run.iterdir()) == [".hydra", ".metrics.jsonl.commit", ".wandb_id.finetune", "finetune.log", "metrics.json", "metrics.jsonl", "wandb"]
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # one W&B run, rank 0's
 
     events = [ln.split("\t") for f in tmp_path.glob("audit.*") for ln in f.read_text().splitlines()]
@@ -217,3 +218,20 @@ def test_accelerate_launch_two_cpu_processes(compose, tmp_path):
     assert m["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
     ref = [json.loads(ln)["train/loss"] for ln in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines() if "train/loss" in ln]
     assert [r["train/loss"] for r in train_steps] == pytest.approx(ref, rel=1e-4)
+
+
+def test_end_process_group_tears_down(tmp_path):
+    """end_process_group destroys an initialised group (after a barrier when clean) and is a
+    no-op without one: what gmtext-finetune runs before exit under accelerate launch."""
+    import torch.distributed as dist
+
+    from gmtext.finetune.distributed import end_process_group
+
+    end_process_group(clean=True)  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group(clean=True)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    end_process_group(clean=False)
+    assert not dist.is_initialized()

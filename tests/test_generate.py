@@ -1,16 +1,15 @@
 """The generate stage end to end on the tiny model and the builtin demo set."""
 import json
-import subprocess
-import sys
 
 import pytest
+import torch
 
-from gmtext.artifacts import read_jsonl
+from gmtext.artifacts import ConfigChanged, read_jsonl
 from gmtext.stages.generate import run_generate
 
 FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
         "projector.topk=20", "num_per_class=4", "batch_size=2", "real_per_class=6", "dataset.length=6", "progress=false"]
-FIELDS = {"text", "label", "label_name", "match_loss", "perplexity", "batch", "class_batch_loss"}
+FIELDS = {"text", "label", "label_name", "match_loss", "token_match_loss", "perplexity", "batch", "class_batch_loss", "token_ids"}
 
 
 def test_generate_writes_outputs(compose, tmp_path):
@@ -26,6 +25,52 @@ def test_generate_writes_outputs(compose, tmp_path):
     assert (tmp_path / "release" / "release.json").exists() and (tmp_path / "metrics.jsonl").exists()
     steps = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("discrete_loss" in r for r in steps) and any(r["kind"] == "summary" for r in steps)
+    assert s["mean_match_loss"] == pytest.approx(sum(r["match_loss"] for r in rows) / 8)
+
+
+def _objective(cfg, run_dir):
+    """The generator's objective for a finished run, rebuilt from its config and release."""
+    from gmtext.config import build
+    from gmtext.gradients import MatchedParams
+    from gmtext.matching.objective import MatchingObjective
+    from gmtext.stages.generate import build_task, load_generator_model
+    from gmtext.stages.release import Release
+
+    lm = load_generator_model(cfg)
+    task = build_task(cfg, lm.tokenizer)
+    m = build(cfg.matcher)
+    obj = MatchingObjective(lm.model, MatchedParams(lm.model, list(cfg.matched_params)), Release.load(run_dir / "release").targets,
+                            task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=m.distance, closed_form=m.closed_form,
+                            context_ids=task.lm_context_ids(cfg.dataset.lm_context), match_loss=cfg.match_loss)
+    return lm, task, obj
+
+
+def _row_loss(obj, ids, label, num_classes):
+    """One sequence's own distance through the batch path ([C, 1, L], the ids in every class slot)."""
+    t = torch.tensor(ids).view(1, 1, -1).expand(num_classes, 1, -1)
+    return obj.discrete(t, per_sequence=True)[1][label, 0].item()
+
+
+def test_match_loss_is_the_loss_of_the_written_text(compose, tmp_path):
+    """match_loss is the distance of the text as written (decoded, tokenised again), which is
+    what selection ranks and fine-tuning trains on; token_match_loss keeps the optimised ids'
+    distance. On the tiny model many texts do not re-tokenise to their ids, and there the two differ."""
+    cfg = compose(FAST)
+    run_generate(cfg, tmp_path)
+    rows = read_jsonl(tmp_path / "synthetic.jsonl")
+    lm, task, obj = _objective(cfg, tmp_path)
+    changed = 0
+    for r in rows:
+        assert len(r["token_ids"]) == cfg.dataset.length
+        assert lm.tokenizer.decode(r["token_ids"], skip_special_tokens=True).strip() == r["text"]
+        assert r["token_match_loss"] == pytest.approx(_row_loss(obj, r["token_ids"], r["label"], 2), abs=1e-5)
+        again = task.encode_text(r["text"])
+        assert r["match_loss"] == pytest.approx(_row_loss(obj, again, r["label"], 2), abs=1e-5)
+        if again != r["token_ids"] and abs(r["match_loss"] - r["token_match_loss"]) > 1e-4:
+            changed += 1
+        elif again == r["token_ids"]:
+            assert r["match_loss"] == pytest.approx(r["token_match_loss"], abs=1e-5)
+    assert changed >= 1  # else this test could not tell the two losses apart
 
 
 def test_resume_after_interruption_matches_uninterrupted(compose, tmp_path, monkeypatch):
@@ -49,9 +94,57 @@ def test_resume_after_interruption_matches_uninterrupted(compose, tmp_path, monk
     assert sorted(p.name for p in (part / "batches").iterdir()) == ["batch_00000.jsonl"]
     assert not (part / "synthetic.jsonl").exists()
     monkeypatch.setattr(admm.ADMMMatcher, "run", real_run)
+    # resuming the half-finished dir with another seed would append batches of seed 1 to seed 0's
+    files = _snapshot(part)
+    with pytest.raises(ConfigChanged, match=r"holds generate output made with another config \(finetuner.seed 0 → 1, seed 0 → 1\)"):
+        run_generate(compose(FAST + ["seed=1"]), part)
+    assert _snapshot(part) == files
     s = run_generate(compose(FAST), part)
     assert s["batches_generated_now"] == 1
     assert (part / "synthetic.jsonl").read_text() == (full / "synthetic.jsonl").read_text()
+
+
+def _snapshot(d):
+    """Every file under d with its bytes: what a refused run must leave exactly as it was."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_rerun_with_another_config_is_refused_and_writes_nothing(compose, tmp_path):
+    """Issue 20, bug 1: a finished seed-0 dir rerun with other settings used to exit 0,
+    regenerate nothing and record the new seed in generate.json beside seed 0's texts."""
+    run_generate(compose(FAST), tmp_path)
+    files = _snapshot(tmp_path)
+    with pytest.raises(ConfigChanged) as e:
+        run_generate(compose(FAST + ["seed=1", "real_per_class=12", "matcher.outer_steps=1"]), tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path} holds generate output made with another config (")
+    assert "matcher.outer_steps 2 → 1, real_per_class 6 → 12, seed 0 → 1)" in msg
+    assert _snapshot(tmp_path) == files  # not even generate.json or the tracker's log
+    # keys that shape nothing may differ: the finished run is resumed, nothing regenerated
+    s = run_generate(compose(FAST + ["progress=true", "logger=none"]), tmp_path)
+    assert s["batches_generated_now"] == 0 and s["examples"] == 8
+    assert (tmp_path / "synthetic.jsonl").read_bytes() == files["synthetic.jsonl"]
+
+
+def test_pool_may_grow_when_its_batches_stay_whole(compose, tmp_path):
+    """num_per_class alone may change when every batch the two runs share has the same size:
+    the grown pool is byte-identical to one generated at that size from the start."""
+    from omegaconf import OmegaConf
+
+    from gmtext.stages.generate import pool_grows_cleanly
+
+    small = FAST + ["matcher.outer_steps=1", "real_per_class=2"]
+    run_generate(compose(small + ["num_per_class=2"]), tmp_path / "grow")  # one batch of 2 per class
+    s = run_generate(compose(small + ["num_per_class=4"]), tmp_path / "grow")
+    assert s["batches_generated_now"] == 1 and s["examples"] == 8
+    run_generate(compose(small + ["num_per_class=4"]), tmp_path / "fresh")
+    assert (tmp_path / "grow" / "synthetic.jsonl").read_bytes() == (tmp_path / "fresh" / "synthetic.jsonl").read_bytes()
+    cfg = lambda n, b=2: OmegaConf.create({"num_per_class": n, "batch_size": b})
+    assert pool_grows_cleanly({"num_per_class": 4, "batch_size": 2}, cfg(5))  # batches 0-1 whole in both
+    assert not pool_grows_cleanly({"num_per_class": 5, "batch_size": 2}, cfg(6))  # batch 2: 1 row, then 2
+    assert not pool_grows_cleanly({"num_per_class": 4, "batch_size": 2}, cfg(4, 4))  # other batches
+    with pytest.raises(ConfigChanged, match=r"\(batch_size 2 → 4, num_per_class 4 → 8\)"):  # the record names the grown pool
+        run_generate(compose(small + ["num_per_class=8", "batch_size=4"]), tmp_path / "grow")
 
 
 def test_release_reuse_and_fingerprint(compose, tmp_path):
@@ -68,14 +161,25 @@ def test_embedding_only_and_nearest(compose, tmp_path):
     base = [o for o in FAST if not o.startswith(("projector.", "matcher."))]
     s = run_generate(compose(base + ["matcher=embedding_only", "matcher.outer_steps=1", "matcher.inner_steps=2", "projector=nearest"]), tmp_path)
     assert s["examples"] == 8
+    # per batch: one x-run with no ADMM penalty and no intermediate projection, then the final
+    # projection, whose best loss is what the batch's rows record as their class loss
+    recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    rows = read_jsonl(tmp_path / "synthetic.jsonl")
+    for b in (0, 1):
+        mine = [r for r in recs if r["batch"] == b]
+        assert [r["outer_step"] for r in mine] == [0, 1]
+        assert mine[0]["admm_penalty"] == 0.0 and "perplexity" not in mine[0]
+        class_loss = {r["label"]: r["class_batch_loss"] for r in rows if r["batch"] == b}
+        assert mine[1]["best_discrete_loss"] == pytest.approx(sum(class_loss.values()) / 2)
+        assert mine[1]["best_discrete_loss"] <= mine[1]["discrete_loss"] + 1e-7
 
 
 def test_cli_bad_value_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import generate_main; generate_main()", "model=tiny_llama", "logger=none",
-                        "projector.topk=0", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "gmtext-generate: error: projector.topk=0 must be a positive integer"
-    assert not (tmp_path / "synthetic.jsonl").exists()
+    from test_hardening import cli, no_outputs, one_line_error
+
+    r = cli("generate", "model=tiny_llama", "logger=none", "projector.topk=0", f"hydra.run.dir={tmp_path}")
+    assert one_line_error(r, "generate") == "gmtext-generate: error: projector.topk=0 must be a positive integer"  # the whole stderr
+    no_outputs(tmp_path)
 
 
 def test_verbalizer_match_loss_end_to_end(compose, tmp_path):
@@ -83,5 +187,17 @@ def test_verbalizer_match_loss_end_to_end(compose, tmp_path):
     assert s["examples"] == 8 and all(0 <= r["match_loss"] <= 2 for r in read_jsonl(tmp_path / "v" / "synthetic.jsonl"))
     with pytest.raises(ValueError, match="fingerprint"):  # a verbalizer-loss release cannot serve a full-vocab run
         run_generate(compose(FAST + [f"release={tmp_path / 'v' / 'release'}"]), tmp_path / "f")
-    with pytest.raises(ValueError, match="match_loss='bogus'"):
-        run_generate(compose(FAST + ["match_loss=bogus"]), tmp_path / "b")
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="match_loss=bogus"):  # a closed choice: refused at compose time
+        compose(FAST + ["match_loss=bogus"])
+
+
+def test_no_kv_cache_rename_notice_in_the_progress_bar(compose, tmp_path, capfd, recwarn):
+    """transformers' `past_key_values` deprecation (a FutureWarning and a logger line) is
+    silenced where generation triggers it, so it does not cut through the progress bar."""
+    run_generate(compose([o for o in FAST if o != "progress=false"] + ["progress=true"]), tmp_path / "p")
+    err = capfd.readouterr().err
+    assert "generate" in err  # the bar was drawn
+    assert "past_key_values" not in err
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]

@@ -27,10 +27,28 @@ def test_slurm_preset_composes():
     assert ln._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (ln.partition, ln.gpus_per_node, ln.timeout_min, ln.array_parallelism, ln.cpus_per_task, ln.mem_gb) == ("gpu", 1, 240, 16, 8, 32)
     assert ln.max_num_timeout == 3 and ln.submitit_folder.endswith("/.submitit/%j")
+    assert list(ln.setup) == ["export GMTEXT_DEVICE=auto"]  # the jobs' model.device: the node's GPU
     cpu = _hydra_cfg(["hydra/launcher=slurm_cpu"]).hydra.launcher
-    assert cpu.gpus_per_node is None and cpu.cpus_per_task == 4 and cpu.array_parallelism == 16
+    assert cpu.gpus_per_node is None and cpu.cpus_per_task == 4 and cpu.array_parallelism == 16 and list(cpu.setup) == []
     jl = _hydra_cfg(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]).hydra.launcher  # built-in plugin preset
     assert jl._target_.endswith("JoblibLauncher") and jl.n_jobs == 2
+
+
+def test_gmtext_device_sets_the_model_device_default(monkeypatch):
+    """What the slurm preset's setup line does in a job: GMTEXT_DEVICE=auto makes auto the
+    default of model.device (cuda on a GPU node); an explicit model.device and a model whose
+    option sets its own device win; unset, cpu."""
+    from gmtext.models import resolve_device
+
+    assert _hydra_cfg([]).model.device == "cpu"
+    monkeypatch.setenv("GMTEXT_DEVICE", "auto")
+    cfg = _hydra_cfg([])
+    assert cfg.model.device == "auto"
+    import torch
+
+    assert resolve_device(cfg.model.device).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert _hydra_cfg(["model.device=cpu"]).model.device == "cpu"
+    assert _hydra_cfg(["model=tiny_llama"]).model.device == "auto"
 
 
 def test_cli_cfg_hydra_shows_slurm_launcher():
@@ -66,6 +84,7 @@ def test_submitit_local_sweep(tmp_path):
         (wb,) = (sweep / job).glob("wandb/offline-run-*/run-*.wandb")
         run, _, summary, config = wandb_contents(wb)
         assert run.run_group == "sweep" and run.job_type == "generate" and config["seed"] == int(job)
+        assert run.display_name == f"generate-seed{job}-job{job}" and (sweep / job / ".wandb_id.generate").read_text() == run.run_id
         assert summary["examples"] == 4
         run_ids.add(run.run_id)
     assert len(run_ids) == 2

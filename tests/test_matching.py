@@ -222,10 +222,35 @@ def test_admm_is_deterministic(tiny):
 
 
 def test_embedding_only_ablation_runs(tiny):
+    """The ablation optimises x on D alone (no ADMM penalty, no projection in between), projects
+    the final x once, and keeps per class that projection or, when it matches worse, its LM
+    start. A broken ablation (x never moving, a penalty, several projections, the wrong
+    fallback) hides behind the fallback unless each piece is checked."""
     lm, task = tiny
     obj, ctx = _objective(lm, task, True), _ctx(lm, task)
-    res = EmbeddingMatcher(outer_steps=2, inner_steps=2, init_candidates=1).run(obj, NearestProjector(), ctx, 2, 2, 5, torch.Generator().manual_seed(0))
+    m = EmbeddingMatcher(outer_steps=2, inner_steps=2, init_candidates=1)
+    tok0 = m.initial_tokens(obj, ctx, 2, 2, 5, torch.Generator().manual_seed(0))
+    seen = []
+
+    def projector(x, c):
+        seen.append(x.clone())
+        return NearestProjector()(x, c)
+
+    res = m.run(obj, projector, ctx, 2, 2, 5, torch.Generator().manual_seed(0))
     assert res.tokens.shape == (2, 2, 5) and torch.isfinite(res.perplexity).all()
+    assert [h["outer_step"] for h in res.history] == [0, 1]
+    first = res.history[0]
+    assert first["admm_penalty"] == 0.0 and "perplexity" not in first and first["discrete_loss"] != first["discrete_loss"]  # NaN: no z
+    assert len(seen) == 1  # one projection, at the end
+    x_final = seen[0].view(2, 2, 5, -1)
+    assert not torch.allclose(x_final, obj.tokens_to_x(tok0).float())  # x moved away from the start
+    z = NearestProjector()(seen[0], ctx).view(2, 2, 5)
+    start, proj = obj.discrete(tok0)[0], obj.discrete(z)[0]
+    for k in range(2):
+        assert torch.equal(res.tokens[k], z[k] if proj[k] < start[k] else tok0[k])
+    assert res.history[1]["discrete_loss"] == pytest.approx(proj.mean().item())
+    assert res.history[1]["best_discrete_loss"] == pytest.approx(torch.minimum(start, proj).mean().item())
+    assert res.class_loss.tolist() == pytest.approx(torch.minimum(start, proj).tolist())
 
 
 def test_lm_context_only_changes_what_the_lm_conditions_on(tiny):

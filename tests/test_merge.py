@@ -94,3 +94,30 @@ def test_batch_a_shard_recorded_failed_is_not_missing(shards, tmp_path):
     info = merge_shards(tmp_path / "m", [s0, failed])
     assert info["summary"]["failed_batches"] == [1] and info["summary"]["examples"] == 4
     assert (tmp_path / "m" / "synthetic.jsonl").read_text() == (s0 / "synthetic.jsonl").read_text()
+
+
+def test_dp_shards_with_their_own_releases_are_refused(tmp_path):
+    """Two DP shards that each made their own release (no release=<dir>) spend the budget
+    twice. Their release.json fingerprints and privacy.json ledgers are byte-identical (same
+    config, same accountant), so only the targets' hash tells the releases apart: the merge
+    must refuse on it."""
+    from hydra import compose, initialize_config_module
+
+    from gmtext.config import register_configs
+    from gmtext.stages.generate import run_generate
+
+    register_configs()
+    dirs = []
+    for i in (0, 1):
+        with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
+            cfg = compose(config_name="generate", overrides=FAST + ["privacy=dp", "privacy.epsilon=4", "privacy.delta=1e-3",
+                                                                     "shard.count=2", f"shard.index={i}", "threads=1"])
+        run_generate(cfg, tmp_path / f"dp{i}")
+        dirs.append(tmp_path / f"dp{i}")
+    r0, r1 = (d / "release" for d in dirs)
+    assert (r0 / "privacy.json").read_bytes() == (r1 / "privacy.json").read_bytes()
+    assert json.loads((r0 / "release.json").read_text())["fingerprint"] == json.loads((r1 / "release.json").read_text())["fingerprint"]
+    assert (r0 / "targets.pt").read_bytes() != (r1 / "targets.pt").read_bytes()  # independent noise
+    with pytest.raises(MergeError, match=r"used another release than .*\(release targets differs: "):
+        merge_shards(tmp_path / "m", dirs)
+    assert not (tmp_path / "m").exists()

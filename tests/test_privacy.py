@@ -13,7 +13,7 @@ import torch
 
 from gmtext.gradients import MatchedParams
 from gmtext.privacy import mechanism as M
-from gmtext.privacy.accountant import PrivacyLedger
+from gmtext.privacy.ledger import Ledger
 from gmtext.stages import release as R
 
 TEXTS = ["A dull film.", "so so so so so so", "x", "The acting is wooden, the plot is worse and it is long."]
@@ -21,7 +21,8 @@ BLOCKS = ["final_norm", "last_blocks:1"]
 
 
 def dp(**kw):
-    base = dict(name="dp", epsilon=1.0, delta=1e-5, clip_norm=1.0, accountant="prv", adjacency="replace_one")
+    base = dict(name="dp", epsilon=1.0, delta=1e-5, clip_norm=1.0, accountant="analytic", adjacency="replace_one",
+                sample_rate=1.0, divisor=None)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -88,14 +89,15 @@ def test_verbalizer_loss_per_example_paths_agree(tiny, specs):
 def test_dp_release_verbalizer_records_loss(tiny):
     lm, task = tiny
     mp = MatchedParams(lm.model, ["lm_head"])
-    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, TEXTS[::-1]], "fp", 64, dp(), 4,
+    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, TEXTS[::-1]], "fp", 64, dp(), 8,
                                               match_loss="verbalizer")
     assert rel.privacy["match_loss"] == "verbalizer"
     vocab = torch.tensor(task.label_token_ids)
     for c in range(2):
-        rows = det.clipped_means[c][0].abs().sum(1).nonzero().flatten()
+        rows = det.clipped_sums[c][0].abs().sum(1).nonzero().flatten()
         assert set(rows.tolist()) <= set(vocab.tolist()) and len(rows) > 0
-        assert float(rel.targets[c][0].std()) == pytest.approx(det.sigma, rel=0.05)  # noise everywhere: the rows are public
+        # noise everywhere (the rows are public), on the sums; the target is divided by the public divisor
+        assert float(rel.targets[c][0].std()) * det.divisor == pytest.approx(det.sigma, rel=0.05)
 
 
 @pytest.mark.parametrize("specs", [["lm_head"], BLOCKS])
@@ -119,58 +121,94 @@ def two_releases(tiny):
     mp = MatchedParams(lm.model, ["lm_head"])
     texts = [TEXTS, TEXTS[::-1]]
     torch.manual_seed(0)
-    a = R.make_dp_release_with_details(lm.model, task, mp, texts, "fp", 64, dp(), 4)
+    a = R.make_dp_release_with_details(lm.model, task, mp, texts, "fp", 64, dp(), 8, split="demo/train@x")
     torch.manual_seed(0)  # same experiment seed: the noise must still differ
-    b = R.make_dp_release_with_details(lm.model, task, mp, texts, "fp", 64, dp(), 4)
+    b = R.make_dp_release_with_details(lm.model, task, mp, texts, "fp", 64, dp(), 8, split="demo/train@x")
     return a, b, mp
 
 
-def test_noise_std_matches_sigma(two_releases):
+def test_one_gaussian_over_all_classes(two_releases):
+    """Sensitivity 2C on the joint vector of sums (replace-one), one draw, σ = multiplier × 2C
+    with the multiplier of a single (ε, δ) Gaussian, targets = (sum + noise) / public divisor."""
+    from gmtext.privacy.accountant import calibrate_noise_multiplier, epsilon_for
+
     (rel, det), _, mp = two_releases
-    assert det.sensitivity == pytest.approx(2 * 1.0 / 4)
-    assert det.sigma == pytest.approx(det.noise_multiplier * det.sensitivity)
+    assert det.sensitivity == pytest.approx(2.0) and det.divisor == pytest.approx(8 / 2)
+    assert det.noise_multiplier == pytest.approx(calibrate_noise_multiplier(1.0, 1e-5, 1, "analytic"))
+    assert epsilon_for(det.noise_multiplier, 1e-5, 1, "analytic") <= 1.0
+    z = torch.cat([t.flatten() for c in range(2) for t in det.noise[c]])
+    assert z.numel() > 2_000_000
+    assert float(z.std()) == pytest.approx(det.sigma, rel=0.01) and abs(float(z.mean())) < 0.01 * det.sigma
     for c in range(2):
-        z = torch.cat([t.flatten() for t in det.noise[c]])
-        assert z.numel() > 1_000_000
-        assert float(z.std()) == pytest.approx(det.sigma, rel=0.05)
-        assert abs(float(z.mean())) < 0.01 * det.sigma
-        for t, m, n in zip(rel.targets[c], det.clipped_means[c], det.noise[c]):
-            assert torch.allclose(t, m + n)
+        for t, s, n in zip(rel.targets[c], det.clipped_sums[c], det.noise[c]):
+            torch.testing.assert_close(t, ((s.double() + n).float() / det.divisor), rtol=1e-6, atol=1e-6)
 
 
-def test_same_seed_fresh_noise_same_clipped_means(two_releases):
+def test_release_noise_comes_from_the_secure_source(tiny, monkeypatch):
+    """Replacing the OS entropy source makes the noise reproducible, and nothing else does:
+    the release draws from privacy/noise.py alone (the old torch generator kept 32 seed bits)."""
+    import itertools
+
+    from gmtext.privacy import noise
+
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+
+    def fixed_bytes():
+        counter = itertools.count()
+        return lambda n: bytes((next(counter) * 7919) % 256 for _ in range(n))
+
+    dets = []
+    for _ in range(2):
+        monkeypatch.setattr(noise.os, "urandom", fixed_bytes())
+        dets.append(R.make_dp_release_with_details(lm.model, task, mp, [TEXTS[:2], TEXTS[2:]], "fp", 64, dp(), 4)[1])
+    for a, b in zip(dets[0].noise[0], dets[1].noise[0]):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_fresh_noise_same_clipped_sums(two_releases):
     (ra, da), (rb, db), _ = two_releases
     for c in range(2):
-        for ma, mb in zip(da.clipped_means[c], db.clipped_means[c]):
+        for ma, mb in zip(da.clipped_sums[c], db.clipped_sums[c]):
             assert torch.allclose(ma, mb, rtol=1e-6, atol=1e-9)
         for za, zb in zip(da.noise[c], db.noise[c]):
             assert not torch.allclose(za, zb)
     assert not torch.allclose(ra.targets[0][0], rb.targets[0][0])
 
 
-def test_privacy_json(two_releases, tmp_path):
+def test_privacy_json_ledger(two_releases, tmp_path):
     (rel, det), _, mp = two_releases
     rel.save(tmp_path)
     p = json.loads((tmp_path / "privacy.json").read_text())
-    assert p["mechanism"] == "gaussian" and p["accountant"] == "prv" and p["adjacency"] == "replace_one"
-    assert p["delta"] == 1e-5 and p["epsilon_target"] == 1.0
-    assert 0.95 <= p["epsilon"] <= 1.0 + 1e-9  # composed over both classes, within the budget
-    assert [m["name"] for m in p["mechanisms"]] == ["class_target:neg", "class_target:pos"]
-    for m in p["mechanisms"]:
-        assert m["count"] == 1 and m["num_examples"] == 4 and m["clip_norm"] == 1.0
-        assert m["sensitivity"] == pytest.approx(0.5) and m["sigma"] == pytest.approx(det.sigma)
-    assert PrivacyLedger.from_dict(p).composed_epsilon() == pytest.approx(p["epsilon"], rel=1e-6)
+    assert p["mechanism"] == "gaussian" and p["adjacency"] == "replace_one" and p["delta"] == 1e-5
+    assert 0.99 <= p["epsilon"] <= 1.0 + 1e-6  # one Gaussian, calibrated exactly, re-accounted by the PLD accountant
+    assert p["num_records"] == 8 and p["divisor"] == 4.0 and p["sensitivity"] == 2.0
     assert "os.urandom" in p["noise_source"]
+    (entry,) = p["ledger"]["entries"]
+    assert entry["kind"] == "gaussian" and entry["split"] == "demo/train@x" and entry["count"] == 1
+    assert entry["sigma"] == pytest.approx(det.sigma) and entry["noise_multiplier"] == pytest.approx(det.noise_multiplier)
+    assert Ledger.from_dict(p["ledger"]).epsilon() == pytest.approx(p["epsilon"], rel=1e-9)
     loaded = R.Release.load(tmp_path)
-    assert loaded.epsilon == pytest.approx(p["epsilon"]) and loaded.counts == [4, 4]
+    assert loaded.epsilon == pytest.approx(p["epsilon"]) and loaded.divisors == [4.0, 4.0]
 
 
-def test_add_remove_sensitivity(tiny):
+def test_add_remove_sensitivity_and_divisor(tiny):
     lm, task = tiny
     mp = MatchedParams(lm.model, ["lm_head"])
-    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64, dp(adjacency="add_remove", clip_norm=2.0), 4)
-    assert det.sensitivity == pytest.approx(2.0 / 4)
-    assert rel.privacy["adjacency"] == "add_remove"
+    with pytest.raises(ValueError, match="privacy.divisor"):  # the row count is private under add/remove
+        R.make_dp_release(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64, dp(adjacency="add_remove", clip_norm=2.0), 8)
+    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64,
+                                              dp(adjacency="add_remove", clip_norm=2.0, divisor=10.0), 8)
+    assert det.sensitivity == pytest.approx(2.0) and det.divisor == 10.0
+    assert rel.privacy["adjacency"] == "add_remove" and "withheld" in rel.privacy["num_records"]
+
+
+def test_reused_release_must_have_the_same_adjacency():
+    rel = R.Release([[torch.zeros(2)]], ["w"], ["a"], [1.0], "fp", {"mechanism": "gaussian", "epsilon": 0.9, "delta": 1e-5,
+                                                                   "adjacency": "add_remove"})
+    R.check_release_privacy(rel, dp(adjacency="add_remove"))
+    with pytest.raises(R.ReleaseMismatch, match="adjacency"):
+        R.check_release_privacy(rel, dp())
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -178,32 +216,43 @@ def test_add_remove_sensitivity(tiny):
     (dict(epsilon=math.inf), "privacy.epsilon=inf"), (dict(delta=0.0), "privacy.delta=0.0"),
     (dict(delta=1.0), "privacy.delta=1.0"), (dict(clip_norm=0.0), "privacy.clip_norm=0.0"),
     (dict(clip_norm=-2.0), "privacy.clip_norm=-2.0"), (dict(accountant="moments"), "privacy.accountant='moments'"),
-    (dict(adjacency="swap"), "privacy.adjacency='swap'"),
+    (dict(adjacency="swap"), "privacy.adjacency='swap'"), (dict(sample_rate=0.0), "privacy.sample_rate=0.0"),
+    (dict(sample_rate=1.5), "privacy.sample_rate=1.5"), (dict(divisor=-1.0), "privacy.divisor=-1.0"),
 ])
 def test_bad_settings_fail(kw, msg):
     with pytest.raises(ValueError) as e:
-        R.validate_dp_config(dp(**kw), 4, 2)
+        R.validate_dp_config(dp(**kw))
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
-def test_large_delta_warns():
-    with pytest.warns(UserWarning, match="delta"):
-        R.validate_dp_config(dp(delta=0.2), 4, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        R.validate_dp_config(dp(), 4, 2)
+def test_dp_refuses_a_fixed_number_per_class():
+    with pytest.raises(ValueError, match="real_per_class=50") as e:
+        R.validate_dp_config(dp(), 50)
+    assert "\n" not in str(e.value)
 
 
-def test_short_class_raises_without_count(tiny):
+def test_large_delta_warns(tiny):
     lm, task = tiny
     mp = MatchedParams(lm.model, ["lm_head"])
-    with pytest.raises(ValueError, match="real_per_class=4") as e:
-        R.make_dp_release(lm.model, task, mp, [TEXTS, TEXTS[:3]], "fp", 64, dp(), 4)
-    assert " 3 " not in str(e.value)
+    with pytest.warns(UserWarning, match="delta"):
+        R.make_dp_release(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64, dp(delta=0.2), 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        R.make_dp_release(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64, dp(), 8)
+
+
+def test_short_or_empty_class_is_zero_padded_not_an_error(tiny):
+    """A class with fewer (or no) records contributes a smaller (or zero) sum: the release does
+    not stop, so whether it completes says nothing about the class sizes."""
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, []], "fp", 64, dp(), 8)
+    assert all(float(s.abs().max()) == 0.0 for s in det.clipped_sums[1])
+    assert float(rel.targets[1][0].std()) > 0  # noise only
 
 
 FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
-        "batch_size=2", "real_per_class=4", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
+        "batch_size=2", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
 
 
 def _real_used(cfg):
@@ -227,11 +276,11 @@ def test_dp_generate_run_writes_no_real_text(compose, tmp_path):
     summary = run_generate(cfg, tmp_path)
     assert summary["examples"] == 4 and 0.95 <= summary["epsilon"] <= 1.0
     p = json.loads((tmp_path / "release" / "privacy.json").read_text())
-    assert p["mechanism"] == "gaussian" and p["num_examples_per_class"] == 4
+    assert p["mechanism"] == "gaussian" and p["num_records"] == 40  # the demo train split, every row
     gen = json.loads((tmp_path / "generate.json").read_text())
-    assert gen["privacy"]["epsilon"] == p["epsilon"]
+    assert gen["privacy"]["epsilon"] == p["epsilon"] and gen["privacy"]["ledger"] == p["ledger"]
     used = _real_used(cfg)
-    assert len(used) == 8
+    assert len(used) >= 30  # every record outside the dev bucket
     _scan(tmp_path, used)
 
 
@@ -242,7 +291,8 @@ def test_release_then_generate_without_real_data(compose, tmp_path, monkeypatch)
     cfg = compose(FAST, config_name="release")
     assert cfg.stage == "release"
     s = R.run_release(cfg, tmp_path / "rel")
-    assert s["mechanism"] == "gaussian" and not s["reused"] and s["counts"] == [4, 4]
+    assert s["mechanism"] == "gaussian" and not s["reused"] and s["divisors"] == [20.0, 20.0]
+    assert not any("seconds" in k and k != "model_load_seconds" for k in s)  # no timing of the private pass
     assert (tmp_path / "rel" / "release" / "privacy.json").exists()
 
     def boom(*a, **k):
@@ -281,7 +331,7 @@ def test_clipped_nonprivate_release(tiny, specs):
     big = R.make_clipped_release(lm.model, task, mp, by_class, "fp", 64, 1e9, match_loss="verbalizer")
     tiny_c = 1e-7
     small = R.make_clipped_release(lm.model, task, mp, by_class, "fp", 64, tiny_c, match_loss="verbalizer")
-    assert small.epsilon == math.inf and small.privacy["clip_norm"] == tiny_c and small.counts == [4, 3]
+    assert small.epsilon == math.inf and small.privacy["clip_norm"] == tiny_c and small.divisors == [4, 3]
     for c, texts in enumerate(by_class):
         for a, b in zip(big.targets[c], plain.targets[c]):
             assert rel_err(a, b) < 1e-5
@@ -298,7 +348,7 @@ def test_clipped_nonprivate_release(tiny, specs):
 
 
 def test_clipped_release_reuse_checks_clip_norm(tmp_path):
-    rel = R.Release([[torch.zeros(2)]], ["w"], ["a"], [1], "fp", {"mechanism": "none", "epsilon": math.inf, "clip_norm": 0.5})
+    rel = R.Release([[torch.zeros(2)]], ["w"], ["a"], [1.0], "fp", {"mechanism": "none", "epsilon": math.inf, "clip_norm": 0.5})
     R.check_release_privacy(rel, SimpleNamespace(name="none", clip_norm=0.5))
     with pytest.raises(R.ReleaseMismatch, match="clip_norm"):
         R.check_release_privacy(rel, SimpleNamespace(name="none", clip_norm=None))

@@ -52,7 +52,9 @@ def test_pool_epsilon_travels_through_select_to_finetune(compose, tmp_path):
     """A set selected into its own run dir keeps the ε of the release behind its pool
     (it used to be lost, and fine-tuning on a DP set reported ε = ∞)."""
     from gmtext.data.synthetic import synthetic_privacy
-    from gmtext.stages.finetune import _synthetic_epsilon
+
+    def _synthetic_epsilon(path):
+        return synthetic_privacy(path)["epsilon"]
 
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -115,9 +117,24 @@ def test_margin_selector_stage(compose, tmp_path):
     assert s["selected"] == 4 and s["probe_release"]["epsilon"] == 1.5 and math.isnan(s["mean_match_loss"])
     assert s["epsilon"] == 3.5 and s["delta"] == pytest.approx(2e-6)  # two releases of the same data compose
     sel = [json.loads(l) for l in (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()]
+    # kept = each class's top 2 of the pool by the label-fit margin, computed here from the probe release
+    from gmtext.gradients import MatchedParams
+    from gmtext.matching.rescore import label_fit, label_margin
+    from gmtext.stages.generate import build_task, load_generator_model
+    from gmtext.stages.release import Release
+
+    cfg = compose(tiny_cfg, config_name="select")
+    lm = load_generator_model(cfg)
+    task = build_task(cfg, lm.tokenizer)
+    fit = label_fit(lm.model, task, MatchedParams(lm.model, ["final_norm"]), Release.load(probe).targets, texts, "verbalizer",
+                    cfg.dataset.max_text_tokens)
+    margin = label_margin(fit, [i % 2 for i in range(len(texts))]).tolist()
     for c in (0, 1):
-        kept = [r["label_margin"] for r in sel if r["label"] == c]
-        assert kept == sorted(kept, reverse=True)
+        pool_c = sorted((i for i in range(len(texts)) if i % 2 == c), key=lambda i: -margin[i])
+        assert abs(margin[pool_c[1]] - margin[pool_c[2]]) > 1e-6  # the cut is not a near-tie
+        kept = [r for r in sel if r["label"] == c]
+        assert [r["text"] for r in kept] == [texts[i] for i in pool_c[:2]]
+        assert [r["label_margin"] for r in kept] == pytest.approx([margin[i] for i in pool_c[:2]], abs=1e-6)
     with pytest.raises(ValueError, match=r"missing field\(s\) \['match_loss', 'perplexity'\]"):  # best needs the scores
         run_select(compose(tiny_cfg + [f"pool={pool}"], config_name="select"), tmp_path / "z")
     with pytest.raises(ValueError, match="selector.release is empty"):

@@ -90,6 +90,16 @@ def wandb_contents(run_path):
     return run, history, summary, config
 
 
+def metric_defs(run_path) -> dict:
+    """define_metric records: {name or glob: {"step_metric", "hidden"}}."""
+    out = {}
+    for r in wait_for_exit_record(run_path):
+        if r.WhichOneof("record_type") == "metric":
+            m = r.metric
+            out[m.name or m.glob_name] = {"step_metric": m.step_metric, "hidden": m.options.hidden}
+    return out
+
+
 def offline_runs(root):
     return sorted(Path(root).glob("wandb/offline-run-*"))
 
@@ -104,35 +114,38 @@ def test_generate_offline_wandb_run(compose, offline_wandb):
     (wb_file,) = runs[0].glob("run-*.wandb")
     run, history, summary, config = wandb_contents(wb_file)
     assert run.job_type == "generate" and run.run_group == "" and list(run.tags) == ["t1"]
-    # the resolved config
+    assert run.display_name == "generate-seed0" and run.run_id.startswith("generate-")
+    assert (out / ".wandb_id.generate").read_text() == run.run_id  # stored: a re-run resumes this run
+    # the resolved config of what generate uses, the experiment and Hydra's choices; no fine-tune groups
     assert config["matcher"]["outer_steps"] == 2 and config["model"]["name"] == "tiny-llama"
-    assert config["seed"] == 0
+    assert config["seed"] == 0 and config["matcher"]["distance"] == "cos" and "experiment" in config
+    assert not {"finetuner", "train", "finetune", "selector"} & set(config)
 
-    # per-batch text tables hold exactly the synthetic texts
+    # one table with the whole synthetic set (not one per batch)
     synth = read_jsonl(out / "synthetic.jsonl")
-    tables = sorted((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
-    assert len(tables) == 2
-    by_batch = {}
-    for t in tables:
-        b = int(t.name.split("_")[1])  # batch_<b>_<step>_<hash>.table.json
-        tab = json.loads(t.read_text())
-        assert tab["columns"] == ["text", "label_name", "match_loss", "perplexity"]
-        by_batch[b] = tab["data"]
-    for b in (0, 1):
-        mine = [r for r in synth if r["batch"] == b]
-        assert [row[0] for row in by_batch[b]] == [r["text"] for r in mine]
-        assert [row[2] for row in by_batch[b]] == pytest.approx([r["match_loss"] for r in mine])
+    (table,) = sorted((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
+    assert table.name.startswith("synthetic_")
+    tab = json.loads(table.read_text())
+    assert tab["columns"] == ["text", "label_name", "match_loss", "perplexity", "batch"]
+    assert [row[0] for row in tab["data"]] == [r["text"] for r in synth]
+    assert [row[2] for row in tab["data"]] == pytest.approx([r["match_loss"] for r in synth])
 
-    # history values equal the local mirror, step by step
+    # history: admm/* against the global ADMM step, values equal the local mirror step by step
     local = read_jsonl(out / "metrics.jsonl")
     steps = [r for r in local if r["kind"] == "step"]
     assert len(steps) == 2 * 3  # 2 batches x (outer_steps + 1)
+    by_step = {row["admm/step"]: row for row in history.values() if "admm/step" in row}
+    assert sorted(by_step) == [r["step"] for r in steps]  # monotonic: no sawtooth
     for rec in steps:
-        row = history[rec["step"]]
+        row = by_step[rec["step"]]
         for k in ("continuous_loss", "admm_penalty", "discrete_loss", "best_discrete_loss", "perplexity", "batch", "outer_step"):
             if k in rec:
-                assert row[k] == pytest.approx(rec[k]), (rec["step"], k)
+                assert row[f"admm/{k}"] == pytest.approx(rec[k]), (rec["step"], k)
+        assert not {"batch", "outer_step", "discrete_loss"} & set(row)  # nothing outside the admm/ family
         assert "perplexity" in rec or rec["outer_step"] == 2
+    metrics = metric_defs(wb_file)
+    assert metrics["admm/*"]["step_metric"] == "admm/step" and metrics["dev/*"]["step_metric"] == "train/step"
+    assert all(metrics[k]["hidden"] for k in ("admm/step", "admm/batch", "admm/outer_step", "train/lr_run"))
     # summary: epsilon (inf: non-private), delta and the mean losses, as in the mirror and generate.json
     (loc_sum,) = [r for r in local if r["kind"] == "summary"]
     assert math.isinf(summary["epsilon"]) and math.isinf(loc_sum["epsilon"]) and math.isinf(s["epsilon"])
@@ -197,3 +210,79 @@ def test_default_group_is_the_sweep_dir_name(compose, tmp_path):
         assert default_group() is None
     finally:
         HydraConfig.instance().cfg = saved
+
+
+# ---------------------------------------------------------------- W&B conventions
+def test_wandb_env_vars_decide_when_the_config_is_null(offline_wandb, monkeypatch):
+    """logger.mode / logger.project null (the default): WANDB_MODE / WANDB_PROJECT decide;
+    an explicit value wins over them; with neither, offline / gmtext."""
+    from gmtext.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "myproj")
+    t = Tracker(offline_wandb / "a", name="wandb", job_type="generate")
+    assert t.run is None and t.mode == "disabled" and not (offline_wandb / "a" / "wandb").exists()
+    with Tracker(offline_wandb / "b", name="wandb", mode="offline", job_type="generate") as t:  # explicit mode wins
+        assert t.run is not None and t.project == "myproj"
+    (rb,) = offline_runs(offline_wandb / "b")
+    assert wandb_contents(next(rb.glob("run-*.wandb")))[0].project == "myproj"
+    with Tracker(offline_wandb / "c", name="wandb", mode="offline", project="explicit", job_type="generate") as t:
+        assert t.project == "explicit"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_PROJECT")
+    with Tracker(offline_wandb / "d", name="wandb", job_type="generate") as t:
+        assert (t.mode, t.project) == ("offline", "gmtext") and t.run is not None
+
+
+def test_rerun_resumes_the_same_run_and_summary_keeps_lists(offline_wandb):
+    """A second Tracker on the same run dir and stage (a re-run, a requeued job) logs to the
+    same W&B run id; per-class accuracy and the confusion matrix reach the summary; a
+    fine-tune run's config carries no generation groups."""
+    from gmtext.tracking import Tracker
+
+    cfg = {"seed": 3, "matcher": {"lr": 0.1}, "finetuner": {"lr": 1e-5}, "train": {"source": "real"}}
+    with Tracker(offline_wandb / "r", name="wandb", mode="offline", job_type="finetune", config=cfg) as t:
+        t.log({"train/loss": 1.0, "lr_run": 0, "lr_value": 1e-5}, step=0)
+        t.summary({"accuracy": 0.5, "per_class_accuracy": [0.25, 0.75], "confusion": [[1, 3], [1, 3]]})
+    with Tracker(offline_wandb / "r", name="wandb", mode="offline", job_type="finetune", config=cfg) as t:
+        t.log({"train/loss": 0.5}, step=1)
+    ids = set()
+    for rd in offline_runs(offline_wandb / "r"):
+        run, history, summary, config = wandb_contents(next(rd.glob("run-*.wandb")))
+        ids.add(run.run_id)
+        assert run.display_name == "finetune-seed3" and "matcher" not in config and config["finetuner"]["lr"] == 1e-5
+        if "accuracy" in summary:
+            assert summary["per_class_accuracy"] == [0.25, 0.75] and summary["confusion"] == [[1, 3], [1, 3]]
+            (row,) = history.values()
+            assert row["train/step"] == 0 and row["train/lr_value"] == 1e-5 and "lr_run" not in row
+    assert len(ids) == 1 and ids == {(offline_wandb / "r" / ".wandb_id.finetune").read_text()}
+    other = Tracker(offline_wandb / "r", name="none", job_type="generate")  # another stage in the same dir: its own id
+    from gmtext.tracking import stable_run_id
+
+    assert stable_run_id(other.run_dir, "generate") != ids.pop()
+
+
+@pytest.mark.slow
+def test_two_job_multirun_lands_in_one_group_with_named_runs(offline_wandb):
+    """gmtext-generate -m seed=0,1 logger=wandb (offline, through W&B's env var): one group
+    (the sweep dir), runs named generate-seed<N>-job<K>, Hydra's choices in the config."""
+    import os
+    import subprocess
+    import sys
+
+    sweep = offline_wandb / "sweep"
+    env = dict(os.environ, WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
+    fast = ["model=tiny_llama", "matcher.outer_steps=1", "matcher.inner_steps=1", "matcher.init_candidates=1", "projector.topk=10",
+            "num_per_class=2", "batch_size=2", "real_per_class=4", "dataset.length=5", "progress=false", "threads=1"]
+    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import generate_main; generate_main()", "-m", "seed=0,1", *fast,
+                        f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=600, env=env, cwd=offline_wandb)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = {}
+    for job in ("0", "1"):
+        (rd,) = offline_runs(sweep / job)
+        run, history, _, config = wandb_contents(next(rd.glob("run-*.wandb")))
+        seen[job] = run
+        assert run.display_name == f"generate-seed{job}-job{job}" and run.project == "gmtext"
+        assert config["choices"]["model"] == "tiny_llama" and config["seed"] == int(job) and "train" not in config
+        assert (sweep / job / "generate.log").exists()  # the job log is named after the stage
+    assert seen["0"].run_group == seen["1"].run_group == "sweep" and seen["0"].run_id != seen["1"].run_id

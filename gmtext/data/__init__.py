@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Sequence
 import torch
 
 DEMO_DIR = Path(__file__).parent / "demo"
-log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -130,8 +128,8 @@ def _to_examples(rows, where, label_names, text_field, label_field) -> LabeledSp
     empty = [names[c] for c, n in enumerate(counts) if n == 0]
     if empty:
         raise DataError(f"{where}: class(es) {empty} have zero examples; every declared label needs at least one")
-    if skipped:  # logged for whoever runs the job, never stored in a release (a statistic of the data)
-        log.warning("%s: skipped %d empty or whitespace-only text(s) of %d rows", where, skipped, len(rows))
+    # `skipped` is kept on the split (the row count of the protected split needs it) but never
+    # logged: the job log is an output, and a count of the private file is a statistic of it.
     return LabeledSplit(examples, skipped)
 
 
@@ -152,8 +150,32 @@ def dev_examples(split: LabeledSplit, size: int) -> list[Example]:
     return out
 
 
+def _keyed_uniform(text: str, key: int) -> float:
+    """A uniform in [0, 1) that depends on this record's text and a public key only."""
+    h = hashlib.sha256(f"{key}\x00{text}".encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "big") / 2.0 ** 64
+
+
+def release_records(split: LabeledSplit, num_classes: int, sample_rate: float = 1.0, key: int = 0) -> list[list[str]]:
+    """Texts per class that enter a release, each record decided on its own.
+
+    A record enters iff it is not in the dev hash bucket and (with sample_rate < 1) its keyed
+    hash falls under the rate. Nothing looks at the other records (no ranking, no sampling from
+    a pool, no per-class count), so adding, removing or replacing one record changes the
+    release's input in that record alone: the premise of the sensitivity in docs/privacy.md."""
+    out: list[list[str]] = [[] for _ in range(num_classes)]
+    for e in split.examples:
+        if is_dev(e.text) or (sample_rate < 1.0 and _keyed_uniform(e.text, key) >= sample_rate):
+            continue
+        out[e.label].append(e.text)
+    return out
+
+
 def sample_per_class(split: LabeledSplit, num_classes: int, n: int, seed: int, exclude: set[str] | None = None) -> list[Example]:
-    """A seeded, class-balanced random subset (n per class, fewer if a class is smaller)."""
+    """A seeded, class-balanced random subset (n per class, fewer if a class is smaller).
+
+    Which records it picks depends on all the others (random.sample over the pool): fine for
+    non-private uses (real-N baselines, demonstrations), never used by a DP release."""
     rng = random.Random(seed)
     out = []
     for exs in split.by_class(num_classes):

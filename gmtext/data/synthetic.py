@@ -26,21 +26,24 @@ def resolve_synthetic_path(path: str | Path) -> Path:
 
 
 def synthetic_privacy(path: str | Path) -> dict | None:
-    """{"epsilon", "delta"} of the release behind a synthetic set, from the generate.json (or
-    merged generate.json) or select.json beside it; None when the set has no such record
-    (a hand-made file). Selection copies the pool's record, so it survives any number of
-    select steps in separate run dirs."""
+    """{"epsilon", "delta", "ledger"} of everything behind a synthetic set, from the record of
+    the stage that wrote that file: select.json for selected.jsonl, generate.json (also a
+    merged one) for synthetic.jsonl. None when the set has no such record (a hand-made file).
+    `ledger` is None for records written before ledgers existed (ε, δ only)."""
+    from ..privacy.ledger import ledger_of
+
     try:
-        d = resolve_synthetic_path(path).parent
-        if (d / "generate.json").exists():
-            rec = json.loads(read_utf8(d / "generate.json")).get("summary", {})
-        elif (d / "select.json").exists():
-            rec = json.loads(read_utf8(d / "select.json"))
-        else:
+        file = resolve_synthetic_path(path)
+        d = file.parent
+        record = {"selected.jsonl": "select.json", "synthetic.jsonl": "generate.json"}.get(file.name)
+        if record is None or not (d / record).exists():
             return None
-        if rec.get("epsilon") is None:
+        rec = json.loads(read_utf8(d / record))
+        priv = rec.get("privacy") if isinstance(rec.get("privacy"), dict) else {}
+        summary = rec.get("summary", rec)
+        if summary.get("epsilon") is None:
             return None
-        return {"epsilon": float(rec["epsilon"]), "delta": float(rec.get("delta") or 0.0)}
+        return {"epsilon": float(summary["epsilon"]), "delta": float(summary.get("delta") or 0.0), "ledger": ledger_of(priv)}
     except (OSError, ValueError, TypeError):
         return None
 

@@ -62,7 +62,7 @@ def _pad(seqs: list[list[int]], pad_id: int):
 
 @torch.no_grad()
 def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_text_tokens: int | None = None,
-            context_ids: Sequence[int] | None = None, accelerator=None) -> list[int]:
+            context_ids: Sequence[int] | None = None, accelerator=None, desc: str | None = None) -> list[int]:
     """Predicted class index per text. `context_ids` (few-shot demonstrations, already
     encoded) are inserted after the start token, before the template prefix.
 
@@ -89,7 +89,9 @@ def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_t
         return preds
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     preds = [0] * len(seqs)
-    for i in range(0, len(order), batch_size):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):  # desc: show a bar
         idx = order[i : i + batch_size]
         ids, mask, last = _pad([seqs[j] for j in idx], task.tokenizer.pad_token_id)
         logits = verbalizer_logits(model, ids.to(dev), mask.to(dev), last.to(dev), task.label_token_ids)
@@ -125,10 +127,11 @@ def gather_predictions(model, task: Task, seqs: list[list[int]], batch_size: int
 
 
 def evaluate(model, task: Task, examples: Sequence[Example], batch_size: int = 32, max_text_tokens: int | None = None,
-             context_ids: Sequence[int] | None = None, accelerator=None) -> EvalResult:
+             context_ids: Sequence[int] | None = None, accelerator=None, desc: str | None = None) -> EvalResult:
+    """Metrics over `examples`; `desc` set: a progress bar of that name (one process)."""
     if not examples:
         raise ValueError("evaluate: no examples to evaluate on")
-    preds = predict(model, task, [e.text for e in examples], batch_size, max_text_tokens, context_ids, accelerator)
+    preds = predict(model, task, [e.text for e in examples], batch_size, max_text_tokens, context_ids, accelerator, desc)
     return classification_metrics([e.label for e in examples], preds, task.label_names)
 
 

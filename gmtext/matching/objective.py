@@ -198,6 +198,35 @@ class MatchingObjective:
                 d, _, s = self.losses(self.tokens_to_x(tokens).detach(), per_sequence=per_sequence, create_graph=False)
         return d.detach(), (s.detach() if s is not None else None)
 
+    def text_losses(self, token_lists: Sequence[Sequence[int]], labels: Sequence[int]) -> torch.Tensor:
+        """[N] per-sequence matching distance of each token list (any lengths) to its own
+        label's target: what `discrete(..., per_sequence=True)` gives for a [C, B, L] batch.
+
+        For the text a user receives: decoding the optimised ids and tokenising the text again
+        rarely gives the same ids (SmolLM2-135M: 8 of 8 texts came back as other ids, 3 of
+        them with another length; docs/generation.md), so the optimised ids' distance is not
+        the written text's. Sequences of one length share a forward; each row's distance
+        depends on that row only (no attention across rows, per-row gradients)."""
+        out = torch.full((len(token_lists),), float("nan"))
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(token_lists):
+            groups.setdefault(len(t), []).append(i)
+        c = len(self.targets)
+        for length, idx in groups.items():
+            tokens = torch.tensor([list(token_lists[i]) for i in idx], dtype=torch.long, device=self.device).view(len(idx), length)
+            x = self.tokens_to_x(tokens).detach()
+            with torch.set_grad_enabled(not self.closed_form):
+                h = self._hidden(x)[:, -1]
+                h = h[None].expand(c, *h.shape)  # every row under every label: one forward, C targets
+                if self.closed_form:
+                    _, d_seq = self._closed_form(h, True)
+                else:
+                    _, d_seq = self._autograd(h, True, create_graph=False)
+            rows = torch.arange(len(idx), device=d_seq.device)
+            own = torch.tensor([labels[i] for i in idx], device=d_seq.device)
+            out[torch.tensor(idx)] = d_seq.detach()[own, rows].float().cpu()
+        return out
+
     @torch.no_grad()
     def perplexity(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-sequence perplexity of the text tokens [..., L] given the LM context."""

@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -140,27 +139,25 @@ def validate_budget(epsilon: float, delta: float, n: int | None = None) -> list[
 # --------------------------------------------------------------------------- #
 # sensitivity and the classical formula
 # --------------------------------------------------------------------------- #
-def sensitivity(clip_norm: float, n: int, adjacency: str) -> float:
-    """L2 sensitivity of ``sum_i clip(g_i) / n`` for ``n`` examples.
+def sum_sensitivity(clip_norm: float, adjacency: str) -> float:
+    """L2 sensitivity of the joint vector (S_1, ..., S_K) of per-class sums of clipped
+    per-example gradients, when which records enter is decided record by record.
 
-    Why the two cases:
+    * ``add_remove``: one record appears or disappears. It enters at most one class's sum,
+      and only that sum moves, by its clipped gradient: norm <= C.
+    * ``replace_one``: record r becomes r'. Same class: that sum moves by g' - g, norm <= 2C.
+      Different classes: one sum loses g, another gains g', norm sqrt(|g|^2 + |g'|^2) <= sqrt(2) C.
+      A record that leaves or joins the release (the per-record rule decides each on its
+      own) is the add/remove case. The maximum, 2C, is charged.
 
-    * ``add_remove``: one example is added or removed; the sum moves by at most
-      ``clip_norm``.  ``n`` (the per-class count) is treated as *public* -- the
-      divisor is fixed ahead of time -- so the mean moves by ``clip_norm / n``.
-      If ``n`` were data-dependent this bound would not hold.
-    * ``replace_one``: one example is swapped for another; the sum moves by at
-      most ``2 * clip_norm``, hence ``2 * clip_norm / n``.  A replaced example
-      may also change class and so touch two per-class releases (leaving one,
-      joining another); each of them moves by at most ``clip_norm / n`` there,
-      so charging ``2 * clip_norm / n`` to every release covers that case too.
+    Dividing the released sums by a *public* constant D scales the sensitivity and the noise
+    alike, so the guarantee is that of the sums. Why no count divides: a data-dependent count
+    (or a fixed-size sample drawn from the pool) would let one record move every other term.
     """
     _check_adjacency(adjacency)
     if not (isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"clip_norm must be a finite number > 0, got clip_norm={clip_norm!r}")
-    n = _check_count("n", n)
-    factor = 2.0 if adjacency == "replace_one" else 1.0
-    return factor * float(clip_norm) / n
+    return (2.0 if adjacency == "replace_one" else 1.0) * float(clip_norm)
 
 
 def classical_sigma(epsilon: float, delta: float) -> float:
@@ -378,122 +375,3 @@ def calibrate_noise_multiplier(
         else:
             lo = mid
     return hi
-
-
-# --------------------------------------------------------------------------- #
-# ledger
-# --------------------------------------------------------------------------- #
-@dataclass
-class Mechanism:
-    """One kind of noisy release, repeated ``count`` times.
-
-    Why store both multiplier and sigma: the multiplier is what the accountant
-    sees, sigma (= multiplier * sensitivity) is what was actually added; keeping
-    both, with clip norm and n, lets an auditor recompute one from the other.
-    """
-
-    name: str
-    sensitivity: float
-    noise_multiplier: float
-    sigma: float
-    count: int
-    clip_norm: float
-    num_examples: int
-
-    def __post_init__(self) -> None:
-        _check_multiplier(self.noise_multiplier)
-        _check_count("count", self.count)
-        _check_count("num_examples", self.num_examples)
-        if not (math.isfinite(self.sensitivity) and self.sensitivity > 0):
-            raise ValueError(f"sensitivity must be a finite number > 0, got sensitivity={self.sensitivity!r}")
-        if not math.isclose(self.sigma, self.noise_multiplier * self.sensitivity, rel_tol=1e-9):
-            raise ValueError(
-                f"sigma={self.sigma!r} != noise_multiplier*sensitivity="
-                f"{self.noise_multiplier * self.sensitivity!r} for mechanism {self.name!r}"
-            )
-
-    @classmethod
-    def gaussian(
-        cls, name: str, clip_norm: float, num_examples: int, adjacency: str, noise_multiplier: float, count: int = 1
-    ) -> "Mechanism":
-        """Build a mechanism from the quantities a stage knows (clip norm, n, adjacency)."""
-        sens = sensitivity(clip_norm, num_examples, adjacency)
-        return cls(
-            name=name,
-            sensitivity=sens,
-            noise_multiplier=float(noise_multiplier),
-            sigma=float(noise_multiplier) * sens,
-            count=int(count),
-            clip_norm=float(clip_norm),
-            num_examples=int(num_examples),
-        )
-
-
-@dataclass
-class PrivacyLedger:
-    """What was released under which budget, and what it provably costs.
-
-    Why a ledger: the synthetic data ships with a record that an auditor can
-    re-account (``composed_epsilon``) without rerunning anything.  Composition
-    is *sequential over every mechanism listed* -- i.e. it assumes one person
-    may influence all of them.  That is conservative for per-class releases of
-    disjoint examples; list only the mechanisms one individual can touch if
-    parallel composition is to be claimed.
-    """
-
-    epsilon_target: float
-    delta: float
-    accountant: str
-    adjacency: str
-    mechanisms: list[Mechanism] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        _check_epsilon(self.epsilon_target)
-        _check_delta(self.delta)
-        _check_accountant(self.accountant)
-        _check_adjacency(self.adjacency)
-
-    def add(self, mechanism: Mechanism) -> None:
-        """Record a release kind (keeps the ledger the single source of truth)."""
-        self.mechanisms.append(mechanism)
-
-    def composed_epsilon(self) -> float:
-        """epsilon of all recorded releases at ``delta``, by the ledger's accountant."""
-        return composed_epsilon(
-            [(m.noise_multiplier, m.count) for m in self.mechanisms], self.delta, self.accountant
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (plain floats/ints/strings only)."""
-        return {
-            "epsilon_target": float(self.epsilon_target),
-            "delta": float(self.delta),
-            "accountant": self.accountant,
-            "adjacency": self.adjacency,
-            "mechanisms": [
-                {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(m).items()}
-                for m in self.mechanisms
-            ],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PrivacyLedger":
-        """Inverse of ``to_dict``; validates everything again."""
-        return cls(
-            epsilon_target=float(data["epsilon_target"]),
-            delta=float(data["delta"]),
-            accountant=str(data["accountant"]),
-            adjacency=str(data["adjacency"]),
-            mechanisms=[
-                Mechanism(
-                    name=str(m["name"]),
-                    sensitivity=float(m["sensitivity"]),
-                    noise_multiplier=float(m["noise_multiplier"]),
-                    sigma=float(m["sigma"]),
-                    count=int(m["count"]),
-                    clip_norm=float(m["clip_norm"]),
-                    num_examples=int(m["num_examples"]),
-                )
-                for m in data.get("mechanisms", [])
-            ],
-        )

@@ -1,11 +1,10 @@
-"""The Gaussian mechanism on per-class mean gradients: per-example gradients, clipping, noise.
+"""Per-example clipped gradient sums: what the Gaussian mechanism of the release adds noise to.
 
-For each class c with n real examples (n = `real_per_class`, public, see below):
-
-    target_c = (1/n) * sum_i clip_C(g_i) + N(0, (noise_multiplier * sensitivity)^2 I)
-
-where g_i is the gradient of example i's loss w.r.t. *all* matched tensors jointly
-(one vector), clip_C(g) = g * min(1, C / ||g||).
+For each class c, S_c = sum over the class's records i of clip_C(g_i), where g_i is the
+gradient of record i's loss w.r.t. *all* matched tensors jointly (one vector) and
+clip_C(g) = g * min(1, C / ||g||). The release (stages/release.py) adds Gaussian noise to the
+joint vector (S_1, ..., S_K) and divides by a public constant; docs/privacy.md derives the
+sensitivity.
 
 Per-example gradients, three paths that give the same numbers (tested):
 
@@ -21,17 +20,10 @@ Per-example gradients, three paths that give the same numbers (tested):
   forward that records each branch's a = P_inᵀ x, one backward to the branches' outputs,
   and per-example ∂L/∂G = Σ_t (∂L/∂z_t) a_tᵀ over each row's real tokens; ``auto`` picks it.
 
-Why n per class is public: the release samples exactly ``real_per_class`` examples of
-every class (a config value, chosen before any data is seen); the divisor is that
-constant, not a count of the data. A class with fewer examples raises an error in DP
-mode instead of silently using (and so revealing) a smaller count.
-
-Noise comes from an OS-entropy-seeded generator (``secure_generator``), never from the
-experiment seed: anyone who knows the seed could otherwise subtract the noise.
+The noise itself comes from privacy/noise.py (the OS CSPRNG), never from a seeded generator.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -43,11 +35,6 @@ from torch import nn
 from ..gradients import MatchedParams, last_token_loss
 
 METHODS = ("auto", "closed_form", "vmap", "loop", "sketch_hooks")
-
-
-def secure_generator(device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch generator seeded from os.urandom (64 bits), independent of every config seed."""
-    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 @dataclass
@@ -117,7 +104,8 @@ def _head_chunk(model, matched, task, texts, label_id, max_text_tokens, vocab=No
     return e, h.float()
 
 
-def clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens=None, chunk=16, vocab=None) -> ClippedSum:
+def clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens=None, chunk=16, vocab=None,
+                            on_chunk=None) -> ClippedSum:
     head, w_idx, b_idx = _head_parts(model, matched)
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
     norms = []
@@ -133,7 +121,9 @@ def clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, ma
         if b_idx is not None:
             sums[b_idx] += (e * s[:, None]).sum(0)
         norms.append(nrm)
-    return ClippedSum(sums, torch.cat(norms), len(texts))
+        if on_chunk:
+            on_chunk(len(e))
+    return ClippedSum(sums, torch.cat(norms) if norms else torch.zeros(0), len(texts))
 
 
 # --------------------------------------------------------------------------- vmap
@@ -197,16 +187,17 @@ def _clip_materialised(grads: list[torch.Tensor], clip_norm: float):
 
 
 def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label_id: int, clip_norm: float,
-                max_text_tokens: int | None = None, chunk: int = 16, method: str = "auto", vocab=None) -> ClippedSum:
+                max_text_tokens: int | None = None, chunk: int = 16, method: str = "auto", vocab=None, on_chunk=None) -> ClippedSum:
     """Sum of per-example gradients of `texts` (all labelled `label_id`), each clipped jointly
     over all matched tensors to L2 norm `clip_norm`. `vocab` (verbalizer token ids) switches to
-    the verbalizer-only loss; `label_id` is then the class index (gradients.label_and_vocab)."""
+    the verbalizer-only loss; `label_id` is then the class index (gradients.label_and_vocab).
+    `on_chunk(n)` is told after every chunk (a progress bar; never a value of the data)."""
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
     method = _check_method(method, matched)
     texts = list(texts)
     if method == "closed_form":
-        return clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk, vocab)
+        return clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk, vocab, on_chunk)
     if method == "sketch_hooks":
         from ..sketch import per_example_grads_hooks
 
@@ -220,6 +211,8 @@ def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label
             for a, c in zip(sums, cs):
                 a += c
             norms[idx] = nrm.cpu()
+            if on_chunk:
+                on_chunk(len(idx))
         return ClippedSum(sums, norms, len(texts))
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
     norms = []
@@ -230,17 +223,6 @@ def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label
         for a, c in zip(sums, cs):
             a += c
         norms.append(nrm)
-    return ClippedSum(sums, torch.cat(norms), len(texts))
-
-
-# --------------------------------------------------------------------------- Gaussian mechanism
-def gaussian_noise_like(tensors: Sequence[torch.Tensor], std: float, generator: torch.Generator) -> list[torch.Tensor]:
-    """Independent N(0, std^2) noise for every element, drawn on CPU from `generator`."""
-    return [(torch.randn(t.shape, generator=generator, dtype=torch.float32) * std).to(t.device) for t in tensors]
-
-
-def noisy_mean(sums: Sequence[torch.Tensor], n: int, sigma: float, generator: torch.Generator):
-    """(sum/n + noise, sum/n, noise): the released target, the clipped mean and the noise."""
-    means = [s / n for s in sums]
-    noise = gaussian_noise_like(means, sigma, generator)
-    return [m + z for m, z in zip(means, noise)], means, noise
+        if on_chunk:
+            on_chunk(len(part))
+    return ClippedSum(sums, torch.cat(norms) if norms else torch.zeros(0), len(texts))

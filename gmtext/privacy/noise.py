@@ -35,6 +35,11 @@ def _uniforms(n: int, entropy: Callable[[int], bytes]) -> np.ndarray:
     return ((words >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53
 
 
+def uniform(n: int) -> np.ndarray:
+    """n independent uniforms in (0, 1] from os.urandom (Poisson sampling decisions)."""
+    return _uniforms(n, os.urandom)
+
+
 def standard_normal(n: int, entropy: Callable[[int], bytes] | None = None) -> np.ndarray:
     """n independent N(0, 1) draws (float64). `entropy` defaults to os.urandom; tests pass
     their own byte source to check that every high bit of it reaches the output."""

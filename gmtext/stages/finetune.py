@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -22,11 +23,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..artifacts import read_json, write_json
+from ..artifacts import ConfigChanged, check_resume, read_json, write_json
 from ..config import build
 from ..data import dev_examples, load_split, sample_per_class
 from ..data.synthetic import resolve_synthetic_path, synthetic_privacy
-from ..finetune.baselines import SOURCES, dpsgd_fit, prompted_examples, read_synthetic, real_subset
+from ..privacy.ledger import Ledger, LedgerEntry, compose_records, split_id
+from ..finetune.baselines import SOURCES, prompted_examples, read_synthetic, real_subset
 from ..finetune.distributed import broadcast, get_accelerator, main_process_lock
 from ..finetune.evaluate import evaluate, fewshot_context
 from ..models import check_fits_context
@@ -50,10 +52,33 @@ def eval_subset(examples, limit: int):
     return [e for i, e in enumerate(examples) if i in keep]
 
 
-def _synthetic_epsilon(path) -> float | None:
-    """epsilon of the release behind a synthetic set (generate.json or select.json beside it)."""
-    rec = synthetic_privacy(path)
-    return rec["epsilon"] if rec else None
+def model_privacy(cfg: DictConfig, src: str, n_dev: int, dp: dict | None = None) -> dict | None:
+    """The ledger of everything the fine-tuned model depends on that touched the private train
+    split: the synthetic set's own ledger (releases, probes), real training examples or
+    demonstrations (non-private), DP-SGD's steps, and a dev set carved from the train split
+    (non-private: it picks the lr and is published as dev_accuracy). None: a synthetic set of
+    unknown origin. No entry at all (zero-shot, prompted): ε = 0."""
+    split = split_id(cfg.dataset, cfg.dataset.train_split)
+    parts = []
+    if src == "synthetic":
+        rec = synthetic_privacy(cfg.train.path)
+        if rec is None:
+            return None
+        parts.append(rec)
+    elif src in ("real", "fewshot"):
+        what = "real training examples" if src == "real" else "real in-context demonstrations"
+        parts.append({"epsilon": math.inf, "delta": 0.0, "ledger": Ledger(0.0, [LedgerEntry(src, "non_private", split, note=what)])})
+    elif src == "dpsgd":
+        m = float(dp["noise_multiplier"])
+        entry = LedgerEntry("dpsgd", "subsampled_gaussian", split, records="the DP-SGD training set", noise_multiplier=m,
+                            sensitivity=float(dp["clip_norm"]), sigma=m * float(dp["clip_norm"]), count=int(dp["steps"]),
+                            sample_rate=float(dp["sample_rate"]), adjacency=dp.get("adjacency", "add_remove"))
+        parts.append({"epsilon": float(dp["epsilon"]), "delta": float(dp["delta"]), "ledger": Ledger(float(dp["delta"]), [entry])})
+    if n_dev:
+        dev = LedgerEntry("real_dev_set", "non_private", split, records=f"{n_dev} records of the dev hash bucket",
+                          note="picks the learning rate and is published as dev_accuracy")
+        parts.append({"epsilon": math.inf, "delta": 0.0, "ledger": Ledger(0.0, [dev])})
+    return compose_records(parts) if parts else {"epsilon": 0.0, "delta": 0.0, **Ledger().to_dict()}
 
 
 def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -67,6 +92,9 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     if src == "dpsgd" and len(lrs) > 1:
         raise ValueError("finetune.lrs: selecting the lr over several DP-SGD runs spends the privacy budget once per run, "
                          "which is not accounted; give one lr (finetuner.lr) for train=dpsgd")
+    if len(lrs) > 1 and fcfg.dev_size <= 0:
+        raise ValueError(f"finetune.lrs={lrs}: choosing among several learning rates needs a dev set (finetune.dev_size > 0, "
+                         "real examples: the ledger then reports epsilon = inf); give one lr (finetuner.lr) instead")
     if src == "synthetic" and not cfg.train.path:
         raise ValueError("train=synthetic needs train.path=<synthetic.jsonl | selected.jsonl | generate run dir>")
     if cfg.threads:
@@ -77,14 +105,23 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     if acc.num_processes > 1 and src == "dpsgd":
         raise ValueError(f"train=dpsgd runs on one process (its sampling and accounting are per process); "
                          f"launched with {acc.num_processes}: run plain gmtext-finetune")
+    if src == "dpsgd":  # opacus is imported only for DP-SGD runs (seconds of import time)
+        from ..finetune.dpsgd import check_dpsgd_args
+
+        t = cfg.train
+        check_dpsgd_args(t.epsilon, t.delta, t.clip_norm, t.accountant, t.microbatch)
     with main_process_lock(acc, run_dir, "finetune"):
         done = run_dir / METRICS_FILE
         prev = None
-        if main and done.exists():
+        if main and done.exists():  # the stored metrics, when made with the same config; another config is refused
             prev = read_json(done)
-            if prev.get("config") != json.loads(json.dumps(config)):
-                prev = None
-        prev = broadcast(acc, prev)
+            try:
+                check_resume(run_dir, "finetune", config, stored=prev.get("config") or {})
+            except ConfigChanged as e:
+                prev = {"_refused": str(e)}
+        prev = broadcast(acc, prev)  # every rank returns, or is refused, together
+        if prev is not None and "_refused" in prev:
+            raise ConfigChanged(prev["_refused"])
         if prev is not None:
             return prev
         t0 = time.perf_counter()
@@ -105,8 +142,12 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         if src == "synthetic":
             train_exs = read_synthetic(cfg.train.path, task.label_names)
             info["path"] = str(resolve_synthetic_path(cfg.train.path))
-        elif src in ("real", "dpsgd"):
+        elif src == "real":
             train_exs = real_subset(train_split, c, cfg.train.size, cfg.seed)
+        elif src == "dpsgd":
+            from ..finetune.dpsgd import private_records
+
+            train_exs = private_records(train_split, cfg.train.size, cfg.seed)
         elif src == "fewshot":
             if cfg.train.k < 1:
                 raise ValueError(f"train.k={cfg.train.k}: need at least one demonstration per class")
@@ -125,9 +166,7 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 from ..artifacts import write_jsonl
 
                 write_jsonl(run_dir / "prompted.jsonl", [{"text": e.text, "label": e.label, "label_name": task.label_names[e.label]} for e in train_exs])
-            epsilon = metrics.pop("_epsilon", None)
-            if src == "synthetic":
-                epsilon = _synthetic_epsilon(cfg.train.path)
+            privacy = model_privacy(cfg, src, len(dev), metrics.get("dp"))
             n_train = len(demos) if src == "fewshot" else len(train_exs)
             split_name = f"{ds.eval_split}" + (f"[{len(eval_exs)}/{len(eval_all)} fixed subset]" if len(eval_exs) < len(eval_all) else "")
             dev_name = f"{ds.train_split}[dev hash bucket, {len(dev)}]"
@@ -136,16 +175,20 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 "dev_accuracy": metrics.get("dev_accuracy"),
                 "splits": {"accuracy": split_name, "macro_f1": split_name, "per_class_accuracy": split_name, "confusion": split_name,
                            "dev_accuracy": dev_name, "lr_selection": dev_name},
-                "train_source": src, "n_train": n_train, "train_per_class": [sum(e.label == k for e in (demos or train_exs)) for k in range(c)],
-                "seed": int(cfg.seed), "epsilon": epsilon, "delta": float(cfg.train.delta) if src == "dpsgd" else None,
+                "train_source": src, "n_train": n_train, "train_per_class": None if src == "dpsgd" else [sum(e.label == k for e in (demos or train_exs)) for k in range(c)],
+                "seed": int(cfg.seed), "epsilon": privacy["epsilon"] if privacy else None,
+                "delta": privacy["delta"] if privacy else None, "privacy": privacy,
                 "finetuner": cfg.finetuner._target_.rsplit(".", 1)[-1] if src not in ("none", "fewshot") else None,
                 "lr": metrics.get("lr"), "lr_selection": metrics.get("lr_selection"),
                 "eval_limit": int(fcfg.eval_limit), "n_eval": len(eval_exs), "n_dev": len(dev), "num_processes": acc.num_processes,
                 "confusion": metrics["confusion"], "model": lm.name, "dataset": ds.name,
                 **{k: v for k, v in metrics.items() if k in ("train_seconds", "steps", "final_loss", "trainable_params", "dp")},
-                "train_info": info, "wall_seconds": time.perf_counter() - t0,
+                "train_info": info,
             }
-            tracker.summary({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            if src != "dpsgd":  # DP-SGD's run time depends on its private Poisson batches
+                out["wall_seconds"] = time.perf_counter() - t0
+            tracker.summary({k: v for k, v in out.items() if (isinstance(v, (int, float)) and not isinstance(v, bool))
+                             or k in ("per_class_accuracy", "confusion")})
         finally:
             tracker.close()
         if main:
@@ -167,14 +210,21 @@ class NullTracker:
 
 
 def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker, acc=None) -> dict:
+    from tqdm.auto import tqdm
+
+    show = bool(cfg.progress) and (acc is None or acc.is_main_process)
+
+    def bar(name):  # progress=false, or a rank other than 0: no bar
+        return name if show else None
+
     bs = cfg.finetune.eval_batch_size
     mtt = cfg.finetuner.max_text_tokens
     if src in ("none", "fewshot"):
         ctx = fewshot_context(task, demos, cfg.seed) if src == "fewshot" else None
-        res = evaluate(lm.model, task, eval_exs, bs, mtt, ctx, accelerator=acc)
+        res = evaluate(lm.model, task, eval_exs, bs, mtt, ctx, accelerator=acc, desc=bar("evaluate"))
         out = res.to_dict()
         if dev:
-            out["dev_accuracy"] = evaluate(lm.model, task, dev, bs, mtt, ctx, accelerator=acc).accuracy
+            out["dev_accuracy"] = evaluate(lm.model, task, dev, bs, mtt, ctx, accelerator=acc, desc=bar("dev")).accuracy
         return out
     base = lm.model
     best = None
@@ -184,16 +234,27 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
         ft = build(OmegaConf.merge(cfg.finetuner, {"lr": lr}))
         model = ft.prepare(copy.deepcopy(base) if len(lrs) > 1 else base)
 
-        def on_step(rec, i=i, lr=lr):
-            tracker.log({"train/loss": rec["loss"], "train/lr": rec["lr"], "lr_run": i, "lr_value": lr}, step=step0 + rec["step"])
+        total = None if src == "dpsgd" else ft.num_steps(len(train_exs))
+        pbar = tqdm(total=total, desc=f"finetune lr={lr:g}" if len(lrs) > 1 else "finetune", unit="step", disable=not show)
+
+        def on_step(rec, i=i, lr=lr, pbar=pbar):
+            rec_log = {"train/lr": rec["lr"], "lr_run": i, "lr_value": lr}
+            pbar.update(1)
+            if src != "dpsgd":  # DP-SGD's batch loss is computed from private records without noise: never logged
+                rec_log["train/loss"] = rec["loss"]
+                pbar.set_postfix(loss=f"{rec['loss']:.4f}")
+            tracker.log(rec_log, step=step0 + rec["step"])
 
         if src == "dpsgd":
+            from ..finetune.dpsgd import dpsgd_fit
+
             t = cfg.train
             fit = dpsgd_fit(ft, model, task, train_exs, t.epsilon, t.delta, t.clip_norm, t.accountant, t.microbatch, on_step)
         else:
             fit = ft.fit(model, task, train_exs, on_step, accelerator=acc)
+        pbar.close()
         step0 += fit.steps
-        dev_acc = evaluate(model, task, dev, bs, mtt, accelerator=acc).accuracy if dev else None
+        dev_acc = evaluate(model, task, dev, bs, mtt, accelerator=acc, desc=bar("dev")).accuracy if dev else None
         selection[str(lr)] = dev_acc
         tracker.log({"dev/accuracy": dev_acc if dev_acc is not None else float("nan"), "lr_value": lr}, step=step0, kind="dev")
         if best is None or (dev_acc is not None and dev_acc > best[0]):
@@ -201,11 +262,12 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
         else:
             del model
     _, lr, model, fit = best
-    res = evaluate(model, task, eval_exs, bs, mtt, accelerator=acc)
+    res = evaluate(model, task, eval_exs, bs, mtt, accelerator=acc, desc=bar("evaluate"))
     out = res.to_dict()
     out.update(lr=lr, lr_selection=selection if len(lrs) > 1 else None, dev_accuracy=selection[str(lr)], train_seconds=fit.seconds,
                steps=fit.steps, final_loss=fit.losses[-1] if fit.losses else None, trainable_params=fit.trainable_params)
-    if src == "dpsgd":
+    if src == "dpsgd":  # the loss and run time of private batches are statistics of the private data
         out["dp"] = fit.extra
-        out["_epsilon"] = fit.extra["epsilon"]
+        out.pop("final_loss")
+        out.pop("train_seconds")
     return out

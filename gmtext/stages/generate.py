@@ -3,7 +3,9 @@
 Work is split into batches (B sequences for every class, optimised together). Each
 finished batch is written atomically to batches/batch_XXXXX.jsonl with its own seed, so
 a killed run resumes after the last finished batch and ends with the same file as an
-uninterrupted run.
+uninterrupted run. It resumes only under the config those batches were made with
+(generate.config.json, written before the release and the first batch): another config
+would keep old batches or mix seeds, so it is refused (artifacts.check_resume).
 """
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ..config import build
-from ..artifacts import read_jsonl, run_lock, write_json, write_jsonl
+from ..artifacts import RESUME_FREE_KEYS, check_resume, config_record, read_json, read_jsonl, record_config, run_lock, write_json, write_jsonl
 from ..data import Task
 from ..gradients import MatchedParams
 from ..matching.objective import MatchingObjective
 from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
-from ..models import check_fits_context, load_model
+from ..models import check_fits_context, load_model, quiet_kv_cache_rename
 from ..sketch import expand_specs
 from ..tracking import Tracker
 from .release import Release, load_or_make_release
@@ -61,7 +63,14 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         raise ValueError(f"num_per_class={cfg.num_per_class} and batch_size={cfg.batch_size} must be >= 1")
     projector = build(cfg.projector)
     matcher = build(cfg.matcher)
+    config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "generate"):
+        stored = _stored_config(run_dir)
+        if stored is not None:  # before the model: a refusal costs nothing
+            free = RESUME_FREE_KEYS | ({"num_per_class"} if pool_grows_cleanly(stored, cfg) else set())
+            check_resume(run_dir, "generate", config, stored=stored, free=free)
+            if cfg.num_per_class > int(stored["num_per_class"]):  # the record names the largest pool its batches hold
+                write_json(config_record(run_dir, "generate"), {**stored, "num_per_class": int(cfg.num_per_class)})
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         lm = load_generator_model(cfg)
@@ -75,9 +84,11 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         if hasattr(projector, "check"):
             projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
         matched = MatchedParams(model, expand_specs(cfg.matched_params, cfg.get("sketch")))
-        release = obtain_release(cfg, run_dir, lm, task, matched)
+        release = _obtain_release_recorded(cfg, run_dir, lm, task, matched, config)
+        if release.privacy.get("mechanism") != "none":
+            t0 = time.perf_counter()  # a DP release's run time depends on the private records: not in the wall time
         obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
-        tracker = Tracker(run_dir, job_type="generate", config=OmegaConf.to_container(cfg, resolve=True), **cfg.logger)
+        tracker = Tracker(run_dir, job_type="generate", config=config, **cfg.logger)
         with tracker:  # finishes the W&B run (marked failed on an exception)
             summary = _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tracker, length, release)
             summary["epsilon"] = release.epsilon  # inf for a non-private release
@@ -85,9 +96,45 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
             summary["wall_seconds"] = time.perf_counter() - t0
             tracker.commit(run_dir / "generate.json")
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        write_json(run_dir / "generate.json", {"config": OmegaConf.to_container(cfg, resolve=True), "summary": summary, "privacy": release.privacy})
+        write_json(run_dir / "generate.json", {"config": config, "summary": summary, "privacy": release.privacy})
         tracker.commit()
     return summary
+
+
+def _stored_config(run_dir: Path) -> dict | None:
+    """The config the run dir's batches were made with: the record written before the first
+    one, else (a run dir from before records existed) the finished run's generate.json."""
+    if config_record(run_dir, "generate").exists():
+        return read_json(config_record(run_dir, "generate"))
+    if (run_dir / "generate.json").exists():
+        return read_json(run_dir / "generate.json").get("config")
+    return None
+
+
+def pool_grows_cleanly(stored: dict, cfg: DictConfig) -> bool:
+    """True when only a larger (or smaller) num_per_class separates this run from the stored
+    one and every batch both runs share has the same size in each: batch b's seed depends on
+    (seed, b) alone, so resuming then ends with exactly what an uninterrupted run with the
+    new num_per_class writes (growing a pool from 100 to 150 per class reuses batches 0-9).
+    A partial last batch (num_per_class not a multiple of batch_size) would not be. `stored`
+    names the largest pool generated in the run dir (a grown pool updates its record), so
+    batches left by a larger earlier run count too."""
+    old, new, bs = int(stored.get("num_per_class", -1)), int(cfg.num_per_class), int(cfg.batch_size)
+    return stored.get("batch_size") == bs and old > 0 and min(old, new) % bs == 0
+
+
+def _obtain_release_recorded(cfg, run_dir: Path, lm, task, matched, config: dict) -> Release:
+    """The release, with the config recorded before anything is written into run_dir (the
+    release in run_dir/release depends on seed, real_per_class, privacy, ...: a later run with
+    other settings must not resume on it). A record this call created goes again when the
+    release fails, since then nothing was written that a resume could reuse."""
+    fresh = record_config(run_dir, "generate", config)
+    try:
+        return obtain_release(cfg, run_dir, lm, task, matched)
+    except BaseException:
+        if fresh:
+            config_record(run_dir, "generate").unlink(missing_ok=True)
+        raise
 
 
 def _batch_file(bdir: Path, b: int, failed: bool = False) -> Path:
@@ -115,24 +162,29 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
             bar.set_postfix(step=rec["outer_step"], loss=f"{rec['best_discrete_loss']:.4f}")
 
         try:
-            res = matcher.run(obj, projector, ctx, c, bsz, length, gen, on_step)
+            with quiet_kv_cache_rename():  # transformers' past_key_values notice would cut through the bar
+                res = matcher.run(obj, projector, ctx, c, bsz, length, gen, on_step)
         except FloatingPointError as e:  # non-finite even after the matcher's smaller-step retries
             _record_failed(bdir, b, str(e), tracker)
             continue
         rows = []
         for k in range(c):
             for i in range(bsz):
-                text = tok.decode(res.tokens[k, i].tolist(), skip_special_tokens=True).strip()
+                ids = res.tokens[k, i].tolist()
                 rows.append({
-                    "text": text, "label": k, "label_name": task.label_names[k],
-                    "match_loss": float(res.seq_loss[k, i]), "perplexity": float(res.perplexity[k, i]),
-                    "batch": b, "class_batch_loss": float(res.class_loss[k]),
+                    "text": tok.decode(ids, skip_special_tokens=True).strip(), "label": k, "label_name": task.label_names[k],
+                    "match_loss": None, "token_match_loss": float(res.seq_loss[k, i]), "perplexity": float(res.perplexity[k, i]),
+                    "batch": b, "class_batch_loss": float(res.class_loss[k]), "token_ids": ids,
                 })
+        # match_loss is the distance of the text as written (decoded and tokenised again, as
+        # fine-tuning and selection read it), not of the optimised ids it was decoded from
+        text_loss = obj.text_losses([task.encode_text(r["text"]) for r in rows], [r["label"] for r in rows])
+        for r, v in zip(rows, text_loss.tolist()):
+            r["match_loss"] = v
         if not all(math.isfinite(r["match_loss"]) for r in rows):
             _record_failed(bdir, b, "non-finite matching loss of the projected text; check the release (targets.pt)", tracker)
             continue
         write_jsonl(_batch_file(bdir, b), rows)
-        tracker.table(f"synthetic/batch_{b}", ["text", "label_name", "match_loss", "perplexity"], [[r["text"], r["label_name"], r["match_loss"], r["perplexity"]] for r in rows])
         timings.append(res.timings)
         retries += sum(h.get("x_step_retries", 0) for h in res.history)
     failed = [b for b in mine if _batch_file(bdir, b, failed=True).exists()]
@@ -141,6 +193,8 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
         raise ValueError(f"every batch failed ({len(failed)}, see {bdir}/*.failed.json): non-finite matching loss or gradient; "
                          "lower matcher.lr or check the release")
     write_jsonl(run_dir / SYNTHETIC_FILE, rows)
+    tracker.table("synthetic", ["text", "label_name", "match_loss", "perplexity", "batch"],  # one table: the whole set
+                  [[r["text"], r["label_name"], r["match_loss"], r["perplexity"], r["batch"]] for r in rows])
     summary = {
         "examples": len(rows),
         "batches": len(mine),
@@ -148,6 +202,8 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
         "failed_batches": failed,
         "x_step_retries": retries,
         "mean_match_loss": sum(r["match_loss"] for r in rows) / len(rows),
+        # rows from before token_match_loss existed (a resumed old run dir) count with their match_loss
+        "mean_token_match_loss": sum(r.get("token_match_loss", r["match_loss"]) for r in rows) / len(rows),
         "mean_class_batch_loss": sum(r["class_batch_loss"] for r in rows) / len(rows),
         "mean_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
         "timings": {k: sum(t.get(k, 0.0) for t in timings) for k in ("init", "project", "x_step", "evaluate", "total")},

@@ -23,11 +23,12 @@ import json
 import math
 from pathlib import Path
 
-from ..artifacts import read_json, read_jsonl, write_json, write_jsonl
+from ..artifacts import RESUME_FREE_KEYS, config_diff, read_json, read_jsonl, write_json, write_jsonl
 
 SYNTHETIC_FILE = "synthetic.jsonl"
-# Config keys allowed to differ between shards.
-FREE_KEYS = ("shard", "release", "progress", "threads", "logger")
+# Config keys allowed to differ between shards: those a resume ignores, plus the shard's own
+# index and how it named the (checked, identical) release.
+FREE_KEYS = RESUME_FREE_KEYS | {"shard", "release"}
 
 
 class MergeError(ValueError):
@@ -81,9 +82,10 @@ def merge_shards(out_dir, shard_dirs) -> dict:
             if not _same(r0[k], r1[k]):
                 raise MergeError(f"{s['dir']} used another release than {first['dir']} ({what} differs: "
                                  f"{r1['path']} vs {r0['path']}); shards must share one release=<dir>")
-        for k in sorted(set(first["config"]) | set(s["config"])):
-            if k not in FREE_KEYS and not _same(first["config"].get(k), s["config"].get(k)):
-                raise MergeError(f"{s['dir']} differs from {first['dir']} in config key {k!r}; shards must share the generation config")
+        diff = config_diff(first["config"], s["config"], FREE_KEYS)
+        if diff:
+            keys = ", ".join(f"config key {k!r} ({json.dumps(a)} vs {json.dumps(b)})" for k, a, b in diff[:4])
+            raise MergeError(f"{s['dir']} differs from {first['dir']} in {keys}; shards must share the generation config")
     cfg = first["config"]
     count = int(cfg["shard"]["count"])
     counts = {int(s["config"]["shard"]["count"]) for s in shards}

@@ -1,8 +1,13 @@
 """Pipeline: release → generate → select → fine-tune + evaluate, in one run dir.
 
+With `probe.matched_params` the release stage also makes the probe release (same records,
+one budget) into <run dir>/probe, and `selector=margin` scores the pool against it.
+
 Each stage is the same function its own entry point runs, and each resumes: generation
 skips finished batches, selection is a pure function of the pool, fine-tuning returns the
-stored metrics.json when it already exists for the same config.
+stored metrics.json when it already exists for the same config. Each stage also refuses a
+run dir whose output came from another config (generate, the first, before anything runs),
+so a rerun with other settings stops with one line instead of mixing the two.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..artifacts import read_json, write_json
 from .finetune import run_finetune
 from .generate import run_generate
+from .release import PROBE_DIR
 from .select import run_select
 
 
@@ -20,6 +26,12 @@ def run_pipeline(cfg: DictConfig, run_dir) -> dict:
     run_dir = Path(run_dir)
     if cfg.train.source != "synthetic":
         raise ValueError(f"gmtext-pipeline fine-tunes on its own synthetic set; train={cfg.train.source!r} belongs to gmtext-finetune")
+    if "release" in cfg.selector.keys() and OmegaConf.is_missing(cfg.selector, "release"):  # selector=margin (`in` skips MISSING)
+        if not cfg.probe.matched_params:
+            raise ValueError("selector=margin in gmtext-pipeline needs probe.matched_params=[...] (a probe release made with "
+                             "the generator's, from the same budget) or selector.release=<probe release dir>")
+        cfg = cfg.copy()
+        OmegaConf.update(cfg, "selector.release", str(run_dir / PROBE_DIR))
     gen = run_generate(cfg, run_dir)
     sel_cfg = cfg.copy()
     OmegaConf.update(sel_cfg, "pool", str(run_dir), force_add=False)

@@ -109,7 +109,7 @@ def load_run(d: Path) -> Run:
     if (d / "metrics.jsonl").exists() and gen.exists():
         for line in (d / "metrics.jsonl").read_text().splitlines():
             rec = json.loads(line) if line.strip() else {}
-            if rec.get("kind") == "step":
+            if rec.get("kind") == "step" and "outer_step" in rec:  # ADMM steps, not a pipeline's fine-tuning steps
                 steps.append(rec)
     return Run(d, flat, metrics, steps)
 
@@ -238,11 +238,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _legend(ax, n: int = 60) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles, [t if len(t) <= n else t[: n - 1] + "…" for t in labels], fontsize=7)
-
-
 def _isnum(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
 
@@ -252,80 +247,157 @@ def _figure(ncols=1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6 * ncols, 4), dpi=100)
+    fig = Figure(figsize=(5 * ncols + 3, 4), dpi=100)
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
     return fig, axes
 
 
-def _series(groups, metric, xfn, drop_keys):
-    """{series label: [(x, mean, std), ...]} — one point per group, series = the group's
-    key without the x-axis keys (and the --plot-ignore keys)."""
-    data: dict = {}
+def _short(v):
+    """A path value (train.path, pool) by its last component: legends stay readable."""
+    return Path(v).name if isinstance(v, str) and "/" in v else v
+
+
+def _cond_label(key, drop, shorten: bool) -> str:
+    return ", ".join(f"{k}={_fmt(_short(v) if shorten else v)}" for k, v in key if k not in drop and v is not None)
+
+
+def _series(groups, metric, xfn, x_keys, plot_ignore=()) -> dict:
+    """{series label: [(x, mean, std), ...]}: one point per group; a series is one condition,
+    i.e. the group's key without the x-axis keys (and the --plot-ignore keys).
+
+    Joining groups over a --plot-ignore key only makes sense when they sit at different x:
+    two synthetic sets at the same x are two conditions, and one line through both would
+    draw a vertical segment. So a series that would get two points at one x is split again
+    by the keys it dropped, apart from the x-axis keys themselves."""
+    pts = []
     for g in groups:
         s, x = g.stat(metric), xfn(g)
-        if s is None or x is None:
+        if s is not None and x is not None:
+            pts.append((g, (float(x), s[0], s[1])))
+    drop = set(x_keys) | set(plot_ignore)
+    by: dict = {}
+    for g, p in pts:
+        by.setdefault(_cond_label(g.key, drop, True), []).append((g, p))
+    data: dict = {}
+    for label, members in by.items():
+        xs = [p[0] for _, p in members]
+        if len(set(xs)) == len(xs):
+            data[label or metric] = [p for _, p in members]
             continue
-        label = ", ".join(f"{k}={_fmt(v)}" for k, v in g.key if k not in drop_keys and v is not None) or metric
-        data.setdefault(label, []).append((float(x), s[0], s[1]))
+        for g, p in members:  # colliding x: every group of this series is its own condition
+            data.setdefault(_cond_label(g.key, set(x_keys), True) or metric, []).append(p)
+    if any(len({p[0] for p in v}) < len(v) for v in data.values()):  # short path names collided too
+        data = {}
+        for g, p in pts:
+            data.setdefault(_cond_label(g.key, set(x_keys), False) or metric, []).append(p)
     return {k: sorted(v) for k, v in sorted(data.items())}
 
 
+def _draw_all(ax, data, log: bool, xmap=lambda x: x):
+    """One errorbar series per condition: a series of one point is a marker (no line), of
+    several a line through markers. Series sharing an x are spread a little sideways
+    (dodged) so their markers and error bars do not hide each other; the returned data
+    keeps the true x."""
+    at: dict = {}
+    for label, pts in data.items():
+        for p in pts:
+            at.setdefault(xmap(p[0]), []).append(label)
+    xs = sorted(at)
+    span = (xs[-1] - xs[0]) or max(abs(xs[0]), 1.0)  # one x only: dodge relative to it
+    for i, (label, pts) in enumerate(data.items()):
+        x, y, e = [], [], []
+        for px, py, pe in pts:
+            px = xmap(px)
+            k, n = at[px].index(label), len(at[px])
+            off = 0.025 * (k - (n - 1) / 2)
+            x.append(px * (1 + off) if log else px + off * span)
+            y.append(py)
+            e.append(pe)
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label, color=f"C{i % 10}", ls="-" if len(pts) > 1 else "none")
+
+
+def _finish(fig, ax, path):
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)  # outside: full labels
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+
+
 def plot_accuracy_vs_examples(groups, path, plot_ignore=()):
-    data = _series(groups, "accuracy", lambda g: (g.stat("n_train") or (None,))[0], (*X_EXAMPLE_KEYS, *plot_ignore))
+    """Returns (plotted data, Figure), or None when no group has accuracy and n_train."""
+    data = _series(groups, "accuracy", lambda g: (g.stat("n_train") or (None,))[0], X_EXAMPLE_KEYS, plot_ignore)
     if not data:
         return None
     fig, (ax,) = _figure()
-    for label, pts in data.items():
-        x, y, e = zip(*pts)
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
+    xs = sorted({p[0] for v in data.values() for p in v})
+    log = xs[0] > 0 and xs[-1] / xs[0] >= 10  # log only where it spreads points (0 examples has no log position)
+    if log:
+        ax.set_xscale("log")
+    _draw_all(ax, data, log)
+    ax.set_xticks(xs, [_fmt(int(x) if float(x).is_integer() else x) for x in xs])
+    ax.xaxis.set_minor_locator(_null_locator())
     ax.set_xlabel("training examples (synthetic or real)")
     ax.set_ylabel("accuracy")
-    ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path)
-    return data
+    _finish(fig, ax, path)
+    return data, fig
 
 
 def plot_accuracy_vs_epsilon(groups, path, plot_ignore=()):
-    eps_keys = ("privacy.epsilon", "train.epsilon", "privacy.name", "privacy.delta", "train.delta", *plot_ignore)
-    data = _series(groups, "accuracy", lambda g: (g.stat("epsilon") or (None,))[0], eps_keys)
-    if not data:
+    """Accuracy against ε; non-private groups (ε = ∞) sit at an extra "∞" position right of the
+    largest finite ε. Returns (plotted data, Figure), or None when no run is private: with
+    only ε = ∞ there is no ε axis to draw (the table and accuracy_vs_examples show them)."""
+    eps_keys = ("privacy.epsilon", "train.epsilon", "privacy.name", "privacy.delta", "train.delta")
+    data = _series(groups, "accuracy", lambda g: (g.stat("epsilon") or (None,))[0], eps_keys, plot_ignore)
+    finite = sorted({p[0] for v in data.values() for p in v if math.isfinite(p[0])})
+    if not finite:
         return None
+    x_inf = finite[-1] * 4 if finite[-1] > 0 else 1.0
     fig, (ax,) = _figure()
-    finite_x = [p[0] for pts in data.values() for p in pts if math.isfinite(p[0])]
-    for i, (label, pts) in enumerate(data.items()):
-        color = f"C{i}"
-        fin = [p for p in pts if math.isfinite(p[0])]
-        if fin:
-            x, y, e = zip(*fin)
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label, color=color)
-        for _, y, e in (p for p in pts if not math.isfinite(p[0])):  # non-private: a reference line
-            ax.axhline(y, ls="--", color=color, label=f"{label} (ε = ∞)")
-    if finite_x:
-        ax.set_xscale("log")
+    ax.set_xscale("log")
+    _draw_all(ax, data, True, lambda x: x if math.isfinite(x) else x_inf)
+    # ticks at the nominal budgets: spent ε (0.9917 by DP-SGD, 0.9998 by the release) lies just below
+    # of the target: ε within 5 % of each other share one tick
+    nominal = []
+    for x in finite:
+        if nominal and x <= nominal[-1][0] * 1.05:
+            nominal[-1].append(x)
+        else:
+            nominal.append([x])
+    nominal = [float(f"{max(c):.2g}") for c in nominal]
+    labels = [_fmt(t) for t in nominal]
+    if any(not math.isfinite(p[0]) for v in data.values() for p in v):
+        nominal, labels = nominal + [x_inf], labels + ["∞"]
+    ax.set_xticks(nominal, labels)
+    ax.xaxis.set_minor_locator(_null_locator())
     ax.set_xlabel("ε (δ per run; ∞ = non-private)")
     ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path)
-    return data
+    _finish(fig, ax, path)
+    return data, fig
+
+
+def _null_locator():
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
+
+
+ADMM_PANELS = (("best_discrete_loss", "best matching loss so far"), ("discrete_loss", "matching loss of the projected text"),
+               ("perplexity", "perplexity of the projected text"))
 
 
 def admm_curves(groups) -> dict:
     """{group label: {"outer_step": [...], "best_discrete_loss": [...], "discrete_loss": [...],
-    "perplexity": [...]}} — per outer step, the mean over batches and seeds."""
+    "perplexity": [...]}}: per outer step, the mean over batches and seeds. Only step records
+    of the ADMM loop count (a pipeline run's metrics.jsonl also holds fine-tuning steps)."""
     out = {}
     for g in groups:
-        recs = [s for r in g.runs for s in r.steps]
+        recs = [s for r in g.runs for s in r.steps if "outer_step" in s]
         if not recs:
             continue
-        steps = sorted({s["outer_step"] for s in recs})
+        steps = sorted({int(s["outer_step"]) for s in recs})
         cur = {"outer_step": steps}
-        for m in ("best_discrete_loss", "discrete_loss", "perplexity"):
+        for m, _ in ADMM_PANELS:
             vals = []
             for st in steps:
                 v = [s[m] for s in recs if s["outer_step"] == st and _isnum(s.get(m))]
@@ -336,23 +408,28 @@ def admm_curves(groups) -> dict:
 
 
 def plot_admm(groups, path):
+    """One panel per ADMM quantity, one curve per generate condition. Returns (data, Figure) or None."""
+    from matplotlib.ticker import MaxNLocator
+
     data = admm_curves(groups)
     if not data:
         return None
-    fig, (a1, a2) = _figure(2)
-    for i, (label, c) in enumerate(data.items()):
-        a1.plot(c["outer_step"], c["best_discrete_loss"], marker="o", color=f"C{i}", label=f"{label} (best)")
-        a1.plot(c["outer_step"], c["discrete_loss"], ls=":", color=f"C{i}")
-        a2.plot(c["outer_step"], c["perplexity"], marker="o", color=f"C{i}", label=label)
-    a1.set_title("discrete matching loss (dotted: current)", fontsize=9)
-    a2.set_title("perplexity of the projected text", fontsize=9)
-    for a in (a1, a2):
-        a.set_xlabel("ADMM outer step")
-        a.grid(alpha=0.3)
-    _legend(a1)
+    fig, axes = _figure(len(ADMM_PANELS))
+    for ax, (m, title) in zip(axes, ADMM_PANELS):
+        for i, (label, c) in enumerate(data.items()):
+            pts = [(x, y) for x, y in zip(c["outer_step"], c[m]) if math.isfinite(y)]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, marker="o", ls="-" if len(pts) > 1 else "none", color=f"C{i % 10}", label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("ADMM outer step")
+        ax.set_ylabel("perplexity" if m == "perplexity" else "matching loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
-    return data
+    fig.savefig(path, bbox_inches="tight")
+    return data, fig
 
 
 # ---------------------------------------------------------------- entry
@@ -361,7 +438,8 @@ def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=()) 
     keys stay in the tables but not in plot series: e.g. GRADMM pools at several ε, told apart
     in the table by train.path, form one curve of accuracy against ε.
 
-    Returns {"runs", "keys", "rows", "plots": {file: plotted data}, "out_dir"}."""
+    Returns {"runs", "keys", "rows", "groups", "plots": {file: plotted data},
+    "figures": {file: matplotlib Figure}, "out_dir"}."""
     dirs = find_run_dirs(paths)
     if not dirs:
         raise FileNotFoundError(f"no run dirs (folders with {' or '.join(RUN_FILES)}) under {', '.join(map(str, paths))}")
@@ -378,17 +456,17 @@ def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=()) 
     keys = (["stage"] if len(sections) > 1 else []) + sorted({k for _, sk, _ in sections for k in sk})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = {}
+    plots, figures = {}, {}
     plotters = (partial(plot_accuracy_vs_examples, plot_ignore=plot_ignore), partial(plot_accuracy_vs_epsilon, plot_ignore=plot_ignore), plot_admm)
     for name, fn in zip(PLOTS, plotters):
-        data = fn(groups, out / name)
-        if data is not None:
-            plots[name] = data
+        drawn = fn(groups, out / name)
+        if drawn is not None:
+            plots[name], figures[name] = drawn
         elif (out / name).exists():
             (out / name).unlink()  # stale plot from an earlier report into the same dir
     write_csv(out / "report.csv", rows, keys)
     (out / "report.md").write_text(markdown(sections, list(plots), paths), encoding="utf-8")
-    return {"runs": runs, "keys": keys, "rows": rows, "groups": groups, "plots": plots, "out_dir": out}
+    return {"runs": runs, "keys": keys, "rows": rows, "groups": groups, "plots": plots, "figures": figures, "out_dir": out}
 
 
 def main(argv=None) -> int:

@@ -9,11 +9,12 @@ import math
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ..artifacts import run_lock, write_json, write_jsonl
+from ..artifacts import check_resume, record_config, run_lock, write_json, write_jsonl
 from ..config import build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
+from ..privacy.ledger import compose_records, ledger_of
 
 
 def _norm(text: str) -> str:
@@ -105,11 +106,12 @@ def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk
     fps = {m: release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, m) for m in MATCH_LOSSES}
     match_loss = next((m for m, fp in fps.items() if fp == rel.fingerprint), cfg.match_loss)
     rel.check(fps.get(match_loss, ""), matched.names)  # an unknown match_loss fits no release
-    fit = label_fit(lm.model, task, matched, rel.targets, [r["text"] for r in rows], match_loss, cfg.dataset.max_text_tokens, chunk)
+    fit = label_fit(lm.model, task, matched, rel.targets, [r["text"] for r in rows], match_loss, cfg.dataset.max_text_tokens, chunk,
+                    progress=bool(cfg.progress))
     for r, m in zip(rows, label_margin(fit, [r["label"] for r in rows]).tolist()):
         r["label_margin"] = m
     return {"release": str(release_dir), "epsilon": rel.epsilon, "delta": float(rel.privacy.get("delta", 0.0)),
-            "param_names": len(rel.param_names)}
+            "param_names": len(rel.param_names), "ledger": ledger_of(rel.privacy)}
 
 
 def load_synthetic(path, label_names, required=BestMatchSelector.required) -> list[dict]:
@@ -122,28 +124,46 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def _pool_file(pool, run_dir: Path) -> Path:
+    """The pool file, never this stage's own output: a run dir resolves to its selected.jsonl
+    first, so selecting into the generate run dir itself (gmtext-pipeline; gmtext-select
+    without pool=) read its previous selection on a rerun, and reported that as the pool."""
+    p = resolve_synthetic_path(pool)
+    own = run_dir / "selected.jsonl"
+    if own.exists() and p.resolve() == own.resolve() and (run_dir / "synthetic.jsonl").exists():
+        return run_dir / "synthetic.jsonl"
+    return p
+
+
 def run_select(cfg: DictConfig, run_dir) -> dict:
     run_dir = Path(run_dir)
     selector = build(cfg.selector)
-    source = cfg.pool or run_dir
+    config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "select"):
+        source = _pool_file(cfg.pool or run_dir, run_dir)
+        # selection is recomputed from the pool (cheap, deterministic), but into a run dir whose
+        # selected.jsonl came from other settings it would silently replace what a later stage
+        # (a pipeline's fine-tuning) was made from: refuse instead
+        check_resume(run_dir, "select", config)
         rows = load_synthetic(source, list(cfg.dataset.label_names), selector.required)
         pool_privacy = synthetic_privacy(source) or {}
         probe_privacy = add_label_margins(cfg, rows, selector.release, selector.chunk) if isinstance(selector, LabelMarginSelector) else None
         chosen = selector(rows)
+        record_config(run_dir, "select", config)
         write_jsonl(run_dir / "selected.jsonl", chosen)
         counts = {}
         for r in chosen:
             counts[r["label"]] = counts.get(r["label"], 0) + 1
         summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
                    "mean_match_loss": _mean(chosen, "match_loss"), "mean_perplexity": _mean(chosen, "perplexity"),
-                   "source": str(resolve_synthetic_path(source))}
-        summary.update(pool_privacy)  # the pool's ε travels with the selected set
-        if probe_privacy is not None:  # two releases of the same data: basic composition
+                   "source": str(source)}
+        parts = [pool_privacy] if pool_privacy else []
+        if probe_privacy is not None:
             summary["mean_label_margin"] = _mean(chosen, "label_margin")
-            summary["probe_release"] = probe_privacy
-            if pool_privacy:
-                summary["epsilon"] = pool_privacy["epsilon"] + probe_privacy["epsilon"]
-                summary["delta"] = pool_privacy["delta"] + probe_privacy["delta"]
-        write_json(run_dir / "select.json", summary)
+            summary["probe_release"] = {k: v for k, v in probe_privacy.items() if k != "ledger"}
+            parts.append(probe_privacy)
+        privacy = compose_records(parts) if pool_privacy else None  # a pool of unknown origin stays unknown
+        if privacy:
+            summary.update(epsilon=privacy["epsilon"], delta=privacy["delta"])
+        write_json(run_dir / "select.json", {**summary, "privacy": privacy})
     return summary

@@ -1,0 +1,202 @@
+"""DP-SGD baseline (gmtext/finetune/dpsgd.py) on the tiny random Llama and the builtin demo set."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gmtext.data import Example, is_dev, load_split
+from gmtext.finetune.dpsgd import (SecureDPOptimizer, SecurePoissonSampler, dpsgd_fit, keyed_uniform, private_records,
+                                   record_subsample)
+from gmtext.finetune.trainer import FullFineTuner, LastLayersFineTuner, LoRAFineTuner, VerbalizerClassifier, classification_loss
+from gmtext.privacy import noise
+
+NAMES = ["negative", "positive"]
+FINETUNERS = {
+    "full": lambda **kw: FullFineTuner(**kw),
+    "lora": lambda **kw: LoRAFineTuner(r=2, alpha=4, **kw),
+    "last_layers": lambda **kw: LastLayersFineTuner(num_layers=1, **kw),
+}
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_split("train", NAMES, builtin="demo")
+
+
+@pytest.mark.parametrize("kind", sorted(FINETUNERS))
+def test_opacus_per_example_gradients_equal_autograd(tiny, demo, kind):
+    """opacus' hooks (Linear, Embedding incl. the tied lm_head, functorch fallback for
+    LlamaRMSNorm, peft's LoRA Linear) give each example's own gradient of the verbalizer loss."""
+    from opacus.grad_sample import GradSampleModule
+
+    lm, task = tiny
+    model = FINETUNERS[kind]().prepare(copy.deepcopy(lm.model))
+    if kind == "lora":  # lora_B starts at 0, which would hide errors in lora_A's per-example gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    exs = demo.examples[:4]
+    model.train()
+    gsm = GradSampleModule(VerbalizerClassifier(model, task.label_token_ids), loss_reduction="sum")
+    ids, mask, last = task.batch([e.text for e in exs], None)
+    F.cross_entropy(gsm(ids, mask, last), torch.tensor([e.label for e in exs]), reduction="sum").backward()
+    per_example = [p.grad_sample.clone() for p in params]
+    gsm._close()
+    for i, e in enumerate(exs):
+        model.zero_grad()
+        classification_loss(model, task, [e], None).backward()
+        for p, g in zip(params, per_example):
+            torch.testing.assert_close(g[i], p.grad, rtol=1e-4, atol=1e-6 * float(p.grad.abs().max()) + 1e-9)
+
+
+@pytest.mark.parametrize("kind", sorted(FINETUNERS))
+def test_dpsgd_fit_each_finetuner(tiny, demo, kind, monkeypatch):
+    lm, task = tiny
+    drawn = []
+    real_normal = noise.standard_normal
+    monkeypatch.setattr(noise, "standard_normal", lambda n, entropy=None: drawn.append(n) or real_normal(n, entropy))
+    ft = FINETUNERS[kind](lr=1e-2, epochs=1, batch_size=16)
+    model = ft.prepare(copy.deepcopy(lm.model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    exs = private_records(demo, None, 0)
+    steps = []
+    fit = dpsgd_fit(ft, model, task, exs, epsilon=4.0, delta=1e-3, clip_norm=0.5, microbatch=5, on_step=steps.append)
+    x = fit.extra
+    per_epoch = -(-len(exs) // 16)
+    assert fit.steps == x["steps"] == per_epoch and [s["step"] for s in steps] == list(range(per_epoch))
+    assert all(set(s) == {"step", "lr"} for s in steps) and fit.losses == []  # nothing computed from a private batch
+    assert 0 < x["epsilon"] <= x["epsilon_target"] + 0.01 and x["epsilon_target"] == 4.0 and x["noise_multiplier"] > 0
+    assert x["sample_rate"] == pytest.approx(1 / per_epoch) and x["delta"] == 1e-3 and x["clip_norm"] == 0.5
+    assert x["adjacency"] == "add_remove" and x["accountant"] == "prv" and x["noise_source"] == noise.SOURCE
+    assert "public" in x["num_records_public_note"]
+    # every coordinate of every trainable tensor got fresh gmtext noise at every step
+    assert sum(drawn) == per_epoch * fit.trainable_params
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    # opacus is detached: no per-sample state left, no hooks, a plain forward still works
+    assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert torch.isfinite(classification_loss(model, task, exs[:3], None))
+
+
+def test_optimizer_noise_is_gmtext_noise_not_torch_rng(monkeypatch):
+    """The noise SecureDPOptimizer adds is exactly what gmtext.privacy.noise returns, and
+    torch's seed does not reproduce it."""
+    def step(std_normal=None):
+        lin = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            lin.weight.zero_(), lin.bias.zero_()
+        opt = SecureDPOptimizer(torch.optim.SGD(lin.parameters(), lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4)
+        for p in lin.parameters():  # an empty batch: the released gradient is pure noise
+            p.grad_sample = torch.zeros((0, *p.shape))
+        if std_normal is not None:
+            monkeypatch.setattr(noise, "standard_normal", std_normal)
+        opt.step()
+        monkeypatch.undo()
+        return torch.cat([p.detach().flatten() for p in lin.parameters()])
+
+    fixed = step(lambda n, entropy=None: np.arange(n, dtype=np.float64))
+    torch.testing.assert_close(fixed, -torch.cat([torch.arange(6.0), torch.arange(2.0)]) * (2.0 * 0.5) / 4)  # one draw per tensor
+    torch.manual_seed(0)
+    a = step()
+    torch.manual_seed(0)
+    b = step()
+    assert not torch.equal(a, b) and a.abs().sum() > 0
+
+
+def test_poisson_sampling_uses_secure_uniforms_not_torch_seed(monkeypatch):
+    s = SecurePoissonSampler(num_samples=2000, sample_rate=0.25, steps=3)
+    torch.manual_seed(0)
+    first = list(s)
+    torch.manual_seed(0)
+    second = list(s)
+    assert len(first) == 3 and first != second
+    assert all(380 < len(b) < 620 for b in first)  # Binomial(2000, 0.25): mean 500, sd ~19
+    u = np.linspace(0.001, 1.0, 2000)
+    monkeypatch.setattr(noise, "uniform", lambda n, entropy=None: u[:n])
+    assert list(s) == [np.nonzero(u < 0.25)[0].tolist()] * 3
+
+
+def test_empty_poisson_batches_still_release_noisy_steps(tiny, demo, monkeypatch):
+    lm, task = tiny
+    monkeypatch.setattr(noise, "uniform", lambda n, entropy=None: np.ones(n))  # nobody is ever sampled
+    ft = LoRAFineTuner(r=2, alpha=4, lr=1e-2, epochs=2, batch_size=16)
+    model = ft.prepare(copy.deepcopy(lm.model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    fit = dpsgd_fit(ft, model, task, private_records(demo, None, 0), epsilon=2.0, delta=1e-3, clip_norm=1.0)
+    assert fit.steps == 6 and 0 < fit.extra["epsilon"] <= 2.01
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_subsample_is_record_stable():
+    exs = [Example(f"review number {i}", i % 2) for i in range(400)]
+    base = record_subsample(exs, 0.3, seed=1)
+    assert 80 < len(base) < 160 and base == [e for e in exs if keyed_uniform(1, e.text) < 0.3]
+    for extra in ("an unrelated new review", "another one"):
+        grown = record_subsample(exs[:200] + [Example(extra, 0)] + exs[200:], 0.3, seed=1)
+        assert [e for e in grown if e.text != extra] == base  # the others' membership did not move
+    shrunk = record_subsample(exs[1:], 0.3, seed=1)
+    assert shrunk == [e for e in base if e is not exs[0]]
+    assert record_subsample(exs, 0.3, seed=2) != base
+
+
+def test_private_records_defaults_to_the_whole_split(demo):
+    pool = [e for e in demo.examples if not is_dev(e.text)]
+    assert private_records(demo, None, 0) == pool and private_records(demo, 10 ** 6, 0) == pool
+    sub = private_records(demo, 10, 0)
+    assert set(e.text for e in sub) <= set(e.text for e in pool) and sub == private_records(demo, 10, 0)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=rf"^train.size={bad!r}: accepted: null"):
+            private_records(demo, bad, 0)
+
+
+def _walk_keys(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _walk_keys(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk_keys(v)
+
+
+def test_run_finetune_dpsgd_logs_nothing_from_private_batches(compose, tmp_path):
+    from gmtext.stages.finetune import run_finetune
+
+    cfg = compose(["model=tiny_llama", "logger=none", "train=dpsgd", "finetuner=lora", "finetuner.batch_size=16", "finetuner.epochs=1",
+                   "finetune.eval_limit=8", "finetune.dev_size=0", "train.epsilon=3"], config_name="finetune")
+    assert cfg.finetuner.lr == 5e-4 and cfg.train.size is None  # the DP recipe from conf/train/dpsgd.yaml
+    m = run_finetune(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for blob in [{k: v for k, v in saved.items() if k != "config"}, *recs]:
+        assert not [k for k in _walk_keys(blob) if "loss" in k.lower()], blob
+    steps = [r for r in recs if r["kind"] == "step"]
+    assert len(steps) == saved["steps"] == saved["dp"]["steps"] > 0
+    assert all(set(r) == {"kind", "step", "train/lr", "lr_run", "lr_value"} for r in steps)  # no batch size either
+    # opacus' accountant and the ledger (dp_accounting PLD, re-accounting the same steps) both certify <= the target
+    assert 0 < saved["dp"]["epsilon"] <= 3.01 and 0 < saved["epsilon"] == m["epsilon"] <= 3.01
+    [entry] = saved["privacy"]["entries"]
+    assert entry["kind"] == "subsampled_gaussian" and entry["count"] == saved["steps"] and entry["sample_rate"] == saved["dp"]["sample_rate"]
+    assert saved["delta"] == 1e-5 and saved["train_per_class"] is None and saved["dp"]["noise_source"] == noise.SOURCE
+    assert "train_seconds" not in saved and "wall_seconds" not in saved  # run time depends on the Poisson batch sizes
+    assert saved["n_train"] == len([e for e in load_split("train", NAMES, builtin="demo").examples if not is_dev(e.text)])
+
+
+@pytest.mark.parametrize("override, msg", [("train.epsilon=-1", r"train.epsilon=-1.0: accepted: a finite number > 0"),
+                                           ("train.accountant=gdp", r"train.accountant='gdp': accepted: prv, rdp"),
+                                           ("train.delta=1", r"train.delta=1.0: accepted"),
+                                           ("train.microbatch=0", r"train.microbatch=0: accepted")])
+def test_bad_dpsgd_values_are_one_line_errors(compose, tmp_path, override, msg):
+    from gmtext.stages.finetune import run_finetune
+
+    cfg = compose(["model=tiny_llama", "logger=none", "train=dpsgd", override], config_name="finetune")
+    with pytest.raises(ValueError, match="^" + msg) as e:
+        run_finetune(cfg, tmp_path / "run")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before loading anything
