@@ -77,11 +77,26 @@ def _run(stage: str, fn, cfg: DictConfig):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_dir = HydraConfig.get().runtime.output_dir
     try:
+        _expand_sketch_specs(cfg)
         return fn(cfg, run_dir)
     except Exception as e:
         if os.environ.get("GMTEXT_TRACEBACK") or not is_user_error(e):
             raise
         _fail(stage, error_line(e))
+
+
+def _expand_sketch_specs(cfg: DictConfig) -> None:
+    """Short `sketch:<regex>` entries of matched_params and probe.matched_params → the full form with cfg.sketch's k_in,
+    k_out and seed, before any stage builds MatchedParams (so every stage, and the config it
+    records, sees the same projection)."""
+    from .sketch import expand_specs
+
+    specs = cfg.get("matched_params")
+    if specs and any(str(s).startswith("sketch:") for s in specs):
+        cfg.matched_params = expand_specs(list(specs), cfg.get("sketch"))
+    probe = cfg.get("probe")
+    if probe is not None and any(str(s).startswith("sketch:") for s in probe.matched_params):
+        probe.matched_params = expand_specs(list(probe.matched_params), cfg.get("sketch"))
 
 
 def _main(stage: str):

@@ -272,6 +272,17 @@ class FinetuneStageConfig:
 
 
 @dataclass
+class SketchConfig:
+    """Settings of `sketch:<regex>` entries in matched_params (gmtext/sketch.py, docs/sketch.md):
+    each matched nn.Linear's gradient is projected to k_in*k_out coordinates by random
+    matrices drawn from this PUBLIC seed (never a secret: the projection is not a privacy device)."""
+
+    k_in: int = 16
+    k_out: int = 16
+    seed: int = 0
+
+
+@dataclass
 class ProbeConfig:
     """A second release over other parameters, made with the generator's (same records, same
     budget): label-fit margin selection scores the pool against it (docs/selection.md)."""
@@ -294,6 +305,7 @@ class RootConfig:
     batch_size: int = 10  # synthetic sequences per class optimised together
     real_per_class: Optional[int] = None  # null: every record of the train split; N: a seeded sample (non-private only)
     matched_params: List[str] = field(default_factory=lambda: ["lm_head"])
+    sketch: SketchConfig = field(default_factory=SketchConfig)  # for sketch:<regex> entries of matched_params
     # loss whose gradient is matched: full_vocab (the paper) or verbalizer (cross-entropy over
     # the label tokens only: the loss fine-tuning uses; class-specific, far fewer noisy dims)
     match_loss: MatchLoss = MatchLoss.full_vocab

@@ -23,7 +23,11 @@ class MatchedParams:
     """The parameter subset whose gradients are matched.
 
     specs: `lm_head` (the output projection's role only, even when tied to the input
-    embeddings), `final_norm`, `last_blocks:K`, or `re:<regex>` over parameter names.
+    embeddings), `final_norm`, `last_blocks:K`, `re:<regex>` over parameter names, or
+    `sketch:<K_IN>x<K_OUT>:<SEED>:<regex>` (gmtext/sketch.py: attaches zero-initialised
+    random-projection side branches to the nn.Linear modules matching <regex> and matches
+    their G parameters, a k_in*k_out-dimensional projection of each layer's gradient).
+    Sketch G parameters are matched only through `sketch:` specs, never by the others.
     When only the head is matched its gradient has a closed form (softmax error ⊗ last
     hidden state), which the fast objective uses instead of a double backward.
     """
@@ -39,7 +43,15 @@ class MatchedParams:
             # Untie for autograd only: a second Parameter over the same storage, so the
             # head's gradient excludes the input-embedding path (no extra memory).
             head.weight = nn.Parameter(emb.weight.detach(), requires_grad=False)
-        names = dict(model.named_parameters(remove_duplicate=False))
+        from . import sketch as _sketch
+
+        sketch_sel = {}
+        for s in specs:
+            if s.startswith(_sketch.PREFIX):
+                k_in, k_out, seed, pattern = _sketch.parse_spec(s)
+                sketch_sel[s] = _sketch.attach(model, pattern, k_in, k_out, seed)
+        names = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not _sketch.is_sketch_name(n)}
+        all_names = dict(model.named_parameters(remove_duplicate=False))
         head_names = {n for n, p in names.items() if any(p is q for q in head.parameters())}
         blocks = block_prefixes(names)
         chosen: dict[str, nn.Parameter] = {}
@@ -56,8 +68,10 @@ class MatchedParams:
                 sel = {n: p for n, p in names.items() if any(n.startswith(b) for b in pre)}
             elif s.startswith("re:"):
                 sel = {n: p for n, p in names.items() if re.search(s[3:], n)}
+            elif s in sketch_sel:
+                sel = {n: all_names[n] for n in sketch_sel[s]}
             else:
-                raise ValueError(f"matcher.params entry {s!r} unknown; accepted: lm_head, final_norm, last_blocks:K, re:<regex>")
+                raise ValueError(f"matcher.params entry {s!r} unknown; accepted: lm_head, final_norm, last_blocks:K, re:<regex>, sketch:<K_IN>x<K_OUT>:<SEED>:<regex>")
             if not sel:
                 raise ValueError(f"matcher.params entry {s!r} matches no parameter of this model")
             chosen.update(sel)

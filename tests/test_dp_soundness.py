@@ -277,3 +277,14 @@ def test_non_private_release_with_probe(compose, tmp_path):
     with pytest.raises(ValueError, match="probe.budget_share=0"):
         R.run_release(compose(["model=tiny_llama", "logger=none", "probe.matched_params=[final_norm]", "probe.budget_share=0"],
                               config_name="release"), tmp_path / "b")
+
+
+def test_probe_in_a_sketch_space(compose, tmp_path):
+    """The probe may match a low-dimensional sketch (short spec expanded with cfg.sketch) while
+    the generator matches raw parameters; both come from one DP budget."""
+    s = R.run_release(compose(["model=tiny_llama", "logger=none", "progress=false", "privacy=dp", "sketch.k_in=4",
+                               "sketch.k_out=2", "probe.matched_params=[sketch:layers\\.1\\.]"], config_name="release"), tmp_path)
+    probe = R.Release.load(tmp_path / "probe")
+    assert all("gm_sketch.G_v1_4x2_s0" in n for n in probe.param_names)
+    assert sum(t.numel() for t in probe.targets[0]) == 8 * len(probe.param_names)
+    assert probe.privacy["per_example_gradients"] == "sketch_hooks" and probe.epsilon == pytest.approx(s["epsilon"])

@@ -201,11 +201,11 @@ def test_run_finetune_writes_metrics(compose, tmp_path):
     assert any("train/loss" in r for r in recs) and recs[-1]["kind"] == "summary"
     assert run_finetune(cfg, tmp_path / "run") == saved  # same config: resumed, not retrained
     quiet = compose(_tiny_overrides(tmp_path, "train=real", "train.size=10", "finetune.lrs=[1e-4,1e-3]", "finetune.eval_limit=12",
-                                    "progress=false"), config_name="finetune")
+                                    "finetune.dev_size=8", "progress=false"), config_name="finetune")
     assert run_finetune(quiet, tmp_path / "run") == saved  # keys that shape nothing may differ
     before = (tmp_path / "run" / "metrics.json").read_bytes()
-    other = compose(_tiny_overrides(tmp_path, "train=real", "train.size=10", "finetune.lrs=[1e-4,1e-3]", "finetune.eval_limit=10"),
-                    config_name="finetune")
+    other = compose(_tiny_overrides(tmp_path, "train=real", "train.size=10", "finetune.lrs=[1e-4,1e-3]", "finetune.eval_limit=10",
+                                    "finetune.dev_size=8"), config_name="finetune")
     from gmtext.artifacts import ConfigChanged
 
     with pytest.raises(ConfigChanged, match=r"holds finetune output made with another config \(finetune.eval_limit 12 → 10\)"):

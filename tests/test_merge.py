@@ -98,9 +98,9 @@ def test_batch_a_shard_recorded_failed_is_not_missing(shards, tmp_path):
 
 def test_dp_shards_with_their_own_releases_are_refused(tmp_path):
     """Two DP shards that each made their own release (no release=<dir>) spend the budget
-    twice. Their release.json fingerprints and privacy.json ledgers are byte-identical (same
-    config, same accountant), so only the targets' hash tells the releases apart: the merge
-    must refuse on it."""
+    twice. Their release.json fingerprints and privacy records are the same but for the
+    release_id (a hash of the targets), so only the targets tell the releases apart: the
+    merge must refuse on them."""
     from hydra import compose, initialize_config_module
 
     from gmtext.config import register_configs
@@ -110,14 +110,21 @@ def test_dp_shards_with_their_own_releases_are_refused(tmp_path):
     dirs = []
     for i in (0, 1):
         with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
-            cfg = compose(config_name="generate", overrides=FAST + ["privacy=dp", "privacy.epsilon=4", "privacy.delta=1e-3",
+            cfg = compose(config_name="generate", overrides=[o for o in FAST if not o.startswith("real_per_class")]
+                          + ["privacy=dp", "privacy.epsilon=4", "privacy.delta=1e-3",
                                                                      "shard.count=2", f"shard.index={i}", "threads=1"])
         run_generate(cfg, tmp_path / f"dp{i}")
         dirs.append(tmp_path / f"dp{i}")
     r0, r1 = (d / "release" for d in dirs)
-    assert (r0 / "privacy.json").read_bytes() == (r1 / "privacy.json").read_bytes()
+    p0, p1 = (json.loads((r / "privacy.json").read_text()) for r in (r0, r1))
+    assert p0["ledger"]["entries"][0]["release_id"] != p1["ledger"]["entries"][0]["release_id"]  # two artifacts
+    for p in (p0, p1):  # otherwise the same record: only the targets tell the releases apart
+        for e in p["ledger"]["entries"]:
+            e.pop("release_id")
+    assert p0 == p1
     assert json.loads((r0 / "release.json").read_text())["fingerprint"] == json.loads((r1 / "release.json").read_text())["fingerprint"]
     assert (r0 / "targets.pt").read_bytes() != (r1 / "targets.pt").read_bytes()  # independent noise
-    with pytest.raises(MergeError, match=r"used another release than .*\(release targets differs: "):
+    # refused on the privacy record (its release_id hashes the targets) or on the targets themselves
+    with pytest.raises(MergeError, match=r"used another release than .*\((privacy.json|release targets) differs: "):
         merge_shards(tmp_path / "m", dirs)
     assert not (tmp_path / "m").exists()

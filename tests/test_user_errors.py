@@ -98,4 +98,4 @@ def test_release_rerun_with_another_config_is_refused(compose, tmp_path):
         run_release(compose(GEN + ["real_per_class=4"], config_name="release"), run)
     assert {p.name: p.read_bytes() for p in (run / "release").iterdir()} | {"summary": (run / "release_summary.json").read_bytes()} == files
     again = run_release(compose(GEN + ["progress=true"], config_name="release"), run)  # a free key: reused
-    assert again["reused"] and again["counts"] == first["counts"]
+    assert again["reused"] and again["divisors"] == first["divisors"]

@@ -213,6 +213,7 @@ def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None
     from omegaconf import OmegaConf
 
     from ..gradients import MatchedParams
+    from ..sketch import expand_specs
     from ..stages.generate import SYNTHETIC_FILE, build_task, load_generator_model, run_generate
     from ..stages.release import load_or_make_release
 
@@ -229,7 +230,7 @@ def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None
     rel_dir = run_dir / "release"
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
-    matched = MatchedParams(lm.model, list(cfg.matched_params))
+    matched = MatchedParams(lm.model, expand_specs(cfg.matched_params, cfg.get("sketch")))
     load_or_make_release(cfg, rel_dir, lm, task, matched, edit_texts=lambda texts: plant_canaries(texts, canaries)[0])
     gen_cfg = OmegaConf.merge(cfg, {"release": str(rel_dir)})
     run_generate(gen_cfg, run_dir / "generate")

@@ -16,6 +16,9 @@ Per-example gradients, three paths that give the same numbers (tested):
   chunks; each example runs alone inside vmap (no padding mask needed: right padding
   cannot reach the last real token of a causal LM).
 * ``loop``: one backward per example (reference, slow).
+* ``sketch_hooks`` (every matched tensor is a sketch G, gmtext/sketch.py): one batched
+  forward that records each branch's a = P_inᵀ x, one backward to the branches' outputs,
+  and per-example ∂L/∂G = Σ_t (∂L/∂z_t) a_tᵀ over each row's real tokens; ``auto`` picks it.
 
 The noise itself comes from privacy/noise.py (the OS CSPRNG), never from a seeded generator.
 """
@@ -31,7 +34,7 @@ from torch import nn
 
 from ..gradients import MatchedParams, last_token_loss
 
-METHODS = ("auto", "closed_form", "vmap", "loop")
+METHODS = ("auto", "closed_form", "vmap", "loop", "sketch_hooks")
 
 
 @dataclass
@@ -49,10 +52,20 @@ def _check_method(method: str, matched: MatchedParams) -> str:
     if method not in METHODS:
         raise ValueError(f"per-example gradient method {method!r} unknown; accepted: {METHODS}")
     if method == "auto":
-        return "closed_form" if matched.head_only else "vmap"
+        if matched.head_only:
+            return "closed_form"
+        return "sketch_hooks" if _all_sketch(matched) else "vmap"
+    if method == "sketch_hooks" and not _all_sketch(matched):
+        raise ValueError(f"sketch_hooks per-example gradients need every matched param to come from a sketch: spec, got {matched.specs}")
     if method == "closed_form" and not matched.head_only:
         raise ValueError(f"closed_form per-example gradients need matched params = lm_head only, got {matched.specs}")
     return method
+
+
+def _all_sketch(matched: MatchedParams) -> bool:
+    from ..sketch import is_sketch_name
+
+    return all(is_sketch_name(n) for n in matched.names)
 
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -185,6 +198,22 @@ def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label
     texts = list(texts)
     if method == "closed_form":
         return clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk, vocab, on_chunk)
+    if method == "sketch_hooks":
+        from ..sketch import per_example_grads_hooks
+
+        # chunks of similar token length (less padding); the sum does not depend on the order
+        order = sorted(range(len(texts)), key=lambda j: len(task.encode_text(texts[j])))
+        sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
+        norms = torch.zeros(len(texts))
+        for i in range(0, len(texts), chunk):
+            idx = order[i : i + chunk]
+            cs, nrm = _clip_materialised(per_example_grads_hooks(model, task, matched, [texts[j] for j in idx], label_id, max_text_tokens, vocab), clip_norm)
+            for a, c in zip(sums, cs):
+                a += c
+            norms[idx] = nrm.cpu()
+            if on_chunk:
+                on_chunk(len(idx))
+        return ClippedSum(sums, norms, len(texts))
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
     norms = []
     for i in range(0, len(texts), chunk if method == "vmap" else 1):

@@ -14,7 +14,6 @@ write nothing (gmtext/finetune/distributed.py).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time

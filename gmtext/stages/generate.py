@@ -25,6 +25,7 @@ from ..matching.objective import MatchingObjective
 from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
 from ..models import check_fits_context, load_model, quiet_kv_cache_rename
+from ..sketch import expand_specs
 from ..tracking import Tracker
 from .release import Release, load_or_make_release
 
@@ -82,7 +83,7 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), context_ids)
         if hasattr(projector, "check"):
             projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
-        matched = MatchedParams(model, list(cfg.matched_params))
+        matched = MatchedParams(model, expand_specs(cfg.matched_params, cfg.get("sketch")))
         release = _obtain_release_recorded(cfg, run_dir, lm, task, matched, config)
         if release.privacy.get("mechanism") != "none":
             t0 = time.perf_counter()  # a DP release's run time depends on the private records: not in the wall time

@@ -28,6 +28,7 @@ from ..privacy.ledger import Ledger, LedgerEntry, split_id
 from ..privacy.mechanism import _check_method, clipped_sum
 from ..privacy.noise import SOURCE as NOISE_SOURCE
 from ..privacy.noise import add_noise
+from ..sketch import expand_specs
 
 RELEASE_FILE = "targets.pt"
 META_FILE = "release.json"
@@ -400,7 +401,7 @@ def run_release(cfg, run_dir) -> dict:
         torch.manual_seed(cfg.seed)
         lm = load_generator_model(cfg)
         task = build_task(cfg, lm.tokenizer)
-        matched = MatchedParams(lm.model, list(cfg.matched_params))
+        matched = MatchedParams(lm.model, expand_specs(cfg.matched_params, cfg.get("sketch")))
         t_load = time.perf_counter() - t0
         rel, reused = load_or_make_release(cfg, out, lm, task, matched)
         record_config(run_dir, "release", config)
@@ -452,7 +453,7 @@ def load_or_make_release(cfg, release_dir: Path, lm, task: Task, matched: Matche
         if not probe_specs:
             rel = build_release(cfg, lm.model, task, matched, texts, fp, num_rows)
         else:
-            probe = MatchedParams(lm.model, probe_specs)
+            probe = MatchedParams(lm.model, expand_specs(probe_specs, cfg.get("sketch")))
             fp_probe = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, probe.names, cfg.match_loss)
             rel, prel = build_joint_release(cfg, lm.model, task, matched, probe, texts, (fp, fp_probe), num_rows)
             matched.activate()

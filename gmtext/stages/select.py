@@ -92,6 +92,7 @@ def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk
     from ..gradients import MATCH_LOSSES, MatchedParams
     from ..matching.rescore import label_fit, label_margin
     from .generate import build_task, load_generator_model
+    from ..sketch import specs_for_names
     from .release import Release, release_fingerprint
 
     rel = Release.load(release_dir)
@@ -99,7 +100,8 @@ def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk
         torch.set_num_threads(cfg.threads)
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
-    matched = MatchedParams(lm.model, [f"re:^{re.escape(n)}$" for n in rel.param_names])
+    # sketch G names attach their branch again (same public k and seed); other names select themselves
+    matched = MatchedParams(lm.model, specs_for_names(rel.param_names))
     # the release records its loss only through its fingerprint: score with the one it was made with
     fps = {m: release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, m) for m in MATCH_LOSSES}
     match_loss = next((m for m, fp in fps.items() if fp == rel.fingerprint), cfg.match_loss)

@@ -1,0 +1,128 @@
+"""Benchmark the release's per-example clipped sums: sketch hooks vs vmap (sketch and raw params).
+
+    python benchmarks/bench_release.py [--quick] [--threads 2] [--model embedded:smollm2-135m|tiny-llama]
+                                       [--layers REGEX] [--k 16] [--n 64] [--vmap-n 8] [--out PATH]
+
+Rows (same texts, same run, after one warm-up chunk):
+* sketch_hooks: clipped_sum(method="sketch_hooks") on sketch:KxK:0:<layers>, --n texts;
+* vmap (sketch): the same parameters through the generic vmap path, --vmap-n texts;
+* vmap (raw): final_norm + last block raw parameters (what releases matched before), --vmap-n texts.
+Each row gives ms per example and the wall time for all 8,530 rotten-tomatoes train reviews,
+*extrapolated* linearly from the texts it timed (said so in the row). The sketch rows also
+check that hooks and vmap give the same clipped sum on their common texts.
+Writes benchmarks/results/release-<machine>-<timestamp>.json (or --out; --quick → release-smoke.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RT = HERE.parent.parent / "shared" / "data" / "rotten_tomatoes"
+SPLIT = 8530
+FALLBACK = ["A dull film.", "so so so so so so", "The acting is wooden, the plot is worse and it is long.",
+            "a great film!", "I loved every minute of it", "wonderful cast, smart and funny"] * 20
+
+
+def main(argv=None) -> dict:
+    from gmtext import sketch as S
+    from gmtext.data import Task, load_split
+    from gmtext.gradients import MatchedParams
+    from gmtext.models import load_model
+    from gmtext.privacy import mechanism as M
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded:smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", default=r"layers\.1[0-9]\.", help="regex over nn.Linear names to sketch")
+    ap.add_argument("--k", type=int, default=16, help="k_in = k_out per matrix")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--vmap-n", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.n, a.vmap_n, a.chunk = 8, 4, 4
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    lm = load_model(a.model)
+    model = lm.model
+    task = Task(lm.tokenizer, "{text} It was", ["neg", "pos"], [" bad", " great"], start_token="<|endoftext|>")  # conf/dataset/rotten_tomatoes.yaml
+    if (RT / "train.jsonl").exists():
+        texts = [e.text for e in load_split("train", ["neg", "pos"], path=str(RT)).examples[: a.n]]
+        src = "rotten_tomatoes train"
+    else:
+        texts, src = FALLBACK[: a.n], "built-in sentences"
+    vocab = torch.tensor(task.label_token_ids)
+    rows = []
+
+    def row(name, mp, method, tx):
+        M.clipped_sum(model, task, mp, tx[: a.chunk if method != "vmap" else 2], 0, 1.0, 64, a.chunk, method, vocab)  # warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        cs = M.clipped_sum(model, task, mp, tx, 0, 1.0, 64, a.chunk, method, vocab)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # cpu_seconds / threads: what the wall time would be with the cores to ourselves (shared machines)
+        r = {"path": name, "method": method, "k": mp.numel(), "texts_timed": len(tx), "seconds": dt, "cpu_seconds": cpu,
+             "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(tx) * SPLIT / 60,
+             "ms_per_example": 1e3 * dt / len(tx), "split_minutes_extrapolated": dt / len(tx) * SPLIT / 60}
+        rows.append(r)
+        print(f"{name:44s} k={r['k']:>9d} {r['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {r['split_minutes_extrapolated']:>7.1f} min "
+              f"(extrapolated from {len(tx)}; from CPU time/threads: {r['split_minutes_from_cpu']:.1f} min)", flush=True)
+        return cs
+
+    # the floor: a no-grad forward of the same texts (every per-example path needs at least this)
+    from gmtext.gradients import last_token_loss_fast
+
+    order = sorted(texts, key=lambda t: len(task.encode_text(t)))
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for i in range(0, len(order), a.chunk):
+            ids, mask, last = task.batch(order[i : i + a.chunk], 64)
+            last_token_loss_fast(model, ids, mask, last, torch.zeros(len(ids), dtype=torch.long), vocab)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows.append({"path": "forward only (no grad), the floor", "method": "none", "k": 0, "texts_timed": len(texts), "seconds": dt,
+                 "cpu_seconds": cpu, "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(texts) * SPLIT / 60,
+                 "ms_per_example": 1e3 * dt / len(texts), "split_minutes_extrapolated": dt / len(texts) * SPLIT / 60})
+    print(f"{'forward only (no grad)':44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
+          f"(from CPU time/threads: {rows[-1]['split_minutes_from_cpu']:.1f} min)", flush=True)
+    spec = f"sketch:{a.k}x{a.k}:0:{a.layers}"
+    mp = MatchedParams(model, [spec])
+    row(f"sketch_hooks {a.k}x{a.k} {a.layers}", mp, "sketch_hooks", texts)
+    slow = row(f"vmap (sketch) {a.k}x{a.k} {a.layers}", mp, "vmap", texts[: a.vmap_n])
+    ref = M.clipped_sum(model, task, mp, texts[: a.vmap_n], 0, 1.0, 64, a.chunk, "sketch_hooks", vocab)
+    err = max(((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(ref.sums, slow.sums))
+    rows[-1]["max_rel_err_vs_hooks"] = err
+    S.detach(model)
+    row("vmap (raw) final_norm + last block", MatchedParams(model, ["final_norm", "last_blocks:1"]), "vmap", texts[: a.vmap_n])
+    print(f"hooks vs vmap clipped sums, max relative error: {err:.2e}")
+    result = {"benchmark": "release_clipped_sums", "model": a.model, "threads": a.threads, "texts": src,
+              "machine_name": socket.gethostname(), "platform": platform.platform(), "torch": torch.__version__,
+              "load_average_end": os.getloadavg(), "split_size": SPLIT, "rows": rows}
+    res_dir = HERE / "results"
+    res_dir.mkdir(exist_ok=True)
+    if a.out:
+        path = Path(a.out)
+    elif a.quick or a.model == "tiny-llama":
+        path = res_dir / "release-smoke.json"
+    else:
+        path = res_dir / f"release-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"→ {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
