@@ -179,12 +179,15 @@ def test_cli_shows_a_traceback_for_a_bug(monkeypatch, capsys):
     def bug(cfg, run_dir):
         raise RuntimeError("expected scalar type Float but found Half")
 
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({})
     with pytest.raises(RuntimeError, match="scalar type"):
-        cli._run("generate", bug, None)
+        cli._run("generate", bug, cfg)
 
     def bad_value(cfg, run_dir):
         raise ValueError("num_per_class=0 must be >= 1")
 
     with pytest.raises(SystemExit) as e:
-        cli._run("generate", bad_value, None)
+        cli._run("generate", bad_value, cfg)
     assert e.value.code == 2 and capsys.readouterr().err == "gmtext-generate: error: num_per_class=0 must be >= 1\n"
