@@ -171,7 +171,6 @@ def compose_records(parts: list[dict]) -> dict:
     the merged ledger when every part has one, else basic composition (ε and δ added, a valid
     but loose bound) with a note saying so."""
     if all(p.get("ledger") is not None for p in parts):
-        led = merge_all(p["ledger"] for p in parts)
-        return {"epsilon": led.epsilon(), "delta": led.delta, **led.to_dict()}
+        return merge_all(p["ledger"] for p in parts).to_dict()  # has epsilon and delta
     return {"epsilon": sum(float(p["epsilon"]) for p in parts), "delta": sum(float(p.get("delta") or 0.0) for p in parts),
             "note": "basic composition (no ledger): a part was made before ledgers existed"}

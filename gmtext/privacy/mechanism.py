@@ -199,30 +199,21 @@ def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label
     if method == "closed_form":
         return clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk, vocab, on_chunk)
     if method == "sketch_hooks":
-        from ..sketch import per_example_grads_hooks
-
-        # chunks of similar token length (less padding); the sum does not depend on the order
-        order = sorted(range(len(texts)), key=lambda j: len(task.encode_text(texts[j])))
-        sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
-        norms = torch.zeros(len(texts))
-        for i in range(0, len(texts), chunk):
-            idx = order[i : i + chunk]
-            cs, nrm = _clip_materialised(per_example_grads_hooks(model, task, matched, [texts[j] for j in idx], label_id, max_text_tokens, vocab), clip_norm)
-            for a, c in zip(sums, cs):
-                a += c
-            norms[idx] = nrm.cpu()
-            if on_chunk:
-                on_chunk(len(idx))
-        return ClippedSum(sums, norms, len(texts))
-    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
-    norms = []
-    for i in range(0, len(texts), chunk if method == "vmap" else 1):
-        part = texts[i : i + (chunk if method == "vmap" else 1)]
+        from ..sketch import per_example_grads_hooks as f
+    else:
         f = per_example_grads_vmap if method == "vmap" else per_example_grads_loop
-        cs, nrm = _clip_materialised(f(model, task, matched, part, label_id, max_text_tokens, vocab), clip_norm)
-        for a, c in zip(sums, cs):
-            a += c
-        norms.append(nrm)
+    step = 1 if method == "loop" else chunk
+    order = list(range(len(texts)))
+    if method == "sketch_hooks":  # chunks of similar token length: less padding (the sum does not depend on the order)
+        order.sort(key=lambda j: len(task.encode_text(texts[j])))
+    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
+    norms = torch.zeros(len(texts))
+    for i in range(0, len(texts), step):
+        idx = order[i : i + step]
+        cs, nrm = _clip_materialised(f(model, task, matched, [texts[j] for j in idx], label_id, max_text_tokens, vocab), clip_norm)
+        for acc, c in zip(sums, cs):
+            acc += c
+        norms[idx] = nrm.cpu()
         if on_chunk:
-            on_chunk(len(part))
-    return ClippedSum(sums, torch.cat(norms) if norms else torch.zeros(0), len(texts))
+            on_chunk(len(idx))
+    return ClippedSum(sums, norms, len(texts))

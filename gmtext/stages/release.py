@@ -270,9 +270,10 @@ def make_dp_release_with_details(model, task: Task, matched: MatchedParams, text
     warns = validate_budget(float(pcfg.epsilon), float(pcfg.delta), num_rows if pcfg.adjacency == "replace_one" else None)
     for w in warns:
         warnings.warn(f"privacy: {w}", stacklevel=2)
+    ledger_dict = ledger.to_dict()  # composes once (the PLD accountant is the slow part)
     privacy = {
         "mechanism": "gaussian",
-        "epsilon": ledger.epsilon(),
+        "epsilon": ledger_dict["epsilon"],
         "delta": float(pcfg.delta),
         "unit": "one record (row) of the protected split",
         "adjacency": pcfg.adjacency,
@@ -289,7 +290,7 @@ def make_dp_release_with_details(model, task: Task, matched: MatchedParams, text
         "match_loss": match_loss,
         "noise_source": NOISE_SOURCE,
         "warnings": warns,
-        "ledger": ledger.to_dict(),
+        "ledger": ledger_dict,
     }
     rel = Release(targets, list(matched.names), list(task.label_names), [divisor] * num_classes, fingerprint, privacy)
     means_noise = [noise_flat[c * k:(c + 1) * k] for c in range(num_classes)]
@@ -352,8 +353,9 @@ def build_joint_release(cfg, model, task: Task, matched: MatchedParams, probe: M
                                     records, cfg.target_batch_size, match_loss=cfg.match_loss, noise_multiplier=mult,
                                     name=name, progress=cfg.progress))
     joint = Ledger(float(pcfg.delta), [e for r in rels for e in Ledger.from_dict(r.privacy["ledger"]).entries])
+    joint_dict = joint.to_dict()
     for r in rels:
-        r.privacy.update(epsilon=joint.epsilon(), ledger=joint.to_dict(), probe_budget_share=float(cfg.probe.budget_share))
+        r.privacy.update(epsilon=joint_dict["epsilon"], ledger=joint_dict, probe_budget_share=float(cfg.probe.budget_share))
     return rels[0], rels[1]
 
 
