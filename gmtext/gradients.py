@@ -17,13 +17,16 @@ from torch import nn
 
 HEAD = "lm_head"
 FINAL_NORM = "final_norm"
+# The middle third of the blocks (layers 10-19 of a 30-block model): their gradients separate the
+# classes far better than the last block's (docs/selection.md), so the margin probe matches them.
+MIDDLE_BLOCKS = "middle_blocks"
 
 
 class MatchedParams:
     """The parameter subset whose gradients are matched.
 
     specs: `lm_head` (the output projection's role only, even when tied to the input
-    embeddings), `final_norm`, `last_blocks:K`, `re:<regex>` over parameter names, or
+    embeddings), `final_norm`, `last_blocks:K`, `middle_blocks`, `re:<regex>` over parameter names, or
     `sketch:<K_IN>x<K_OUT>:<SEED>:<regex>` (gmtext/sketch.py: attaches zero-initialised
     random-projection side branches to the nn.Linear modules matching <regex> and matches
     their G parameters, a k_in*k_out-dimensional projection of each layer's gradient).
@@ -34,7 +37,7 @@ class MatchedParams:
 
     def __init__(self, model: nn.Module, specs: Sequence[str]):
         if not specs:
-            raise ValueError("matcher.params is empty; accepted entries: lm_head, final_norm, last_blocks:K, re:<regex>")
+            raise ValueError("matcher.params is empty; accepted entries: lm_head, final_norm, last_blocks:K, middle_blocks, re:<regex>")
         self.model = model
         self.specs = list(specs)
         head = model.get_output_embeddings()
@@ -66,12 +69,15 @@ class MatchedParams:
                     raise ValueError(f"matcher.params entry {s!r}: model has {len(blocks)} blocks; use 1..{len(blocks)}")
                 pre = blocks[-k:]
                 sel = {n: p for n, p in names.items() if any(n.startswith(b) for b in pre)}
+            elif s == MIDDLE_BLOCKS:
+                pre = middle_third(blocks)
+                sel = {n: p for n, p in names.items() if any(n.startswith(b) for b in pre)}
             elif s.startswith("re:"):
                 sel = {n: p for n, p in names.items() if re.search(s[3:], n)}
             elif s in sketch_sel:
                 sel = {n: all_names[n] for n in sketch_sel[s]}
             else:
-                raise ValueError(f"matcher.params entry {s!r} unknown; accepted: lm_head, final_norm, last_blocks:K, re:<regex>, sketch:<K_IN>x<K_OUT>:<SEED>:<regex>")
+                raise ValueError(f"matcher.params entry {s!r} unknown; accepted: lm_head, final_norm, last_blocks:K, middle_blocks, re:<regex>, sketch:<K_IN>x<K_OUT>:<SEED>:<regex>")
             if not sel:
                 raise ValueError(f"matcher.params entry {s!r} matches no parameter of this model")
             chosen.update(sel)
@@ -94,6 +100,12 @@ class MatchedParams:
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+
+def middle_third(blocks: list) -> list:
+    """Blocks [L//3, 2L//3) of L, at least one: model-relative, so one recipe fits any depth."""
+    lo = len(blocks) // 3
+    return blocks[lo:max(2 * len(blocks) // 3, lo + 1)]
 
 
 def block_prefixes(names) -> list[str]:

@@ -26,7 +26,7 @@ def run_pipeline(cfg: DictConfig, run_dir) -> dict:
     run_dir = Path(run_dir)
     if cfg.train.source != "synthetic":
         raise ValueError(f"gmtext-pipeline fine-tunes on its own synthetic set; train={cfg.train.source!r} belongs to gmtext-finetune")
-    if "release" in cfg.selector.keys() and OmegaConf.is_missing(cfg.selector, "release"):  # selector=margin (`in` skips MISSING)
+    if "release" in cfg.selector.keys() and not cfg.selector.release:  # selector=margin scoring its own probe
         if not cfg.probe.matched_params:
             raise ValueError("selector=margin in gmtext-pipeline needs probe.matched_params=[...] (a probe release made with "
                              "the generator's, from the same budget) or selector.release=<probe release dir>")

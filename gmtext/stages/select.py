@@ -63,9 +63,8 @@ class LabelMarginSelector(BestMatchSelector):
 
     required = ("text", "label")  # scores any pool of labelled text (e.g. train=prompted's prompted.jsonl)
 
-    def __init__(self, release: str, per_class: int = 0, dedupe: bool = True, balance: bool = True, chunk: int = 8):
-        if not release:
-            raise ValueError("selector.release is empty: give a release dir (gmtext-release ... → RUN_DIR/release) whose targets score the pool")
+    def __init__(self, release: str | None = None, per_class: int = 10, dedupe: bool = True, balance: bool = True,
+                 chunk: int = 8):
         if chunk < 1:
             raise ValueError(f"selector.chunk={chunk} must be >= 1")
         super().__init__(per_class=per_class, dedupe=dedupe, balance=balance)
@@ -135,6 +134,19 @@ def _pool_file(pool, run_dir: Path) -> Path:
     return p
 
 
+def _pool_probe(source: Path) -> str:
+    """The probe release made with the pool's own release (probe.matched_params), the default
+    scoring targets of selector=margin: same records, same budget, same run dir."""
+    from .release import META_FILE, PROBE_DIR
+
+    probe = source.parent / PROBE_DIR
+    if not (probe / META_FILE).exists():
+        raise ValueError(f"selector=margin: no selector.release given and the pool's run dir has no probe release ({probe}); "
+                         "generate with probe.matched_params=[...] (the default: [middle_blocks]), give "
+                         "selector.release=DIR, or use selector=best")
+    return str(probe)
+
+
 def run_select(cfg: DictConfig, run_dir) -> dict:
     run_dir = Path(run_dir)
     selector = build(cfg.selector)
@@ -147,7 +159,9 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
         check_resume(run_dir, "select", config)
         rows = load_synthetic(source, list(cfg.dataset.label_names), selector.required)
         pool_privacy = synthetic_privacy(source) or {}
-        probe_privacy = add_label_margins(cfg, rows, selector.release, selector.chunk) if isinstance(selector, LabelMarginSelector) else None
+        probe_privacy = None
+        if isinstance(selector, LabelMarginSelector):
+            probe_privacy = add_label_margins(cfg, rows, selector.release or _pool_probe(source), selector.chunk)
         chosen = selector(rows)
         record_config(run_dir, "select", config)
         write_jsonl(run_dir / "selected.jsonl", chosen)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The default recipe on datasets it was never tuned on (imdb, tweet_emotion joy/sadness), N = 20:
+# zero-shot, real-20 and GRADMM-20 (gmtext-pipeline with no recipe overrides) over seeds 0 1 2.
+# Every setting lives in conf/experiment/<dataset>_n20*.yaml; this script only loops, skips
+# finished runs and reports.   bash experiments/n20_transfer.sh [SEEDS...]   (~1 h per seed on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-experiments/results/n20_transfer}
+DATASETS=${DATASETS:-tweet_emotion imdb}
+RUN=(logger=none threads=${THREADS:-2})
+export WANDB_MODE=disabled
+for d in $DATASETS; do
+  [ -f $OUT/$d/zero_shot/metrics.json ] || gmtext-finetune experiment=${d}_zero_shot "${RUN[@]}" hydra.run.dir=$OUT/$d/zero_shot
+done
+for s in "${@:-0 1 2}"; do
+  for d in $DATASETS; do
+    [ -f $OUT/$d/real20_s$s/metrics.json ] || gmtext-finetune experiment=${d}_real20 seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/real20_s$s
+    [ -f $OUT/$d/gradmm20_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20 seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/gradmm20_s$s
+  done
+done
+for d in $DATASETS; do gmtext-report $OUT/$d -o $OUT/$d/report; done
