@@ -53,7 +53,7 @@ def _read_rows(file: Path) -> list[dict]:
     if file.suffix == ".csv":
         return list(csv.DictReader(raw.splitlines()))
     rows = []
-    for i, line in enumerate(raw.splitlines(), 1):
+    for i, line in enumerate(raw.split("\n"), 1):  # JSON text may hold U+2028 and other line breaks splitlines() splits on
         if not line.strip():
             continue
         try:

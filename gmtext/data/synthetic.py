@@ -55,7 +55,7 @@ def read_synthetic_rows(path: str | Path, label_names: Sequence[str], required: 
     file = resolve_synthetic_path(path)
     names = list(label_names)
     out = []
-    for i, line in enumerate(read_utf8(file).splitlines(), 1):
+    for i, line in enumerate(read_utf8(file).split("\n"), 1):  # only \n ends a JSONL record
         if not line.strip():
             continue
         try:
