@@ -85,7 +85,7 @@ def test_canary_exposure_ranks(tiny):
     assert mem[0]["log_perplexity"] < min(_log_ppl(model, lm.tokenizer, r, start) for r in refs)
 
 
-FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
+FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
         "batch_size=2", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
 
 
@@ -123,6 +123,6 @@ def test_audit_entry_with_canaries(compose, tmp_path, match_loss):
 
 
 def test_audit_missing_synthetic(compose, tmp_path):
-    cfg = compose(["model=tiny_llama", "logger=none", f"synthetic={tmp_path / 'nope'}"], config_name="audit")
+    cfg = compose(["debug=tiny", f"synthetic={tmp_path / 'nope'}"], config_name="audit")
     with pytest.raises(FileNotFoundError, match="synthetic="):
         A.run_audit(cfg, tmp_path)

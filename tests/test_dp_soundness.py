@@ -164,7 +164,7 @@ def test_selected_set_in_the_pool_dir_carries_the_probe(tmp_path):
 
 # --------------------------------------------------------------------------- fine-tuning
 def _ft(compose, tmp_path, *extra):
-    return compose(["model=tiny_llama", "logger=none", "finetuner.epochs=1", "finetuner.batch_size=4", "progress=false",
+    return compose(["debug=tiny", "finetuner.epochs=1", "finetuner.batch_size=4", "progress=false",
                     "finetune.eval_limit=8", *extra], config_name="finetune")
 
 
@@ -201,7 +201,7 @@ def test_job_log_has_no_counts_of_the_private_file(tmp_path, caplog):
 def test_whole_rotten_tomatoes_split_release_ledger(compose, tmp_path):
     """gmtext-release privacy=dp on the whole train split: the ledger names the split, the
     records rule, the row count (public under replace-one) and the noise source."""
-    cfg = compose(["model=tiny_llama", "logger=none", "privacy=dp", "privacy.epsilon=1", "dataset=rotten_tomatoes",
+    cfg = compose(["debug=tiny", "privacy=dp", "privacy.epsilon=1", "dataset=rotten_tomatoes",
                    f"dataset.path={rt_path()}", "progress=false", "target_batch_size=64"], config_name="release")
     s = R.run_release(cfg, tmp_path)
     p = json.loads((tmp_path / "release" / "privacy.json").read_text())
@@ -218,16 +218,16 @@ def test_a_release_being_made_is_not_made_twice(compose, tmp_path):
     from gmtext.artifacts import RunDirLocked, run_lock
     from gmtext.stages.generate import run_generate
 
-    cfg = compose(["model=tiny_llama", "logger=none", "privacy=dp", "progress=false", "num_per_class=2", "batch_size=2",
+    cfg = compose(["debug=tiny", "privacy=dp", "progress=false", "num_per_class=2", "batch_size=2",
                    "matcher.outer_steps=1", "matcher.inner_steps=1", "projector=nearest", "matcher.init=random"])
     with run_lock(tmp_path, "release-making"):  # what the other stage holds while it computes
         with pytest.raises(RunDirLocked, match="release-making"):
             run_generate(cfg, tmp_path)
         with pytest.raises(RunDirLocked, match="release-making"):
-            R.run_release(compose(["model=tiny_llama", "logger=none", "privacy=dp", "progress=false"], config_name="release"), tmp_path)
+            R.run_release(compose(["debug=tiny", "privacy=dp", "progress=false"], config_name="release"), tmp_path)
     assert not (tmp_path / "release").exists()
     run_generate(cfg, tmp_path)  # the lock gone: made once, then reused by the next stage
-    assert R.run_release(compose(["model=tiny_llama", "logger=none", "privacy=dp", "progress=false"], config_name="release"),
+    assert R.run_release(compose(["debug=tiny", "privacy=dp", "progress=false"], config_name="release"),
                          tmp_path)["reused"]
 
 
@@ -249,7 +249,7 @@ def test_private_pipeline_with_probe_in_one_run_dir(compose, tmp_path):
     artifact down to metrics.json reports that one ε (not ε_gen + ε_probe)."""
     from gmtext.stages.pipeline import run_pipeline
 
-    cfg = compose(["model=tiny_llama", "logger=none", "privacy=dp", "privacy.epsilon=2", "progress=false", "num_per_class=4",
+    cfg = compose(["debug=tiny", "privacy=dp", "privacy.epsilon=2", "progress=false", "num_per_class=4",
                    "batch_size=2", "matcher.outer_steps=1", "matcher.inner_steps=1", "projector=nearest", "matcher.init=random",
                    "selector=margin", "selector.per_class=1", "probe.matched_params=[final_norm]", "probe.budget_share=0.3",
                    "finetuner.epochs=1", "finetune.eval_limit=8"], config_name="pipeline")
@@ -264,25 +264,25 @@ def test_private_pipeline_with_probe_in_one_run_dir(compose, tmp_path):
     assert 1.98 <= gen["epsilon"] <= 2.0 and sel["epsilon"] == pytest.approx(gen["epsilon"]) == pytest.approx(m["epsilon"])
     assert sel["delta"] == 1e-5 and m["delta"] == 1e-5
     with pytest.raises(ValueError, match="probe.matched_params"):
-        run_pipeline(compose(["model=tiny_llama", "logger=none", "selector=margin"], config_name="pipeline"), tmp_path / "x")
+        run_pipeline(compose(["debug=tiny", "selector=margin"], config_name="pipeline"), tmp_path / "x")
 
 
 def test_non_private_release_with_probe(compose, tmp_path):
-    s = R.run_release(compose(["model=tiny_llama", "logger=none", "progress=false", "probe.matched_params=[final_norm]"],
+    s = R.run_release(compose(["debug=tiny", "progress=false", "probe.matched_params=[final_norm]"],
                               config_name="release"), tmp_path)
     probe = R.Release.load(tmp_path / "probe")
     gen = R.Release.load(tmp_path / "release")
     assert s["probe_dir"] == str(tmp_path / "probe") and probe.epsilon == gen.epsilon == math.inf
     assert probe.param_names != gen.param_names and all(len(t) for t in probe.targets)
     with pytest.raises(ValueError, match="probe.budget_share=0"):
-        R.run_release(compose(["model=tiny_llama", "logger=none", "probe.matched_params=[final_norm]", "probe.budget_share=0"],
+        R.run_release(compose(["debug=tiny", "probe.matched_params=[final_norm]", "probe.budget_share=0"],
                               config_name="release"), tmp_path / "b")
 
 
 def test_probe_in_a_sketch_space(compose, tmp_path):
     """The probe may match a low-dimensional sketch (short spec expanded with cfg.sketch) while
     the generator matches raw parameters; both come from one DP budget."""
-    s = R.run_release(compose(["model=tiny_llama", "logger=none", "progress=false", "privacy=dp", "sketch.k_in=4",
+    s = R.run_release(compose(["debug=tiny", "progress=false", "privacy=dp", "sketch.k_in=4",
                                "sketch.k_out=2", "probe.matched_params=[sketch:layers\\.1\\.]"], config_name="release"), tmp_path)
     probe = R.Release.load(tmp_path / "probe")
     assert all("gm_sketch.G_v1_4x2_s0" in n for n in probe.param_names)

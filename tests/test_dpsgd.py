@@ -168,7 +168,7 @@ def _walk_keys(obj):
 def test_run_finetune_dpsgd_logs_nothing_from_private_batches(compose, tmp_path):
     from gmtext.stages.finetune import run_finetune
 
-    cfg = compose(["model=tiny_llama", "logger=none", "train=dpsgd", "finetuner=lora", "finetuner.batch_size=16", "finetuner.epochs=1",
+    cfg = compose(["debug=tiny", "train=dpsgd", "finetuner=lora", "finetuner.batch_size=16", "finetuner.epochs=1",
                    "finetune.eval_limit=8", "finetune.dev_size=0", "train.epsilon=3"], config_name="finetune")
     assert cfg.finetuner.lr == 5e-4 and cfg.train.size is None  # the DP recipe from conf/train/dpsgd.yaml
     m = run_finetune(cfg, tmp_path / "run")
@@ -192,7 +192,7 @@ def test_unknown_dpsgd_accountant_is_refused_when_composing(compose):
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match="train.accountant=gdp"):
-        compose(["model=tiny_llama", "logger=none", "train=dpsgd", "train.accountant=gdp"], config_name="finetune")
+        compose(["debug=tiny", "train=dpsgd", "train.accountant=gdp"], config_name="finetune")
 
 
 @pytest.mark.parametrize("override, msg", [("train.epsilon=-1", r"train.epsilon=-1.0: accepted: a finite number > 0"),
@@ -201,7 +201,7 @@ def test_unknown_dpsgd_accountant_is_refused_when_composing(compose):
 def test_bad_dpsgd_values_are_one_line_errors(compose, tmp_path, override, msg):
     from gmtext.stages.finetune import run_finetune
 
-    cfg = compose(["model=tiny_llama", "logger=none", "train=dpsgd", override], config_name="finetune")
+    cfg = compose(["debug=tiny", "train=dpsgd", override], config_name="finetune")
     with pytest.raises(ValueError, match="^" + msg) as e:
         run_finetune(cfg, tmp_path / "run")
     assert "\n" not in str(e.value)

@@ -178,7 +178,7 @@ def test_every_finetune_option_composes_and_generate_still_composes(compose):
 
 
 def _tiny_overrides(tmp_path, *extra):
-    return ["model=tiny_llama", "logger=none", "finetuner.lr=1e-3", "finetuner.epochs=1", *extra]
+    return ["debug=tiny", "finetuner.lr=1e-3", "finetuner.epochs=1", *extra]
 
 
 def test_run_finetune_writes_metrics(compose, tmp_path):
@@ -245,7 +245,7 @@ def test_progress_bars_follow_the_progress_setting(compose, tmp_path, capfd):
     none with progress=false."""
     from gmtext.stages.finetune import run_finetune
 
-    base = ["model=tiny_llama", "logger=none", "train=real", "train.size=8", "finetuner.max_steps=3", "finetuner.batch_size=4",
+    base = ["debug=tiny", "train=real", "train.size=8", "finetuner.max_steps=3", "finetuner.batch_size=4",
             "finetune.eval_limit=8", "finetune.dev_size=4"]
     run_finetune(compose(base + ["progress=true"], config_name="finetune"), tmp_path / "on")
     err = capfd.readouterr().err

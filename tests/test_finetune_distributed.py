@@ -155,7 +155,7 @@ if _root and _log:
     sys.addaudithook(_hook)
 '''
 
-TRAIN = ["model=tiny_llama", "train=real", "train.size=22", "finetuner.lr=1e-3", "finetuner.epochs=3", "finetuner.batch_size=7",
+TRAIN = ["debug=tiny", "logger=wandb", "train=real", "train.size=22", "finetuner.lr=1e-3", "finetuner.epochs=3", "finetuner.batch_size=7",
          "finetune.eval_batch_size=3", "finetune.lrs=[3e-4,1e-3]", "finetune.dev_size=20"]
 
 

@@ -7,7 +7,7 @@ import torch
 from gmtext.artifacts import ConfigChanged, read_jsonl
 from gmtext.stages.generate import run_generate
 
-FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
+FAST = ["debug=tiny", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
         "projector.topk=20", "num_per_class=4", "batch_size=2", "real_per_class=6", "dataset.length=6", "progress=false"]
 FIELDS = {"text", "label", "label_name", "match_loss", "token_match_loss", "perplexity", "batch", "class_batch_loss", "token_ids"}
 
@@ -177,7 +177,7 @@ def test_embedding_only_and_nearest(compose, tmp_path):
 def test_cli_bad_value_one_line_error(tmp_path):
     from test_hardening import cli, no_outputs, one_line_error
 
-    r = cli("generate", "model=tiny_llama", "logger=none", "projector.topk=0", f"hydra.run.dir={tmp_path}")
+    r = cli("generate", "debug=tiny", "projector.topk=0", f"hydra.run.dir={tmp_path}")
     assert one_line_error(r, "generate") == "gmtext-generate: error: projector.topk=0 must be a positive integer"  # the whole stderr
     no_outputs(tmp_path)
 

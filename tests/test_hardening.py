@@ -21,7 +21,7 @@ import torch
 from gmtext.artifacts import read_jsonl, run_lock, write_jsonl
 from gmtext.cli import error_line
 
-TINY = ["model=tiny_llama", "logger=none", "progress=false", "threads=1"]
+TINY = ["debug=tiny", "progress=false", "threads=1"]
 GEN = TINY + ["matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2", "projector.topk=20",
               "num_per_class=4", "batch_size=2", "real_per_class=6", "dataset.length=6"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

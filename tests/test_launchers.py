@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=1", "matcher.inner_steps=1", "matcher.init_candidates=2",
+FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=1", "matcher.init_candidates=2",
         "projector.topk=20", "num_per_class=2", "batch_size=2", "real_per_class=4", "dataset.length=6", "progress=false", "threads=1"]
 ENTRY = "from gmtext.cli import generate_main; generate_main()"
 

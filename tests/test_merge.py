@@ -8,7 +8,7 @@ import pytest
 
 from gmtext.stages.merge import MergeError, main, merge_shards
 
-FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=1", "matcher.inner_steps=2", "matcher.init_candidates=2",
+FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=2", "matcher.init_candidates=2",
         "projector.topk=20", "num_per_class=4", "batch_size=2", "real_per_class=4", "dataset.length=6", "progress=false"]
 
 

@@ -251,7 +251,7 @@ def test_short_or_empty_class_is_zero_padded_not_an_error(tiny):
     assert float(rel.targets[1][0].std()) > 0  # noise only
 
 
-FAST = ["model=tiny_llama", "logger=none", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
+FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
         "batch_size=2", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from gmtext.stages.report import main, run_report
 
-FAST_GEN = ["model=tiny_llama", "logger=none", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
+FAST_GEN = ["debug=tiny", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
             "projector.topk=20", "num_per_class=2", "batch_size=2", "real_per_class=4", "dataset.length=6", "progress=false"]
 
 ACC = {  # (train.source, num_per_class, train.size, privacy.epsilon) → accuracy per seed
@@ -262,7 +262,7 @@ def test_epsilon_plot_needs_a_private_run(tmp_path):
 
 
 # ---------------------------------------------------------------- dir kinds
-PIPE = ["model=tiny_llama", "logger=none", "progress=false", "matcher.outer_steps=2", "matcher.inner_steps=2",
+PIPE = ["debug=tiny", "progress=false", "matcher.outer_steps=2", "matcher.inner_steps=2",
         "matcher.init_candidates=1", "projector.topk=10", "num_per_class=2", "batch_size=2", "real_per_class=4",
         "dataset.length=5", "selector.per_class=2", "finetuner.max_steps=2", "finetuner.batch_size=4",
         "finetune.eval_limit=8", "finetune.dev_size=0"]

@@ -102,7 +102,7 @@ def test_margin_selector_stage(compose, tmp_path):
     and adds the probe's ε to the pool's; a missing or mismatched release fails clearly."""
     from gmtext.stages.release import run_release
 
-    tiny_cfg = ["model=tiny_llama", "logger=none", "progress=false", "dataset=demo", "real_per_class=6", "threads=1"]
+    tiny_cfg = ["debug=tiny", "progress=false", "dataset=demo", "real_per_class=6", "threads=1"]
     run_release(compose(tiny_cfg + ["matched_params=[final_norm]", "match_loss=verbalizer"], config_name="release"), tmp_path / "probe")
     pool = tmp_path / "pool"
     pool.mkdir()

@@ -11,7 +11,7 @@ import pytest
 
 from gmtext.artifacts import read_jsonl
 
-FAST = ["model=tiny_llama", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
+FAST = ["debug=tiny", "logger=wandb", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
         "projector.topk=20", "num_per_class=4", "batch_size=2", "real_per_class=6", "dataset.length=6", "progress=false"]
 
 
@@ -272,7 +272,7 @@ def test_two_job_multirun_lands_in_one_group_with_named_runs(offline_wandb):
 
     sweep = offline_wandb / "sweep"
     env = dict(os.environ, WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
-    fast = ["model=tiny_llama", "matcher.outer_steps=1", "matcher.inner_steps=1", "matcher.init_candidates=1", "projector.topk=10",
+    fast = ["debug=tiny", "logger=wandb", "matcher.outer_steps=1", "matcher.inner_steps=1", "matcher.init_candidates=1", "projector.topk=10",
             "num_per_class=2", "batch_size=2", "real_per_class=4", "dataset.length=5", "progress=false", "threads=1"]
     r = subprocess.run([sys.executable, "-c", "from gmtext.cli import generate_main; generate_main()", "-m", "seed=0,1", *fast,
                         f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=600, env=env, cwd=offline_wandb)

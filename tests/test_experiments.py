@@ -1,0 +1,178 @@
+"""The reported recipes are the configuration: docs/results.md's recipe table, the experiment
+configs, the committed run dirs that produced the rows, and the scripts cannot drift apart."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results.md"
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def _get(cfg, key):
+    node = OmegaConf.select(cfg, key, throw_on_missing=True)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _value(text: str):
+    """A value as Hydra reads it (YAML, with 1e-05 a float as in OmegaConf)."""
+    from omegaconf._utils import get_yaml_loader
+
+    return yaml.load(text, Loader=get_yaml_loader())
+
+
+def _recipe_rows():
+    """(command cell, [key=value, ...]) for each row of the recipe table."""
+    text = RESULTS.read_text()
+    table = text.split("## Recipes: one command per row", 1)[1].split("\n\n")[2]
+    rows = []
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        settings = re.findall(r"`([\w.]+=[^`]*)`", cells[2])
+        assert settings, line
+        rows.append((cells[1], settings))
+    return rows
+
+
+RECIPES = _recipe_rows()
+
+
+def _command_overrides(cell: str) -> tuple[str, list[str]]:
+    """The first command of a cell: its stage config and overrides (placeholders kept out)."""
+    cmd = re.findall(r"`(gmtext-[^`]*)`", cell)[0]
+    words = shlex.split(cmd)
+    stage = words[0].removeprefix("gmtext-")
+    overrides = [w for w in words[1:] if w != "-m" and not w.startswith("seed=")
+                 and w not in ("dataset=X", "dataset.path=DIR")]
+    return stage, overrides
+
+
+@pytest.mark.parametrize("cell,settings", RECIPES, ids=[r[0][:60] for r in RECIPES])
+def test_recipe_table_matches_the_composed_config(compose, cell, settings):
+    stage, overrides = _command_overrides(cell)
+    cfg = compose(overrides, config_name=stage)
+    for kv in settings:
+        key, value = kv.split("=", 1)
+        assert _get(cfg, key) == _value(value), f"{cell}: {key}"
+
+
+def test_every_experiment_named_in_docs_and_scripts_exists():
+    named = set()
+    for f in [*ROOT.glob("docs/*.md"), ROOT / "README.md", *ROOT.glob("experiments/*.sh"), *ROOT.glob("experiments/*.md"),
+              *ROOT.glob("conf/experiment/*.yaml")]:
+        named |= set(re.findall(r"experiment=(\w+)", f.read_text()))
+    named -= {"NAME", "X"}  # placeholders in prose
+    missing = sorted(n for n in named if n not in EXPERIMENTS and not any(
+        (ROOT / "experiments" / f).exists() for f in (f"{n}.sh",)))
+    assert not missing, missing
+
+
+def test_defaults_are_the_measured_recipe(compose):
+    cfg = compose(config_name="pipeline")
+    assert list(cfg.matched_params) == ["final_norm", "last_blocks:1"] and cfg.match_loss == "verbalizer"
+    assert cfg.matcher.objective == "sequence" and cfg.matcher.init_candidates == 8
+    assert cfg.projector.sim_weight == 5.0 and cfg.selector._target_.endswith("LabelMarginSelector")
+    assert cfg.selector.release is None and list(cfg.probe.matched_params) == ["middle_blocks"]
+    assert (cfg.num_per_class, cfg.selector.per_class, cfg.real_per_class) == (20, 10, 50)
+    assert (cfg.finetuner.lr, cfg.finetuner.batch_size, cfg.finetuner.epochs) == (1e-5, 8, 10)
+
+
+def test_a_choice_specialises_keys_outside_its_group(compose):
+    # privacy=dp reads the whole split (a per-class sample is refused under DP)
+    assert compose(["privacy=dp"]).real_per_class is None
+    assert compose(["experiment=eps_sweep"]).real_per_class is None  # an experiment's `override /privacy: dp` too
+    # the command line still wins (and the release then refuses it with one line)
+    assert compose(["privacy=dp", "real_per_class=5"]).real_per_class == 5
+    # no margin selector: no probe release spending budget
+    assert list(compose(["selector=best"]).probe.matched_params) == []
+    assert list(compose(["selector=best", "probe.matched_params=[final_norm]"]).probe.matched_params) == ["final_norm"]
+
+
+def test_debug_tiny_is_the_fast_base_and_overrides_win(compose):
+    cfg = compose(["debug=tiny"])
+    assert cfg.model.name == "tiny-llama" and cfg.logger.name == "none" and cfg.matched_params == ["lm_head"]
+    assert cfg.selector._target_.endswith("BestMatchSelector") and list(cfg.probe.matched_params) == []
+    cfg = compose(["debug=tiny", "selector=margin", "matched_params=[final_norm]"])
+    assert cfg.selector._target_.endswith("LabelMarginSelector") and cfg.matched_params == ["final_norm"]
+    assert list(cfg.probe.matched_params) == ["middle_blocks"]
+
+
+def test_middle_blocks_is_layers_10_to_19_of_smollm2():
+    """The probe the reported margin rows used was `re:layers\\.(1[0-9])\\.` on SmolLM2's 30 blocks."""
+    from gmtext.gradients import middle_third
+
+    blocks = [f"model.layers.{i}." for i in range(30)]
+    assert middle_third(blocks) == [b for b in blocks if re.search(r"layers\.(1[0-9])\.", b)]
+    assert middle_third(blocks[:2]) == blocks[:1] and middle_third(blocks[:1]) == blocks[:1]
+
+
+def _recorded(run: Path) -> dict:
+    return yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+
+
+def _flat(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+GEN_KEYS = ["seed", "num_per_class", "batch_size", "real_per_class", "match_loss", "matched_params", "target_batch_size",
+            "dataset.name", "dataset.length", "dataset.template", "dataset.lm_context", "model.name"]
+GEN_PREFIXES = ("matcher.", "projector.")
+FT_KEYS = ["finetune.eval_limit", "finetune.dev_size", "finetune.eval_batch_size", "finetuner._target_", "finetuner.lr",
+           "finetuner.batch_size", "finetuner.epochs", "finetuner.max_steps", "finetuner.weight_decay",
+           "finetuner.warmup_ratio", "finetuner.grad_clip", "finetuner.max_text_tokens"]
+
+
+@pytest.mark.parametrize("experiment,out,pool,select,ft", [
+    ("rt_main_cpu_n100", "rt_main_cpu_n100_pool100", "gen_epsinf", "select_margin", "gradmm100_margin_s0"),
+    ("rt_main_cpu", "rt_main_cpu", "gen_epsinf", "select_margin", "gradmm20_margin_s0"),
+    ("rt_main_cpu_best", "rt_main_cpu", "gen_epsinf", "select_epsinf", "gradmm20_epsinf_s0"),
+])
+def test_experiment_composes_the_settings_that_made_its_row(compose, experiment, out, pool, select, ft):
+    """The committed run dirs of the reported rows (made by separate stage commands) and the one
+    pipeline command that now stands for them agree on every generation, selection and fine-tuning
+    setting (seed 0)."""
+    base = ROOT / "experiments" / "results" / out
+    if not (base / pool / ".hydra").exists():
+        pytest.skip(f"{base / pool} not in this checkout")
+    cfg = OmegaConf.to_container(compose([f"experiment={experiment}", "seed=0"], config_name="pipeline"), resolve=True)
+    now = _flat(cfg)
+    gen = _flat(_recorded(base / pool))
+    gen_keys = GEN_KEYS + [k for k in gen if k.startswith(GEN_PREFIXES) and k in now]
+    assert {k: now[k] for k in gen_keys} == {k: gen[k] for k in gen_keys}
+    sel = _flat(_recorded(base / select))
+    for k in ("selector._target_", "selector.per_class", "selector.dedupe", "selector.balance"):
+        assert now[k] == sel[k], k
+    fin = _flat(_recorded(base / ft))
+    assert {k: now[k] for k in FT_KEYS} == {k: fin[k] for k in FT_KEYS}
+    if sel.get("selector.release"):  # the separate probe release the row was scored against
+        probe = _flat(_recorded(ROOT / Path(sel["selector.release"]).parent))
+        assert (probe["real_per_class"], probe["seed"], probe["match_loss"]) == (now["real_per_class"], 0, now["match_loss"])
+        assert probe["matched_params"] == ["re:layers\\.(1[0-9])\\."] and now["probe.matched_params"] == ["middle_blocks"]
+    else:
+        assert now["probe.matched_params"] == []
+
+
+SCRIPT_KEYS = {"experiment", "seed", "logger", "threads", "hydra.run.dir", "hydra.sweep.dir"}
+
+
+@pytest.mark.parametrize("script", ["n20_transfer.sh", "rt_main_cpu.sh"])
+def test_scripts_only_loop(script):
+    """A script passes an experiment, a seed and where to write: no generator or fine-tuning setting."""
+    text = (ROOT / "experiments" / script).read_text()
+    calls = re.findall(r"gmtext-(?:pipeline|generate|release|select|finetune|audit)\s+([^\n]*)", text)
+    assert calls
+    for args in calls:
+        keys = {w.split("=", 1)[0] for w in args.split() if "=" in w and not w.startswith(("$", "\"$"))}
+        assert keys <= SCRIPT_KEYS, (script, keys - SCRIPT_KEYS)
