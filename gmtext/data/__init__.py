@@ -14,6 +14,7 @@ import logging
 import random
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -92,10 +93,8 @@ def _parse_rows(file: Path) -> list[dict]:
     fields and U+2028 inside JSON strings survive, as they do in other tools).
 
     Streamed, so no Arrow copy of a private file lands on disk; the packaged json/csv builders
-    never contact the hub. CSV values stay strings, as csv.DictReader gave them: "007" or "NA"
-    is text, not a number or a missing value. Parse failures become one-line DataErrors."""
-    import datasets
-
+    never contact the network. CSV values stay strings, as csv.DictReader gave them: "007" or
+    "NA" is text, not a number or a missing value. Parse failures become one-line DataErrors."""
     is_csv = file.suffix == ".csv"
     if is_csv:
         try:
@@ -107,22 +106,49 @@ def _parse_rows(file: Path) -> list[dict]:
             return []
         kwargs = {"converters": {c: str for c in header}, "na_filter": False}
     else:
-        kwargs = {"parse_agent_traces": False}  # else columns named type/message read as agent traces
-    logger = datasets.utils.logging.get_logger()
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)  # datasets logs a parse error before raising it: the DataError says it once
+        kwargs = {}
+    with _quiet_datasets() as datasets:
+        from datasets.packaged_modules.json.json import JsonConfig
+
+        if not is_csv and "parse_agent_traces" in JsonConfig.__dataclass_fields__:
+            kwargs["parse_agent_traces"] = False  # else columns named type/message are read as agent traces
+        try:
+            ds = datasets.load_dataset("csv" if is_csv else "json", data_files=str(file), split="train", streaming=True,
+                                       cache_dir=_datasets_cache_dir(), **kwargs)
+            rows = []
+            for batch in ds.iter(batch_size=1 << 16):  # columns of python values: 3-4x faster than row by row
+                names = list(batch)
+                rows += [dict(zip(names, values)) for values in zip(*batch.values())]
+            return rows
+        except Exception as e:
+            raise _parse_error(file, is_csv, e) from None
+
+
+_LIBRARY_LOGGERS = ("datasets", "filelock", "fsspec")
+
+
+@contextmanager
+def _quiet_datasets():
+    """`datasets`, imported and run without its side effects: no download-count ping to the
+    network (it does one per load_dataset call, even for a local file, unless offline), and
+    nothing in the job log (it logs a parse error before raising it, the DataError says it
+    once; and its debug records of cache locks are noise there)."""
+    loggers = [logging.getLogger(n) for n in _LIBRARY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
-        ds = datasets.load_dataset("csv" if is_csv else "json", data_files=str(file), split="train", streaming=True,
-                                   cache_dir=_datasets_cache_dir(), **kwargs)
-        rows = []
-        for batch in ds.iter(batch_size=1 << 16):  # columns of python values: 3-4x faster than row by row
-            names = list(batch)
-            rows += [dict(zip(names, values)) for values in zip(*batch.values())]
-        return rows
-    except Exception as e:
-        raise _parse_error(file, is_csv, e) from None
+        import datasets
+
+        counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+        try:
+            yield datasets
+        finally:
+            datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _parse_error(file: Path, is_csv: bool, e: Exception) -> DataError:
