@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from filelock import FileLock, Timeout
 
 
 def _atomic(path: Path, write) -> None:
@@ -77,29 +78,37 @@ class RunDirLocked(RuntimeError):
 def run_lock(run_dir, stage: str):
     """Refuse a second process writing the same stage into the same run dir.
 
-    An advisory lock (flock) on `run_dir/.{stage}.lock`, a file that also names the owner's
-    pid for the message. The kernel drops the lock when its owner ends in any way (kill -9
-    included), so resuming after a crash needs no clean-up, and a stale file whose pid was
-    reused by another program blocks nothing.
+    filelock's flock on `run_dir/.{stage}.lock`: the kernel drops it when its owner ends in
+    any way (kill -9 included), so resuming after a crash needs no clean-up, and a stale file
+    whose pid was reused by another program blocks nothing. Two things filelock leaves to us:
+    the file names the owner's pid (written once the lock is ours; filelock does not truncate
+    a held file when it loses the race, since 3.30), so the refusal can name the holder; and
+    the file is removed on release, so a finished run dir holds no lock file (filelock keeps
+    it for waiters; nobody waits here: a second writer is refused at once).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / f".{stage}.lock"
+    path = run_dir / f".{stage}.lock"
+    # fallback_to_soft=False: a marker file (filelock's fallback without flock) would outlive
+    # a killed owner and block the resume
+    lock = FileLock(path, timeout=0, mode=0o644, fallback_to_soft=False)
     while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        if not _try_lock(fd, fcntl.LOCK_EX):
-            os.close(fd)
-            raise RunDirLocked(f"{run_dir} is in use by process {_owner(lock) or '?'} ({stage}); wait for it or use another hydra.run.dir")
-        if _is_path_of(fd, lock):  # else a finishing owner unlinked it meanwhile: lock the new file
+        try:
+            lock.acquire()
             break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+        except Timeout:
+            if path.exists():
+                raise RunDirLocked(f"{run_dir} is in use by process {_owner(path) or '?'} ({stage}); "
+                                   "wait for it or use another hydra.run.dir") from None
+            # else its owner finished and removed it between our open and flock: lock a new file
     try:
+        path.write_text(str(os.getpid()))  # the inode we hold: only its holder removes it
         yield
     finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
+        try:
+            path.unlink(missing_ok=True)  # while still held: nobody can have locked the path meanwhile
+        finally:
+            lock.release()
 
 
 def other_writers(run_dir) -> list[int]:
@@ -127,14 +136,6 @@ def _try_lock(fd: int, kind: int) -> bool:
         return True
     except BlockingIOError:
         return False
-
-
-def _is_path_of(fd: int, path: Path) -> bool:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return False
-    return os.path.samestat(os.fstat(fd), st)
 
 
 def _owner(lock: Path) -> int:

@@ -56,6 +56,18 @@ class ModelConfig:
 
 
 @dataclass
+class CarveConfig:
+    """Evaluation records carved out of the train split's file, for data that comes as one
+    file. Off at 0. On, a record is evaluation data iff sha256 of its own (stripped) text, as
+    a uniform in [0, 1), falls under eval_fraction: it never depends on other records or file
+    order, so which records a DP release reads stays decided record by record. The dev set
+    (finetune.dev_size) needs no setting here: it is already a fixed hash bucket of the train
+    split, taken from what the carve leaves."""
+
+    eval_fraction: float = 0.0  # in [0, 1): the share of train records moved to the evaluation split
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
     path: Optional[str] = None  # local folder of {split}.jsonl/.csv; null → builtin or hub
@@ -71,6 +83,7 @@ class DatasetConfig:
     template: str = "{text} It was"
     train_split: str = "train"
     eval_split: str = "validation"
+    carve: CarveConfig = field(default_factory=CarveConfig)  # > 0: eval split carved from train_split (eval_split unused)
     length: int = 24  # synthetic text tokens: a public setting, never measured on real data
     max_text_tokens: int = 64  # real texts are truncated to this many tokens for targets
 

@@ -299,7 +299,7 @@ def test_release_then_generate_without_real_data(compose, tmp_path, monkeypatch)
         raise AssertionError("real data read after the release")
 
     monkeypatch.setattr(gmtext.data, "load_split", boom)
-    monkeypatch.setattr(R, "load_split", boom)
+    monkeypatch.setattr(R, "load_configured", boom)
     s2 = R.run_release(cfg, tmp_path / "rel")  # existing release reused: no second noisy release
     assert s2["reused"] and s2["epsilon"] == s["epsilon"]
     release = str(tmp_path / "rel" / "release")

@@ -6,10 +6,15 @@ reference implementation differs by a space between the two: a silent bug).
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import hashlib
 import json
+import logging
 import random
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -48,19 +53,140 @@ def read_utf8(file: Path) -> str:
         raise DataError(f"{file}: not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8") from None
 
 
+_LOAD_CACHE: str | None = None
+
+
+def _datasets_cache_dir() -> str:
+    """load_dataset takes lock files in its cache dir even when streaming: a per-process temp
+    dir keeps them (and anything else it writes) out of the user's HF cache and the repo."""
+    global _LOAD_CACHE
+    if _LOAD_CACHE is None:
+        _LOAD_CACHE = tempfile.mkdtemp(prefix="gmtext-datasets-")
+        atexit.register(shutil.rmtree, _LOAD_CACHE, True)
+    return _LOAD_CACHE
+
+
+def _csv_header(file: Path) -> list[str]:
+    with open(file, encoding="utf-8-sig", newline="") as f:  # pandas drops a BOM too: the names must match its
+        return next(csv.reader(f), [])
+
+
+# Parsed files by identity and version: tests and multi-stage runs read the same small files
+# many times, and a parse through `datasets` costs ~10 ms even for a few rows. A rewritten file
+# has a new ctime (ns), so it is parsed again.
+_ROWS: dict[tuple, list[dict]] = {}
+
+
 def _read_rows(file: Path) -> list[dict]:
-    raw = read_utf8(file)
-    if file.suffix == ".csv":
-        return list(csv.DictReader(raw.splitlines()))
-    rows = []
-    for i, line in enumerate(raw.split("\n"), 1):  # JSON text may hold U+2028 and other line breaks splitlines() splits on
+    st = file.stat()
+    key = (str(file.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _ROWS:
+        rows = _parse_rows(file)
+        if len(_ROWS) >= 8:
+            _ROWS.pop(next(iter(_ROWS)))
+        _ROWS[key] = rows
+    return _ROWS[key]
+
+
+def _parse_rows(file: Path) -> list[dict]:
+    """The records of a JSON Lines or CSV file, parsed by `datasets` (quoted multi-line CSV
+    fields and U+2028 inside JSON strings survive, as they do in other tools).
+
+    Streamed, so no Arrow copy of a private file lands on disk; the packaged json/csv builders
+    never contact the network. CSV values stay strings, as csv.DictReader gave them: "007" or
+    "NA" is text, not a number or a missing value. Parse failures become one-line DataErrors."""
+    is_csv = file.suffix == ".csv"
+    if is_csv:
+        try:
+            header = _csv_header(file)
+        except UnicodeDecodeError:
+            read_utf8(file)  # raises the message naming the byte
+            raise
+        if not header:
+            return []
+        kwargs = {"converters": {c: str for c in header}, "na_filter": False}
+    else:
+        kwargs = {}
+    with _quiet_datasets() as datasets:
+        from datasets.packaged_modules.json.json import JsonConfig
+
+        if not is_csv and "parse_agent_traces" in JsonConfig.__dataclass_fields__:
+            kwargs["parse_agent_traces"] = False  # else columns named type/message are read as agent traces
+        try:
+            ds = datasets.load_dataset("csv" if is_csv else "json", data_files=str(file), split="train", streaming=True,
+                                       cache_dir=_datasets_cache_dir(), **kwargs)
+            rows = []
+            for batch in ds.iter(batch_size=1 << 16):  # columns of python values: 3-4x faster than row by row
+                names = list(batch)
+                rows += [dict(zip(names, values)) for values in zip(*batch.values())]
+            return rows
+        except Exception as e:
+            raise _parse_error(file, is_csv, e) from None
+
+
+_LIBRARY_LOGGERS = ("datasets", "filelock", "fsspec")
+
+
+@contextmanager
+def _quiet_datasets():
+    """`datasets`, imported and run without its side effects: no download-count ping to the
+    network (it does one per load_dataset call, even for a local file, unless offline), and
+    nothing in the job log (it logs a parse error before raising it, the DataError says it
+    once; and its debug records of cache locks are noise there)."""
+    loggers = [logging.getLogger(n) for n in _LIBRARY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        import datasets
+
+        counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+        try:
+            yield datasets
+        finally:
+            datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _parse_error(file: Path, is_csv: bool, e: Exception) -> DataError:
+    """The one-line error for a file `datasets` could not parse: found again by hand (only on
+    this path), so it names the line as an editor numbers it."""
+    raw = read_utf8(file)  # raises for bad UTF-8
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if is_csv:
+        return DataError(f"{file}: invalid CSV ({why})")
+    for i, line in enumerate(raw.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{i}: invalid JSON ({e.msg})") from None
-    return rows
+            rec = json.loads(line)
+        except json.JSONDecodeError as je:
+            return DataError(f"{file}:{i}: invalid JSON ({je.msg})")
+        if not isinstance(rec, dict):
+            return DataError(f"{file}:{i}: not a JSON object (JSON Lines: one {{...}} record a line)")
+    return DataError(f"{file}: cannot read as JSON Lines ({why})")
+
+
+def _json_keys(file: Path):
+    """keys(row): the keys of JSON Lines record `row` (0-based; blank lines skipped, as the
+    parser skips them). The parsed table fills a key a record lacks with null, so a missing
+    field and an explicit null (an empty text: skipped) are told apart here, on the rare rows
+    that need it; the file is read once, on the first such row."""
+    lines: list[str] = []
+
+    def keys(row: int) -> list[str] | None:
+        if not lines:
+            lines.extend(ln for ln in read_utf8(file).split("\n") if ln.strip())
+        try:
+            rec = json.loads(lines[row])
+        except (IndexError, json.JSONDecodeError):
+            return None
+        return sorted(rec) if isinstance(rec, dict) else None
+
+    return keys
 
 
 def load_split(
@@ -83,35 +209,118 @@ def load_split(
         file = next((f for f in files if f.exists()), None)
         if file is None:
             have = sorted(p.stem for p in folder.glob("*.jsonl")) + sorted(p.stem for p in folder.glob("*.csv"))
-            raise DataError(f"split {split!r} not found in {path} (expected {split}.jsonl or {split}.csv; found: {have or 'none'})")
+            hint = "; to carve evaluation records out of one file set dataset.carve.eval_fraction (e.g. 0.1)" if have else ""
+            raise DataError(f"split {split!r} not found in {path} (expected {split}.jsonl or {split}.csv; found: {have or 'none'}){hint}")
         rows = _read_rows(file)
         where = str(file)
+        keys_of = None if file.suffix == ".csv" else _json_keys(file)
     elif builtin:
         file = DEMO_DIR / f"{split}.jsonl"
         if not file.exists():
             raise DataError(f"split {split!r} not in the builtin {builtin!r} dataset (has: train, validation)")
         rows = _read_rows(file)
         where = f"builtin:{builtin}/{split}"
+        keys_of = _json_keys(file)
     elif hub_name:
         import datasets
 
         rows = list(datasets.load_dataset(hub_name, hub_config, split=split))
         where = f"hub:{hub_name}/{split}"
+        keys_of = None
     else:
         raise DataError("dataset has neither path, builtin nor hub_name set")
     if not rows:
         raise DataError(f"{where}: no rows")
-    return _to_examples(rows, where, label_names, text_field, label_field)
+    return _to_examples(rows, where, label_names, text_field, label_field, keys_of)
 
 
-def _to_examples(rows, where, label_names, text_field, label_field) -> LabeledSplit:
+# ------------------------------------------------------------------ evaluation split carved from train
+CARVE_HASH = "sha256('gmtext-carve-eval' NUL text), first 8 bytes big-endian / 2**64 < eval_fraction"
+
+
+def in_carved_eval(text: str, fraction: float) -> bool:
+    """Whether a train-file record is carved into the evaluation split: a function of its own
+    (stripped) text and the public fraction only, so adding, removing or reordering other
+    records never moves it, and duplicates land on the same side. The hash is keyed apart
+    from the dev bucket's (is_dev), so the two are independent."""
+    if fraction <= 0:
+        return False
+    h = hashlib.sha256(b"gmtext-carve-eval\x00" + text.encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "big") / 2.0 ** 64 < fraction
+
+
+def carve_fraction(ds) -> float:
+    """dataset.carve.eval_fraction, checked (0 when the config has no carve group)."""
+    carve = getattr(ds, "carve", None)
+    f = getattr(carve, "eval_fraction", 0.0) if carve is not None else 0.0
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+        raise DataError(f"dataset.carve.eval_fraction={f!r}: must be in [0, 1) (the share of train records carved into "
+                        "the evaluation split; 0 = off, read dataset.eval_split)")
+    return float(f)
+
+
+def load_configured(ds, split: str) -> LabeledSplit:
+    """load_split for a `dataset` config, carve included.
+
+    With dataset.carve.eval_fraction = f > 0, dataset.eval_split names the records of
+    dataset.train_split's file with in_carved_eval(text, f), and dataset.train_split names the
+    rest (its empty-text count stays with it): the two never share a record, so what a release
+    reads from train never includes an evaluation record. A local folder or the builtin set
+    that also has an {eval_split} file is refused: which one is evaluated on would be a guess."""
+    kw = dict(path=ds.path, hub_name=ds.hub_name, hub_config=ds.hub_config, text_field=ds.text_field,
+              label_field=ds.label_field, builtin=ds.builtin)
+    f = carve_fraction(ds)
+    if not f or split not in (ds.train_split, ds.eval_split):
+        return load_split(split, ds.label_names, **kw)
+    if ds.eval_split == ds.train_split:
+        raise DataError(f"dataset.carve.eval_fraction={f}: dataset.eval_split and dataset.train_split are both "
+                        f"{split!r}; carving needs two names")
+    folder = Path(ds.path) if ds.path else DEMO_DIR if ds.builtin else None
+    clash = [p for p in ((folder / f"{ds.eval_split}.jsonl"), (folder / f"{ds.eval_split}.csv")) if p.exists()] if folder else []
+    if clash:
+        raise DataError(f"dataset.carve.eval_fraction={f}: {clash[0]} exists, and carving would leave it unread; "
+                        f"set dataset.carve.eval_fraction=0 to evaluate on it, or carve from a folder without it")
+    whole = load_split(ds.train_split, ds.label_names, **kw)
+    want_eval = split == ds.eval_split
+    part = LabeledSplit([e for e in whole.examples if in_carved_eval(e.text, f) == want_eval],
+                        0 if want_eval else whole.skipped_empty)
+    counts = [0] * len(ds.label_names)
+    for e in part.examples:
+        counts[e.label] += 1
+    empty = [ds.label_names[c] for c, n in enumerate(counts) if n == 0]
+    if empty:
+        side = "carved evaluation split" if want_eval else "train split left after carving"
+        raise DataError(f"dataset.carve.eval_fraction={f}: the {side} of {ds.train_split!r} has no example of class(es) "
+                        f"{empty}; choose another fraction or add records")
+    return part
+
+
+def carve_summary(ds, n_eval: int) -> dict | None:
+    """What metrics.json records about a carve (None: no carve). The evaluation count is
+    public like any evaluation split's size (accuracy is published on it). The train count is
+    left out: under add/remove adjacency the size of the private split is itself a statistic of
+    it, and metrics.json is read by every consumer, DP or not (the DP release publishes its row
+    count only under replace_one, where every neighbour has the same)."""
+    f = carve_fraction(ds)
+    if not f:
+        return None
+    return {"eval_fraction": f, "hash": CARVE_HASH, "from_split": ds.train_split, "n_eval": int(n_eval),
+            "n_train": "withheld (private: the train split's size)"}
+
+
+def _to_examples(rows, where, label_names, text_field, label_field, keys_of=None) -> LabeledSplit:
     names = list(label_names)
     examples, skipped = [], 0
     for i, r in enumerate(rows):
-        missing = [f for f in (text_field, label_field) if f not in r]
-        if missing:
-            raise DataError(f"{where} row {i}: field {missing[0]!r} missing (row has: {sorted(r)}); set dataset.text_field / dataset.label_field")
         text, lab = r.get(text_field), r.get(label_field)
+        have = sorted(r)
+        if keys_of is not None and (text is None or lab is None):
+            have = keys_of(i) or have
+        missing = [f for f in (text_field, label_field) if f not in have]
+        if missing:
+            raise DataError(f"{where} row {i}: field {missing[0]!r} missing (row has: {have}); set dataset.text_field / dataset.label_field")
+        if isinstance(lab, float) and lab.is_integer():
+            lab = int(lab)  # one float label makes the parser read the whole column as floats
         if isinstance(lab, str) and lab in names:
             lab = names.index(lab)
         elif isinstance(lab, str) and lab.lstrip("-").isdigit():

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts import ConfigChanged, check_resume, read_json, write_json
 from ..config import build
-from ..data import dev_examples, load_split, sample_per_class
+from ..data import carve_summary, dev_examples, load_configured, sample_per_class
 from ..data.synthetic import resolve_synthetic_path, synthetic_privacy
 from ..privacy.ledger import Ledger, LedgerEntry, compose_records, split_id
 from ..finetune.baselines import SOURCES, prompted_examples, read_synthetic, real_subset
@@ -38,8 +38,7 @@ METRICS_FILE = "metrics.json"
 
 
 def _load(ds, split: str):
-    return load_split(split, ds.label_names, path=ds.path, hub_name=ds.hub_name, hub_config=ds.hub_config,
-                      text_field=ds.text_field, label_field=ds.label_field, builtin=ds.builtin)
+    return load_configured(ds, split)  # dataset.carve: the eval split carved out of the train file
 
 
 def eval_subset(examples, limit: int):
@@ -167,7 +166,8 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 write_jsonl(run_dir / "prompted.jsonl", [{"text": e.text, "label": e.label, "label_name": task.label_names[e.label]} for e in train_exs])
             privacy = model_privacy(cfg, src, len(dev), metrics.get("dp"))
             n_train = len(demos) if src == "fewshot" else len(train_exs)
-            split_name = f"{ds.eval_split}" + (f"[{len(eval_exs)}/{len(eval_all)} fixed subset]" if len(eval_exs) < len(eval_all) else "")
+            carve = carve_summary(ds, len(eval_all))
+            split_name = (f"{ds.train_split}[carved eval]" if carve else f"{ds.eval_split}") + (f"[{len(eval_exs)}/{len(eval_all)} fixed subset]" if len(eval_exs) < len(eval_all) else "")
             dev_name = f"{ds.train_split}[dev hash bucket, {len(dev)}]"
             out = {
                 "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "per_class_accuracy": metrics["per_class_accuracy"],
@@ -179,7 +179,7 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 "delta": privacy["delta"] if privacy else None, "privacy": privacy,
                 "finetuner": cfg.finetuner._target_.rsplit(".", 1)[-1] if src not in ("none", "fewshot") else None,
                 "lr": metrics.get("lr"), "lr_selection": metrics.get("lr_selection"),
-                "eval_limit": int(fcfg.eval_limit), "n_eval": len(eval_exs), "n_dev": len(dev), "num_processes": acc.num_processes,
+                "eval_limit": int(fcfg.eval_limit), "n_eval": len(eval_exs), "n_dev": len(dev), "carve": carve, "num_processes": acc.num_processes,
                 "confusion": metrics["confusion"], "model": lm.name, "dataset": ds.name,
                 **{k: v for k, v in metrics.items() if k in ("train_seconds", "steps", "final_loss", "trainable_params", "dp")},
                 "train_info": info,

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import read_json, run_lock, save_torch, write_json
-from ..data import Task, load_split, release_records, sample_per_class
+from ..data import Task, carve_fraction, load_configured, release_records, sample_per_class
 from ..gradients import MatchedParams, class_target_gradients, label_and_vocab
 from ..models import check_fits_context
 from ..privacy.accountant import ACCOUNTANTS, ADJACENCIES, calibrate_noise_multiplier, sum_sensitivity, validate_budget
@@ -85,8 +85,7 @@ def release_fingerprint(model_fingerprint: str, dataset_name: str, task: Task, m
 
 
 def _load_private_split(ds_cfg):
-    return load_split(ds_cfg.train_split, ds_cfg.label_names, path=ds_cfg.path, hub_name=ds_cfg.hub_name,
-                      hub_config=ds_cfg.hub_config, text_field=ds_cfg.text_field, label_field=ds_cfg.label_field, builtin=ds_cfg.builtin)
+    return load_configured(ds_cfg, ds_cfg.train_split)  # without the carved evaluation records, if any
 
 
 def select_real_examples(ds_cfg, num_classes: int, real_per_class: int | None, seed: int, sample_rate: float = 1.0):
@@ -110,6 +109,11 @@ def protected_split_id(cfg) -> str:
 
 def inclusion_rule(cfg) -> str:
     """Which records of the split the release reads, in words (public: config only)."""
+    carve = carve_fraction(cfg.dataset)
+    return _inclusion_rule(cfg) + (f"; records carved into the evaluation split (sha256 < {carve}) never enter" if carve else "")
+
+
+def _inclusion_rule(cfg) -> str:
     if cfg.real_per_class is not None:
         return f"random.sample of {cfg.real_per_class} per class (seed {cfg.seed}), dev hash bucket excluded"
     rate = float(cfg.privacy.sample_rate) if cfg.privacy.name == DP_NAME else 1.0
