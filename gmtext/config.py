@@ -99,12 +99,25 @@ class ADMMConfig:
     distance: Distance = Distance.cos
     lm_weight: float = 0.0
     init: Init = Init.lm_sample
-    init_candidates: int = 4
+    init_candidates: int = 8
     init_temperature: float = 1.0
     closed_form: bool = True
     admm: bool = True
     nan_retries: int = 3  # non-finite x-step: undo it and retry at half the lr, this many times
-    objective: Objective = Objective.batch  # batch: the batch-mean gradient matches (paper); sequence: every sequence's own
+    objective: Objective = Objective.sequence  # sequence: every sequence's own gradient matches; batch: the batch mean (paper)
+
+
+@dataclass
+class LMSamplesConfig:
+    """matcher=none: GRADMM's starting LM samples, unmatched (the control every GRADMM row is paired with)."""
+
+    _target_: str = "gmtext.matching.lm_samples.LMSampleMatcher"
+    init: Init = Init.lm_sample
+    init_candidates: int = 8
+    init_temperature: float = 1.0
+    distance: Distance = Distance.cos
+    closed_form: bool = True
+    objective: Objective = Objective.sequence
 
 
 @dataclass
@@ -362,6 +375,7 @@ def register_configs() -> None:
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="matcher", name="admm_schema", node=ADMMConfig)
     cs.store(group="matcher", name="embedding_only_schema", node=EmbeddingOnlyConfig)
+    cs.store(group="matcher", name="none_schema", node=LMSamplesConfig)
     cs.store(group="projector", name="lm_topk_schema", node=LMTopKConfig)
     cs.store(group="projector", name="nearest_schema", node=NearestConfig)
     cs.store(group="privacy", name="none_schema", node=PrivacyNoneConfig)

@@ -164,10 +164,10 @@ def test_experiment_composes_the_settings_that_made_its_row(compose, experiment,
         assert now["probe.matched_params"] == []
 
 
-SCRIPT_KEYS = {"experiment", "seed", "logger", "threads", "hydra.run.dir", "hydra.sweep.dir"}
+SCRIPT_KEYS = {"experiment", "seed", "logger", "threads", "hydra.run.dir", "hydra.sweep.dir", "synthetic"}
 
 
-@pytest.mark.parametrize("script", ["n20_transfer.sh", "rt_main_cpu.sh"])
+@pytest.mark.parametrize("script", ["n20_transfer.sh", "rt_main_cpu.sh", "rt_canaries.sh"])
 def test_scripts_only_loop(script):
     """A script passes an experiment, a seed and where to write: no generator or fine-tuning setting."""
     text = (ROOT / "experiments" / script).read_text()

@@ -1,0 +1,33 @@
+"""matcher=none, the no-matching twin: GRADMM's own LM starts, written unmatched."""
+import torch
+
+from gmtext.matching.admm import ADMMMatcher
+from gmtext.matching.lm_samples import LMSampleMatcher
+from gmtext.matching.projectors import LMTopKProjector
+from tests.test_matching import _ctx, _objective
+
+
+def test_twin_is_gradmms_start_and_matching_never_does_worse_per_sequence(tiny):
+    lm, task = tiny
+    obj, ctx = _objective(lm, task, True), _ctx(lm, task)
+    twin = LMSampleMatcher(init_candidates=3, objective="sequence")
+    gradmm = ADMMMatcher(outer_steps=2, inner_steps=3, init_candidates=3, objective="sequence")
+    steps = []
+    t = twin.run(obj, LMTopKProjector(topk=20), ctx, 2, 3, 6, torch.Generator().manual_seed(5), steps.append)
+    start = gradmm.initial_tokens(obj, ctx, 2, 3, 6, torch.Generator().manual_seed(5))
+    assert torch.equal(t.tokens, start)  # the same stream: the pair differs only by the matching
+    c, s = obj.discrete(t.tokens, per_sequence=True)
+    assert torch.allclose(t.seq_loss, s) and torch.allclose(t.class_loss, c)
+    assert [r["outer_step"] for r in steps] == [0] and twin.outer_steps == 0
+    g = gradmm.run(obj, LMTopKProjector(topk=20), ctx, 2, 3, 6, torch.Generator().manual_seed(5))
+    assert (g.seq_loss <= t.seq_loss + 1e-6).all()  # GRADMM keeps each sequence's best, its start included
+
+
+def test_matcher_none_composes_and_builds(compose):
+    from gmtext.config import build
+
+    cfg = compose(["matcher=none"], config_name="pipeline")
+    m = build(cfg.matcher)
+    assert isinstance(m, LMSampleMatcher) and m.init_candidates == 8 and m.objective == "sequence"
+    # the twin keeps the default recipe's starts: the same as matcher=admm's
+    assert cfg.matcher.init_candidates == compose([], config_name="pipeline").matcher.init_candidates
