@@ -182,7 +182,8 @@ def release_main(cfg: DictConfig) -> float:
 
     s = _run("release", run_release, cfg)
     sigma = f" | sigma {s['sigma']:.3g}" if s.get("sigma") is not None else ""
-    took = "reused" if s["reused"] else "{:.1f} s".format(s["release_seconds"])
+    # a DP release's run time is not published (no wall_seconds): "made"
+    took = "reused" if s["reused"] else ("{:.1f} s".format(s["wall_seconds"]) if "wall_seconds" in s else "made")
     print(f"gmtext-release: {s['mechanism']} release (epsilon={s['epsilon']:.4g}{sigma}) → {s['release_dir']} | {took}")
     return s["epsilon"]
 

@@ -2,8 +2,9 @@
 
 Each group option (conf/<group>/<option>.yaml) extends its schema through its defaults
 list, so a misspelled key or a wrong type fails at start-up, not an hour into a run.
-Component groups (matcher, projector) carry `_target_` and exactly the constructor's
-arguments: `hydra.utils.instantiate` builds them, and they never see the whole cfg.
+Component groups (matcher, projector, selector, finetuner, logger) carry `_target_` and
+exactly the constructor's settings: `hydra.utils.instantiate` builds them, and they never
+see the whole cfg.
 """
 from __future__ import annotations
 
@@ -38,7 +39,6 @@ SGDAccountant = Choice("SGDAccountant", {v: v for v in ("prv", "rdp")}, module=_
 Adjacency = Choice("Adjacency", {v: v for v in ("replace_one", "add_remove")}, module=__name__)
 MatchLoss = Choice("MatchLoss", {v: v for v in ("full_vocab", "verbalizer")}, module=__name__)
 DType = Choice("DType", {v: v for v in ("float32", "bfloat16", "float16")}, module=__name__)
-LoggerName = Choice("LoggerName", {v: v for v in ("wandb", "none")}, module=__name__)
 LoggerMode = Choice("LoggerMode", {v: v for v in ("online", "offline", "disabled")}, module=__name__)
 
 
@@ -195,8 +195,13 @@ class NoSelectorConfig:
 
 
 @dataclass
-class LoggerConfig:
-    name: LoggerName = LoggerName.wandb
+class LocalTrackerConfig:
+    _target_: str = "gmtext.tracking.Tracker"  # metrics.jsonl only
+
+
+@dataclass
+class WandbTrackerConfig:
+    _target_: str = "gmtext.tracking.WandbTracker"
     # null: W&B's own WANDB_MODE / WANDB_PROJECT decide, else offline / gmtext (docs/tracking.md)
     mode: Optional[LoggerMode] = None
     project: Optional[str] = None
@@ -326,7 +331,7 @@ class RootConfig:
     matcher: Any = MISSING
     projector: Any = MISSING
     privacy: Any = MISSING
-    logger: LoggerConfig = MISSING
+    logger: Any = MISSING  # a tracker component: conf/logger/<name>.yaml names its _target_
     stage: str = "generate"
     seed: int = 0
     num_per_class: int = 20  # synthetic examples per class (the pool; the selector keeps selector.per_class)
@@ -381,7 +386,8 @@ def register_configs() -> None:
     cs.store(group="privacy", name="none_schema", node=PrivacyNoneConfig)
     cs.store(group="privacy", name="dp_schema", node=PrivacyDPConfig)
     cs.store(name="audit_schema", node=AuditConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="logger", name="none_schema", node=LocalTrackerConfig)
+    cs.store(group="logger", name="wandb_schema", node=WandbTrackerConfig)
     cs.store(group="selector", name="best_schema", node=BestMatchSelectorConfig)
     cs.store(group="selector", name="none_schema", node=NoSelectorConfig)
     cs.store(group="selector", name="margin_schema", node=LabelMarginSelectorConfig)

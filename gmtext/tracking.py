@@ -1,4 +1,11 @@
-"""Experiment tracking: W&B (online/offline/disabled) or none, always mirrored locally.
+"""Experiment tracking: a tracker component (`logger=` group), always mirrored locally.
+
+A tracker is a `_target_` component like the matcher: conf/logger/<name>.yaml names the
+class and its settings, each stage builds it (`make_tracker`) before loading the model, so
+a failure from then on reaches the tracker, and passes what only the stage knows (run dir,
+stage, config). `Tracker` itself is `logger=none`: the local mirror only. A new tracker is
+a subclass that extends `log` / `table` / `summary` / `log_artifact` / `use_artifact` /
+`close`, plus a YAML file with its `_target_`.
 
 Every logged record is also appended to `metrics.jsonl` in the run dir, so results are
 readable without W&B and `gmtext-report` has one format to read. Stages `commit(outputs)`
@@ -6,19 +13,25 @@ the mirror before each unit of work (a generated batch, a stage's summary); a ne
 drops what a killed attempt logged for work whose outputs never appeared (and a torn last
 line), so a resumed run's metrics.jsonl reads like an uninterrupted run's.
 
-W&B, the way its users expect it (docs/tracking.md):
+W&B (`WandbTracker`), the way its users expect it (docs/tracking.md):
 - mode / project: `logger.mode` / `logger.project` when set, else W&B's own `WANDB_MODE` /
   `WANDB_PROJECT`, else offline / gmtext (explicit config > environment > default);
 - one W&B run per Hydra job and stage (`reinit="create_new"`, finished in `close()`), with an
   id stored in the run dir (`.wandb_id.<stage>`) and `resume="allow"`: re-running or resuming
   the job continues its run instead of adding a second one;
 - name `<stage>-<experiment>-seed<N>[-job<K>]`; group: `logger.group`, else the sweep dir
-  under `-m` (all jobs of one sweep), else the experiment; job_type = the stage;
-- config: the stage's own settings (a generate run carries no finetuner.*/train.* keys),
+  under `-m` (all jobs of one sweep), else the experiment, else (a pipeline) its run dir;
+  job_type = the stage;
+- config: the settings the run's outputs depend on (a generate run carries no
+  finetuner.*/train.* keys; in a pipeline a stage also keeps its upstream stages' settings),
   plus `experiment` and Hydra's runtime `choices` (which option of each group);
 - history: `admm/*` against `admm/step` (one point per ADMM outer step over the batches),
   `train/*` and `dev/*` against `train/step`; the step counters, `batch`, `outer_step` and the
-  lr bookkeeping are hidden step metrics, not charts.
+  lr bookkeeping are hidden step metrics, not charts;
+- artifacts: release → synthetic → selected → metrics, each named `<type>-<dataset>`; a
+  stage logs what it wrote and references what it read (by file:// reference: same files,
+  same digest, so W&B links it to the version its producer logged; a dir made without W&B
+  still gets a node in the lineage graph). Only public outputs are artifacts.
 """
 from __future__ import annotations
 
@@ -26,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -42,6 +56,7 @@ NOT_USED_BY = {
     "finetune": ("matcher", "projector", "selector", "pool", "release", "privacy", "shard", "matched_params", "match_loss",
                  "target_batch_size", "real_per_class", "batch_size"),
 }
+PIPELINE_ORDER = ("release", "generate", "select", "finetune")
 # (glob, step metric): the x-axis of each family of history keys
 STEP_METRICS = (("admm/*", "admm/step"), ("train/*", "train/step"), ("dev/*", "train/step"))
 HIDDEN = ("admm/step", "admm/batch", "admm/outer_step", "train/step", "train/lr_run", "train/lr_value")
@@ -94,15 +109,27 @@ def run_identity(job_type: str, config: dict | None) -> dict:
     return {"name": "-".join(parts), "experiment": experiment, "choices": choices, "job_num": job_num}
 
 
+def unused_keys(job_type: str, config: dict | None) -> set[str]:
+    """Config groups the run's outputs do not depend on. In a pipeline a stage's outputs also
+    depend on every upstream stage (its fine-tuning result on the matcher's settings), so only
+    what neither it nor a stage before it reads is left out: a pipeline's finetune run carries
+    the whole config, and the sweep's runs table compares accuracy against matcher.rho."""
+    if (config or {}).get("stage") == "pipeline" and job_type in PIPELINE_ORDER:
+        upstream = PIPELINE_ORDER[:PIPELINE_ORDER.index(job_type) + 1]
+        return set.intersection(*(set(NOT_USED_BY[s]) for s in upstream))
+    return set(NOT_USED_BY.get(job_type, ()))
+
+
 def stage_config(job_type: str, config: dict | None, ident: dict) -> dict:
     """The config W&B shows: JSON values only (enum choices as their value), without the
-    groups the stage does not use, with the experiment and Hydra's choices added."""
+    groups the run's outputs do not depend on, with the experiment and Hydra's choices added."""
     cfg = json.loads(json.dumps(config or {}, default=str))
-    for k in NOT_USED_BY.get(job_type, ()):
+    drop = unused_keys(job_type, config)
+    for k in drop:
         cfg.pop(k, None)
     cfg["experiment"] = ident["experiment"]
     if ident["choices"]:
-        cfg["choices"] = {k: v for k, v in ident["choices"].items() if k not in NOT_USED_BY.get(job_type, ())}
+        cfg["choices"] = {k: v for k, v in ident["choices"].items() if k not in drop}
     return cfg
 
 
@@ -121,61 +148,58 @@ def stable_run_id(run_dir: Path, job_type: str) -> str:
     return rid
 
 
+def artifact_name(kind: str, dataset: str) -> str:
+    """`<type>-<dataset>`, restricted to what W&B accepts (letters, digits, `-`, `_`, `.`). It
+    depends only on what producer and consumer both know, so a stage that reads a dir names it
+    as the stage that wrote it did, and W&B files both under one artifact."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{kind}-{dataset}").strip("-.")
+    return name[:128] or kind
+
+
+def make_tracker(logger_cfg, run_dir, job_type: str, config: dict | None, private: bool = False) -> "Tracker":
+    """Build the configured tracker (`logger._target_`) for one stage of one run dir.
+    `private`: the stage may run a DP mechanism on private data (a DP release, DP-SGD), so the
+    tracker must not watch it (no console capture, no system metrics over time)."""
+    from hydra.utils import instantiate
+
+    if logger_cfg is None:
+        return Tracker(run_dir, job_type=job_type, config=config, private=private)
+    factory = instantiate(logger_cfg, _partial_=True, _convert_="all")
+    return factory(run_dir=run_dir, job_type=job_type, config=config, private=private)
+
+
 class Tracker:
-    def __init__(self, run_dir, name: str = "none", mode: str | None = None, project: str | None = None, entity: str | None = None,
-                 group: str | None = None, tags=(), job_type: str = "generate", config: dict | None = None):
-        if name not in ("wandb", "none"):
-            raise ValueError(f"logger.name={name!r} unknown; accepted: wandb, none")
-        if mode is not None and mode not in MODES:
-            raise ValueError(f"logger.mode={mode!r} unknown; accepted: {', '.join(MODES)}")
+    """`logger=none`: the local mirror (metrics.jsonl) only; the base of every tracker.
+
+    A subclass calls `super()` in each method it extends, so the mirror stays the same
+    whatever tracker runs. `log_artifact` / `use_artifact` name a stage's public outputs and
+    inputs: {name in the artifact: local path}; the mirror does not record them."""
+
+    def __init__(self, run_dir, job_type: str = "generate", config: dict | None = None, private: bool = False):
         self.run_dir = Path(run_dir)
+        self.job_type, self.config, self.private = job_type, config, private
         self.local = self.run_dir / "metrics.jsonl"
         self._recover()
-        self.run = None
-        ident = run_identity(job_type, config)
-        self.name = ident["name"]
-        self.group = group if group is not None else (default_group() or ident["experiment"])
-        # explicit config > W&B's own env vars > gmtext's defaults (offline: no account needed)
-        self.mode = str(mode) if mode is not None else (os.environ.get("WANDB_MODE") or "offline")
-        self.project = project if project is not None else (os.environ.get("WANDB_PROJECT") or "gmtext")
-        if name == "wandb" and self.mode != "disabled":
-            import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(
-                project=self.project, entity=entity, group=self.group, job_type=job_type, tags=list(tags), name=self.name,
-                id=stable_run_id(self.run_dir, job_type), resume="allow", config=stage_config(job_type, config, ident),
-                dir=str(self.run_dir), mode=self.mode, reinit="create_new",
-            )
-            for key in HIDDEN:
-                self.run.define_metric(key, hidden=True)
-            for glob, step in STEP_METRICS:
-                self.run.define_metric(glob, step_metric=step)
 
     def log(self, metrics: dict, step: int | None = None, kind: str = "step") -> None:
         self._mirror({"kind": kind, **({"step": step} if step is not None else {}), **metrics})
-        if self.run is not None and kind != "failed":  # a failed batch is in the summary (failed_batches)
-            self.run.log(*_wandb_row(metrics, step))
 
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
-        if self.run is not None:
-            import wandb
-
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+        pass
 
     def summary(self, metrics: dict) -> None:
-        """Final values: the local mirror gets a kind=summary record, W&B the run summary
-        (not a history step). Lists and dicts (per-class accuracy, the confusion matrix) go too."""
+        """Final values: a kind=summary record in the mirror (a tracker's run summary, not a
+        history step). Lists and dicts (per-class accuracy, the confusion matrix) go too."""
         self._mirror({"kind": "summary", **metrics})
-        if self.run is not None:
-            for k, v in metrics.items():
-                self.run.summary[k] = v
+
+    def log_artifact(self, name: str, type: str, files: dict, metadata: dict | None = None) -> None:
+        """A public output of this stage (the release, the synthetic set, the metrics)."""
+
+    def use_artifact(self, name: str, type: str, files: dict, metadata: dict | None = None) -> None:
+        """An input this stage read (the release it matched, the set it trained on)."""
 
     def close(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            run, self.run = self.run, None
-            run.finish(exit_code=exit_code)
+        pass
 
     def __enter__(self):
         return self
@@ -210,6 +234,105 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.local, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, default=_num) + "\n")
+
+
+class WandbTracker(Tracker):
+    """`logger=wandb`: one W&B run per run dir and stage, beside the local mirror."""
+
+    def __init__(self, run_dir, job_type: str = "generate", config: dict | None = None, private: bool = False,
+                 mode: str | None = None, project: str | None = None, entity: str | None = None, group: str | None = None,
+                 tags=()):
+        if mode is not None and str(mode) not in MODES:
+            raise ValueError(f"logger.mode={mode!r} unknown; accepted: {', '.join(MODES)}")
+        super().__init__(run_dir, job_type, config, private)
+        self.run = None
+        ident = run_identity(job_type, config)
+        self.name = ident["name"]
+        self.group = group if group is not None else (default_group() or ident["experiment"] or self._pipeline_group())
+        # explicit config > W&B's own env vars > gmtext's defaults (offline: no account needed)
+        self.mode = str(mode) if mode is not None else (os.environ.get("WANDB_MODE") or "offline")
+        self.project = project if project is not None else (os.environ.get("WANDB_PROJECT") or "gmtext")
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # a DP mechanism's progress bar and its CPU/memory curve over time depend on the private
+        # records (how many were sampled, how long they are): W&B must not record them
+        settings = wandb.Settings(console="off", x_disable_stats=True) if private else None
+        self.run = wandb.init(
+            project=self.project, entity=entity, group=self.group, job_type=job_type, tags=list(tags), name=self.name,
+            id=stable_run_id(self.run_dir, job_type), resume="allow", config=stage_config(job_type, config, ident),
+            dir=str(self.run_dir), mode=self.mode, reinit="create_new", settings=settings,
+        )
+        for key in HIDDEN:
+            self.run.define_metric(key, hidden=True)
+        for glob, step in STEP_METRICS:
+            self.run.define_metric(glob, step_metric=step)
+
+    def _pipeline_group(self) -> str | None:
+        """A pipeline job outside a sweep and without an experiment: its run dir, so the runs of
+        its stages fold into one group."""
+        if (self.config or {}).get("stage") != "pipeline":
+            return None
+        try:
+            return str(self.run_dir.resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return self.run_dir.name
+
+    def log(self, metrics: dict, step: int | None = None, kind: str = "step") -> None:
+        super().log(metrics, step, kind)
+        if self.run is not None and kind != "failed":  # a failed batch is in the summary (failed_batches)
+            self.run.log(*_wandb_row(metrics, step))
+
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def summary(self, metrics: dict) -> None:
+        super().summary(metrics)
+        if self.run is not None:
+            for k, v in metrics.items():
+                self.run.summary[k] = v
+
+    def log_artifact(self, name: str, type: str, files: dict, metadata: dict | None = None) -> None:
+        if self.run is None:
+            return
+        art = self._artifact(name, type, metadata)
+        for arcname, path in files.items():
+            art.add_file(str(path), name=arcname)
+        self.run.log_artifact(art)
+
+    def use_artifact(self, name: str, type: str, files: dict, metadata: dict | None = None) -> None:
+        """By file:// reference: nothing is uploaded, and the entries' digests (md5 of the
+        files) equal those of the uploaded version, so the manifest digest does too and W&B
+        resolves the input to the version the producing run logged."""
+        if self.run is None:
+            return
+        art = self._artifact(name, type, metadata)
+        for arcname, path in files.items():
+            art.add_reference(Path(path).resolve().as_uri(), name=arcname)
+        if self.mode == "offline":
+            # run.use_artifact refuses offline; this is what it does online with a new artifact:
+            # log it marked to be used after commit (wandb sync then records the use)
+            self.run._log_artifact(art, is_user_created=True, use_after_commit=True)
+        else:
+            self.run.use_artifact(art)
+
+    @staticmethod
+    def _artifact(name: str, type: str, metadata: dict | None):
+        import wandb
+
+        meta = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in (metadata or {}).items()}
+        return wandb.Artifact(name, type=type, metadata=meta)
+
+    def close(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            run, self.run = self.run, None
+            run.finish(exit_code=exit_code)
 
 
 def _wandb_row(metrics: dict, step):

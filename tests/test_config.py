@@ -42,7 +42,7 @@ def test_defaults(compose):
     assert cfg.dataset.name == "demo" and cfg.dataset.builtin == "demo"
     assert cfg.projector._target_.endswith("LMTopKProjector") and cfg.projector.topk == 200
     assert cfg.matcher._target_.endswith("ADMMMatcher")
-    assert cfg.logger.name == "wandb" and cfg.logger.mode is None and cfg.logger.project is None  # W&B's env decides
+    assert cfg.logger._target_ == "gmtext.tracking.WandbTracker" and cfg.logger.mode is None and cfg.logger.project is None  # W&B's env decides
     assert cfg.model.device == "cpu" and "experiment" not in cfg
 
 
@@ -51,7 +51,7 @@ def test_user_facing_override_names(compose):
                    "dataset=rotten_tomatoes", "dataset.path=/some/where", "num_per_class=20", "matcher.rho=1.0", "seed=0"])
     assert (cfg.matcher.outer_steps, cfg.matcher.inner_steps) == (3, 2)
     assert cfg.projector._target_.endswith("NearestProjector")
-    assert cfg.logger.name == "none"
+    assert cfg.logger._target_ == "gmtext.tracking.Tracker"
 
 
 def test_misspelled_key_fails(compose):
@@ -122,7 +122,7 @@ def test_help_describes_the_stage():
 # ---------------------------------------------------------------- closed choices
 BAD_CHOICES = [("matcher.distance=cosine", "generate"), ("matcher.objective=batches", "generate"), ("matcher.init=zeros", "generate"),
                ("projector.metric=dot", "generate"), ("match_loss=verb", "generate"), ("model.dtype=fp8", "generate"),
-               ("logger.mode=onlin", "generate"), ("logger.name=tensorboard", "generate"),
+               ("logger.mode=onlin", "generate"),
                ("privacy=dp privacy.accountant=prvv", "release"), ("privacy=dp privacy.adjacency=add", "release"),
                ("train=dpsgd train.accountant=analytic", "finetune"), ("matcher=embedding_only matcher.distance=L2", "generate")]
 

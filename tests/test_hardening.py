@@ -554,7 +554,7 @@ def test_same_seed_same_text_other_seed_other_text(compose, tmp_path):
 def test_tracker_drops_what_a_killed_attempt_logged_for_unfinished_work(tmp_path):
     from gmtext.tracking import Tracker
 
-    t = Tracker(tmp_path, name="none")
+    t = Tracker(tmp_path)
     t.commit(tmp_path / "batch_0")
     t.log({"a": 0}, step=0)
     (tmp_path / "batch_0").write_text("done")  # batch 0 finished (its file exists) ...
@@ -562,17 +562,17 @@ def test_tracker_drops_what_a_killed_attempt_logged_for_unfinished_work(tmp_path
     t.log({"a": 1}, step=1)  # ... batch 1 logged, then the process died before its file was written
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"kind": "step", "a"')  # in the middle of a write
-    t = Tracker(tmp_path, name="none")  # the resumed run redoes batch 1
+    t = Tracker(tmp_path)  # the resumed run redoes batch 1
     t.commit(tmp_path / "batch_1")
     t.log({"a": 2}, step=1)
     (tmp_path / "batch_1").write_text("done")
     assert [(r["step"], r["a"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(0, 0), (1, 2)]
     # killed right after batch 1's file appeared: its records are kept, not logged twice
-    t = Tracker(tmp_path, name="none")
+    t = Tracker(tmp_path)
     t.commit(tmp_path / "batch_2")
     t.log({"a": 3}, step=2)
     (tmp_path / "batch_2").write_text("done")
-    Tracker(tmp_path, name="none")
+    Tracker(tmp_path)
     assert [(r["step"], r["a"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(0, 0), (1, 2), (2, 3)]
 
 

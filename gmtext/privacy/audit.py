@@ -233,6 +233,9 @@ def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None
     matched = MatchedParams(lm.model, expand_specs(cfg.matched_params, cfg.get("sketch")))
     load_or_make_release(cfg, rel_dir, lm, task, matched, edit_texts=lambda texts: plant_canaries(texts, canaries)[0])
     gen_cfg = OmegaConf.merge(cfg, {"release": str(rel_dir)})
+    # no tracker run: this generation exists to measure leakage of planted private records, and
+    # what the audit computes from them is for the data owner, never for a dashboard
+    OmegaConf.update(gen_cfg, "logger", {"_target_": "gmtext.tracking.Tracker"}, merge=False)
     run_generate(gen_cfg, run_dir / "generate")
     synth = [r["text"] for r in read_jsonl(run_dir / "generate" / SYNTHETIC_FILE)]
     st = [words(t) for t in synth]
@@ -282,7 +285,8 @@ def _markdown(res: dict) -> str:
 
 
 def run_audit(cfg, run_dir) -> dict:
-    """gmtext-audit: overlap audit of cfg.synthetic against the real train split (+ canaries)."""
+    """gmtext-audit: overlap audit of cfg.synthetic against the real train split (+ canaries).
+    Never tracked (no `logger`): every number here is computed from private data without noise."""
     from ..data import load_split
 
     run_dir = Path(run_dir)

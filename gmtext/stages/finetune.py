@@ -31,8 +31,8 @@ from ..finetune.baselines import SOURCES, prompted_examples, read_synthetic, rea
 from ..finetune.distributed import broadcast, get_accelerator, main_process_lock
 from ..finetune.evaluate import evaluate, fewshot_context
 from ..models import check_fits_context
-from ..tracking import Tracker
-from .generate import build_task, load_generator_model
+from ..tracking import artifact_name, make_tracker
+from .generate import build_task, load_generator_model, synthetic_artifact
 
 METRICS_FILE = "metrics.json"
 
@@ -122,43 +122,46 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             raise ConfigChanged(prev["_refused"])
         if prev is not None:
             return prev
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        lm = load_generator_model(cfg)
-        if acc.num_processes > 1:
-            lm.model.to(acc.device)  # one GPU per rank (accelerate's choice); one process keeps model.device
-        task = build_task(cfg, lm.tokenizer)
-        check_fits_context(lm.model, "finetuner.max_text_tokens", cfg.finetuner.max_text_tokens, len(task.prefix_ids) + len(task.suffix_ids))
-        ds = cfg.dataset
-        c = task.num_classes
-        eval_all = _load(ds, ds.eval_split).examples
-        eval_exs = eval_subset(eval_all, fcfg.eval_limit)
-        train_split = _load(ds, ds.train_split)
-        dev = dev_examples(train_split, fcfg.dev_size) if fcfg.dev_size > 0 else []
-        info: dict = {}
-        train_exs, demos = [], []
-        if src == "synthetic":
-            train_exs = read_synthetic(cfg.train.path, task.label_names)
-            info["path"] = str(resolve_synthetic_path(cfg.train.path))
-        elif src == "real":
-            train_exs = real_subset(train_split, c, cfg.train.size, cfg.seed)
-        elif src == "dpsgd":
-            from ..finetune.dpsgd import private_records
+        # before the model: a failure in loading, training or evaluating ends the tracker's run as failed
+        tracker = make_tracker(cfg.logger, run_dir, "finetune", config, private=src == "dpsgd") if main else NullTracker()
+        with tracker:
+            if src == "synthetic":  # the set it trains on: linked to the run that wrote it
+                tracker.use_artifact(*synthetic_artifact(cfg, resolve_synthetic_path(cfg.train.path)))
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed)
+            lm = load_generator_model(cfg)
+            if acc.num_processes > 1:
+                lm.model.to(acc.device)  # one GPU per rank (accelerate's choice); one process keeps model.device
+            task = build_task(cfg, lm.tokenizer)
+            check_fits_context(lm.model, "finetuner.max_text_tokens", cfg.finetuner.max_text_tokens, len(task.prefix_ids) + len(task.suffix_ids))
+            ds = cfg.dataset
+            c = task.num_classes
+            eval_all = _load(ds, ds.eval_split).examples
+            eval_exs = eval_subset(eval_all, fcfg.eval_limit)
+            train_split = _load(ds, ds.train_split)
+            dev = dev_examples(train_split, fcfg.dev_size) if fcfg.dev_size > 0 else []
+            info: dict = {}
+            train_exs, demos = [], []
+            if src == "synthetic":
+                train_exs = read_synthetic(cfg.train.path, task.label_names)
+                info["path"] = str(resolve_synthetic_path(cfg.train.path))
+            elif src == "real":
+                train_exs = real_subset(train_split, c, cfg.train.size, cfg.seed)
+            elif src == "dpsgd":
+                from ..finetune.dpsgd import private_records
 
-            train_exs = private_records(train_split, cfg.train.size, cfg.seed)
-        elif src == "fewshot":
-            if cfg.train.k < 1:
-                raise ValueError(f"train.k={cfg.train.k}: need at least one demonstration per class")
-            demos = sample_per_class(train_split, c, cfg.train.k, cfg.seed)
-        elif src == "prompted":
-            tg = time.perf_counter()
-            t = cfg.train
-            train_exs, pinfo = prompted_examples(lm.model, lm.tokenizer, list(ds.label_descriptions), t.size, cfg.seed, t.prompt,
-                                                 t.temperature, t.top_p, t.max_new_tokens, t.use_chat)
-            info.update(pinfo, generation_seconds=time.perf_counter() - tg)
-            train_exs = broadcast(acc, train_exs)  # every rank trains on the main process's samples
-        tracker = Tracker(run_dir, job_type="finetune", config=config, **cfg.logger) if main else NullTracker()
-        try:
+                train_exs = private_records(train_split, cfg.train.size, cfg.seed)
+            elif src == "fewshot":
+                if cfg.train.k < 1:
+                    raise ValueError(f"train.k={cfg.train.k}: need at least one demonstration per class")
+                demos = sample_per_class(train_split, c, cfg.train.k, cfg.seed)
+            elif src == "prompted":
+                tg = time.perf_counter()
+                t = cfg.train
+                train_exs, pinfo = prompted_examples(lm.model, lm.tokenizer, list(ds.label_descriptions), t.size, cfg.seed, t.prompt,
+                                                     t.temperature, t.top_p, t.max_new_tokens, t.use_chat)
+                info.update(pinfo, generation_seconds=time.perf_counter() - tg)
+                train_exs = broadcast(acc, train_exs)  # every rank trains on the main process's samples
             metrics = _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker, acc)
             if src == "prompted" and main:
                 from ..artifacts import write_jsonl
@@ -188,11 +191,13 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 out["wall_seconds"] = time.perf_counter() - t0
             tracker.summary({k: v for k, v in out.items() if (isinstance(v, (int, float)) and not isinstance(v, bool))
                              or k in ("per_class_accuracy", "confusion")})
-        finally:
-            tracker.close()
-        if main:
-            write_json(done, {**out, "config": config})
-            tracker.commit()
+            tracker.table("confusion", ["true", *(f"predicted {n}" for n in task.label_names)],  # rows: true class
+                          [[n, *row] for n, row in zip(task.label_names, out["confusion"])])
+            if main:
+                write_json(done, {**out, "config": config})
+                tracker.commit()
+                tracker.log_artifact(artifact_name("metrics", ds.name), "metrics", {METRICS_FILE: done},
+                                     {"accuracy": out["accuracy"], "epsilon": out["epsilon"], "train_source": src})
     return out
 
 
@@ -202,9 +207,15 @@ class NullTracker:
     def log(self, *a, **k) -> None:
         pass
 
-    table = summary = commit = log
+    table = summary = commit = log_artifact = use_artifact = log
 
     def close(self, exit_code: int = 0) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
         pass
 
 

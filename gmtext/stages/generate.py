@@ -26,8 +26,8 @@ from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
 from ..models import check_fits_context, load_model, quiet_kv_cache_rename
 from ..sketch import expand_specs
-from ..tracking import Tracker
-from .release import Release, load_or_make_release
+from ..tracking import artifact_name, make_tracker
+from .release import Release, load_or_make_release, makes_dp_release, release_artifact
 
 SYNTHETIC_FILE = "synthetic.jsonl"
 
@@ -65,40 +65,71 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
     matcher = build(cfg.matcher)
     config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "generate"):
-        stored = _stored_config(run_dir)
-        if stored is not None:  # before the model: a refusal costs nothing
-            free = RESUME_FREE_KEYS | ({"num_per_class"} if pool_grows_cleanly(stored, cfg) else set())
-            check_resume(run_dir, "generate", config, stored=stored, free=free)
-            if cfg.num_per_class > int(stored["num_per_class"]):  # the record names the largest pool its batches hold
-                write_json(config_record(run_dir, "generate"), {**stored, "num_per_class": int(cfg.num_per_class)})
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        lm = load_generator_model(cfg)
-        model, tok = lm.model, lm.tokenizer
-        task = build_task(cfg, tok)
-        length = cfg.dataset.length
-        context_ids = task.lm_context_ids(cfg.dataset.lm_context)
-        check_fits_context(model, "dataset.length", length, len(context_ids) + len(task.suffix_ids))
-        emb = model.get_input_embeddings().weight
-        ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), context_ids)
-        if hasattr(projector, "check"):
-            projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
-        matched = MatchedParams(model, expand_specs(cfg.matched_params, cfg.get("sketch")))
-        release = _obtain_release_recorded(cfg, run_dir, lm, task, matched, config)
-        if release.privacy.get("mechanism") != "none":
-            t0 = time.perf_counter()  # a DP release's run time depends on the private records: not in the wall time
-        obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
-        tracker = Tracker(run_dir, job_type="generate", config=config, **cfg.logger)
-        with tracker:  # finishes the W&B run (marked failed on an exception)
+        stored = check_generate_resume(run_dir, cfg, config)  # before the model: a refusal costs nothing
+        if stored is not None and cfg.num_per_class > int(stored["num_per_class"]):  # the record names the largest pool its batches hold
+            write_json(config_record(run_dir, "generate"), {**stored, "num_per_class": int(cfg.num_per_class)})
+        release_dir = Path(cfg.release) if cfg.release else run_dir / "release"
+        # before the model and the release: a failure in either ends the tracker's run as failed
+        with make_tracker(cfg.logger, run_dir, "generate", config, private=makes_dp_release(cfg, release_dir)) as tracker:
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed)
+            lm = load_generator_model(cfg)
+            model, tok = lm.model, lm.tokenizer
+            task = build_task(cfg, tok)
+            length = cfg.dataset.length
+            context_ids = task.lm_context_ids(cfg.dataset.lm_context)
+            check_fits_context(model, "dataset.length", length, len(context_ids) + len(task.suffix_ids))
+            emb = model.get_input_embeddings().weight
+            ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), context_ids)
+            if hasattr(projector, "check"):
+                projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
+            matched = MatchedParams(model, expand_specs(cfg.matched_params, cfg.get("sketch")))
+            release, made = _obtain_release_recorded(cfg, run_dir, lm, task, matched, config)
+            art = release_artifact(cfg, release_dir)
+            if art is not None:  # made here: this run's output; else an input (linked to its producer's version)
+                (tracker.log_artifact if made else tracker.use_artifact)(art[0], "release", art[1], art[2])
+            if release.privacy.get("mechanism") != "none":
+                t0 = time.perf_counter()  # a DP release's run time depends on the private records: not in the wall time
+            obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
             summary = _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tracker, length, release)
             summary["epsilon"] = release.epsilon  # inf for a non-private release
             summary["delta"] = float(release.privacy.get("delta", 0.0))
             summary["wall_seconds"] = time.perf_counter() - t0
             tracker.commit(run_dir / "generate.json")
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        write_json(run_dir / "generate.json", {"config": config, "summary": summary, "privacy": release.privacy})
-        tracker.commit()
+            write_json(run_dir / "generate.json", {"config": config, "summary": summary, "privacy": release.privacy})
+            tracker.commit()
+            tracker.log_artifact(*synthetic_artifact(cfg, run_dir / SYNTHETIC_FILE))
     return summary
+
+
+def check_generate_resume(run_dir: Path, cfg: DictConfig, config: dict) -> dict | None:
+    """Refuse (ConfigChanged) a run dir whose batches were made with another config; returns
+    the stored config (None: nothing generated there yet). gmtext-pipeline calls it before its
+    release stage too, so a changed setting stops the pipeline before any stage runs."""
+    stored = _stored_config(run_dir)
+    if stored is not None:
+        free = RESUME_FREE_KEYS | ({"num_per_class"} if pool_grows_cleanly(stored, cfg) else set())
+        check_resume(run_dir, "generate", config, stored=stored, free=free)
+    return stored
+
+
+# What a synthetic set is published with: the file it is read from and the record beside it
+# (its config, summary and privacy ledger).
+SIDECARS = {"synthetic.jsonl": "generate.json", "selected.jsonl": "select.json"}
+
+
+def synthetic_artifact(cfg: DictConfig, path: Path) -> tuple[str, str, dict, dict]:
+    """(name, type, files, metadata) of a set of texts as a tracker artifact: `selected` for a
+    selection, `synthetic` otherwise (a generated pool, a merged or prompted set), with the
+    record beside it when there is one. Producer and consumer build it the same way."""
+    path = Path(path)
+    kind = "selected" if path.name == "selected.jsonl" else "synthetic"
+    files = {path.name: path}
+    side = path.parent / SIDECARS.get(path.name, "")
+    if path.name in SIDECARS and side.exists():
+        files[side.name] = side
+    return artifact_name(kind, cfg.dataset.name), kind, files, {"dataset": cfg.dataset.name}
 
 
 def _stored_config(run_dir: Path) -> dict | None:
@@ -123,14 +154,15 @@ def pool_grows_cleanly(stored: dict, cfg: DictConfig) -> bool:
     return stored.get("batch_size") == bs and old > 0 and min(old, new) % bs == 0
 
 
-def _obtain_release_recorded(cfg, run_dir: Path, lm, task, matched, config: dict) -> Release:
-    """The release, with the config recorded before anything is written into run_dir (the
+def _obtain_release_recorded(cfg, run_dir: Path, lm, task, matched, config: dict) -> tuple[Release, bool]:
+    """(the release, whether this call made it), with the config recorded before anything is written into run_dir (the
     release in run_dir/release depends on seed, real_per_class, privacy, ...: a later run with
     other settings must not resume on it). A record this call created goes again when the
     release fails, since then nothing was written that a resume could reuse."""
     fresh = record_config(run_dir, "generate", config)
     try:
-        return obtain_release(cfg, run_dir, lm, task, matched)
+        rel, reused = load_or_make_release(cfg, run_dir / "release", lm, task, matched, existing=cfg.release)
+        return rel, not reused
     except BaseException:
         if fresh:
             config_record(run_dir, "generate").unlink(missing_ok=True)

@@ -1,13 +1,17 @@
 """Pipeline: release → generate → select → fine-tune + evaluate, in one run dir.
 
+Each stage is its own tracked run (W&B: one run per stage, named after the job, linked by
+the artifacts each stage logs and uses; docs/tracking.md), as when they run one by one.
+
 With `probe.matched_params` the release stage also makes the probe release (same records,
 one budget) into <run dir>/probe, and `selector=margin` scores the pool against it.
 
 Each stage is the same function its own entry point runs, and each resumes: generation
 skips finished batches, selection is a pure function of the pool, fine-tuning returns the
 stored metrics.json when it already exists for the same config. Each stage also refuses a
-run dir whose output came from another config (generate, the first, before anything runs),
-so a rerun with other settings stops with one line instead of mixing the two.
+run dir whose output came from another config (generate's check, the strictest, runs
+before the release stage), so a rerun with other settings stops with one line instead of
+mixing the two.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts import read_json, write_json
 from .finetune import run_finetune
-from .generate import run_generate
-from .release import PROBE_DIR
+from .generate import check_generate_resume, run_generate
+from .release import PROBE_DIR, run_release
 from .select import run_select
 
 
@@ -32,6 +36,9 @@ def run_pipeline(cfg: DictConfig, run_dir) -> dict:
                              "the generator's, from the same budget) or selector.release=<probe release dir>")
         cfg = cfg.copy()
         OmegaConf.update(cfg, "selector.release", str(run_dir / PROBE_DIR))
+    check_generate_resume(run_dir, cfg, OmegaConf.to_container(cfg, resolve=True))  # before any stage writes
+    if not cfg.release:  # its own stage (and tracked run); generate then reads run_dir/release
+        run_release(cfg, run_dir)
     gen = run_generate(cfg, run_dir)
     sel_cfg = cfg.copy()
     OmegaConf.update(sel_cfg, "pool", str(run_dir), force_add=False)

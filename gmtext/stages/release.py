@@ -382,6 +382,33 @@ def check_release_privacy(rel: Release, pcfg) -> None:
                               f"adjacency={rel.privacy.get('adjacency')}, a different guarantee")
 
 
+# Settings run_release does not read: a run dir's release is reused across them (a pipeline
+# resumed with a larger num_per_class grows its pool from the same release).
+NOT_READ_BY_RELEASE = frozenset({"matcher", "projector", "num_per_class", "batch_size", "selector", "pool", "finetuner", "train",
+                                 "finetune", "shard", "release"})
+
+
+def makes_dp_release(cfg, release_dir: Path) -> bool:
+    """Whether obtaining the release will run the DP mechanism on private data (no release
+    given, none finished in release_dir): the tracker must then not watch it."""
+    return cfg.privacy.name == DP_NAME and not cfg.get("release") and not (Path(release_dir) / META_FILE).exists()
+
+
+def release_artifact(cfg, release_dir) -> tuple[str, dict, dict] | None:
+    """(name, files, metadata) of a finished release dir as a tracker artifact; None when it
+    holds none. Everything in it is meant for publication: the noisy targets (exact means
+    only under privacy=none) and their ledger."""
+    from ..tracking import artifact_name
+
+    d = Path(release_dir)
+    if not (d / META_FILE).exists():
+        return None
+    privacy, meta = read_json(d / PRIVACY_FILE), read_json(d / META_FILE)
+    return (artifact_name("release", cfg.dataset.name), {f: d / f for f in (RELEASE_FILE, META_FILE, PRIVACY_FILE)},
+            {"epsilon": float(privacy.get("epsilon", math.inf)), "delta": float(privacy.get("delta", 0.0)),
+             "mechanism": privacy.get("mechanism"), "fingerprint": meta.get("fingerprint"), "param_names": meta.get("param_names")})
+
+
 def run_release(cfg, run_dir) -> dict:
     """gmtext-release: real data → run_dir/release (targets.pt, privacy.json, release.json).
 
@@ -391,7 +418,8 @@ def run_release(cfg, run_dir) -> dict:
 
     from omegaconf import OmegaConf
 
-    from ..artifacts import check_resume, record_config, run_lock
+    from ..artifacts import RESUME_FREE_KEYS, check_resume, record_config, run_lock
+    from ..tracking import make_tracker
     from .generate import build_task, load_generator_model
 
     run_dir = Path(run_dir)
@@ -400,25 +428,33 @@ def run_release(cfg, run_dir) -> dict:
         validate_dp_config(cfg.privacy, cfg.real_per_class)
     config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "release"):
-        check_resume(run_dir, "release", config)  # the release in run_dir is reused: only under the config it was made with
-        t0 = time.perf_counter()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        lm = load_generator_model(cfg)
-        task = build_task(cfg, lm.tokenizer)
-        matched = MatchedParams(lm.model, expand_specs(cfg.matched_params, cfg.get("sketch")))
-        t_load = time.perf_counter() - t0
-        rel, reused = load_or_make_release(cfg, out, lm, task, matched)
-        record_config(run_dir, "release", config)
-    summary = {"release_dir": str(out), "reused": reused, "epsilon": rel.epsilon, "delta": rel.privacy.get("delta"),
-               "mechanism": rel.privacy.get("mechanism"), "sigma": rel.privacy.get("sigma"), "divisors": rel.divisors,
-               "num_params": sum(t.numel() for t in rel.targets[0]), "model_load_seconds": t_load}
-    if (run_dir / PROBE_DIR / META_FILE).exists():
-        summary["probe_dir"] = str(run_dir / PROBE_DIR)
-    if rel.privacy.get("mechanism") == "none":  # a DP release's run time depends on the private records: not published
-        summary["wall_seconds"] = time.perf_counter() - t0
-    write_json(run_dir / "release_summary.json", summary)
+        # the release in run_dir is reused: only under the settings it was made with
+        check_resume(run_dir, "release", config, free=RESUME_FREE_KEYS | NOT_READ_BY_RELEASE)
+        # before the model: a failed load or release ends the tracker's run as failed
+        with make_tracker(cfg.logger, run_dir, "release", config, private=makes_dp_release(cfg, out)) as tracker:
+            t0 = time.perf_counter()
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            torch.manual_seed(cfg.seed)
+            lm = load_generator_model(cfg)
+            task = build_task(cfg, lm.tokenizer)
+            matched = MatchedParams(lm.model, expand_specs(cfg.matched_params, cfg.get("sketch")))
+            t_load = time.perf_counter() - t0
+            rel, reused = load_or_make_release(cfg, out, lm, task, matched)
+            record_config(run_dir, "release", config)
+            summary = {"release_dir": str(out), "reused": reused, "epsilon": rel.epsilon, "delta": rel.privacy.get("delta"),
+                       "mechanism": rel.privacy.get("mechanism"), "sigma": rel.privacy.get("sigma"), "divisors": rel.divisors,
+                       "num_params": sum(t.numel() for t in rel.targets[0]), "model_load_seconds": t_load}
+            if (run_dir / PROBE_DIR / META_FILE).exists():
+                summary["probe_dir"] = str(run_dir / PROBE_DIR)
+            if rel.privacy.get("mechanism") == "none":  # a DP release's run time depends on the private records: not published
+                summary["wall_seconds"] = time.perf_counter() - t0
+            write_json(run_dir / "release_summary.json", summary)
+            tracker.summary({k: v for k, v in summary.items() if k not in ("release_dir", "probe_dir")})
+            tracker.commit()
+            for d in (out, run_dir / PROBE_DIR):  # the probe release, made with it from the same budget
+                if (art := release_artifact(cfg, d)) is not None:
+                    tracker.log_artifact(art[0], "release", art[1], art[2])
     return summary
 
 

@@ -15,6 +15,7 @@ from ..artifacts import check_resume, record_config, run_lock, write_json, write
 from ..config import build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
 from ..privacy.ledger import compose_records, ledger_of
+from ..tracking import make_tracker
 
 
 def _norm(text: str) -> str:
@@ -157,27 +158,40 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
         # selected.jsonl came from other settings it would silently replace what a later stage
         # (a pipeline's fine-tuning) was made from: refuse instead
         check_resume(run_dir, "select", config)
-        rows = load_synthetic(source, list(cfg.dataset.label_names), selector.required)
-        pool_privacy = synthetic_privacy(source) or {}
-        probe_privacy = None
-        if isinstance(selector, LabelMarginSelector):
-            probe_privacy = add_label_margins(cfg, rows, selector.release or _pool_probe(source), selector.chunk)
-        chosen = selector(rows)
-        record_config(run_dir, "select", config)
-        write_jsonl(run_dir / "selected.jsonl", chosen)
-        counts = {}
-        for r in chosen:
-            counts[r["label"]] = counts.get(r["label"], 0) + 1
-        summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
-                   "mean_match_loss": _mean(chosen, "match_loss"), "mean_perplexity": _mean(chosen, "perplexity"),
-                   "source": str(source)}
-        parts = [pool_privacy] if pool_privacy else []
-        if probe_privacy is not None:
-            summary["mean_label_margin"] = _mean(chosen, "label_margin")
-            summary["probe_release"] = {k: v for k, v in probe_privacy.items() if k != "ledger"}
-            parts.append(probe_privacy)
-        privacy = compose_records(parts) if pool_privacy else None  # a pool of unknown origin stays unknown
-        if privacy:
-            summary.update(epsilon=privacy["epsilon"], delta=privacy["delta"])
-        write_json(run_dir / "select.json", {**summary, "privacy": privacy})
+        with make_tracker(cfg.logger, run_dir, "select", config) as tracker:  # before reading and scoring the pool
+            from .generate import synthetic_artifact
+            from .release import release_artifact
+
+            if source.exists():
+                tracker.use_artifact(*synthetic_artifact(cfg, source))
+            rows = load_synthetic(source, list(cfg.dataset.label_names), selector.required)
+            pool_privacy = synthetic_privacy(source) or {}
+            probe_privacy = None
+            if isinstance(selector, LabelMarginSelector):
+                probe_dir = selector.release or _pool_probe(source)
+                if (art := release_artifact(cfg, probe_dir)) is not None:
+                    tracker.use_artifact(art[0], "release", art[1], art[2])
+                probe_privacy = add_label_margins(cfg, rows, probe_dir, selector.chunk)
+            chosen = selector(rows)
+            record_config(run_dir, "select", config)
+            write_jsonl(run_dir / "selected.jsonl", chosen)
+            counts = {}
+            for r in chosen:
+                counts[r["label"]] = counts.get(r["label"], 0) + 1
+            summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
+                       "mean_match_loss": _mean(chosen, "match_loss"), "mean_perplexity": _mean(chosen, "perplexity"),
+                       "source": str(source)}
+            parts = [pool_privacy] if pool_privacy else []
+            if probe_privacy is not None:
+                summary["mean_label_margin"] = _mean(chosen, "label_margin")
+                summary["probe_release"] = {k: v for k, v in probe_privacy.items() if k != "ledger"}
+                parts.append(probe_privacy)
+            privacy = compose_records(parts) if pool_privacy else None  # a pool of unknown origin stays unknown
+            if privacy:
+                summary.update(epsilon=privacy["epsilon"], delta=privacy["delta"])
+            write_json(run_dir / "select.json", {**summary, "privacy": privacy})
+            tracker.summary({**{k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                             "per_class": {cfg.dataset.label_names[k]: n for k, n in sorted(counts.items())}})
+            tracker.commit()
+            tracker.log_artifact(*synthetic_artifact(cfg, run_dir / "selected.jsonl"))
     return summary
