@@ -110,15 +110,16 @@ def _main(stage: str):
         def main(*args, **kwargs):
             if stage != "finetune":
                 return _hydra_main(*args, **kwargs)
-            _distributed_launch_setup()
+            from .finetune.distributed import end_process_group, launched_world_size, run_launched
+
+            if launched_world_size() > 1:  # under accelerate launch: every path ends the process group, then os._exit
+                run_launched(lambda: (_distributed_launch_setup(), _hydra_main(*args, **kwargs)))
             ok = False
             try:
                 out = _hydra_main(*args, **kwargs)
                 ok = True
                 return out
-            finally:  # under accelerate launch: end the process group before exit (no abort at teardown)
-                from .finetune.distributed import end_process_group
-
+            finally:  # a one-process group (torchrun --nproc_per_node 1) is ended too
                 end_process_group(clean=ok)
 
         def _hydra_main(*args, **kwargs):

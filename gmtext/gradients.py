@@ -133,26 +133,52 @@ def check_match_loss(match_loss: str) -> None:
         raise ValueError(f"match_loss={match_loss!r} unknown; accepted: {', '.join(MATCH_LOSSES)}")
 
 
-def _ce(logits, labels, vocab):
-    """Cross-entropy over the whole vocabulary (labels = token ids), or over the verbalizer
-    tokens `vocab` only (labels = class indices): the loss fine-tuning optimises."""
+def _logits_are_head_of_hidden(model) -> bool:
+    """Whether logits = output head of the decoder's last hidden state, so the head may run on
+    chosen positions only (no softcapping or logit scale applied after it, as Gemma-2 and
+    Cohere do)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return False
+    if not (hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")):
+        return False
+    return model.get_decoder() is not None and model.get_output_embeddings() is not None
+
+
+def last_hidden(model, ids, mask, last) -> torch.Tensor:
+    """[B, d] decoder output at position `last[b]` of each row b (its last real token; where the
+    padding is, left or right, only `last` knows)."""
+    hid = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hid[torch.arange(ids.shape[0], device=ids.device), last]
+
+
+def last_token_logits(model, ids, mask, last, vocab=None, full_forward: bool = False) -> torch.Tensor:
+    """float32 logits at each row's last real position `last`: [B, V], or [B, C] restricted to
+    the verbalizer token ids `vocab` (the classifier every stage uses).
+
+    The head runs on the B last hidden states only: the full [B, L, V] logits cost ~L times
+    more and are unused. `full_forward` (a reference path), and models whose logits are not
+    the head of the hidden state, take the model's own forward and gather from it."""
+    if full_forward or not _logits_are_head_of_hidden(model):
+        logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(ids.shape[0], device=ids.device), last]
+    else:
+        logits = model.get_output_embeddings()(last_hidden(model, ids, mask, last))
     if vocab is not None:
-        logits = logits[..., vocab]
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+        logits = logits[:, torch.as_tensor(vocab, device=logits.device)]
+    return logits.float()
 
 
 def last_token_loss(model, ids, mask, last, labels, vocab=None) -> torch.Tensor:
-    """Per-example cross-entropy of the label at each row's last real position."""
-    out = model(input_ids=ids, attention_mask=mask)
-    return _ce(out.logits[torch.arange(ids.shape[0]), last], labels, vocab)
+    """Per-example cross-entropy of the label at each row's last real position, through the
+    model's whole forward (reference). With `vocab` the loss is over the verbalizer tokens
+    only and `labels` are class indices: the loss fine-tuning optimises."""
+    return F.cross_entropy(last_token_logits(model, ids, mask, last, vocab, full_forward=True), labels, reduction="none")
 
 
 def last_token_loss_fast(model, ids, mask, last, labels, vocab=None) -> torch.Tensor:
     """Same as `last_token_loss`, but the LM head runs only at each row's last real position
     (the full-sequence logits are [N, T, V]: ~20% of a small model's FLOPs, all unused)."""
-    hid = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    logits = model.get_output_embeddings()(hid[torch.arange(ids.shape[0], device=ids.device), last])
-    return _ce(logits, labels, vocab)
+    return F.cross_entropy(last_token_logits(model, ids, mask, last, vocab), labels, reduction="none")
 
 
 def label_and_vocab(task, c: int, match_loss: str, dev):

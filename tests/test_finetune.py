@@ -150,9 +150,14 @@ def test_real_subset_balanced_seeded_no_dev(demo):
     assert dev and not dev & {e.text for e in a}
 
 
-def test_prompted_produces_n_labeled_texts(tiny):
+def test_prompted_produces_n_labeled_texts(tiny, capsys):
     lm, _ = tiny
     exs, info = prompted_examples(lm.model, lm.tokenizer, ["a negative movie review", "a positive movie review"], 4, seed=0, max_new_tokens=6)
+    assert capsys.readouterr().err == ""  # progress off by default
+    with_bar, _ = prompted_examples(lm.model, lm.tokenizer, ["a negative movie review", "a positive movie review"], 4, seed=0,
+                                    max_new_tokens=6, progress=True)
+    out = capsys.readouterr()
+    assert with_bar == exs and out.out == "" and "prompted: 100%" in out.err and "4/4" in out.err  # the bar: stderr, counts kept texts
     assert len(exs) == 4 and [sum(e.label == k for e in exs) for k in range(2)] == [2, 2]
     assert all(e.text.strip() for e in exs)
     assert info["prompts"] == ["Write one short negative movie review sentence.", "Write one short positive movie review sentence."]

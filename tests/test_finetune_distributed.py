@@ -181,7 +181,7 @@ def test_accelerate_launch_two_cpu_processes(compose, tmp_path):
     p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert len([ln for ln in p.stdout.splitlines() if ln.startswith("gmtext-finetune: real")]) == 1  # rank 0 prints
-    assert "terminate called" not in p.stderr  # each rank ended its process group before exit (end_process_group)
+    assert "terminate called" not in p.stderr  # each rank ended its group and left by os._exit (run_launched)
 
     runs = list((work / "outputs" / "finetune" / "demo").iterdir())
     assert len(runs) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", runs[0].name), runs  # one shared run dir
@@ -235,3 +235,30 @@ def test_end_process_group_tears_down(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
     end_process_group(clean=False)
     assert not dist.is_initialized()
+
+
+RUN_LAUNCHED = """
+import atexit, sys
+from gmtext.finetune.distributed import run_launched
+atexit.register(lambda: print("atexit ran", flush=True))
+def ok():
+    print("work done")
+def usage():
+    sys.exit(2)
+def boom():
+    raise RuntimeError("boom")
+run_launched({"ok": ok, "usage": usage, "boom": boom}[sys.argv[1]])
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("case,rc", [("ok", 0), ("usage", 2), ("boom", 1)])
+def test_run_launched_exits_with_python_status_after_atexit(case, rc):
+    """A rank under accelerate launch leaves by os._exit (gloo threads kept alive by DDP must
+    not meet interpreter teardown) yet exits as Python would: the same status, the
+    traceback on stderr, atexit handlers run and output flushed."""
+    p = subprocess.run([sys.executable, "-c", RUN_LAUNCHED, case], capture_output=True, text=True, timeout=120)
+    assert p.returncode == rc, p.stderr
+    assert "atexit ran" in p.stdout and "not reached" not in p.stdout
+    assert ("work done" in p.stdout) == (case == "ok")
+    assert ("RuntimeError: boom" in p.stderr) == (case == "boom")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import Example, LabeledSplit, sample_per_class
 from ..data.synthetic import read_synthetic_rows
@@ -63,10 +64,11 @@ def prompt_ids(tokenizer, instruction: str, use_chat: bool | None = None) -> lis
 @torch.no_grad()
 def prompted_examples(model, tokenizer, descriptions: Sequence[str], size: int, seed: int,
                       prompt: str = "Write one short {description} sentence.", temperature: float = 1.0, top_p: float = 0.95,
-                      max_new_tokens: int = 40, use_chat: bool | None = None, batch_size: int = 16, max_tries: int = 5) -> tuple[list[Example], dict]:
+                      max_new_tokens: int = 40, use_chat: bool | None = None, batch_size: int = 16, max_tries: int = 5,
+                      progress: bool = False) -> tuple[list[Example], dict]:
     """ZeroGen-style baseline: sample `size // C` texts per class from the LM prompted with
     the class description (chat template when the tokenizer has one). Seeded; empty
-    generations are resampled."""
+    generations are resampled. `progress`: a bar (stderr) over the kept texts."""
     c = len(descriptions)
     if c == 0:
         raise ValueError("dataset.label_descriptions is empty: the prompted baseline needs one description per label")
@@ -79,6 +81,7 @@ def prompted_examples(model, tokenizer, descriptions: Sequence[str], size: int, 
     was_training = model.training
     model.eval()
     out, prompts = [], []
+    bar = tqdm(total=per * c, desc="prompted", unit="text", disable=not progress)
     eos = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None} if t is not None]
     for k, desc in enumerate(descriptions):
         instr = prompt.format(description=_strip_article(desc))
@@ -95,12 +98,16 @@ def prompted_examples(model, tokenizer, descriptions: Sequence[str], size: int, 
                 gen = model.generate(ids.expand(nb, -1), attention_mask=torch.ones(nb, ids.shape[1], dtype=torch.long, device=dev),
                                      do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None)
+                kept = len(texts)
                 for row in gen[:, ids.shape[1]:]:
                     t = _clean(tokenizer.decode(row.tolist(), skip_special_tokens=True))
                     if t:
                         texts.append(t)
+                bar.update(min(len(texts), per) - kept)
         if len(texts) < per:
+            bar.close()
             raise RuntimeError(f"prompted baseline: only {len(texts)}/{per} non-empty generations for class {k} after {max_tries} tries")
         out += [Example(t, k) for t in texts[:per]]
+    bar.close()
     model.train(was_training)
     return out, {"prompts": prompts, "per_class": per}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
+from typing import NoReturn
 
 RUN_STAMP_ENV = "GMTEXT_RUN_STAMP"  # the run dir's time stamp, shared by every rank (conf/finetune.yaml)
 
@@ -97,13 +98,11 @@ def main_process_lock(acc, run_dir, stage: str):
 
 
 def end_process_group(clean: bool) -> None:
-    """Tear down the process group before the interpreter exits. Left to interpreter
-    shutdown, the gloo/NCCL group is destroyed during C++ static destruction while its
-    worker threads may still be joinable, and the process aborts with "terminate called
-    without an active exception" after its work is done (seen on rank 1 of a 2-process CPU
-    run, now and then). `clean` (the stage returned on every rank): first a barrier, so
-    no rank drops its end of a pair while the other is still in the last collective; after
-    an error only the local teardown (a barrier could wait for a rank that is gone)."""
+    """Tear down the process group before the interpreter exits. `clean` (the stage returned
+    on every rank): first a barrier, so no rank drops its end of a pair while the other is
+    still in the last collective; after an error only the local teardown (a barrier could
+    wait for a rank that is gone). Not enough on its own once DDP has used the group: see
+    run_launched."""
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch without distributed
@@ -125,3 +124,45 @@ def share_run_stamp() -> None:
         return
     acc = get_accelerator()
     os.environ[RUN_STAMP_ENV] = broadcast(acc, datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+def run_launched(fn) -> NoReturn:
+    """Run `fn` as one rank of a multi-process launch, end the process group, and leave with
+    os._exit after the atexit handlers (W&B, logging) and a flush of stdout/stderr.
+
+    Why not a normal exit: once DDP has wrapped a model, destroy_process_group no longer
+    stops gloo's threads (pt_gloo_runloop, gloo_tcp_loop): DDP's C++ side keeps the group
+    alive, and neither deleting the model nor gc releases it. The threads then live into
+    interpreter finalization and C++ static destruction, and a rank aborts now and then with
+    "terminate called without an active exception" after its work is done. os._exit skips
+    that phase; everything the stage wrote is already on disk (atomic renames).
+    Exit status as Python's: 0, SystemExit's code, or 1 with the traceback on stderr."""
+    import atexit
+    import sys
+    import traceback
+
+    ok, code = False, 1
+    try:
+        fn()
+        ok, code = True, 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - reported like the interpreter would, then the same teardown
+        traceback.print_exc()
+    try:
+        end_process_group(clean=ok)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        code = code or 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)

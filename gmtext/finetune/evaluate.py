@@ -78,7 +78,7 @@ def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_t
         ns = _num_start(task)
         seqs = [s[:ns] + list(context_ids) + s[ns:] for s in seqs]
     if accelerator is not None and accelerator.num_processes > 1:
-        rows, _ = gather_predictions(model, task, seqs, batch_size, accelerator)
+        rows, _ = gather_predictions(model, task, seqs, batch_size, accelerator, desc)
         model.train(was_training)
         if sorted(j for j, _ in rows) != list(range(len(seqs))):
             raise RuntimeError(f"distributed evaluation gathered {len(rows)} predictions for {len(seqs)} examples "
@@ -102,21 +102,23 @@ def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_t
 
 
 @torch.no_grad()
-def gather_predictions(model, task: Task, seqs: list[list[int]], batch_size: int, accelerator) -> tuple[list[list[int]], int]:
+def gather_predictions(model, task: Task, seqs: list[list[int]], batch_size: int, accelerator,
+                       desc: str | None = None) -> tuple[list[list[int]], int]:
     """Data-parallel prediction of encoded sequences: a DataLoader over the length-sorted
     indices, sharded by the accelerator (rank r takes batches r, r+N, ...; the last ones
     are padded with repeated samples so every rank runs as many full batches), gathered per
     batch as [index, prediction] rows with gather_for_metrics, which cuts the repeats off.
     Returns the rows (every rank gets all of them) and how many samples this rank ran,
-    repeats included."""
+    repeats included. `desc` set: a progress bar of that name over this rank's batches."""
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     dev = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     loader = accelerator.prepare_data_loader(DataLoader(order, batch_size=batch_size, shuffle=False), device_placement=False)
     got: list[torch.Tensor] = []
     seen = 0
-    for idx in loader:
+    for idx in tqdm(loader, desc=desc, unit="batch", disable=desc is None, leave=False):
         idx = idx.tolist()
         seen += len(idx)
         ids, mask, last = _pad([seqs[j] for j in idx], task.tokenizer.pad_token_id)

@@ -19,30 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Example, Task
-from ..gradients import block_prefixes, is_final_norm
+from ..gradients import block_prefixes, is_final_norm, last_token_logits
 
 
 def verbalizer_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, label_token_ids: Sequence[int]) -> torch.Tensor:
-    """[B, C] logits of the verbalizer tokens at each row's last real position.
-
-    Runs the decoder and applies the output head to the B last hidden states only (the
-    full [B, L, V] logits are ~L times more work and memory); falls back to a full forward
-    for models without `get_decoder`.
-    """
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    lab = torch.as_tensor(list(label_token_ids), device=ids.device)
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if dec is not None and head is not None and not _has_logit_transform(model):
-        h = dec(input_ids=ids, attention_mask=mask).last_hidden_state[rows, last]
-        return head(h)[:, lab].float()
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    return logits[rows, last][:, lab].float()
-
-
-def _has_logit_transform(model) -> bool:
-    cfg = getattr(model, "config", None)
-    return bool(getattr(cfg, "final_logit_softcapping", None)) or bool(getattr(cfg, "logit_scale", None))
+    """[B, C] float32 logits of the verbalizer tokens at each row's last real position
+    (gradients.last_token_logits: the same numbers generation and the release use)."""
+    return last_token_logits(model, ids, mask, last, list(label_token_ids))
 
 
 def classification_loss(model, task: Task, examples: Sequence[Example], max_text_tokens: int | None, reduction: str = "mean") -> torch.Tensor:

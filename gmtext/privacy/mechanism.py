@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gradients import MatchedParams, last_token_loss
+from ..gradients import MatchedParams, last_hidden, last_token_logits, last_token_loss
 
 METHODS = ("auto", "closed_form", "vmap", "loop", "sketch_hooks")
 
@@ -90,9 +90,8 @@ def _head_chunk(model, matched, task, texts, label_id, max_text_tokens, vocab=No
     head, _, _ = _head_parts(model, matched)
     ids, mask, last = task.batch(texts, max_text_tokens)
     with torch.no_grad():
-        hid = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-        h = hid[torch.arange(len(texts), device=dev), last.to(dev)]
-        logits = head(h).float()
+        h = last_hidden(model, ids.to(dev), mask.to(dev), last.to(dev))
+        logits = head(h).float()  # the closed form needs h itself, and logits = head(h)
         if vocab is None:
             e = logits.softmax(-1)
             e[:, label_id] -= 1.0
@@ -135,13 +134,8 @@ class _LastTokenLoss(nn.Module):
         self.model = model
         self.vocab = vocab
 
-    def forward(self, ids, sel, label):
-        hid = self.model.get_decoder()(input_ids=ids[None]).last_hidden_state[0]  # [T, d]
-        h = (hid * sel[:, None]).sum(0)  # row at the last real token (one-hot select: vmap-safe)
-        logits = self.model.get_output_embeddings()(h[None]).float()
-        if self.vocab is not None:
-            logits = logits[:, self.vocab]
-        return F.cross_entropy(logits, label[None])
+    def forward(self, ids, last, label):
+        return F.cross_entropy(last_token_logits(self.model, ids[None], None, last[None], self.vocab), label[None])
 
 
 def per_example_grads_vmap(model, task, matched, texts, label_id, max_text_tokens=None, vocab=None) -> list[torch.Tensor]:
@@ -154,8 +148,7 @@ def per_example_grads_vmap(model, task, matched, texts, label_id, max_text_token
     names = ["model." + n for n in matched.names]
     params = {k: p.detach() for k, p in zip(names, matched.params)}
     ids, _, last = task.batch(texts, max_text_tokens)
-    ids = ids.to(dev)
-    sel = F.one_hot(last, ids.shape[1]).to(dev, torch.float32)
+    ids, last = ids.to(dev), last.to(dev)
     labels = torch.full((len(texts),), label_id, device=dev)
 
     def loss(p, i1, s1, l1):
@@ -163,7 +156,7 @@ def per_example_grads_vmap(model, task, matched, texts, label_id, max_text_token
 
     with warnings.catch_warnings():  # SDPA has no vmap batching rule on CPU: slower fallback, same numbers
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, ids, sel, labels)
+        g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, ids, last, labels)
     return [g[k].detach() for k in names]
 
 

@@ -159,7 +159,8 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 tg = time.perf_counter()
                 t = cfg.train
                 train_exs, pinfo = prompted_examples(lm.model, lm.tokenizer, list(ds.label_descriptions), t.size, cfg.seed, t.prompt,
-                                                     t.temperature, t.top_p, t.max_new_tokens, t.use_chat)
+                                                     t.temperature, t.top_p, t.max_new_tokens, t.use_chat,
+                                                     progress=bool(cfg.progress) and main)
                 info.update(pinfo, generation_seconds=time.perf_counter() - tg)
                 train_exs = broadcast(acc, train_exs)  # every rank trains on the main process's samples
             metrics = _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker, acc)
@@ -244,7 +245,7 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
         ft = build(OmegaConf.merge(cfg.finetuner, {"lr": lr}))
         model = ft.prepare(copy.deepcopy(base) if len(lrs) > 1 else base)
 
-        total = None if src == "dpsgd" else ft.num_steps(len(train_exs))
+        total = ft.num_steps(len(train_exs))  # DP-SGD runs as many (noisy) steps
         pbar = tqdm(total=total, desc=f"finetune lr={lr:g}" if len(lrs) > 1 else "finetune", unit="step", disable=not show)
 
         def on_step(rec, i=i, lr=lr, pbar=pbar):

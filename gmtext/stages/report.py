@@ -15,7 +15,6 @@ A run without an epsilon (non-private) counts as epsilon = inf.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 RUN_FILES = ("metrics.json", "generate.json")
 SKIP_DIRS = {"wandb", ".hydra", "release", "batches", "__pycache__", ".submitit"}
@@ -50,20 +50,15 @@ class Run:
 @dataclass
 class Group:
     key: tuple  # ((config key, value), ...) over the varying keys
-    runs: list
+    runs: list  # ordered by (seed, path)
+    stats: dict = field(default_factory=dict)  # metric → (mean, std, n) over the runs that have it
 
     @property
     def label(self) -> str:
         return ", ".join(f"{k}={_fmt(v)}" for k, v in self.key if v is not None) or "all runs"
 
     def stat(self, metric: str):
-        vals = [r.metrics[metric] for r in self.runs if _isnum(r.metrics.get(metric))]
-        if not vals:
-            return None
-        a = np.asarray(vals, dtype=float)
-        mean = float(a.mean()) if np.isfinite(a).all() else (float("inf") if (a == np.inf).all() else float("nan"))
-        std = float(a.std(ddof=1)) if len(a) > 1 and np.isfinite(a).all() else 0.0
-        return mean, std, len(a)
+        return self.stats.get(metric)
 
 
 # ---------------------------------------------------------------- collection
@@ -123,17 +118,36 @@ def examples_of(flat: dict):
     return None
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        elif isinstance(v, (list, tuple)):
-            out[key] = json.dumps(v)
-        else:
-            out[key] = v
-    return out
+def flatten(d: dict) -> dict:
+    """Dotted key → value; lists as JSON text, so that a value is hashable and one csv cell."""
+    (flat,) = pd.json_normalize(d, sep=".").to_dict("records")  # to_dict: Python scalars, not numpy ones
+    return {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in flat.items()}
+
+
+# ---------------------------------------------------------------- frames
+def _enc(v) -> str:
+    return json.dumps(v, sort_keys=True)
+
+
+def config_frame(runs) -> pd.DataFrame:
+    """One row per run, one column per config key; values as JSON text (1 and "1" differ, lists
+    compare by content), NaN where a run has no such key."""
+    return pd.DataFrame([{k: _enc(v) for k, v in r.config.items()} for r in runs], index=range(len(runs)), dtype=object)
+
+
+def metric_frame(runs) -> pd.DataFrame:
+    """One row per run, one float column per metric in METRICS (NaN: missing or not a number)."""
+    return pd.DataFrame([[float(r.metrics[m]) if _isnum(r.metrics.get(m)) else np.nan for m in METRICS] for r in runs],
+                        columns=list(METRICS), index=range(len(runs)), dtype=float)
+
+
+def runs_frame(runs, keys) -> pd.DataFrame:
+    """One row per run: `keys` (JSON text; a missing key reads as null, the same condition as
+    an explicit None), seed, path and the metrics. The table is this frame grouped by `keys`;
+    a paired comparison of two conditions would merge their rows on `seed`."""
+    cfg = config_frame(runs).reindex(columns=list(keys)).fillna(_enc(None))
+    ident = pd.DataFrame({"seed": [r.seed for r in runs], "path": [str(r.path) for r in runs], "run": range(len(runs))}, dtype=object)
+    return pd.concat([cfg, ident, metric_frame(runs)], axis=1)
 
 
 def varying_keys(runs, ignore=(), group_by=()) -> list[str]:
@@ -142,36 +156,57 @@ def varying_keys(runs, ignore=(), group_by=()) -> list[str]:
     field is missing from older runs) is not a condition of its own. `group_by` keeps keys
     that are skipped by default: two synthetic sets from different generators (GRADMM vs an
     ablation) can differ only in `train.path`, and must not be averaged together."""
-    keys = sorted({k for r in runs for k in r.config})
+    cfg = config_frame(runs)
     skip = (set(IGNORED) | set(ignore)) - set(group_by)
-    out = []
-    for k in keys:
-        if k in skip or (k.startswith(IGNORED_PREFIXES) and k not in group_by):
-            continue
-        if len({json.dumps(r.config[k], sort_keys=True) for r in runs if k in r.config}) > 1:
-            out.append(k)
-    return out
+    return [k for k in sorted(cfg.columns)
+            if not (k in skip or (k.startswith(IGNORED_PREFIXES) and k not in group_by)) and cfg[k].nunique(dropna=True) > 1]
 
 
 def stage_sections(runs, ignore=(), group_by=()) -> list[tuple[str, list[str], list["Group"]]]:
     """(stage, keys, groups) per stage: generation and fine-tuning runs have different
     settings, so each stage's table is grouped by what varies among its own runs."""
-    by_stage: dict = {}
-    for r in runs:
-        by_stage.setdefault(str(r.config.get("stage") or "run"), []).append(r)
+    stages = pd.Series([str(r.config.get("stage") or "run") for r in runs])
     order = {"finetune": 0, "pipeline": 1, "generate": 2, "select": 3, "audit": 4}
     out = []
-    for stage in sorted(by_stage, key=lambda st: (order.get(st, 9), st)):
-        keys = varying_keys(by_stage[stage], ignore, group_by)
-        out.append((stage, keys, group_runs(by_stage[stage], keys)))
+    for stage in sorted(stages.unique(), key=lambda st: (order.get(st, 9), st)):
+        sruns = [r for r, st in zip(runs, stages) if st == stage]
+        keys = varying_keys(sruns, ignore, group_by)
+        out.append((stage, keys, group_runs(sruns, keys)))
     return out
 
 
+def _mean(s: pd.Series) -> float:
+    """Mean over the runs that have the metric; ∞ when all are ∞ (non-private ε), NaN for a
+    mix of ∞ and finite values (no meaningful mean)."""
+    a = s.dropna().to_numpy(dtype=float)
+    if not len(a):
+        return np.nan
+    if np.isfinite(a).all():
+        return float(a.mean())
+    return math.inf if (a == np.inf).all() else np.nan
+
+
+def _std(s: pd.Series) -> float:
+    """Sample std (ddof=1); 0 for one run or any non-finite value (the mean says ∞ or NaN)."""
+    a = s.dropna().to_numpy(dtype=float)
+    return float(a.std(ddof=1)) if len(a) > 1 and np.isfinite(a).all() else 0.0
+
+
 def group_runs(runs, keys) -> list[Group]:
-    groups: dict = {}
-    for r in runs:
-        groups.setdefault(tuple((k, r.config.get(k)) for k in keys), []).append(r)
-    return [Group(k, sorted(v, key=lambda r: (str(r.seed), str(r.path)))) for k, v in sorted(groups.items(), key=lambda kv: _order(kv[0]))]
+    """Groups of runs with equal values of `keys`, in _order of their key; each with the
+    mean ± std of every metric over its runs (ordered by seed, then path)."""
+    runs = sorted(runs, key=lambda r: (str(r.seed), str(r.path)))
+    df = runs_frame(runs, keys)
+    by = list(keys) or (lambda _: 0)  # no varying key: one group of all runs
+    aggs = {f"{m}\t{s}": (m, f) for m in METRICS for s, f in (("mean", _mean), ("std", _std), ("n", "count"))}
+    table = df.groupby(by, sort=False, dropna=False).agg(run=("run", list), **aggs)
+    groups = []
+    for enc, row in table.iterrows():
+        enc = enc if isinstance(enc, tuple) else (enc,)
+        key = tuple((k, json.loads(v)) for k, v in zip(keys, enc))
+        stats = {m: (float(row[f"{m}\tmean"]), float(row[f"{m}\tstd"]), int(row[f"{m}\tn"])) for m in METRICS if row[f"{m}\tn"] > 0}
+        groups.append(Group(key, [runs[i] for i in row["run"]], stats))
+    return sorted(groups, key=lambda g: _order(g.key))
 
 
 def _order(key):  # numbers numerically, then strings; None last
@@ -180,6 +215,8 @@ def _order(key):  # numbers numerically, then strings; None last
 
 # ---------------------------------------------------------------- tables
 def table_rows(groups, keys) -> list[dict]:
+    """One dict per group: its key values, runs, seeds and {metric}_mean / _std (None where no
+    run of the group has the metric)."""
     rows = []
     for g in groups:
         row = {k: v for k, v in g.key}
@@ -199,11 +236,8 @@ def present_metrics(rows) -> list[str]:
 def write_csv(path, rows, keys) -> None:
     ms = present_metrics(rows)
     cols = list(keys) + ["runs", "seeds"] + [f"{m}_{s}" for m in ms for s in ("mean", "std")]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
+    # object dtype: an int column with gaps stays "5", not "5.0"; None and missing cells are empty
+    pd.DataFrame(rows, columns=cols, dtype=object).to_csv(path, index=False, na_rep="", encoding="utf-8")
 
 
 def markdown(sections, plots, sources) -> str:
