@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     from gmtext.data import load_split
     from gmtext.gradients import MatchedParams, class_target_gradients
     from gmtext.matching.rescore import cosine_distance, label_fit
-    from gmtext.stages.generate import build_task, load_generator_model
-    from gmtext.stages.release import select_real_examples
+    from gmtext.runtime import build_task, load_generator_model
+    from gmtext.runtime import select_real_examples
 
     ap = argparse.ArgumentParser()
     ap.add_argument("specs", nargs="*", default=DEFAULT_SPECS)

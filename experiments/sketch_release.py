@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from gmtext.privacy.accountant import calibrate_noise_multiplier
     from gmtext.privacy.noise import standard_normal
     from gmtext import sketch as S
-    from gmtext.stages.generate import build_task, load_generator_model
+    from gmtext.runtime import build_task, load_generator_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-class", type=int, default=200)

@@ -120,8 +120,8 @@ def test_margin_selector_stage(compose, tmp_path):
     # kept = each class's top 2 of the pool by the label-fit margin, computed here from the probe release
     from gmtext.gradients import MatchedParams
     from gmtext.matching.rescore import label_fit, label_margin
-    from gmtext.stages.generate import build_task, load_generator_model
-    from gmtext.stages.release import Release
+    from gmtext.runtime import build_task, load_generator_model
+    from gmtext.privacy.release import Release
 
     cfg = compose(tiny_cfg, config_name="select")
     lm = load_generator_model(cfg)

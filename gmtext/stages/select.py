@@ -9,12 +9,19 @@ import math
 import re
 from pathlib import Path
 
+import torch
+
 from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts import check_resume, record_config, run_lock, write_json, write_jsonl
-from ..config import build
+from ..config import BestMatchSelectorConfig, LabelMarginSelectorConfig, build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
+from ..gradients import MATCH_LOSSES
+from ..matching.rescore import label_fit, label_margin
 from ..privacy.ledger import compose_records, ledger_of
+from ..privacy.release import Release, release_fingerprint
+from ..runtime import build_task, load_generator_model, matched_params
+from ..sketch import specs_for_names
 
 
 def _norm(text: str) -> str:
@@ -26,8 +33,11 @@ class BestMatchSelector:
     classes balanced to the same count (the smallest class's, capped at per_class)."""
 
     required = ("text", "label", "match_loss", "perplexity")  # pool fields the score reads
+    probe_release: str | None = None  # set: the pool is scored against this release first (label_margin)
 
-    def __init__(self, per_class: int = 0, perplexity_weight: float = 0.0, dedupe: bool = True, balance: bool = True):
+    def __init__(self, per_class: int = BestMatchSelectorConfig.per_class,
+                 perplexity_weight: float = BestMatchSelectorConfig.perplexity_weight,
+                 dedupe: bool = BestMatchSelectorConfig.dedupe, balance: bool = BestMatchSelectorConfig.balance):
         if per_class < 0:
             raise ValueError(f"selector.per_class={per_class} must be >= 0 (0 = keep all)")
         self.per_class, self.perplexity_weight, self.dedupe, self.balance = per_class, perplexity_weight, dedupe, balance
@@ -63,13 +73,15 @@ class LabelMarginSelector(BestMatchSelector):
 
     required = ("text", "label")  # scores any pool of labelled text (e.g. train=prompted's prompted.jsonl)
 
-    def __init__(self, release: str, per_class: int = 0, dedupe: bool = True, balance: bool = True, chunk: int = 8):
+    def __init__(self, release: str, per_class: int = LabelMarginSelectorConfig.per_class, dedupe: bool = LabelMarginSelectorConfig.dedupe,
+                 balance: bool = LabelMarginSelectorConfig.balance, chunk: int = LabelMarginSelectorConfig.chunk):
         if not release:
             raise ValueError("selector.release is empty: give a release dir (gmtext-release ... → RUN_DIR/release) whose targets score the pool")
         if chunk < 1:
             raise ValueError(f"selector.chunk={chunk} must be >= 1")
         super().__init__(per_class=per_class, dedupe=dedupe, balance=balance)
         self.release, self.chunk = release, chunk
+        self.probe_release = release
 
     def score(self, row: dict) -> float:
         return -row["label_margin"]
@@ -79,6 +91,7 @@ class NoSelector:
     """Keep the whole pool as generated."""
 
     required = BestMatchSelector.required
+    probe_release = None
 
     def __call__(self, rows: list[dict]) -> list[dict]:
         return list(rows)
@@ -87,21 +100,13 @@ class NoSelector:
 def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk: int) -> dict:
     """Adds `label_margin` to every row (scored with the probe release's parameters and loss);
     returns the probe release's {epsilon, delta}."""
-    import torch
-
-    from ..gradients import MATCH_LOSSES, MatchedParams
-    from ..matching.rescore import label_fit, label_margin
-    from .generate import build_task, load_generator_model
-    from ..sketch import specs_for_names
-    from .release import Release, release_fingerprint
-
     rel = Release.load(release_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
     # sketch G names attach their branch again (same public k and seed); other names select themselves
-    matched = MatchedParams(lm.model, specs_for_names(rel.param_names))
+    matched = matched_params(cfg, lm.model, specs_for_names(rel.param_names))
     # the release records its loss only through its fingerprint: score with the one it was made with
     fps = {m: release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, m) for m in MATCH_LOSSES}
     match_loss = next((m for m, fp in fps.items() if fp == rel.fingerprint), cfg.match_loss)
@@ -147,7 +152,7 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
         check_resume(run_dir, "select", config)
         rows = load_synthetic(source, list(cfg.dataset.label_names), selector.required)
         pool_privacy = synthetic_privacy(source) or {}
-        probe_privacy = add_label_margins(cfg, rows, selector.release, selector.chunk) if isinstance(selector, LabelMarginSelector) else None
+        probe_privacy = add_label_margins(cfg, rows, selector.probe_release, selector.chunk) if selector.probe_release else None
         chosen = selector(rows)
         record_config(run_dir, "select", config)
         write_jsonl(run_dir / "selected.jsonl", chosen)
