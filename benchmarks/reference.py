@@ -2,7 +2,7 @@
 
 Not part of the package: it exists only so the benchmark can time gmtext's fast paths
 against the structure of the official GRADMM code, in the same process, on the same
-model and data. What it reproduces (DESIGN.md, "Known weaknesses"):
+model and data. What it reproduces (the reference code's known slow paths):
 
 - target gradients one real example at a time (`class_target_gradients_loop`);
 - initialisation by many random candidate batches, each scored by a full autograd

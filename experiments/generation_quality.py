@@ -1,4 +1,4 @@
-"""Issue-2 acceptance check: is GRADMM text better matched and more fluent than the ablations?
+"""Generation-quality acceptance check: is GRADMM text better matched and more fluent than the ablations?
 
 python experiments/generation_quality.py [--num-per-class 20] [--out experiments/results/generation_quality]
 
@@ -26,8 +26,9 @@ from gmtext.config import register_configs
 from gmtext.data import load_split
 from gmtext.gradients import MatchedParams
 from gmtext.matching.objective import MatchingObjective
-from gmtext.stages.generate import build_task, load_generator_model, run_generate
-from gmtext.stages.release import Release
+from gmtext.runtime import build_task, load_generator_model
+from gmtext.stages.generate import run_generate
+from gmtext.privacy.release import Release
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"

@@ -23,8 +23,8 @@ from gmtext.gradients import MatchedParams
 from gmtext.matching.objective import MatchingObjective
 from gmtext.matching.projectors import ProjectionContext
 from gmtext.matching.vocab import allowed_token_ids
-from gmtext.stages.generate import build_task, load_generator_model
-from gmtext.stages.release import load_or_make_release
+from gmtext.runtime import build_task, load_generator_model
+from gmtext.runtime import load_or_make_release
 from gmtext.config import build
 
 OUT = Path(__file__).resolve().parent / "results" / "matched_params_pilot"

@@ -32,11 +32,10 @@ def main(argv=None) -> int:
     from hydra import compose, initialize_config_module
 
     from gmtext.config import register_configs
-    from gmtext.data import load_split
     from gmtext.gradients import MatchedParams, class_target_gradients
     from gmtext.matching.rescore import cosine_distance, label_fit
-    from gmtext.stages.generate import build_task, load_generator_model
-    from gmtext.stages.release import select_real_examples
+    from gmtext.runtime import build_task, dataset_split, load_generator_model
+    from gmtext.runtime import select_real_examples
 
     ap = argparse.ArgumentParser()
     ap.add_argument("specs", nargs="*", default=DEFAULT_SPECS)
@@ -57,8 +56,7 @@ def main(argv=None) -> int:
     task = build_task(cfg, lm.tokenizer)
     used, _ = select_real_examples(ds, task.num_classes, cfg.real_per_class, cfg.seed)
     seen = {t for c in used for t in c}
-    split = load_split(ds.train_split, list(ds.label_names), path=ds.path, hub_name=ds.hub_name, hub_config=ds.hub_config,
-                       text_field=ds.text_field, label_field=ds.label_field, builtin=ds.builtin)
+    split = dataset_split(ds, ds.train_split)
     pool = [e for e in split.examples if e.text not in seen]
     random.Random(1).shuffle(pool)
     held = pool[: args.heldout]

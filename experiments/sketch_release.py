@@ -59,13 +59,12 @@ def main(argv=None) -> int:
     from hydra import compose, initialize_config_module
 
     from gmtext.config import register_configs
-    from gmtext.data import load_split
     from gmtext.gradients import MatchedParams
     from gmtext.privacy import mechanism as M
     from gmtext.privacy.accountant import calibrate_noise_multiplier
     from gmtext.privacy.noise import standard_normal
     from gmtext import sketch as S
-    from gmtext.stages.generate import build_task, load_generator_model
+    from gmtext.runtime import build_task, dataset_split, load_generator_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-class", type=int, default=200)
@@ -89,8 +88,7 @@ def main(argv=None) -> int:
     ds = cfg.dataset
     lm = load_generator_model(cfg)
     model, task = lm.model, build_task(cfg, lm.tokenizer)
-    split = load_split(ds.train_split, list(ds.label_names), path=ds.path, hub_name=ds.hub_name, hub_config=ds.hub_config,
-                       text_field=ds.text_field, label_field=ds.label_field, builtin=ds.builtin)
+    split = dataset_split(ds, ds.train_split)
     exs = list(split.examples)
     random.Random(0).shuffle(exs)
     by_c = [[e.text for e in exs if e.label == c][: args.per_class] for c in range(2)]

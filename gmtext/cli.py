@@ -191,7 +191,7 @@ def release_main(cfg: DictConfig) -> float:
 
 @_main("audit")
 def audit_main(cfg: DictConfig) -> float:
-    from .privacy.audit import run_audit
+    from .stages.audit import run_audit
 
     s = _run("audit", run_audit, cfg)
     print(f"gmtext-audit: longest common n-gram {s['longest_common_ngram']} | {s['share_with_real_ngram']:.1%} share a real "

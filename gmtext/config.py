@@ -13,7 +13,9 @@ from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import MISSING, OmegaConf
 
 
 class Choice(str, Enum):
@@ -152,7 +154,8 @@ class NearestConfig:
 
 @dataclass
 class PrivacyNoneConfig:
-    name: str = "none"
+    _target_: str = "gmtext.privacy.release.NoPrivacy"
+    name: str = "none"  # the option's name, recorded for reports (not a constructor argument)
     clip_norm: Optional[float] = None  # set: clip per-example gradients to it (the DP release minus its noise)
 
 
@@ -160,6 +163,7 @@ class PrivacyNoneConfig:
 class PrivacyDPConfig:
     """Gaussian mechanism on the per-class sums of clipped gradients of the whole private split."""
 
+    _target_: str = "gmtext.privacy.release.GaussianRelease"
     name: str = "dp"
     epsilon: float = 1.0
     delta: float = 1e-5
@@ -233,6 +237,9 @@ class FullFineTunerConfig:
     max_text_tokens: int = 64
 
 
+LORA_TARGET_MODULES = ("q_proj", "v_proj")  # the attention projections LoRA adapts by default
+
+
 @dataclass
 class LoRAFineTunerConfig(FullFineTunerConfig):
     _target_: str = "gmtext.finetune.trainer.LoRAFineTuner"
@@ -240,7 +247,7 @@ class LoRAFineTunerConfig(FullFineTunerConfig):
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
 
 
 @dataclass
@@ -252,29 +259,34 @@ class LastLayersFineTunerConfig(FullFineTunerConfig):
 
 @dataclass
 class TrainSyntheticConfig:
-    source: str = "synthetic"
+    _target_: str = "gmtext.finetune.sources.SyntheticSource"
+    source: str = "synthetic"  # the option's name, recorded for reports (not a constructor argument)
     path: Optional[str] = None  # synthetic.jsonl / selected.jsonl, or a generate/select run dir
 
 
 @dataclass
 class TrainRealConfig:
+    _target_: str = "gmtext.finetune.sources.RealSource"
     source: str = "real"
     size: int = 100  # total, balanced: size // num_classes per class
 
 
 @dataclass
 class TrainNoneConfig:
+    _target_: str = "gmtext.finetune.sources.NoTraining"
     source: str = "none"
 
 
 @dataclass
 class TrainFewShotConfig:
+    _target_: str = "gmtext.finetune.sources.FewShotSource"
     source: str = "fewshot"
     k: int = 4  # demonstrations per class
 
 
 @dataclass
 class TrainPromptedConfig:
+    _target_: str = "gmtext.finetune.sources.PromptedSource"
     source: str = "prompted"
     size: int = 20
     prompt: str = "Write one short {description} sentence."
@@ -287,6 +299,7 @@ class TrainPromptedConfig:
 @dataclass
 class TrainDPSGDConfig:
     # the recipe (expected batch, epochs, lr) lives in finetuner.*, set by conf/train/dpsgd.yaml
+    _target_: str = "gmtext.finetune.sources.DPSGDSource"
     source: str = "dpsgd"
     size: Optional[int] = None  # null = every non-dev record of the train split; int = record-stable subsample of that expected size
     epsilon: float = 8.0
@@ -399,12 +412,12 @@ def register_configs() -> None:
         cs.store(group="train", name=f"{_name}_schema", node=_node)
 
 
-def build(node: Any) -> Any:
+def build(node: Any, drop: tuple[str, ...] = ()) -> Any:
     """instantiate() a component, surfacing the constructor's own message for bad values
-    (Hydra wraps it in a long InstantiationException otherwise)."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
+    (Hydra wraps it in a long InstantiationException otherwise). `drop`: keys of the node that
+    only label the option in recorded configs (privacy.name, train.source), not arguments."""
+    if drop:
+        node = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in drop}
     try:
         return instantiate(node)
     except InstantiationException as e:

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from gmtext.privacy import audit as A
+from gmtext.stages import audit as stage_audit
 
 
 def test_longest_common_ngram_and_share():
@@ -92,14 +93,14 @@ FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per
 @pytest.mark.parametrize("match_loss", ["full_vocab", "verbalizer"])  # the canary release must carry the run's loss
 def test_audit_entry_with_canaries(compose, tmp_path, match_loss):
     from gmtext.artifacts import write_jsonl
-    from gmtext.stages.generate import build_task, load_generator_model
+    from gmtext.runtime import build_task, load_generator_model
 
     write_jsonl(tmp_path / "gen" / "synthetic.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(
         ["A dull film , truly", "zebra quartz", "the acting is fine", "A warm, funny film that earns every one of its quiet tears."])])
     cfg = compose(FAST + [f"synthetic={tmp_path / 'gen'}", "canaries.enabled=true", "canaries.k=2",
                           "canaries.references=20", f"match_loss={match_loss}"], config_name="audit")
     assert cfg.stage == "audit" and cfg.ngram == 8
-    s = A.run_audit(cfg, tmp_path / "audit")
+    s = stage_audit.run_audit(cfg, tmp_path / "audit")
     assert s["share_with_real_ngram"] == 0.25 and s["longest_common_ngram"] == 14  # the copied demo review (13 words + 1 punctuation token)
     out = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert out["overlap"]["num_synthetic"] == 4 and out["overlap"]["num_real"] == 40
@@ -125,4 +126,4 @@ def test_audit_entry_with_canaries(compose, tmp_path, match_loss):
 def test_audit_missing_synthetic(compose, tmp_path):
     cfg = compose(["debug=tiny", f"synthetic={tmp_path / 'nope'}"], config_name="audit")
     with pytest.raises(FileNotFoundError, match="synthetic="):
-        A.run_audit(cfg, tmp_path)
+        stage_audit.run_audit(cfg, tmp_path)

@@ -32,6 +32,8 @@ def test_groups_discovered():
 @pytest.mark.parametrize("primary", PRIMARY)
 def test_every_experiment_composes_under_every_entry_point(compose, primary):
     for p in sorted((CONF / "experiment").glob("*.yaml")):
+        if "\n# gmtext-audit " in p.read_text() and primary != "audit":
+            continue  # an audit experiment (canaries.*): only gmtext-audit's schema has its keys
         cfg = compose([f"experiment={p.stem}"], config_name=primary)
         assert cfg.stage
 
@@ -109,6 +111,33 @@ def test_job_named_after_its_stage(primary):
         hc = _compose(config_name=primary, overrides=["synthetic=x"] if primary == "audit" else [], return_hydra_config=True).hydra
     assert hc.job.name == primary and hc.help.app_name == f"gmtext-{primary}"
     assert hc.help.header.startswith(f"gmtext-{primary}: ") and len(hc.help.header) > 60
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+@pytest.mark.parametrize("stamp", [None, "2030-01-01_00-00-00"])
+def test_run_and_sweep_dirs_per_stage(primary, stamp, monkeypatch):
+    """Every stage: outputs/<stage>/<dataset>/<time> and multirun/<stage>/<dataset>/<time>/<n>, no
+    chdir; GMTEXT_RUN_STAMP (accelerate ranks of gmtext-finetune) replaces the time."""
+    import re
+
+    from hydra import compose as _compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from gmtext.config import register_configs
+
+    if stamp:
+        monkeypatch.setenv("GMTEXT_RUN_STAMP", stamp)
+    else:
+        monkeypatch.delenv("GMTEXT_RUN_STAMP", raising=False)
+    register_configs()
+    with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
+        cfg = _compose(config_name=primary, overrides=["synthetic=x"] if primary == "audit" else [], return_hydra_config=True)
+    hc = cfg.hydra
+    OmegaConf.update(cfg, "hydra.job.num", 3, force_add=True)
+    when = re.escape(stamp) if stamp else r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"
+    assert re.fullmatch(rf"outputs/{primary}/demo/{when}", hc.run.dir)
+    assert re.fullmatch(rf"multirun/{primary}/demo/{when}", hc.sweep.dir) and str(hc.sweep.subdir) == "3"
+    assert hc.job.chdir is False
 
 
 def test_help_describes_the_stage():

@@ -104,7 +104,8 @@ def test_carve_splits_one_file_by_each_records_own_hash(compose, tmp_path):
 
 
 def test_carved_eval_records_never_enter_the_release(compose, tmp_path, monkeypatch):
-    import gmtext.stages.release as R
+    import gmtext.runtime as R
+    from gmtext.stages.release import run_release
 
     rows = records(80)
     d = write_jsonl(tmp_path / "data" / "train.jsonl", rows)
@@ -120,7 +121,7 @@ def test_carved_eval_records_never_enter_the_release(compose, tmp_path, monkeypa
     spy.__wrapped__ = R.select_real_examples
     monkeypatch.setattr(R, "select_real_examples", spy)
     cfg = carve_cfg(compose, d, 0.3)
-    R.run_release(cfg, tmp_path / "run")
+    run_release(cfg, tmp_path / "run")
     (texts, num_rows), = seen
     released = {t for per_class in texts for t in per_class}
     assert released and not released & carved

@@ -14,6 +14,7 @@ from gmtext.gradients import MatchedParams
 from gmtext.privacy import mechanism as M
 from gmtext.privacy.accountant import calibrate_noise_multiplier, composed_epsilon, sum_sensitivity
 from gmtext.privacy.ledger import Ledger, LedgerEntry, compose_records
+from gmtext.privacy import release as P
 from gmtext.stages import release as R
 
 from conftest import rt_path
@@ -219,7 +220,7 @@ def test_a_release_being_made_is_not_made_twice(compose, tmp_path):
     from gmtext.stages.generate import run_generate
 
     cfg = compose(["debug=tiny", "privacy=dp", "progress=false", "num_per_class=2", "batch_size=2",
-                   "matcher.outer_steps=1", "matcher.inner_steps=1", "projector=nearest", "matcher.init=random"])
+                   "matcher.outer_steps=1", "matcher.inner_steps=1", "projector.topk=1", "matcher.init=random"])
     with run_lock(tmp_path, "release-making"):  # what the other stage holds while it computes
         with pytest.raises(RunDirLocked, match="release-making"):
             run_generate(cfg, tmp_path)
@@ -235,11 +236,11 @@ def test_a_release_being_made_is_not_made_twice(compose, tmp_path):
 def test_split_multipliers_spend_exactly_one_budget():
     m = calibrate_noise_multiplier(2.0, 1e-5, 1, "analytic")
     for share in (0.2, 0.5, 0.8):
-        mg, mp = R.split_multipliers(m, share)
+        mg, mp = P.split_multipliers(m, share)
         assert composed_epsilon([(mg, 1), (mp, 1)], 1e-5, "analytic") == pytest.approx(composed_epsilon([(m, 1)], 1e-5, "analytic"), rel=1e-9)
         assert mp / mg == pytest.approx(math.sqrt((1 - share) / share))
     with pytest.raises(ValueError, match="probe.budget_share=1.0"):
-        R.split_multipliers(m, 1.0)
+        P.split_multipliers(m, 1.0)
 
 
 @pytest.mark.slow
@@ -250,7 +251,7 @@ def test_private_pipeline_with_probe_in_one_run_dir(compose, tmp_path):
     from gmtext.stages.pipeline import run_pipeline
 
     cfg = compose(["debug=tiny", "privacy=dp", "privacy.epsilon=2", "progress=false", "num_per_class=4",
-                   "batch_size=2", "matcher.outer_steps=1", "matcher.inner_steps=1", "projector=nearest", "matcher.init=random",
+                   "batch_size=2", "matcher.outer_steps=1", "matcher.inner_steps=1", "projector.topk=1", "matcher.init=random",
                    "selector=margin", "selector.per_class=1", "probe.matched_params=[final_norm]", "probe.budget_share=0.3",
                    "finetuner.epochs=1", "finetune.eval_limit=8"], config_name="pipeline")
     m = run_pipeline(cfg, tmp_path)
@@ -264,14 +265,15 @@ def test_private_pipeline_with_probe_in_one_run_dir(compose, tmp_path):
     assert 1.98 <= gen["epsilon"] <= 2.0 and sel["epsilon"] == pytest.approx(gen["epsilon"]) == pytest.approx(m["epsilon"])
     assert sel["delta"] == 1e-5 and m["delta"] == 1e-5
     with pytest.raises(ValueError, match="probe.matched_params"):
-        run_pipeline(compose(["debug=tiny", "selector=margin"], config_name="pipeline"), tmp_path / "x")
+        # selector=margin brings probe.matched_params=[middle_blocks] (conf/specialize/selector/margin.yaml): emptied here
+        run_pipeline(compose(["debug=tiny", "selector=margin", "probe.matched_params=[]"], config_name="pipeline"), tmp_path / "x")
 
 
 def test_non_private_release_with_probe(compose, tmp_path):
     s = R.run_release(compose(["debug=tiny", "progress=false", "probe.matched_params=[final_norm]"],
                               config_name="release"), tmp_path)
-    probe = R.Release.load(tmp_path / "probe")
-    gen = R.Release.load(tmp_path / "release")
+    probe = P.Release.load(tmp_path / "probe")
+    gen = P.Release.load(tmp_path / "release")
     assert s["probe_dir"] == str(tmp_path / "probe") and probe.epsilon == gen.epsilon == math.inf
     assert probe.param_names != gen.param_names and all(len(t) for t in probe.targets)
     with pytest.raises(ValueError, match="probe.budget_share=0"):
@@ -284,7 +286,7 @@ def test_probe_in_a_sketch_space(compose, tmp_path):
     the generator matches raw parameters; both come from one DP budget."""
     s = R.run_release(compose(["debug=tiny", "progress=false", "privacy=dp", "sketch.k_in=4",
                                "sketch.k_out=2", "probe.matched_params=[sketch:layers\\.1\\.]"], config_name="release"), tmp_path)
-    probe = R.Release.load(tmp_path / "probe")
+    probe = P.Release.load(tmp_path / "probe")
     assert all("gm_sketch.G_v1_4x2_s0" in n for n in probe.param_names)
     assert sum(t.numel() for t in probe.targets[0]) == 8 * len(probe.param_names)
     assert probe.privacy["per_example_gradients"] == "sketch_hooks" and probe.epsilon == pytest.approx(s["epsilon"])

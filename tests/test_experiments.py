@@ -96,7 +96,7 @@ def test_a_choice_specialises_keys_outside_its_group(compose):
 
 def test_debug_tiny_is_the_fast_base_and_overrides_win(compose):
     cfg = compose(["debug=tiny"])
-    assert cfg.model.name == "tiny-llama" and cfg.logger.name == "none" and cfg.matched_params == ["lm_head"]
+    assert cfg.model.name == "tiny-llama" and cfg.logger._target_ == "gmtext.tracking.Tracker" and cfg.matched_params == ["lm_head"]
     assert cfg.selector._target_.endswith("BestMatchSelector") and list(cfg.probe.matched_params) == []
     cfg = compose(["debug=tiny", "selector=margin", "matched_params=[final_norm]"])
     assert cfg.selector._target_.endswith("LabelMarginSelector") and cfg.matched_params == ["final_norm"]

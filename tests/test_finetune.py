@@ -230,7 +230,7 @@ def test_run_finetune_synthetic_zero_shot_fewshot(compose, tmp_path):
     assert z["n_train"] == 0 and f["n_train"] == 4 and z["finetuner"] is None
     # zero-shot accuracy is exactly a direct evaluate of the model on the same fixed eval subset
     from gmtext.stages.finetune import eval_subset
-    from gmtext.stages.generate import build_task, load_generator_model
+    from gmtext.runtime import build_task, load_generator_model
 
     cfg = compose(_tiny_overrides(tmp_path, "train=none"), config_name="finetune")
     lm = load_generator_model(cfg)

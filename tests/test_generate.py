@@ -33,8 +33,8 @@ def _objective(cfg, run_dir):
     from gmtext.config import build
     from gmtext.gradients import MatchedParams
     from gmtext.matching.objective import MatchingObjective
-    from gmtext.stages.generate import build_task, load_generator_model
-    from gmtext.stages.release import Release
+    from gmtext.runtime import build_task, load_generator_model
+    from gmtext.privacy.release import Release
 
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
@@ -110,7 +110,7 @@ def _snapshot(d):
 
 
 def test_rerun_with_another_config_is_refused_and_writes_nothing(compose, tmp_path):
-    """Issue 20, bug 1: a finished seed-0 dir rerun with other settings used to exit 0,
+    """A finished seed-0 dir rerun with other settings used to exit 0,
     regenerate nothing and record the new seed in generate.json beside seed 0's texts."""
     run_generate(compose(FAST), tmp_path)
     files = _snapshot(tmp_path)

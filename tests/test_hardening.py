@@ -1,4 +1,4 @@
-"""Hardening (issue 6): bad input ends in one clear line and exit code 2 with nothing
+"""Hardening: bad input ends in one clear line and exit code 2 with nothing
 half-written; kills, non-finite steps and a second writer never corrupt a run dir.
 
 Bad input goes through the stage functions the console scripts call (`run_<stage>(cfg,

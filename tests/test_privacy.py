@@ -6,7 +6,6 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,16 +13,28 @@ import torch
 from gmtext.gradients import MatchedParams
 from gmtext.privacy import mechanism as M
 from gmtext.privacy.ledger import Ledger
-from gmtext.stages import release as R
+from gmtext.privacy import release as R
+from gmtext.privacy.release import GaussianRelease, NoPrivacy, ReleaseInputs
+from gmtext.runtime import select_real_examples
+from gmtext.stages.release import run_release
 
 TEXTS = ["A dull film.", "so so so so so so", "x", "The acting is wooden, the plot is worse and it is long."]
 BLOCKS = ["final_norm", "last_blocks:1"]
 
 
 def dp(**kw):
-    base = dict(name="dp", epsilon=1.0, delta=1e-5, clip_norm=1.0, accountant="analytic", adjacency="replace_one",
-                sample_rate=1.0, divisor=None)
-    return SimpleNamespace(**{**base, **kw})
+    base = dict(epsilon=1.0, delta=1e-5, clip_norm=1.0, accountant="analytic", adjacency="replace_one", sample_rate=1.0, divisor=None)
+    return GaussianRelease(**{**base, **kw})
+
+
+def dp_release(mech, lm, task, mp, texts, num_rows, **kw):
+    """(release, details) of a DP mechanism with this file's fingerprint and length."""
+    inp = ReleaseInputs("fp", 64, num_rows, **{k: v for k, v in kw.items() if k in ("split", "match_loss")})
+    return mech.release_with_details(lm.model, task, mp, texts, inp, **{k: v for k, v in kw.items() if k not in ("split", "match_loss")})
+
+
+def plain_release(lm, task, mp, texts, clip_norm=None, match_loss="full_vocab"):
+    return NoPrivacy(clip_norm).release(lm.model, task, mp, texts, ReleaseInputs("fp", 64, 0, match_loss=match_loss))
 
 
 def rel_err(a, b):
@@ -89,7 +100,7 @@ def test_verbalizer_loss_per_example_paths_agree(tiny, specs):
 def test_dp_release_verbalizer_records_loss(tiny):
     lm, task = tiny
     mp = MatchedParams(lm.model, ["lm_head"])
-    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, TEXTS[::-1]], "fp", 64, dp(), 8,
+    rel, det = dp_release(dp(), lm, task, mp, [TEXTS, TEXTS[::-1]], 8,
                                               match_loss="verbalizer")
     assert rel.privacy["match_loss"] == "verbalizer"
     vocab = torch.tensor(task.label_token_ids)
@@ -121,9 +132,9 @@ def two_releases(tiny):
     mp = MatchedParams(lm.model, ["lm_head"])
     texts = [TEXTS, TEXTS[::-1]]
     torch.manual_seed(0)
-    a = R.make_dp_release_with_details(lm.model, task, mp, texts, "fp", 64, dp(), 8, split="demo/train@x")
+    a = dp_release(dp(), lm, task, mp, texts, 8, split="demo/train@x")
     torch.manual_seed(0)  # same experiment seed: the noise must still differ
-    b = R.make_dp_release_with_details(lm.model, task, mp, texts, "fp", 64, dp(), 8, split="demo/train@x")
+    b = dp_release(dp(), lm, task, mp, texts, 8, split="demo/train@x")
     return a, b, mp
 
 
@@ -161,7 +172,7 @@ def test_release_noise_comes_from_the_secure_source(tiny, monkeypatch):
     dets = []
     for _ in range(2):
         monkeypatch.setattr(noise.os, "urandom", fixed_bytes())
-        dets.append(R.make_dp_release_with_details(lm.model, task, mp, [TEXTS[:2], TEXTS[2:]], "fp", 64, dp(), 4)[1])
+        dets.append(dp_release(dp(), lm, task, mp, [TEXTS[:2], TEXTS[2:]], 4)[1])
     for a, b in zip(dets[0].noise[0], dets[1].noise[0]):
         assert torch.equal(a, b)
 
@@ -196,9 +207,8 @@ def test_add_remove_sensitivity_and_divisor(tiny):
     lm, task = tiny
     mp = MatchedParams(lm.model, ["lm_head"])
     with pytest.raises(ValueError, match="privacy.divisor"):  # the row count is private under add/remove
-        R.make_dp_release(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64, dp(adjacency="add_remove", clip_norm=2.0), 8)
-    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64,
-                                              dp(adjacency="add_remove", clip_norm=2.0, divisor=10.0), 8)
+        dp_release(dp(adjacency="add_remove", clip_norm=2.0), lm, task, mp, [TEXTS, TEXTS], 8)
+    rel, det = dp_release(dp(adjacency="add_remove", clip_norm=2.0, divisor=10.0), lm, task, mp, [TEXTS, TEXTS], 8)
     assert det.sensitivity == pytest.approx(2.0) and det.divisor == 10.0
     assert rel.privacy["adjacency"] == "add_remove" and "withheld" in rel.privacy["num_records"]
 
@@ -206,9 +216,9 @@ def test_add_remove_sensitivity_and_divisor(tiny):
 def test_reused_release_must_have_the_same_adjacency():
     rel = R.Release([[torch.zeros(2)]], ["w"], ["a"], [1.0], "fp", {"mechanism": "gaussian", "epsilon": 0.9, "delta": 1e-5,
                                                                    "adjacency": "add_remove"})
-    R.check_release_privacy(rel, dp(adjacency="add_remove"))
+    dp(adjacency="add_remove", divisor=10.0).check_reuse(rel)
     with pytest.raises(R.ReleaseMismatch, match="adjacency"):
-        R.check_release_privacy(rel, dp())
+        dp().check_reuse(rel)
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -221,13 +231,13 @@ def test_reused_release_must_have_the_same_adjacency():
 ])
 def test_bad_settings_fail(kw, msg):
     with pytest.raises(ValueError) as e:
-        R.validate_dp_config(dp(**kw))
+        dp(**kw)
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
 def test_dp_refuses_a_fixed_number_per_class():
     with pytest.raises(ValueError, match="real_per_class=50") as e:
-        R.validate_dp_config(dp(), 50)
+        dp().check_inclusion(50)
     assert "\n" not in str(e.value)
 
 
@@ -235,10 +245,10 @@ def test_large_delta_warns(tiny):
     lm, task = tiny
     mp = MatchedParams(lm.model, ["lm_head"])
     with pytest.warns(UserWarning, match="delta"):
-        R.make_dp_release(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64, dp(delta=0.2), 8)
+        dp_release(dp(delta=0.2), lm, task, mp, [TEXTS, TEXTS], 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        R.make_dp_release(lm.model, task, mp, [TEXTS, TEXTS], "fp", 64, dp(), 8)
+        dp_release(dp(), lm, task, mp, [TEXTS, TEXTS], 8)
 
 
 def test_short_or_empty_class_is_zero_padded_not_an_error(tiny):
@@ -246,17 +256,17 @@ def test_short_or_empty_class_is_zero_padded_not_an_error(tiny):
     not stop, so whether it completes says nothing about the class sizes."""
     lm, task = tiny
     mp = MatchedParams(lm.model, ["lm_head"])
-    rel, det = R.make_dp_release_with_details(lm.model, task, mp, [TEXTS, []], "fp", 64, dp(), 8)
+    rel, det = dp_release(dp(), lm, task, mp, [TEXTS, []], 8)
     assert all(float(s.abs().max()) == 0.0 for s in det.clipped_sums[1])
     assert float(rel.targets[1][0].std()) > 0  # noise only
 
 
 FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
-        "batch_size=2", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
+        "batch_size=2", "privacy=dp", "progress=false", "projector.topk=1", "matcher.init=random"]
 
 
 def _real_used(cfg):
-    texts, _ = R.select_real_examples(cfg.dataset, len(cfg.dataset.label_names), cfg.real_per_class, cfg.seed)
+    texts, _ = select_real_examples(cfg.dataset, len(cfg.dataset.label_names), cfg.real_per_class, cfg.seed)
     return [t for ts in texts for t in ts]
 
 
@@ -290,7 +300,7 @@ def test_release_then_generate_without_real_data(compose, tmp_path, monkeypatch)
 
     cfg = compose(FAST, config_name="release")
     assert cfg.stage == "release"
-    s = R.run_release(cfg, tmp_path / "rel")
+    s = run_release(cfg, tmp_path / "rel")
     assert s["mechanism"] == "gaussian" and not s["reused"] and s["divisors"] == [20.0, 20.0]
     assert not any("seconds" in k and k != "model_load_seconds" for k in s)  # no timing of the private pass
     assert (tmp_path / "rel" / "release" / "privacy.json").exists()
@@ -299,8 +309,9 @@ def test_release_then_generate_without_real_data(compose, tmp_path, monkeypatch)
         raise AssertionError("real data read after the release")
 
     monkeypatch.setattr(gmtext.data, "load_split", boom)
-    monkeypatch.setattr(R, "load_configured", boom)
-    s2 = R.run_release(cfg, tmp_path / "rel")  # existing release reused: no second noisy release
+    import gmtext.runtime
+    monkeypatch.setattr(gmtext.runtime, "load_configured", boom)
+    s2 = run_release(cfg, tmp_path / "rel")  # existing release reused: no second noisy release
     assert s2["reused"] and s2["epsilon"] == s["epsilon"]
     release = str(tmp_path / "rel" / "release")
     summary = run_generate(compose(FAST + [f"release={release}"]), tmp_path / "gen")
@@ -327,17 +338,17 @@ def test_clipped_nonprivate_release(tiny, specs):
     lm, task = tiny
     mp = MatchedParams(lm.model, specs)
     by_class = [TEXTS, TEXTS[::-1][:3]]
-    plain = R.make_release(lm.model, task, mp, by_class, "fp", 64, match_loss="verbalizer")
-    big = R.make_clipped_release(lm.model, task, mp, by_class, "fp", 64, 1e9, match_loss="verbalizer")
+    plain = plain_release(lm, task, mp, by_class, match_loss="verbalizer")
+    big = plain_release(lm, task, mp, by_class, 1e9, match_loss="verbalizer")
     tiny_c = 1e-7
-    small = R.make_clipped_release(lm.model, task, mp, by_class, "fp", 64, tiny_c, match_loss="verbalizer")
+    small = plain_release(lm, task, mp, by_class, tiny_c, match_loss="verbalizer")
     assert small.epsilon == math.inf and small.privacy["clip_norm"] == tiny_c and small.divisors == [4, 3]
     for c, texts in enumerate(by_class):
         for a, b in zip(big.targets[c], plain.targets[c]):
             assert rel_err(a, b) < 1e-5
         units = []  # each example's own gradient (a one-example release), normalised jointly over tensors
         for t in texts:
-            g = R.make_release(lm.model, task, mp, [[t], [t]], "fp", 64, match_loss="verbalizer").targets[c]
+            g = plain_release(lm, task, mp, [[t], [t]], match_loss="verbalizer").targets[c]
             n = torch.sqrt(sum((x.float() ** 2).sum() for x in g))
             assert n > tiny_c
             units.append([x.float() / n for x in g])
@@ -349,8 +360,8 @@ def test_clipped_nonprivate_release(tiny, specs):
 
 def test_clipped_release_reuse_checks_clip_norm(tmp_path):
     rel = R.Release([[torch.zeros(2)]], ["w"], ["a"], [1.0], "fp", {"mechanism": "none", "epsilon": math.inf, "clip_norm": 0.5})
-    R.check_release_privacy(rel, SimpleNamespace(name="none", clip_norm=0.5))
+    NoPrivacy(0.5).check_reuse(rel)
     with pytest.raises(R.ReleaseMismatch, match="clip_norm"):
-        R.check_release_privacy(rel, SimpleNamespace(name="none", clip_norm=None))
+        NoPrivacy(None).check_reuse(rel)
     with pytest.raises(ValueError, match=r"privacy.clip_norm=-1\.0"):
-        R.check_release_privacy(rel, SimpleNamespace(name="none", clip_norm=-1.0))
+        NoPrivacy(-1.0).check_reuse(rel)

@@ -42,7 +42,7 @@ def test_run_select_from_pool(compose, tmp_path):
     rows = [_row(f"t{i}", i % 2, i / 10) for i in range(10)]
     (pool / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "sel"
-    s = run_select(compose([f"pool={pool}", "selector.per_class=3"], config_name="select"), out)
+    s = run_select(compose([f"pool={pool}", "selector=best", "selector.per_class=3"], config_name="select"), out)
     assert s["selected"] == 6 and s["per_class"] == {0: 3, 1: 3}
     sel = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
     assert [r["text"] for r in sel] == ["t0", "t2", "t4", "t1", "t3", "t5"]
@@ -61,9 +61,9 @@ def test_pool_epsilon_travels_through_select_to_finetune(compose, tmp_path):
     (pool / "synthetic.jsonl").write_text("".join(json.dumps(_row(f"t{i}", i % 2, i / 10)) + "\n" for i in range(6)))
     assert synthetic_privacy(pool) is None  # no record: unknown, not "non-private"
     (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": 3.9995, "delta": 1e-5}}))
-    s = run_select(compose([f"pool={pool}", "selector.per_class=2"], config_name="select"), tmp_path / "sel")
+    s = run_select(compose([f"pool={pool}", "selector=best", "selector.per_class=2"], config_name="select"), tmp_path / "sel")
     assert s["epsilon"] == 3.9995 and s["delta"] == 1e-5
-    again = run_select(compose([f"pool={tmp_path / 'sel'}", "selector.per_class=1"], config_name="select"), tmp_path / "sel2")
+    again = run_select(compose([f"pool={tmp_path / 'sel'}", "selector=best", "selector.per_class=1"], config_name="select"), tmp_path / "sel2")
     assert again["epsilon"] == 3.9995  # select of a select
     assert _synthetic_epsilon(tmp_path / "sel2") == 3.9995 and _synthetic_epsilon(tmp_path / "sel2" / "selected.jsonl") == 3.9995
     (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": float("inf"), "delta": 0.0}}))
@@ -120,8 +120,8 @@ def test_margin_selector_stage(compose, tmp_path):
     # kept = each class's top 2 of the pool by the label-fit margin, computed here from the probe release
     from gmtext.gradients import MatchedParams
     from gmtext.matching.rescore import label_fit, label_margin
-    from gmtext.stages.generate import build_task, load_generator_model
-    from gmtext.stages.release import Release
+    from gmtext.runtime import build_task, load_generator_model
+    from gmtext.privacy.release import Release
 
     cfg = compose(tiny_cfg, config_name="select")
     lm = load_generator_model(cfg)
@@ -137,7 +137,8 @@ def test_margin_selector_stage(compose, tmp_path):
         assert [r["label_margin"] for r in kept] == pytest.approx([margin[i] for i in pool_c[:2]], abs=1e-6)
     with pytest.raises(ValueError, match=r"missing field\(s\) \['match_loss', 'perplexity'\]"):  # best needs the scores
         run_select(compose(tiny_cfg + [f"pool={pool}"], config_name="select"), tmp_path / "z")
-    with pytest.raises(ValueError, match="selector.release is empty"):
+    # no release given (empty or null): the pool's own <pool>/probe, which this pool lacks
+    with pytest.raises(ValueError, match="no selector.release given and the pool's run dir has no probe release"):
         run_select(compose(tiny_cfg + [f"pool={pool}", "selector=margin", "selector.release="], config_name="select"), tmp_path / "x")
     with pytest.raises(ValueError, match="does not match this config"):
         run_select(compose(tiny_cfg + [f"pool={pool}", "selector=margin", f"selector.release={probe}", "dataset.template='{text} So it was'"],

@@ -8,7 +8,7 @@ from gmtext.gradients import MatchedParams, class_target_gradients, last_token_l
 from gmtext.matching.objective import MatchingObjective
 from gmtext.models import load_model
 from gmtext.privacy import mechanism as M
-from gmtext.stages.release import release_fingerprint
+from gmtext.privacy.release import release_fingerprint
 
 # different lengths: the batched hook path must mask padding correctly
 TEXTS = ["A dull film.", "so so so so so so", "x", "The acting is wooden, the plot is worse and it is long."]

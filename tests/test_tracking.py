@@ -373,6 +373,7 @@ def test_a_failed_model_load_ends_the_wandb_run_as_failed(compose, offline_wandb
 
     monkeypatch.setattr(generate, "load_generator_model", broken)
     monkeypatch.setattr(finetune, "load_generator_model", broken)
+    monkeypatch.setattr(release, "load_generator_model", broken)
     extra = ["train=real"] if stage == "finetune" else []
     cfg = compose(FAST + extra + ["logger=wandb", "logger.mode=offline"], config_name=stage)
     fn = {"release": release.run_release, "generate": generate.run_generate, "finetune": finetune.run_finetune}[stage]
@@ -391,7 +392,7 @@ def test_dp_release_run_is_not_watched(compose, offline_wandb):
     timing of it, and uploads only the release dir's three public files."""
     from gmtext.stages.release import run_release
 
-    s = run_release(compose(["model=tiny_llama", "privacy=dp", "progress=true", "logger=wandb", "logger.mode=offline"],
+    s = run_release(compose(["debug=tiny", "privacy=dp", "progress=true", "logger=wandb", "logger.mode=offline"],
                             config_name="release"), offline_wandb / "run")
     assert s["mechanism"] == "gaussian" and not s["reused"]
     (rd,) = offline_runs(offline_wandb / "run")

@@ -1,6 +1,6 @@
 """Errors a user can fix, through the console scripts: each ends with exit code 2, one
 `gmtext-<stage>: error: ...` line on stderr (no traceback) and nothing in the run dir but
-Hydra's own .hydra/ (issue 20: these behaved, but no test would notice if they stopped).
+Hydra's own .hydra/ (these behaved, but no test would notice if they stopped).
 
 Uses the subprocess helpers of test_hardening.py on the tiny random model.
 """
@@ -65,7 +65,7 @@ def test_dp_run_reusing_a_non_private_release(compose, tmp_path):
 
 
 def test_changed_config_is_one_line_exit_2_nothing_written(tmp_path):
-    """Issue 20, bug 1, through the console script: a finished run dir rerun with another seed."""
+    """Through the console script: a finished run dir rerun with another seed is refused."""
     run = tmp_path / "run"
     ok = cli("select", *TINY, f"pool={_pool(tmp_path)}", f"hydra.run.dir={run}")
     assert ok.returncode == 0, ok.stderr[-2000:]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LORA_TARGET_MODULES, FullFineTunerConfig, LastLayersFineTunerConfig, LoRAFineTunerConfig
 from ..data import Example, Task
 from ..gradients import block_prefixes, is_final_norm, last_token_logits
 
@@ -55,8 +56,10 @@ class FineTuner:
     run data-parallel under `accelerate launch` (see `fit`).
     """
 
-    def __init__(self, lr: float = 1e-5, epochs: int = 3, max_steps: int = 0, batch_size: int = 16, weight_decay: float = 0.0,
-                 warmup_ratio: float = 0.0, seed: int = 0, grad_clip: float = 1.0, max_text_tokens: int = 64):
+    def __init__(self, lr: float = FullFineTunerConfig.lr, epochs: int = FullFineTunerConfig.epochs, max_steps: int = FullFineTunerConfig.max_steps,
+                 batch_size: int = FullFineTunerConfig.batch_size, weight_decay: float = FullFineTunerConfig.weight_decay,
+                 warmup_ratio: float = FullFineTunerConfig.warmup_ratio, seed: int = FullFineTunerConfig.seed,
+                 grad_clip: float = FullFineTunerConfig.grad_clip, max_text_tokens: int = FullFineTunerConfig.max_text_tokens):
         if lr <= 0 or batch_size < 1 or epochs < 0 or max_steps < 0 or not 0 <= warmup_ratio < 1:
             raise ValueError(f"finetuner: need lr > 0, batch_size >= 1, epochs >= 0, max_steps >= 0, 0 <= warmup_ratio < 1 "
                              f"(got lr={lr}, batch_size={batch_size}, epochs={epochs}, max_steps={max_steps}, warmup_ratio={warmup_ratio})")
@@ -200,7 +203,8 @@ class FullFineTuner(FineTuner):
 class LoRAFineTuner(FineTuner):
     """peft LoRA adapters (default on the attention q/v projections); the base model stays frozen."""
 
-    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: Sequence[str] = ("q_proj", "v_proj"), lr: float = 1e-4, **kw):
+    def __init__(self, r: int = LoRAFineTunerConfig.r, alpha: int = LoRAFineTunerConfig.alpha, dropout: float = LoRAFineTunerConfig.dropout,
+                 target_modules: Sequence[str] = LORA_TARGET_MODULES, lr: float = LoRAFineTunerConfig.lr, **kw):
         super().__init__(lr=lr, **kw)
         if r < 1:
             raise ValueError(f"finetuner.r={r}: LoRA rank must be >= 1")
@@ -223,7 +227,8 @@ class LoRAFineTuner(FineTuner):
 class LastLayersFineTuner(FineTuner):
     """Only the last `num_layers` transformer blocks and the final norm are trained."""
 
-    def __init__(self, num_layers: int = 2, train_final_norm: bool = True, **kw):
+    def __init__(self, num_layers: int = LastLayersFineTunerConfig.num_layers,
+                 train_final_norm: bool = LastLayersFineTunerConfig.train_final_norm, **kw):
         super().__init__(**kw)
         if num_layers < 1:
             raise ValueError(f"finetuner.num_layers={num_layers}: must be >= 1")

@@ -1,4 +1,4 @@
-"""GRADMM: ADMM over continuous embeddings x and projected tokens z (DESIGN.md).
+"""GRADMM: ADMM over continuous embeddings x and projected tokens z (docs/generation.md).
 
 Per outer step: z = Proj(x + λ/ρ); a few Adam steps on D(x) + ρ/2·‖x − z + λ/ρ‖²
 (+ γ·LM cross-entropy of x predicting z); λ ← λ + ρ(x − z). Each class keeps the z
@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..config import ADMMConfig, EmbeddingOnlyConfig
 from .objective import MatchingObjective, check_objective
 from .projectors import ProjectionContext
 
@@ -39,20 +40,21 @@ def _clip_per_class(grad: torch.Tensor, max_norm: float) -> None:
 class ADMMMatcher:
     def __init__(
         self,
-        outer_steps: int = 10,
-        inner_steps: int = 10,
-        lr: float = 0.008,
-        rho: float = 1.0,
-        grad_clip: float = 1.0,
-        distance: str = "cos",
-        lm_weight: float = 0.0,
-        init: str = "lm_sample",
-        init_candidates: int = 4,
-        init_temperature: float = 1.0,
-        closed_form: bool = True,
-        admm: bool = True,
-        nan_retries: int = 3,
-        objective: str = "batch",
+        *,
+        outer_steps: int = ADMMConfig.outer_steps,
+        inner_steps: int = ADMMConfig.inner_steps,
+        lr: float = ADMMConfig.lr,
+        rho: float = ADMMConfig.rho,
+        grad_clip: float = ADMMConfig.grad_clip,
+        distance: str = ADMMConfig.distance,
+        lm_weight: float = ADMMConfig.lm_weight,
+        init: str = ADMMConfig.init,
+        init_candidates: int = ADMMConfig.init_candidates,
+        init_temperature: float = ADMMConfig.init_temperature,
+        closed_form: bool = ADMMConfig.closed_form,
+        admm: bool = ADMMConfig.admm,
+        nan_retries: int = ADMMConfig.nan_retries,
+        objective: str = ADMMConfig.objective,
     ):
         """objective: `batch` matches each class batch's mean gradient (the paper) and keeps the
         best batch; `sequence` matches every sequence's own gradient and keeps the best
@@ -212,5 +214,11 @@ class EmbeddingMatcher(ADMMMatcher):
     """Ablation: optimise continuous embeddings on D alone (no ADMM coupling), then project
     once at the end with the configured projector."""
 
-    def __init__(self, outer_steps: int = 10, inner_steps: int = 10, lr: float = 0.008, grad_clip: float = 1.0, distance: str = "cos", init: str = "lm_sample", init_candidates: int = 4, init_temperature: float = 1.0, closed_form: bool = True, objective: str = "batch"):
-        super().__init__(outer_steps, inner_steps, lr, 0.0, grad_clip, distance, 0.0, init, init_candidates, init_temperature, closed_form, admm=False, objective=objective)
+    def __init__(self, *, outer_steps: int = EmbeddingOnlyConfig.outer_steps, inner_steps: int = EmbeddingOnlyConfig.inner_steps,
+                 lr: float = EmbeddingOnlyConfig.lr, grad_clip: float = EmbeddingOnlyConfig.grad_clip,
+                 distance: str = EmbeddingOnlyConfig.distance, init: str = EmbeddingOnlyConfig.init,
+                 init_candidates: int = EmbeddingOnlyConfig.init_candidates, init_temperature: float = EmbeddingOnlyConfig.init_temperature,
+                 closed_form: bool = EmbeddingOnlyConfig.closed_form, objective: str = EmbeddingOnlyConfig.objective):
+        super().__init__(outer_steps=outer_steps, inner_steps=inner_steps, lr=lr, rho=0.0, grad_clip=grad_clip, distance=distance,
+                         lm_weight=0.0, init=init, init_candidates=init_candidates, init_temperature=init_temperature,
+                         closed_form=closed_form, admm=False, objective=objective)

@@ -10,14 +10,16 @@ import time
 
 import torch
 
+from ..config import LMSamplesConfig
 from .admm import ADMMMatcher, MatchResult
 
 
 class LMSampleMatcher(ADMMMatcher):
     outer_steps = 0  # no ADMM step: the tracker's step axis has one point per batch
 
-    def __init__(self, init: str = "lm_sample", init_candidates: int = 8, init_temperature: float = 1.0,
-                 distance: str = "cos", closed_form: bool = True, objective: str = "sequence"):
+    def __init__(self, *, init: str = LMSamplesConfig.init, init_candidates: int = LMSamplesConfig.init_candidates,
+                 init_temperature: float = LMSamplesConfig.init_temperature, distance: str = LMSamplesConfig.distance,
+                 closed_form: bool = LMSamplesConfig.closed_form, objective: str = LMSamplesConfig.objective):
         super().__init__(init=init, init_candidates=init_candidates, init_temperature=init_temperature,
                          distance=distance, closed_form=closed_form, objective=objective)
         self.outer_steps = 0

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import LMTopKConfig, NearestConfig
+
 
 @dataclass
 class ProjectionContext:
@@ -66,7 +68,7 @@ def _scores(logits: torch.Tensor, c: torch.Tensor, cos: torch.Tensor | None, sim
 class NearestProjector:
     """Nearest allowed token per position, no LM: the readability ablation."""
 
-    def __init__(self, metric: str = "cos"):
+    def __init__(self, metric: str = NearestConfig.metric):
         if metric not in ("cos", "l2"):
             raise ValueError(f"projector.metric={metric!r} unknown; accepted: cos, l2")
         self.metric = metric
@@ -78,7 +80,8 @@ class NearestProjector:
 class LMTopKProjector:
     """LM-guided top-k projection, KV-cached and batched over rows."""
 
-    def __init__(self, topk: int = 200, metric: str = "cos", sim_weight: float = 0.0, lm_candidates: int = 0):
+    def __init__(self, topk: int = LMTopKConfig.topk, metric: str = LMTopKConfig.metric, sim_weight: float = LMTopKConfig.sim_weight,
+                 lm_candidates: int = LMTopKConfig.lm_candidates):
         """sim_weight > 0 trades LM likelihood against closeness to x: greedy LM choices
         among the k neighbours of every position can drift away from the sentence x
         encodes (each position's candidates were set for x's own prefix), which raises

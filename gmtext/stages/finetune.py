@@ -19,26 +19,21 @@ import random
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from ..artifacts import ConfigChanged, check_resume, read_json, write_json
 from ..config import build
-from ..data import carve_summary, dev_examples, load_configured, sample_per_class
-from ..data.synthetic import resolve_synthetic_path, synthetic_privacy
-from ..privacy.ledger import Ledger, LedgerEntry, compose_records, split_id
-from ..finetune.baselines import SOURCES, prompted_examples, read_synthetic, real_subset
+from ..data import carve_summary, dev_examples
 from ..finetune.distributed import broadcast, get_accelerator, main_process_lock
 from ..finetune.evaluate import evaluate, fewshot_context
+from ..finetune.sources import SourceContext, TrainingSet
 from ..models import check_fits_context
+from ..privacy.ledger import Ledger, LedgerEntry, compose_records, split_id
+from ..runtime import build_task, dataset_split, load_generator_model, start, synthetic_artifact, training_source
 from ..tracking import artifact_name, make_tracker
-from .generate import build_task, load_generator_model, synthetic_artifact
 
 METRICS_FILE = "metrics.json"
-
-
-def _load(ds, split: str):
-    return load_configured(ds, split)  # dataset.carve: the eval split carved out of the train file
 
 
 def eval_subset(examples, limit: int):
@@ -50,145 +45,87 @@ def eval_subset(examples, limit: int):
     return [e for i, e in enumerate(examples) if i in keep]
 
 
-def model_privacy(cfg: DictConfig, src: str, n_dev: int, dp: dict | None = None) -> dict | None:
+def model_privacy(cfg: DictConfig, source, n_dev: int, fit_extra: dict | None = None) -> dict | None:
     """The ledger of everything the fine-tuned model depends on that touched the private train
-    split: the synthetic set's own ledger (releases, probes), real training examples or
-    demonstrations (non-private), DP-SGD's steps, and a dev set carved from the train split
-    (non-private: it picks the lr and is published as dev_accuracy). None: a synthetic set of
-    unknown origin. No entry at all (zero-shot, prompted): ε = 0."""
+    split: what the training source read of it (a synthetic set's own ledger, real examples or
+    demonstrations, DP-SGD's steps) and a dev set carved from the train split (non-private: it
+    picks the lr and is published as dev_accuracy). None: a synthetic set of unknown origin.
+    No entry at all (zero-shot, prompted): ε = 0."""
     split = split_id(cfg.dataset, cfg.dataset.train_split)
-    parts = []
-    if src == "synthetic":
-        rec = synthetic_privacy(cfg.train.path)
-        if rec is None:
-            return None
-        parts.append(rec)
-    elif src in ("real", "fewshot"):
-        what = "real training examples" if src == "real" else "real in-context demonstrations"
-        parts.append({"epsilon": math.inf, "delta": 0.0, "ledger": Ledger(0.0, [LedgerEntry(src, "non_private", split, note=what)])})
-    elif src == "dpsgd":
-        m = float(dp["noise_multiplier"])
-        entry = LedgerEntry("dpsgd", "subsampled_gaussian", split, records="the DP-SGD training set", noise_multiplier=m,
-                            sensitivity=float(dp["clip_norm"]), sigma=m * float(dp["clip_norm"]), count=int(dp["steps"]),
-                            sample_rate=float(dp["sample_rate"]), adjacency=dp.get("adjacency", "add_remove"))
-        parts.append({"epsilon": float(dp["epsilon"]), "delta": float(dp["delta"]), "ledger": Ledger(float(dp["delta"]), [entry])})
+    parts = source.privacy_parts(split, fit_extra)
+    if parts is None:
+        return None
     if n_dev:
         dev = LedgerEntry("real_dev_set", "non_private", split, records=f"{n_dev} records of the dev hash bucket",
                           note="picks the learning rate and is published as dev_accuracy")
-        parts.append({"epsilon": math.inf, "delta": 0.0, "ledger": Ledger(0.0, [dev])})
+        parts = [*parts, {"epsilon": math.inf, "delta": 0.0, "ledger": Ledger(0.0, [dev])}]
     return compose_records(parts) if parts else {"epsilon": 0.0, "delta": 0.0, **Ledger().to_dict()}
+
+
+def _learning_rates(cfg: DictConfig, source) -> list[float]:
+    """finetune.lrs (several: chosen on the dev split), else finetuner.lr; refused settings first."""
+    lrs = [float(x) for x in cfg.finetune.lrs] or [float(cfg.finetuner.lr)]
+    source.check(lrs, 1)
+    if len(lrs) > 1 and cfg.finetune.dev_size <= 0:
+        raise ValueError(f"finetune.lrs={lrs}: choosing among several learning rates needs a dev set (finetune.dev_size > 0, "
+                         "real examples: the ledger then reports epsilon = inf); give one lr (finetuner.lr) instead")
+    return lrs
+
+
+def _stored_metrics(acc, main: bool, done: Path, config: dict) -> dict | None:
+    """metrics.json when it was made with the same config (every rank gets it); another config is refused."""
+    prev = None
+    if main and done.exists():
+        prev = read_json(done)
+        try:
+            check_resume(done.parent, "finetune", config, stored=prev.get("config") or {})
+        except ConfigChanged as e:
+            prev = {"_refused": str(e)}
+    prev = broadcast(acc, prev)  # every rank returns, or is refused, together
+    if prev is not None and "_refused" in prev:
+        raise ConfigChanged(prev["_refused"])
+    return prev
 
 
 def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Fine-tune and evaluate into run_dir; returns (and writes) the metrics dict."""
     run_dir = Path(run_dir)
-    src = cfg.train.source
-    if src not in SOURCES:
-        raise ValueError(f"train.source={src!r} unknown; accepted: {', '.join(SOURCES)}")
-    fcfg = cfg.finetune
-    lrs = [float(x) for x in fcfg.lrs] or [float(cfg.finetuner.lr)]
-    if src == "dpsgd" and len(lrs) > 1:
-        raise ValueError("finetune.lrs: selecting the lr over several DP-SGD runs spends the privacy budget once per run, "
-                         "which is not accounted; give one lr (finetuner.lr) for train=dpsgd")
-    if len(lrs) > 1 and fcfg.dev_size <= 0:
-        raise ValueError(f"finetune.lrs={lrs}: choosing among several learning rates needs a dev set (finetune.dev_size > 0, "
-                         "real examples: the ledger then reports epsilon = inf); give one lr (finetuner.lr) instead")
-    if src == "synthetic" and not cfg.train.path:
-        raise ValueError("train=synthetic needs train.path=<synthetic.jsonl | selected.jsonl | generate run dir>")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    source = training_source(cfg)
+    lrs = _learning_rates(cfg, source)
     config = OmegaConf.to_container(cfg, resolve=True)
     acc = get_accelerator()
     main = acc.is_main_process
-    if acc.num_processes > 1 and src == "dpsgd":
-        raise ValueError(f"train=dpsgd runs on one process (its sampling and accounting are per process); "
-                         f"launched with {acc.num_processes}: run plain gmtext-finetune")
-    if src == "dpsgd":  # opacus is imported only for DP-SGD runs (seconds of import time)
-        from ..finetune.dpsgd import check_dpsgd_args
-
-        t = cfg.train
-        check_dpsgd_args(t.epsilon, t.delta, t.clip_norm, t.accountant, t.microbatch)
+    source.check(lrs, acc.num_processes)
     with main_process_lock(acc, run_dir, "finetune"):
-        done = run_dir / METRICS_FILE
-        prev = None
-        if main and done.exists():  # the stored metrics, when made with the same config; another config is refused
-            prev = read_json(done)
-            try:
-                check_resume(run_dir, "finetune", config, stored=prev.get("config") or {})
-            except ConfigChanged as e:
-                prev = {"_refused": str(e)}
-        prev = broadcast(acc, prev)  # every rank returns, or is refused, together
-        if prev is not None and "_refused" in prev:
-            raise ConfigChanged(prev["_refused"])
+        prev = _stored_metrics(acc, main, run_dir / METRICS_FILE, config)
         if prev is not None:
             return prev
+        done = run_dir / METRICS_FILE
         # before the model: a failure in loading, training or evaluating ends the tracker's run as failed
-        tracker = make_tracker(cfg.logger, run_dir, "finetune", config, private=src == "dpsgd") if main else NullTracker()
+        tracker = make_tracker(cfg.logger, run_dir, "finetune", config, private=source.private_fit) if main else NullTracker()
         with tracker:
-            if src == "synthetic":  # the set it trains on: linked to the run that wrote it
-                tracker.use_artifact(*synthetic_artifact(cfg, resolve_synthetic_path(cfg.train.path)))
+            published = source.published_input()
+            if published is not None:  # the set it trains on: linked to the run that wrote it
+                tracker.use_artifact(*synthetic_artifact(cfg, published))
             t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed)
+            start(cfg)
             lm = load_generator_model(cfg)
             if acc.num_processes > 1:
                 lm.model.to(acc.device)  # one GPU per rank (accelerate's choice); one process keeps model.device
             task = build_task(cfg, lm.tokenizer)
             check_fits_context(lm.model, "finetuner.max_text_tokens", cfg.finetuner.max_text_tokens, len(task.prefix_ids) + len(task.suffix_ids))
             ds = cfg.dataset
-            c = task.num_classes
-            eval_all = _load(ds, ds.eval_split).examples
-            eval_exs = eval_subset(eval_all, fcfg.eval_limit)
-            train_split = _load(ds, ds.train_split)
-            dev = dev_examples(train_split, fcfg.dev_size) if fcfg.dev_size > 0 else []
-            info: dict = {}
-            train_exs, demos = [], []
-            if src == "synthetic":
-                train_exs = read_synthetic(cfg.train.path, task.label_names)
-                info["path"] = str(resolve_synthetic_path(cfg.train.path))
-            elif src == "real":
-                train_exs = real_subset(train_split, c, cfg.train.size, cfg.seed)
-            elif src == "dpsgd":
-                from ..finetune.dpsgd import private_records
-
-                train_exs = private_records(train_split, cfg.train.size, cfg.seed)
-            elif src == "fewshot":
-                if cfg.train.k < 1:
-                    raise ValueError(f"train.k={cfg.train.k}: need at least one demonstration per class")
-                demos = sample_per_class(train_split, c, cfg.train.k, cfg.seed)
-            elif src == "prompted":
-                tg = time.perf_counter()
-                t = cfg.train
-                train_exs, pinfo = prompted_examples(lm.model, lm.tokenizer, list(ds.label_descriptions), t.size, cfg.seed, t.prompt,
-                                                     t.temperature, t.top_p, t.max_new_tokens, t.use_chat,
-                                                     progress=bool(cfg.progress) and main)
-                info.update(pinfo, generation_seconds=time.perf_counter() - tg)
-                train_exs = broadcast(acc, train_exs)  # every rank trains on the main process's samples
-            metrics = _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker, acc)
-            if src == "prompted" and main:
-                from ..artifacts import write_jsonl
-
-                write_jsonl(run_dir / "prompted.jsonl", [{"text": e.text, "label": e.label, "label_name": task.label_names[e.label]} for e in train_exs])
-            privacy = model_privacy(cfg, src, len(dev), metrics.get("dp"))
-            n_train = len(demos) if src == "fewshot" else len(train_exs)
-            carve = carve_summary(ds, len(eval_all))
-            split_name = (f"{ds.train_split}[carved eval]" if carve else f"{ds.eval_split}") + (f"[{len(eval_exs)}/{len(eval_all)} fixed subset]" if len(eval_exs) < len(eval_all) else "")
-            dev_name = f"{ds.train_split}[dev hash bucket, {len(dev)}]"
-            out = {
-                "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "per_class_accuracy": metrics["per_class_accuracy"],
-                "dev_accuracy": metrics.get("dev_accuracy"),
-                "splits": {"accuracy": split_name, "macro_f1": split_name, "per_class_accuracy": split_name, "confusion": split_name,
-                           "dev_accuracy": dev_name, "lr_selection": dev_name},
-                "train_source": src, "n_train": n_train, "train_per_class": None if src == "dpsgd" else [sum(e.label == k for e in (demos or train_exs)) for k in range(c)],
-                "seed": int(cfg.seed), "epsilon": privacy["epsilon"] if privacy else None,
-                "delta": privacy["delta"] if privacy else None, "privacy": privacy,
-                "finetuner": cfg.finetuner._target_.rsplit(".", 1)[-1] if src not in ("none", "fewshot") else None,
-                "lr": metrics.get("lr"), "lr_selection": metrics.get("lr_selection"),
-                "eval_limit": int(fcfg.eval_limit), "n_eval": len(eval_exs), "n_dev": len(dev), "carve": carve, "num_processes": acc.num_processes,
-                "confusion": metrics["confusion"], "model": lm.name, "dataset": ds.name,
-                **{k: v for k, v in metrics.items() if k in ("train_seconds", "steps", "final_loss", "trainable_params", "dp")},
-                "train_info": info,
-            }
-            if src != "dpsgd":  # DP-SGD's run time depends on its private Poisson batches
+            eval_all = dataset_split(ds, ds.eval_split).examples  # dataset.carve: carved out of the train file
+            eval_exs = eval_subset(eval_all, cfg.finetune.eval_limit)
+            train_split = dataset_split(ds, ds.train_split)
+            dev = dev_examples(train_split, cfg.finetune.dev_size) if cfg.finetune.dev_size > 0 else []
+            data = source.load(SourceContext(lm, task, train_split, cfg.seed, list(ds.label_descriptions), acc,
+                                              bool(cfg.progress) and main))
+            metrics = _train_and_evaluate(cfg, lm, task, source, data, eval_exs, dev, lrs, tracker, acc)
+            if main:
+                source.write_outputs(run_dir, task, data)
+            out = _metrics_record(cfg, lm, task, source, data, metrics, eval_exs, len(eval_all), dev, acc.num_processes)
+            if not source.private_fit:  # DP-SGD's run time depends on its private Poisson batches
                 out["wall_seconds"] = time.perf_counter() - t0
             tracker.summary({k: v for k, v in out.items() if (isinstance(v, (int, float)) and not isinstance(v, bool))
                              or k in ("per_class_accuracy", "confusion")})
@@ -198,8 +135,36 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 write_json(done, {**out, "config": config})
                 tracker.commit()
                 tracker.log_artifact(artifact_name("metrics", ds.name), "metrics", {METRICS_FILE: done},
-                                     {"accuracy": out["accuracy"], "epsilon": out["epsilon"], "train_source": src})
+                                     {"accuracy": out["accuracy"], "epsilon": out["epsilon"], "train_source": source.name})
     return out
+
+
+def _metrics_record(cfg, lm, task, source, data: TrainingSet, metrics: dict, eval_exs, n_eval_all: int, dev, num_processes: int) -> dict:
+    """metrics.json: the numbers, the split each is from, and the model's privacy ledger."""
+    ds = cfg.dataset
+    privacy = model_privacy(cfg, source, len(dev), metrics.get("dp"))
+    used = data.demos or data.examples
+    carve = carve_summary(ds, n_eval_all)
+    split_name = (f"{ds.train_split}[carved eval]" if carve else f"{ds.eval_split}") + (
+        f"[{len(eval_exs)}/{n_eval_all} fixed subset]" if len(eval_exs) < n_eval_all else "")
+    dev_name = f"{ds.train_split}[dev hash bucket, {len(dev)}]"
+    return {
+        "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "per_class_accuracy": metrics["per_class_accuracy"],
+        "dev_accuracy": metrics.get("dev_accuracy"),
+        "splits": {"accuracy": split_name, "macro_f1": split_name, "per_class_accuracy": split_name, "confusion": split_name,
+                   "dev_accuracy": dev_name, "lr_selection": dev_name},
+        "train_source": source.name, "n_train": len(used),
+        "train_per_class": None if source.private_fit else [sum(e.label == k for e in used) for k in range(task.num_classes)],
+        "seed": int(cfg.seed), "epsilon": privacy["epsilon"] if privacy else None,
+        "delta": privacy["delta"] if privacy else None, "privacy": privacy,
+        "finetuner": cfg.finetuner._target_.rsplit(".", 1)[-1] if source.trains else None,
+        "lr": metrics.get("lr"), "lr_selection": metrics.get("lr_selection"),
+        "eval_limit": int(cfg.finetune.eval_limit), "n_eval": len(eval_exs), "n_dev": len(dev), "carve": carve,
+        "num_processes": num_processes,
+        "confusion": metrics["confusion"], "model": lm.name, "dataset": ds.name,
+        **{k: v for k, v in metrics.items() if k in ("train_seconds", "steps", "final_loss", "trainable_params", "dp")},
+        "train_info": data.info,
+    }
 
 
 class NullTracker:
@@ -220,9 +185,7 @@ class NullTracker:
         pass
 
 
-def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs, tracker, acc=None) -> dict:
-    from tqdm.auto import tqdm
-
+def _train_and_evaluate(cfg, lm, task, source, data: TrainingSet, eval_exs, dev, lrs, tracker, acc=None) -> dict:
     show = bool(cfg.progress) and (acc is None or acc.is_main_process)
 
     def bar(name):  # progress=false, or a rank other than 0: no bar
@@ -230,8 +193,8 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
 
     bs = cfg.finetune.eval_batch_size
     mtt = cfg.finetuner.max_text_tokens
-    if src in ("none", "fewshot"):
-        ctx = fewshot_context(task, demos, cfg.seed) if src == "fewshot" else None
+    if not source.trains:  # zero-shot, or few-shot in context
+        ctx = fewshot_context(task, data.demos, cfg.seed) if data.demos else None
         res = evaluate(lm.model, task, eval_exs, bs, mtt, ctx, accelerator=acc, desc=bar("evaluate"))
         out = res.to_dict()
         if dev:
@@ -244,25 +207,18 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
     for i, lr in enumerate(lrs):
         ft = build(OmegaConf.merge(cfg.finetuner, {"lr": lr}))
         model = ft.prepare(copy.deepcopy(base) if len(lrs) > 1 else base)
-
-        total = ft.num_steps(len(train_exs))  # DP-SGD runs as many (noisy) steps
-        pbar = tqdm(total=total, desc=f"finetune lr={lr:g}" if len(lrs) > 1 else "finetune", unit="step", disable=not show)
+        pbar = tqdm(total=source.num_steps(ft, len(data.examples)), desc=f"finetune lr={lr:g}" if len(lrs) > 1 else "finetune",
+                    unit="step", disable=not show)
 
         def on_step(rec, i=i, lr=lr, pbar=pbar):
             rec_log = {"train/lr": rec["lr"], "lr_run": i, "lr_value": lr}
             pbar.update(1)
-            if src != "dpsgd":  # DP-SGD's batch loss is computed from private records without noise: never logged
+            if not source.private_fit:  # DP-SGD's batch loss is computed from private records without noise: never logged
                 rec_log["train/loss"] = rec["loss"]
                 pbar.set_postfix(loss=f"{rec['loss']:.4f}")
             tracker.log(rec_log, step=step0 + rec["step"])
 
-        if src == "dpsgd":
-            from ..finetune.dpsgd import dpsgd_fit
-
-            t = cfg.train
-            fit = dpsgd_fit(ft, model, task, train_exs, t.epsilon, t.delta, t.clip_norm, t.accountant, t.microbatch, on_step)
-        else:
-            fit = ft.fit(model, task, train_exs, on_step, accelerator=acc)
+        fit = source.fit(ft, model, task, data.examples, on_step, accelerator=acc)
         pbar.close()
         step0 += fit.steps
         dev_acc = evaluate(model, task, dev, bs, mtt, accelerator=acc, desc=bar("dev")).accuracy if dev else None
@@ -277,7 +233,7 @@ def _train_and_evaluate(cfg, lm, task, src, train_exs, demos, eval_exs, dev, lrs
     out = res.to_dict()
     out.update(lr=lr, lr_selection=selection if len(lrs) > 1 else None, dev_accuracy=selection[str(lr)], train_seconds=fit.seconds,
                steps=fit.steps, final_loss=fit.losses[-1] if fit.losses else None, trainable_params=fit.trainable_params)
-    if src == "dpsgd":  # the loss and run time of private batches are statistics of the private data
+    if source.private_fit:  # the loss and run time of private batches are statistics of the private data
         out["dp"] = fit.extra
         out.pop("final_loss")
         out.pop("train_seconds")

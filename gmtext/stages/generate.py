@@ -19,15 +19,14 @@ from tqdm.auto import tqdm
 
 from ..config import build
 from ..artifacts import RESUME_FREE_KEYS, check_resume, config_record, read_json, read_jsonl, record_config, run_lock, write_json, write_jsonl
-from ..data import Task
-from ..gradients import MatchedParams
 from ..matching.objective import MatchingObjective
 from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
-from ..models import check_fits_context, load_model, quiet_kv_cache_rename
-from ..sketch import expand_specs
-from ..tracking import artifact_name, make_tracker
-from .release import Release, load_or_make_release, makes_dp_release, release_artifact
+from ..models import check_fits_context, quiet_kv_cache_rename
+from ..privacy.release import Release
+from ..runtime import (build_task, load_generator_model, load_or_make_release, makes_dp_release, matched_params, release_artifact,
+                       start, synthetic_artifact)
+from ..tracking import make_tracker
 
 SYNTHETIC_FILE = "synthetic.jsonl"
 
@@ -37,26 +36,9 @@ def batch_seed(seed: int, batch: int) -> int:
     return (seed * 1_000_003 + batch * 7919) % (2**63 - 1)
 
 
-def build_task(cfg: DictConfig, tokenizer) -> Task:
-    ds = cfg.dataset
-    return Task(tokenizer, ds.template, list(ds.label_names), list(ds.verbalizers), start_token=cfg.model.start_token)
-
-
-def load_generator_model(cfg: DictConfig):
-    m = cfg.model
-    return load_model(m.name, device=m.device, dtype=m.dtype, attn_implementation=m.attn_implementation, tiny_hidden=m.tiny_hidden, tiny_layers=m.tiny_layers)
-
-
-def obtain_release(cfg: DictConfig, run_dir: Path, lm, task: Task, matched: MatchedParams) -> Release:
-    """Load the configured release, resume the run dir's own, or make one from real data."""
-    return load_or_make_release(cfg, run_dir / "release", lm, task, matched, existing=cfg.release)[0]
-
-
 def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Generate the synthetic set into run_dir; returns summary metrics."""
     run_dir = Path(run_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.shard.count < 1 or not 0 <= cfg.shard.index < cfg.shard.count:
         raise ValueError(f"shard.index={cfg.shard.index} / shard.count={cfg.shard.count}: need 0 <= index < count")
     if cfg.num_per_class < 1 or cfg.batch_size < 1:
@@ -72,7 +54,7 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         # before the model and the release: a failure in either ends the tracker's run as failed
         with make_tracker(cfg.logger, run_dir, "generate", config, private=makes_dp_release(cfg, release_dir)) as tracker:
             t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed)
+            start(cfg)
             lm = load_generator_model(cfg)
             model, tok = lm.model, lm.tokenizer
             task = build_task(cfg, tok)
@@ -83,7 +65,7 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
             ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), context_ids)
             if hasattr(projector, "check"):
                 projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
-            matched = MatchedParams(model, expand_specs(cfg.matched_params, cfg.get("sketch")))
+            matched = matched_params(cfg, model)
             release, made = _obtain_release_recorded(cfg, run_dir, lm, task, matched, config)
             art = release_artifact(cfg, release_dir)
             if art is not None:  # made here: this run's output; else an input (linked to its producer's version)
@@ -112,24 +94,6 @@ def check_generate_resume(run_dir: Path, cfg: DictConfig, config: dict) -> dict 
         free = RESUME_FREE_KEYS | ({"num_per_class"} if pool_grows_cleanly(stored, cfg) else set())
         check_resume(run_dir, "generate", config, stored=stored, free=free)
     return stored
-
-
-# What a synthetic set is published with: the file it is read from and the record beside it
-# (its config, summary and privacy ledger).
-SIDECARS = {"synthetic.jsonl": "generate.json", "selected.jsonl": "select.json"}
-
-
-def synthetic_artifact(cfg: DictConfig, path: Path) -> tuple[str, str, dict, dict]:
-    """(name, type, files, metadata) of a set of texts as a tracker artifact: `selected` for a
-    selection, `synthetic` otherwise (a generated pool, a merged or prompted set), with the
-    record beside it when there is one. Producer and consumer build it the same way."""
-    path = Path(path)
-    kind = "selected" if path.name == "selected.jsonl" else "synthetic"
-    files = {path.name: path}
-    side = path.parent / SIDECARS.get(path.name, "")
-    if path.name in SIDECARS and side.exists():
-        files[side.name] = side
-    return artifact_name(kind, cfg.dataset.name), kind, files, {"dataset": cfg.dataset.name}
 
 
 def _stored_config(run_dir: Path) -> dict | None:
@@ -161,6 +125,7 @@ def _obtain_release_recorded(cfg, run_dir: Path, lm, task, matched, config: dict
     release fails, since then nothing was written that a resume could reuse."""
     fresh = record_config(run_dir, "generate", config)
     try:
+        # the configured release, the run dir's own (resumed), or one made from real data
         rel, reused = load_or_make_release(cfg, run_dir / "release", lm, task, matched, existing=cfg.release)
         return rel, not reused
     except BaseException:

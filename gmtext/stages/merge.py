@@ -48,7 +48,7 @@ def _release_dir(shard: Path, cfg: dict) -> Path:
 
 
 def release_identity(rdir: Path) -> dict:
-    from .release import META_FILE, PRIVACY_FILE, RELEASE_FILE
+    from ..privacy.release import META_FILE, PRIVACY_FILE, RELEASE_FILE  # here: gmtext-merge starts without torch
 
     meta = read_json(rdir / META_FILE)
     privacy = read_json(rdir / PRIVACY_FILE)

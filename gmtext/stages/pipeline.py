@@ -20,16 +20,18 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts import read_json, write_json
+from ..runtime import PROBE_DIR, training_source
 from .finetune import run_finetune
 from .generate import check_generate_resume, run_generate
-from .release import PROBE_DIR, run_release
+from .release import run_release
 from .select import run_select
 
 
 def run_pipeline(cfg: DictConfig, run_dir) -> dict:
     run_dir = Path(run_dir)
-    if cfg.train.source != "synthetic":
-        raise ValueError(f"gmtext-pipeline fine-tunes on its own synthetic set; train={cfg.train.source!r} belongs to gmtext-finetune")
+    source = training_source(cfg).name
+    if source != "synthetic":
+        raise ValueError(f"gmtext-pipeline fine-tunes on its own synthetic set; train={source!r} belongs to gmtext-finetune")
     if "release" in cfg.selector.keys() and not cfg.selector.release:  # selector=margin scoring its own probe
         if not cfg.probe.matched_params:
             raise ValueError("selector=margin in gmtext-pipeline needs probe.matched_params=[...] (a probe release made with "

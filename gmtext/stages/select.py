@@ -9,12 +9,19 @@ import math
 import re
 from pathlib import Path
 
+import torch
+
 from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts import check_resume, record_config, run_lock, write_json, write_jsonl
-from ..config import build
+from ..config import BestMatchSelectorConfig, LabelMarginSelectorConfig, build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
+from ..gradients import MATCH_LOSSES
+from ..matching.rescore import label_fit, label_margin
 from ..privacy.ledger import compose_records, ledger_of
+from ..privacy.release import META_FILE, Release, release_fingerprint
+from ..runtime import PROBE_DIR, build_task, load_generator_model, matched_params, release_artifact, synthetic_artifact
+from ..sketch import specs_for_names
 from ..tracking import make_tracker
 
 
@@ -27,8 +34,12 @@ class BestMatchSelector:
     classes balanced to the same count (the smallest class's, capped at per_class)."""
 
     required = ("text", "label", "match_loss", "perplexity")  # pool fields the score reads
+    uses_probe = False  # True: the pool is scored against a probe release first (label_margin)
+    probe_release: str | None = None  # that release; None: the pool's own <pool run dir>/probe
 
-    def __init__(self, per_class: int = 0, perplexity_weight: float = 0.0, dedupe: bool = True, balance: bool = True):
+    def __init__(self, per_class: int = BestMatchSelectorConfig.per_class,
+                 perplexity_weight: float = BestMatchSelectorConfig.perplexity_weight,
+                 dedupe: bool = BestMatchSelectorConfig.dedupe, balance: bool = BestMatchSelectorConfig.balance):
         if per_class < 0:
             raise ValueError(f"selector.per_class={per_class} must be >= 0 (0 = keep all)")
         self.per_class, self.perplexity_weight, self.dedupe, self.balance = per_class, perplexity_weight, dedupe, balance
@@ -63,13 +74,16 @@ class LabelMarginSelector(BestMatchSelector):
     tell the classes apart); its ε adds to the pool's."""
 
     required = ("text", "label")  # scores any pool of labelled text (e.g. train=prompted's prompted.jsonl)
+    uses_probe = True
 
-    def __init__(self, release: str | None = None, per_class: int = 10, dedupe: bool = True, balance: bool = True,
-                 chunk: int = 8):
+    def __init__(self, release: str | None = LabelMarginSelectorConfig.release, per_class: int = LabelMarginSelectorConfig.per_class,
+                 dedupe: bool = LabelMarginSelectorConfig.dedupe, balance: bool = LabelMarginSelectorConfig.balance,
+                 chunk: int = LabelMarginSelectorConfig.chunk):
         if chunk < 1:
             raise ValueError(f"selector.chunk={chunk} must be >= 1")
         super().__init__(per_class=per_class, dedupe=dedupe, balance=balance)
         self.release, self.chunk = release, chunk
+        self.probe_release = release or None  # None: the pool's own probe release (run_select finds it)
 
     def score(self, row: dict) -> float:
         return -row["label_margin"]
@@ -79,6 +93,8 @@ class NoSelector:
     """Keep the whole pool as generated."""
 
     required = BestMatchSelector.required
+    uses_probe = False
+    probe_release = None
 
     def __call__(self, rows: list[dict]) -> list[dict]:
         return list(rows)
@@ -87,21 +103,13 @@ class NoSelector:
 def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk: int) -> dict:
     """Adds `label_margin` to every row (scored with the probe release's parameters and loss);
     returns the probe release's {epsilon, delta}."""
-    import torch
-
-    from ..gradients import MATCH_LOSSES, MatchedParams
-    from ..matching.rescore import label_fit, label_margin
-    from .generate import build_task, load_generator_model
-    from ..sketch import specs_for_names
-    from .release import Release, release_fingerprint
-
     rel = Release.load(release_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
     # sketch G names attach their branch again (same public k and seed); other names select themselves
-    matched = MatchedParams(lm.model, specs_for_names(rel.param_names))
+    matched = matched_params(cfg, lm.model, specs_for_names(rel.param_names))
     # the release records its loss only through its fingerprint: score with the one it was made with
     fps = {m: release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, m) for m in MATCH_LOSSES}
     match_loss = next((m for m, fp in fps.items() if fp == rel.fingerprint), cfg.match_loss)
@@ -138,8 +146,6 @@ def _pool_file(pool, run_dir: Path) -> Path:
 def _pool_probe(source: Path) -> str:
     """The probe release made with the pool's own release (probe.matched_params), the default
     scoring targets of selector=margin: same records, same budget, same run dir."""
-    from .release import META_FILE, PROBE_DIR
-
     probe = source.parent / PROBE_DIR
     if not (probe / META_FILE).exists():
         raise ValueError(f"selector=margin: no selector.release given and the pool's run dir has no probe release ({probe}); "
@@ -159,16 +165,13 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
         # (a pipeline's fine-tuning) was made from: refuse instead
         check_resume(run_dir, "select", config)
         with make_tracker(cfg.logger, run_dir, "select", config) as tracker:  # before reading and scoring the pool
-            from .generate import synthetic_artifact
-            from .release import release_artifact
-
             if source.exists():
                 tracker.use_artifact(*synthetic_artifact(cfg, source))
             rows = load_synthetic(source, list(cfg.dataset.label_names), selector.required)
             pool_privacy = synthetic_privacy(source) or {}
             probe_privacy = None
-            if isinstance(selector, LabelMarginSelector):
-                probe_dir = selector.release or _pool_probe(source)
+            if selector.uses_probe:
+                probe_dir = selector.probe_release or _pool_probe(source)
                 if (art := release_artifact(cfg, probe_dir)) is not None:
                     tracker.use_artifact(art[0], "release", art[1], art[2])
                 probe_privacy = add_label_margins(cfg, rows, probe_dir, selector.chunk)
