@@ -214,6 +214,7 @@ class Tracker:
         size = self.local.stat().st_size if self.local.exists() else 0
         names = [str(Path(o).relative_to(self.run_dir)) for o in outputs]
         write_text(self.run_dir / COMMIT_FILE, json.dumps({"size": size, "outputs": names}))
+        self._marked = True
 
     def _recover(self) -> None:
         mark = self.run_dir / COMMIT_FILE
@@ -228,10 +229,14 @@ class Tracker:
             if keep < len(data):
                 with open(self.local, "r+b") as f:
                     f.truncate(keep)
-        self.commit()
+        # the start mark is written with the first record, not here: a stage that fails on bad
+        # input before logging anything leaves no file behind
+        self._marked = False
 
     def _mirror(self, rec: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self._marked:  # what follows belongs to this (unfinished) work until commit()
+            self.commit()
         with open(self.local, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, default=_num) + "\n")
 

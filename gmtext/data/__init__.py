@@ -133,13 +133,13 @@ def _quiet_datasets():
     network (it does one per load_dataset call, even for a local file, unless offline), and
     nothing in the job log (it logs a parse error before raising it, the DataError says it
     once; and its debug records of cache locks are noise there)."""
+    import datasets  # first: its import sets its logger's level (DATASETS_VERBOSITY), which would undo ours
+
     loggers = [logging.getLogger(n) for n in _LIBRARY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        import datasets
-
         counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         try:
