@@ -345,7 +345,7 @@ def test_disk_full_keeps_previous_complete_file(compose, tmp_path, monkeypatch):
     pool = tmp_path / "pool.jsonl"
     write_jsonl(pool, [{"text": f"t{i}", "label": i % 2, "match_loss": i / 10, "perplexity": 2.0} for i in range(10)])
     run = tmp_path / "sel"
-    run_select(compose(["logger=none", f"pool={pool}"], config_name="select"), run)
+    run_select(compose(["logger=none", "selector=best", f"pool={pool}"], config_name="select"), run)
     before = (run / "selected.jsonl").read_bytes()
 
     def full(fd):
@@ -355,7 +355,7 @@ def test_disk_full_keeps_previous_complete_file(compose, tmp_path, monkeypatch):
     write_jsonl(pool, [{"text": f"t{i}", "label": i % 2, "match_loss": 1 - i / 10, "perplexity": 2.0} for i in range(10)])
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as e:
-        run_select(compose(["logger=none", f"pool={pool}"], config_name="select"), run)
+        run_select(compose(["logger=none", "selector=best", f"pool={pool}"], config_name="select"), run)
     assert e.value.errno == errno.ENOSPC
     assert error_line(e.value) == f"cannot write {run / 'selected.jsonl'}: No space left on device; choose a writable hydra.run.dir with free space"
     assert (run / "selected.jsonl").read_bytes() == before  # the previous complete file survives
@@ -412,7 +412,7 @@ def test_kill9_select_rerun_gives_the_uninterrupted_result(compose, tmp_path):
     write_jsonl(pool, [{"text": f"synthetic text {i} " + "word " * (i % 40), "label": i % 2, "match_loss": ((i * 7919) % 1000) / 1000,
                         "perplexity": 1.0 + i % 97, "batch": i // 10} for i in range(20_000)])
     run = tmp_path / "killed"
-    cmd = console("select") + ["logger=none", f"pool={pool.parent}", f"hydra.run.dir={run}"]
+    cmd = console("select") + ["logger=none", "selector=best", f"pool={pool.parent}", f"hydra.run.dir={run}"]
     p = start(cmd, tmp_path / "p.log", slow_fsync=3)  # a slow disk: the kill lands mid-write
     wait_for(lambda: any(run.glob(".selected.jsonl.*.tmp")), p, what="selected.jsonl being written")
     kill9(p)
@@ -420,7 +420,7 @@ def test_kill9_select_rerun_gives_the_uninterrupted_result(compose, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     ref = tmp_path / "uninterrupted"
-    run_select(compose(["logger=none", f"pool={pool.parent}"], config_name="select"), ref)
+    run_select(compose(["logger=none", "selector=best", f"pool={pool.parent}"], config_name="select"), ref)
     assert (run / "selected.jsonl").read_bytes() == (ref / "selected.jsonl").read_bytes()
     assert len(read_jsonl(run / "selected.jsonl")) == 20_000
 
