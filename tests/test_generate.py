@@ -158,8 +158,11 @@ def test_release_reuse_and_fingerprint(compose, tmp_path):
 
 
 def test_embedding_only_and_nearest(compose, tmp_path):
-    base = [o for o in FAST if not o.startswith(("projector.", "matcher."))]
-    s = run_generate(compose(base + ["matcher=embedding_only", "matcher.outer_steps=1", "matcher.inner_steps=2", "projector=nearest"]), tmp_path)
+    # debug=tiny tunes the default lm_topk projector (sim_weight), a key projector=nearest does not have
+    base = ["model=tiny_llama", "logger=none", "selector=best", "matched_params=[lm_head]", "match_loss=full_vocab"] + [
+        o for o in FAST if not o.startswith(("projector.", "matcher.", "debug="))]
+    s = run_generate(compose(base + ["matcher=embedding_only", "matcher.outer_steps=1", "matcher.inner_steps=2", "matcher.objective=batch",
+                                     "projector=nearest"]), tmp_path)
     assert s["examples"] == 8
     # per batch: one x-run with no ADMM penalty and no intermediate projection, then the final
     # projection, whose best loss is what the batch's rows record as their class loss
