@@ -131,10 +131,10 @@ class EmbeddingOnlyConfig:
     grad_clip: float = 1.0
     distance: Distance = Distance.cos
     init: Init = Init.lm_sample
-    init_candidates: int = 8
+    init_candidates: int = 4
     init_temperature: float = 1.0
     closed_form: bool = True
-    objective: Objective = Objective.sequence
+    objective: Objective = Objective.batch
 
 
 @dataclass
@@ -142,7 +142,7 @@ class LMTopKConfig:
     _target_: str = "gmtext.matching.projectors.LMTopKProjector"
     topk: int = 200
     metric: Metric = Metric.cos
-    sim_weight: float = 5.0  # >0: bonus for closeness to x (keeps the projection coherent)
+    sim_weight: float = 0.0  # >0: bonus for closeness to x (keeps the projection coherent; the recipe: 5, lm_topk.yaml)
     lm_candidates: int = 0  # >0: also offer the LM's m likeliest tokens at every position
 
 

@@ -129,7 +129,7 @@ def makes_dp_release(cfg: DictConfig, release_dir: Path) -> bool:
     return bool(getattr(mech, "private", True)) and not cfg.get("release") and not (Path(release_dir) / META_FILE).exists()
 
 
-def release_artifact(cfg: DictConfig, release_dir) -> tuple[str, dict, dict] | None:
+def release_artifact(cfg: DictConfig, release_dir, kind: str = "release") -> tuple[str, dict, dict] | None:
     """(name, files, metadata) of a finished release dir as a tracker artifact; None when it
     holds none. Everything in it is meant for publication: the noisy targets (exact means
     only under privacy=none) and their ledger."""
@@ -137,7 +137,9 @@ def release_artifact(cfg: DictConfig, release_dir) -> tuple[str, dict, dict] | N
     if not (d / META_FILE).exists():
         return None
     privacy, meta = read_json(d / PRIVACY_FILE), read_json(d / META_FILE)
-    return (artifact_name("release", cfg.dataset.name), {f: d / f for f in (RELEASE_FILE, META_FILE, PRIVACY_FILE)},
+    # kind: "release" (the generator's targets) or "probe" (the margin probe's): two names, so the
+    # probe does not become the newest version of the generator's release
+    return (artifact_name(kind, cfg.dataset.name), {f: d / f for f in (RELEASE_FILE, META_FILE, PRIVACY_FILE)},
             {"epsilon": float(privacy.get("epsilon", math.inf)), "delta": float(privacy.get("delta", 0.0)),
              "mechanism": privacy.get("mechanism"), "fingerprint": meta.get("fingerprint"), "param_names": meta.get("param_names")})
 

@@ -449,8 +449,10 @@ def test_pipeline_multirun_is_one_group_of_named_runs_linked_by_artifacts(offlin
             assert run.display_name == f"{stage}-seed{job}-job{job}"
             assert [x.exit.exit_code for x in recs if x.WhichOneof("record_type") == "exit"] == [0]
         arts = {stage: a for stage, (_, a, _) in runs.items()}
-        assert set(arts["release"]) == {("out", "release")}
+        assert set(arts["release"]) == {("out", "release"), ("out", "probe")}  # selector=margin: the probe, same budget
         assert arts["generate"][("use", "release")] == arts["release"][("out", "release")]
+        assert arts["select"][("use", "probe")] == arts["release"][("out", "probe")]
+        assert arts["release"][("out", "probe")][0] == "probe-demo"
         assert arts["select"][("use", "synthetic")] == arts["generate"][("out", "synthetic")]
         assert arts["finetune"][("use", "selected")] == arts["select"][("out", "selected")]
         assert arts["finetune"][("out", "metrics")][0] == "metrics-demo"

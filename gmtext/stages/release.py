@@ -55,7 +55,7 @@ def run_release(cfg, run_dir) -> dict:
             write_json(run_dir / "release_summary.json", summary)
             tracker.summary({k: v for k, v in summary.items() if k not in ("release_dir", "probe_dir")})
             tracker.commit()
-            for d in (out, run_dir / PROBE_DIR):  # the probe release, made with it from the same budget
-                if (art := release_artifact(cfg, d)) is not None:
-                    tracker.log_artifact(art[0], "release", art[1], art[2])
+            for d, kind in ((out, "release"), (run_dir / PROBE_DIR, "probe")):  # the probe: made with it, same budget
+                if (art := release_artifact(cfg, d, kind)) is not None:
+                    tracker.log_artifact(art[0], kind, art[1], art[2])
     return summary

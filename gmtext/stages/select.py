@@ -172,8 +172,8 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
             probe_privacy = None
             if selector.uses_probe:
                 probe_dir = selector.probe_release or _pool_probe(source)
-                if (art := release_artifact(cfg, probe_dir)) is not None:
-                    tracker.use_artifact(art[0], "release", art[1], art[2])
+                if (art := release_artifact(cfg, probe_dir, "probe")) is not None:
+                    tracker.use_artifact(art[0], "probe", art[1], art[2])
                 probe_privacy = add_label_margins(cfg, rows, probe_dir, selector.chunk)
             chosen = selector(rows)
             record_config(run_dir, "select", config)
