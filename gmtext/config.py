@@ -224,8 +224,8 @@ class ShardConfig:
 @dataclass
 class FullFineTunerConfig:
     _target_: str = "gmtext.finetune.trainer.FullFineTuner"
-    # lr 1e-5, batch 8, 10 epochs: the measured tables' recipe. 3 epochs at batch 16 gave 6 steps at
-    # N = 20 and under-trained every small row (imdb real-20: 75.0% against 85.4%).
+    # lr 1e-5, batch 8, 10 epochs: the recipe every table row was measured with (30 steps at N = 20;
+    # 3 epochs at batch 16 would be 6 steps there, too few for a small set).
     lr: float = 1e-5
     epochs: int = 10
     max_steps: int = 0  # 0 = use epochs
