@@ -127,7 +127,7 @@ def strip_timing(obj):
 # ============================================================ bad input → one line, exit 2
 def test_unknown_group_option_is_one_line(tmp_path):
     line = one_line_error(cli("generate", "projector=fancy", f"hydra.run.dir={tmp_path / 'run'}"), "generate")
-    assert line == "gmtext-generate: error: Could not find 'projector/fancy'; available options: lm_topk, nearest"
+    assert line == "gmtext-generate: error: Could not find 'projector/fancy'; available options: lm_topk, lm_topk_paper, nearest"
     assert not (tmp_path / "run").exists()
 
 
