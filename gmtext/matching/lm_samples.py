@@ -15,14 +15,12 @@ from .admm import ADMMMatcher, MatchResult
 
 
 class LMSampleMatcher(ADMMMatcher):
-    outer_steps = 0  # no ADMM step: the tracker's step axis has one point per batch
-
     def __init__(self, *, init: str = LMSamplesConfig.init, init_candidates: int = LMSamplesConfig.init_candidates,
                  init_temperature: float = LMSamplesConfig.init_temperature, distance: str = LMSamplesConfig.distance,
                  closed_form: bool = LMSamplesConfig.closed_form, objective: str = LMSamplesConfig.objective):
         super().__init__(init=init, init_candidates=init_candidates, init_temperature=init_temperature,
                          distance=distance, closed_form=closed_form, objective=objective)
-        self.outer_steps = 0
+        self.outer_steps = 0  # no ADMM step: the tracker's step axis has one point per batch
 
     def run(self, obj, projector, ctx, num_classes: int, batch_size: int, length: int, gen: torch.Generator,
             on_step=None) -> MatchResult:
