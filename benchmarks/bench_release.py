@@ -6,7 +6,12 @@
 Rows (same texts, same run, after one warm-up chunk):
 * sketch_hooks: clipped_sum(method="sketch_hooks") on sketch:KxK:0:<layers>, --n texts;
 * vmap (sketch): the same parameters through the generic vmap path, --vmap-n texts;
-* vmap (raw): final_norm + last block raw parameters (what releases matched before), --vmap-n texts.
+* vmap (raw): final_norm + last block raw parameters (what releases matched before), --vmap-n texts;
+* loop (sketch): one backward per example on the sketch parameters, --loop-n texts;
+* generator + probe, two passes vs one pass: the private recipe's two sketched releases
+  (--gen-layers, --layers) made one after the other, then from one hook pass
+  (mechanism.clipped_sums_parts), --n texts each.
+--vmap-n 0 / --loop-n 0 skip those rows.
 Each row gives ms per example and the wall time for all 8,530 rotten-tomatoes train reviews,
 *extrapolated* linearly from the texts it timed (said so in the row). The sketch rows also
 check that hooks and vmap give the same clipped sum on their common texts.
@@ -45,16 +50,20 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", default=r"layers\.1[0-9]\.", help="regex over nn.Linear names to sketch")
+    ap.add_argument("--layers", default="middle_blocks", help="regex over nn.Linear names to sketch (or middle_blocks, last_blocks:K)")
     ap.add_argument("--k", type=int, default=16, help="k_in = k_out per matrix")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--vmap-n", type=int, default=8)
+    ap.add_argument("--loop-n", type=int, default=4)
+    ap.add_argument("--gen-layers", default="last_blocks:1", help="the generator's sketched blocks (the probe's: --layers)")
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.quick:
-        a.n, a.vmap_n, a.chunk = 8, 4, 4
+        a.n, a.vmap_n, a.loop_n, a.chunk = 8, 4, 2, 4
+    if min(a.n, a.vmap_n, a.loop_n, a.chunk) < 0 or a.n < 1 or a.chunk < 1:
+        raise SystemExit(f"bench_release: --n {a.n} and --chunk {a.chunk} must be >= 1, --vmap-n {a.vmap_n} and --loop-n {a.loop_n} >= 0")
     if a.threads:
         torch.set_num_threads(a.threads)
     lm = load_model(a.model)
@@ -100,13 +109,30 @@ def main(argv=None) -> dict:
     spec = f"sketch:{a.k}x{a.k}:0:{a.layers}"
     mp = MatchedParams(model, [spec])
     row(f"sketch_hooks {a.k}x{a.k} {a.layers}", mp, "sketch_hooks", texts)
-    slow = row(f"vmap (sketch) {a.k}x{a.k} {a.layers}", mp, "vmap", texts[: a.vmap_n])
-    ref = M.clipped_sum(model, task, mp, texts[: a.vmap_n], 0, 1.0, 64, a.chunk, "sketch_hooks", vocab)
-    err = max(((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(ref.sums, slow.sums))
-    rows[-1]["max_rel_err_vs_hooks"] = err
+    for method, n in (("vmap", a.vmap_n), ("loop", a.loop_n)):
+        if n:
+            slow = row(f"{method} (sketch) {a.k}x{a.k} {a.layers}", mp, method, texts[:n])
+            fast = M.clipped_sum(model, task, mp, texts[:n], 0, 1.0, 64, a.chunk, "sketch_hooks", vocab)
+            rows[-1]["max_rel_err_vs_hooks"] = max(((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(fast.sums, slow.sums))
+            print(f"  hooks vs {method} clipped sums, max relative error: {rows[-1]['max_rel_err_vs_hooks']:.2e}")
+    # the private recipe's two releases: one after the other, then from one pass
+    gen = MatchedParams(model, [f"sketch:{a.k}x{a.k}:0:{a.gen_layers}"])
+    row(f"generator alone: sketch_hooks {a.gen_layers}", gen, "sketch_hooks", texts)
+    mp.activate()
+    t0, c0 = time.perf_counter(), time.process_time()
+    M.clipped_sums_parts(model, task, [gen, mp], texts, 0, 1.0, 64, a.chunk, vocab)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    probe_alone = next(r for r in rows if r["path"] == f"sketch_hooks {a.k}x{a.k} {a.layers}")
+    two = rows[-1]["seconds"] + probe_alone["seconds"]
+    rows.append({"path": f"generator + probe, one pass ({a.gen_layers} + {a.layers})", "method": "sketch_hooks (parts)",
+                 "k": gen.numel() + mp.numel(), "texts_timed": len(texts), "seconds": dt, "cpu_seconds": cpu,
+                 "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(texts) * SPLIT / 60, "ms_per_example": 1e3 * dt / len(texts),
+                 "split_minutes_extrapolated": dt / len(texts) * SPLIT / 60, "two_passes_seconds": two, "speedup_vs_two_passes": two / dt})
+    print(f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
+          f"(two passes: {two / len(texts) * SPLIT / 60:.1f} min; {two / dt:.2f}x)", flush=True)
     S.detach(model)
-    row("vmap (raw) final_norm + last block", MatchedParams(model, ["final_norm", "last_blocks:1"]), "vmap", texts[: a.vmap_n])
-    print(f"hooks vs vmap clipped sums, max relative error: {err:.2e}")
+    if a.vmap_n:
+        row("vmap (raw) final_norm + last block", MatchedParams(model, ["final_norm", "last_blocks:1"]), "vmap", texts[: a.vmap_n])
     result = {"benchmark": "release_clipped_sums", "model": a.model, "threads": a.threads, "texts": src,
               "machine_name": socket.gethostname(), "platform": platform.platform(), "torch": torch.__version__,
               "load_average_end": os.getloadavg(), "split_size": SPLIT, "rows": rows}

@@ -49,10 +49,11 @@ class MatchedParams:
         from . import sketch as _sketch
 
         sketch_sel = {}
+        base_names = [n for n, _ in model.named_parameters(remove_duplicate=False) if not _sketch.is_sketch_name(n)]
         for s in specs:
             if s.startswith(_sketch.PREFIX):
                 k_in, k_out, seed, pattern = _sketch.parse_spec(s)
-                sketch_sel[s] = _sketch.attach(model, pattern, k_in, k_out, seed)
+                sketch_sel[s] = _sketch.attach(model, block_regex(pattern, base_names), k_in, k_out, seed)
         names = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not _sketch.is_sketch_name(n)}
         all_names = dict(model.named_parameters(remove_duplicate=False))
         head_names = {n for n, p in names.items() if any(p is q for q in head.parameters())}
@@ -100,6 +101,24 @@ class MatchedParams:
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+
+def block_regex(pattern: str, param_names) -> str:
+    """A sketch spec's module pattern: `middle_blocks` and `last_blocks:K` name blocks relative to
+    the model's depth (one recipe for any model), anything else is a regex over module names."""
+    if pattern != MIDDLE_BLOCKS and not pattern.startswith("last_blocks:"):
+        return pattern
+    blocks = block_prefixes(param_names)
+    if pattern == MIDDLE_BLOCKS:
+        pre = middle_third(blocks)
+    else:
+        k = pattern.split(":", 1)[1]
+        if not (k.isdigit() and 1 <= int(k) <= len(blocks)):
+            raise ValueError(f"matched_params entry sketch:{pattern!r}: model has {len(blocks)} blocks; use last_blocks:1..{len(blocks)}")
+        pre = blocks[-int(k):]
+    if not pre:
+        raise ValueError(f"matched_params entry sketch:{pattern!r}: the model has no numbered blocks")
+    return "^(" + "|".join(re.escape(b) for b in pre) + ")"
 
 
 def middle_third(blocks: list) -> list:

@@ -24,6 +24,8 @@ Spec syntax in ``matched_params`` (see `MatchedParams`):
 
 * ``sketch:<K_IN>x<K_OUT>:<SEED>:<regex>``: full form; sketch every nn.Linear whose module name
   matches <regex> (re.search), e.g. ``sketch:16x16:0:layers\\.(1[0-9])\\.``.
+* ``<regex>`` may also be ``middle_blocks`` or ``last_blocks:K``: the blocks of the same names in
+  `MatchedParams`, relative to the model's depth (``sketch:16x16:0:middle_blocks``).
 * ``sketch:<regex>``: short form, filled in from the config's ``sketch.k_in/k_out/seed`` by
   `expand_specs` (the CLI does this before any stage runs).
 

@@ -290,3 +290,30 @@ def test_probe_in_a_sketch_space(compose, tmp_path):
     assert all("gm_sketch.G_v1_4x2_s0" in n for n in probe.param_names)
     assert sum(t.numel() for t in probe.targets[0]) == 8 * len(probe.param_names)
     assert probe.privacy["per_example_gradients"] == "sketch_hooks" and probe.epsilon == pytest.approx(s["epsilon"])
+
+
+def test_sketched_generator_and_probe_in_one_pass(compose, tmp_path, monkeypatch):
+    """Both parts sketched: the joint release reads every record once (one hook pass per chunk,
+    not one per part), and its clipped targets equal the ones two separate releases make."""
+    import gmtext.sketch as S
+
+    calls = []
+    real = S.per_example_grads_hooks
+    monkeypatch.setattr(S, "per_example_grads_hooks", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    common = ["debug=tiny", "progress=false", "privacy.clip_norm=1e-3", "sketch.k_in=4", "sketch.k_out=2"]
+    gen_spec, probe_spec = "matched_params=[sketch:last_blocks:1]", "sketch:middle_blocks"
+    R.run_release(compose(common + [gen_spec, f"probe.matched_params=[{probe_spec}]"], config_name="release"), tmp_path / "joint")
+    one_pass = sum(calls)
+    R.run_release(compose(common + [gen_spec], config_name="release"), tmp_path / "gen")
+    R.run_release(compose(common + [f"matched_params=[{probe_spec}]"], config_name="release"), tmp_path / "probe")
+    assert sum(calls) - one_pass == 2 * one_pass  # two separate releases read every record twice, the joint one once
+    for joint, alone in ((tmp_path / "joint" / "release", tmp_path / "gen" / "release"),
+                         (tmp_path / "joint" / "probe", tmp_path / "probe" / "release")):
+        a, b = P.Release.load(joint), P.Release.load(alone)
+        assert a.param_names == b.param_names
+        for ta, tb in zip(sum(a.targets, []), sum(b.targets, [])):
+            assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-9)
+    calls.clear()
+    R.run_release(compose(common[:2] + ["privacy=dp", "sketch.k_in=4", "sketch.k_out=2", gen_spec, f"probe.matched_params=[{probe_spec}]"],
+                          config_name="release"), tmp_path / "dp")
+    assert sum(calls) == one_pass and P.Release.load(tmp_path / "dp" / "probe").privacy["probe_budget_share"] == 0.5

@@ -146,3 +146,36 @@ def test_config_sketch_block_expands(compose):
     cfg = compose(["matched_params=[sketch:mlp,final_norm]", "sketch.k_in=32", "sketch.seed=5"], "release")
     _expand_sketch_specs(cfg)
     assert list(cfg.matched_params) == ["sketch:32x16:5:mlp", "final_norm"]
+
+
+def test_sketch_block_names_are_depth_relative():
+    """sketch:..:middle_blocks / last_blocks:K pick the same blocks as the raw specs, on any depth."""
+    model = load_model("tiny-llama", tiny_layers=6).model
+    mid = MatchedParams(model, ["sketch:4x4:0:middle_blocks"])
+    assert {n.split(".")[2] for n in mid.names} == {"2", "3"}  # blocks [6//3, 2*6//3)
+    assert len(mid.names) == 2 * 7  # every Linear of those blocks (q, k, v, o, gate, up, down)
+    last = MatchedParams(model, ["sketch:4x4:0:last_blocks:1"])
+    assert {n.split(".")[2] for n in last.names} == {"5"} and len(last.names) == 7
+    with pytest.raises(ValueError, match="last_blocks:1..6"):
+        MatchedParams(model, ["sketch:4x4:0:last_blocks:7"])
+
+
+@pytest.mark.parametrize("match_loss", ["full_vocab", "verbalizer"])
+def test_one_pass_over_parts_equals_one_pass_per_part(fresh, match_loss):
+    """The joint release's single pass clips each part on its own, exactly as separate passes do
+    (parts may share tensors: here both read block 1's down_proj)."""
+    from gmtext.gradients import label_and_vocab
+
+    model, task = fresh
+    gen = MatchedParams(model, [r"sketch:6x5:3:layers\.1\."])
+    probe = MatchedParams(model, [r"sketch:6x5:3:layers\.0\.", r"sketch:6x5:3:layers\.1\.mlp\.down_proj$"])
+    label, vocab = label_and_vocab(task, 1, match_loss, "cpu")
+    clip = 1e-3  # below every norm: every example is clipped, so a wrong per-part norm shows
+    joint = M.clipped_sums_parts(model, task, [gen, probe], TEXTS * 2, label, clip, chunk=3, vocab=vocab)
+    for mp, got in zip([gen, probe], joint):
+        want = M.clipped_sum(model, task, mp.activate(), TEXTS * 2, label, clip, chunk=3, method="sketch_hooks", vocab=vocab)
+        assert torch.allclose(got.norms, want.norms, rtol=1e-4) and (want.norms > clip).all()
+        for g, w in zip(got.sums, want.sums):
+            assert rel_err(g, w) < 1e-4
+    with pytest.raises(ValueError, match="sketch_hooks"):
+        M.clipped_sums_parts(model, task, [gen, MatchedParams(model, ["final_norm"])], TEXTS, label, clip)

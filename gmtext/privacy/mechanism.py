@@ -19,6 +19,8 @@ Per-example gradients, three paths that give the same numbers (tested):
 * ``sketch_hooks`` (every matched tensor is a sketch G, gmtext/sketch.py): one batched
   forward that records each branch's a = P_inᵀ x, one backward to the branches' outputs,
   and per-example ∂L/∂G = Σ_t (∂L/∂z_t) a_tᵀ over each row's real tokens; ``auto`` picks it.
+  `clipped_sums_parts` runs it once for several sketched parameter sets (the generator's and
+  the probe's releases), each clipped on its own: one pass over the data instead of one per set.
 
 The noise itself comes from privacy/noise.py (the OS CSPRNG), never from a seeded generator.
 """
@@ -210,3 +212,57 @@ def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label
         if on_chunk:
             on_chunk(len(idx))
     return ClippedSum(sums, norms, len(texts))
+
+
+class _Union:
+    """The union of several MatchedParams on one model, each name once (what one hook pass reads)."""
+
+    def __init__(self, parts: Sequence[MatchedParams]):
+        self.model = parts[0].model
+        chosen = {}
+        for mp in parts:
+            if mp.model is not self.model:
+                raise ValueError("clipped_sums_parts: every part must live on the same model")
+            chosen.update(zip(mp.names, mp.params))
+        self.names, self.params = list(chosen), list(chosen.values())
+        self.specs = [s for mp in parts for s in mp.specs]
+        self.head_only = False
+
+    def activate(self) -> "_Union":
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        return self
+
+
+def clipped_sums_parts(model, task, parts: Sequence[MatchedParams], texts: Sequence[str], label_id: int, clip_norm: float,
+                       max_text_tokens: int | None = None, chunk: int = 16, vocab=None, on_chunk=None) -> list[ClippedSum]:
+    """`clipped_sum` for several all-sketch parameter sets from one forward/backward per chunk:
+    part j's per-example gradient is clipped to `clip_norm` over part j's tensors alone, exactly
+    as separate `clipped_sum` calls would (tested), so each part stays its own Gaussian mechanism
+    with sensitivity 2C; the backward reaches the earliest sketched layer of any part once."""
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
+    for mp in parts:
+        _check_method("sketch_hooks", mp)
+    from ..sketch import per_example_grads_hooks
+
+    union = _Union(parts).activate()
+    where = {n: i for i, n in enumerate(union.names)}
+    index = [[where[n] for n in mp.names] for mp in parts]
+    texts = list(texts)
+    order = sorted(range(len(texts)), key=lambda j: len(task.encode_text(texts[j])))  # similar lengths: less padding
+    sums = [[torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in mp.params] for mp in parts]
+    norms = [torch.zeros(len(texts)) for _ in parts]
+    for i in range(0, len(texts), chunk):
+        idx = order[i : i + chunk]
+        grads = per_example_grads_hooks(model, task, union, [texts[j] for j in idx], label_id, max_text_tokens, vocab)
+        for acc, nr, ix in zip(sums, norms, index):
+            cs, nrm = _clip_materialised([grads[k] for k in ix], clip_norm)
+            for a, c in zip(acc, cs):
+                a += c
+            nr[idx] = nrm.cpu()
+        if on_chunk:
+            on_chunk(len(idx))
+    return [ClippedSum(sm, nr, len(texts)) for sm, nr in zip(sums, norms)]

@@ -30,7 +30,7 @@ from ..data import Task
 from ..gradients import MatchedParams, class_target_gradients, label_and_vocab
 from .accountant import ACCOUNTANTS, ADJACENCIES, calibrate_noise_multiplier, sum_sensitivity, validate_budget
 from .ledger import Ledger, LedgerEntry
-from .mechanism import _check_method, clipped_sum
+from .mechanism import _all_sketch, _check_method, clipped_sum, clipped_sums_parts
 from .noise import SOURCE as NOISE_SOURCE
 from .noise import add_noise
 
@@ -125,6 +125,24 @@ def _clipped_sums(model, task: Task, matched: MatchedParams, texts_by_class, cli
     bar.close()
 
 
+def _clipped_sums_parts(model, task: Task, parts: list[MatchedParams], texts_by_class, clip_norm: float, max_text_tokens: int,
+                        batch_size: int, match_loss: str, progress: bool = False):
+    """`_clipped_sums` of several parameter sets from one pass over the records when every set is
+    sketched (mechanism.clipped_sums_parts); None when they are not (the caller makes one pass
+    per set). Returns [part][class] ClippedSums."""
+    if not all(_all_sketch(mp) for mp in parts):
+        return None
+    dev = next(model.parameters()).device
+    bar = tqdm(total=sum(map(len, texts_by_class)), desc="release (one pass, all parts)", unit="ex", disable=not progress)
+    by_class = []
+    for c, texts in enumerate(texts_by_class):
+        label, vocab = label_and_vocab(task, c, match_loss, dev)
+        by_class.append(clipped_sums_parts(model, task, parts, texts, label, clip_norm, max_text_tokens, batch_size, vocab,
+                                           on_chunk=bar.update))
+    bar.close()
+    return [[cs[j] for cs in by_class] for j in range(len(parts))]
+
+
 # --------------------------------------------------------------------------- privacy=none
 def _non_private_privacy(split: str, records: str, name: str, note: str, **extra) -> dict:
     ledger = Ledger(0.0, [LedgerEntry(name=name, kind="non_private", split=split, records=records, note=note)])
@@ -148,7 +166,9 @@ class NoPrivacy:
     def check_inclusion(self, real_per_class: int | None) -> None:
         """Any inclusion rule is fine without a guarantee to keep."""
 
-    def release(self, model, task: Task, matched: MatchedParams, texts_by_class, inp: ReleaseInputs, name: str = "release") -> Release:
+    def release(self, model, task: Task, matched: MatchedParams, texts_by_class, inp: ReleaseInputs, name: str = "release",
+                sums=None) -> Release:
+        """`sums`: this set's per-class ClippedSums when the caller computed them (release_joint)."""
         if self.clip_norm is None:
             tg = class_target_gradients(model, task, matched, texts_by_class, inp.batch_size, inp.max_text_tokens, inp.match_loss)
             privacy = _non_private_privacy(inp.split, inp.records, name, "non-private: targets are exact means of real-example gradients")
@@ -156,8 +176,8 @@ class NoPrivacy:
         # With a C below every per-example norm the clipped mean weights examples equally: the plain
         # mean is dominated by the examples the model gets most wrong (the verbalizer-loss gradient
         # scales with 1 − p(label)), so for a class the model favours it describes its atypical members.
-        sums = _clipped_sums(model, task, matched, texts_by_class, self.clip_norm, inp.max_text_tokens, inp.batch_size, "auto",
-                             inp.match_loss)
+        sums = sums or _clipped_sums(model, task, matched, texts_by_class, self.clip_norm, inp.max_text_tokens, inp.batch_size,
+                                     "auto", inp.match_loss)
         targets = [[(t / len(texts)).to(p.dtype) for t, p in zip(cs.sums, matched.params)] for texts, cs in zip(texts_by_class, sums)]
         privacy = _non_private_privacy(inp.split, inp.records, name, "non-private: targets are means of real-example gradients clipped "
                                        "to clip_norm, no noise", clip_norm=self.clip_norm, match_loss=inp.match_loss)
@@ -165,9 +185,15 @@ class NoPrivacy:
                        privacy)
 
     def release_joint(self, model, task: Task, parts, texts_by_class, inp: ReleaseInputs, probe_share: float) -> list[Release]:
-        """One release per (matched params, fingerprint) in `parts`, from the same records."""
-        return [self.release(model, task, mp.activate(), texts_by_class, ReleaseInputs(**{**asdict(inp), "fingerprint": fp}))
-                for mp, fp in parts]
+        """One release per (matched params, fingerprint) in `parts`, from the same records (one pass
+        over them when every part is sketched and clipped)."""
+        pre = None
+        if self.clip_norm is not None:
+            pre = _clipped_sums_parts(model, task, [mp for mp, _ in parts], texts_by_class, self.clip_norm, inp.max_text_tokens,
+                                      inp.batch_size, inp.match_loss, inp.progress)
+        pre = pre or [None] * len(parts)
+        return [self.release(model, task, mp.activate(), texts_by_class, ReleaseInputs(**{**asdict(inp), "fingerprint": fp}), sums=sums)
+                for (mp, fp), sums in zip(parts, pre)]
 
     def check_reuse(self, rel: Release) -> None:
         """Refuse a non-private release made with a different clip_norm."""
@@ -268,9 +294,10 @@ class GaussianRelease:
 
     def release_with_details(self, model, task: Task, matched: MatchedParams, texts_by_class, inp: ReleaseInputs, *,
                              name: str = "release", method: str = "auto",
-                             noise_multiplier: float | None = None) -> tuple[Release, DPDetails]:
+                             noise_multiplier: float | None = None, sums=None) -> tuple[Release, DPDetails]:
         """The release and what it added (tests only). `noise_multiplier` given: a share of a
-        budget split by the caller (the ledger composes it)."""
+        budget split by the caller (the ledger composes it); `sums`: this set's per-class
+        ClippedSums when the caller computed them (release_joint's one pass)."""
         num_classes = task.num_classes
         if len(texts_by_class) != num_classes:
             raise ValueError(f"DP release: got texts for {len(texts_by_class)} classes, the task has {num_classes}")
@@ -279,8 +306,8 @@ class GaussianRelease:
         sens = sum_sensitivity(self.clip_norm, self.adjacency)
         sigma = mult * sens
         divisor = self.public_divisor(inp.num_rows, num_classes)
-        sums = list(_clipped_sums(model, task, matched, texts_by_class, self.clip_norm, inp.max_text_tokens, inp.batch_size, method,
-                                  inp.match_loss, inp.progress))
+        sums = sums or list(_clipped_sums(model, task, matched, texts_by_class, self.clip_norm, inp.max_text_tokens, inp.batch_size,
+                                          method, inp.match_loss, inp.progress))
         flat = [t for cs in sums for t in cs.sums]
         noisy, noise_flat = add_noise(flat, sigma)  # one draw per coordinate of the joint vector
         k = len(matched.params)
@@ -324,11 +351,13 @@ class GaussianRelease:
         carry the joint ledger, so the pool, the probe and a selection that uses both all report
         the same ε, at the same δ."""
         mults = split_multipliers(self.noise_multiplier, probe_share)
+        pre = _clipped_sums_parts(model, task, [mp for mp, _ in parts], texts_by_class, self.clip_norm, inp.max_text_tokens,
+                                  inp.batch_size, inp.match_loss, inp.progress) or [None] * len(parts)
         rels = []
-        for name, (mp, fp), mult in zip(("release", "probe"), parts, mults):
+        for name, (mp, fp), mult, sums in zip(("release", "probe"), parts, mults, pre):
             mp.activate()
             rels.append(self.release_with_details(model, task, mp, texts_by_class, ReleaseInputs(**{**asdict(inp), "fingerprint": fp}),
-                                                  name=name, noise_multiplier=mult)[0])
+                                                  name=name, noise_multiplier=mult, sums=sums)[0])
         joint = Ledger(self.delta, [e for r in rels for e in Ledger.from_dict(r.privacy["ledger"]).entries]).to_dict()
         for r in rels:
             r.privacy.update(epsilon=joint["epsilon"], ledger=joint, probe_budget_share=float(probe_share))
