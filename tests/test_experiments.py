@@ -89,6 +89,11 @@ def test_a_choice_specialises_keys_outside_its_group(compose):
     assert compose(["experiment=eps_sweep"]).real_per_class is None  # an experiment's `override /privacy: dp` too
     # the command line still wins (and the release then refuses it with one line)
     assert compose(["privacy=dp", "real_per_class=5"]).real_per_class == 5
+    # privacy=dp reads the data in sketched spaces: the generator's, and the probe's when selector=margin (a pair)
+    dp = compose(["privacy=dp"])
+    assert list(dp.matched_params) == ["sketch:last_blocks:1"] and list(dp.probe.matched_params) == ["sketch:middle_blocks"]
+    assert list(compose(["privacy=dp", "selector=best"]).probe.matched_params) == []
+    assert list(compose(["privacy=dp", "matched_params=[final_norm]"]).matched_params) == ["final_norm"]
     # no margin selector: no probe release spending budget
     assert list(compose(["selector=best"]).probe.matched_params) == []
     assert list(compose(["selector=best", "probe.matched_params=[final_norm]"]).probe.matched_params) == ["final_norm"]
