@@ -1,4 +1,6 @@
 """Gradients, objective, vocabulary, projection and ADMM on a tiny random Llama."""
+import math
+
 import pytest
 import torch
 
@@ -260,3 +262,23 @@ def test_lm_context_only_changes_what_the_lm_conditions_on(tiny):
     assert task.start_ids and ctx == task.start_ids + words + task.prefix_ids[len(task.start_ids):]
     assert len(ctx) > len(task.prefix_ids) and task.lm_context_ids("") == task.prefix_ids
     assert task.encode("x") == task.prefix_ids + task.encode_text("x") + task.suffix_ids  # classification input unchanged
+
+
+def test_admm_logs_primal_and_dual_residuals(tiny):
+    """Each outer step records ‖x − z‖, ρ‖z − z_prev‖ (per token) and the share of tokens that
+    changed. An x that cannot move (lr ≈ 0) keeps its nearest tokens: nothing changes and both
+    residuals are 0; a large lr moves tokens and leaves a gap between x and its projection."""
+    lm, task = tiny
+    obj, ctx = _objective(lm, task, True), _ctx(lm, task)
+    still = ADMMMatcher(outer_steps=3, inner_steps=2, init_candidates=1, init="random", lr=1e-12, rho=2.0)
+    res = still.run(obj, NearestProjector("l2"), ctx, 2, 2, 5, torch.Generator().manual_seed(0))
+    steps = [h for h in res.history if "continuous_loss" in h]
+    assert len(steps) == 3 and all(h["tokens_changed"] == 0 and h["primal_residual"] < 1e-6 for h in steps)
+    assert math.isnan(steps[0]["dual_residual"]) and all(h["dual_residual"] < 1e-6 for h in steps[1:])
+    moving = ADMMMatcher(outer_steps=3, inner_steps=4, init_candidates=1, init="random", lr=0.5, rho=2.0)
+    steps = [h for h in moving.run(obj, NearestProjector("l2"), ctx, 2, 2, 5, torch.Generator().manual_seed(0)).history
+             if "continuous_loss" in h]
+    assert steps[0]["primal_residual"] > 1e-3 and any(h["tokens_changed"] > 0 for h in steps[1:])
+    assert all(0 <= h["tokens_changed"] <= 1 for h in steps)
+    changed = [h for h in steps[1:] if h["tokens_changed"] > 0]
+    assert all(h["dual_residual"] > 0 for h in changed)

@@ -293,3 +293,33 @@ def test_report_on_pipeline_single_run_and_multirun_dirs(report, compose, tmp_pa
     sweep = run_report([root / "multirun" / "sweep"], tmp_path / "rm")  # a multirun sweep dir
     assert len(sweep["runs"]) == 11 and len(sweep["rows"]) == len(ACC)
     capsys.readouterr()
+
+
+def test_paired_by_seed_against_the_twin(tmp_path):
+    """GRADMM vs its matcher=none twin: differences are taken seed by seed (not of the means),
+    per context (here N), only over the seeds both have, with the twin as the reference."""
+    admm, twin = "gmtext.matching.admm.ADMMMatcher", "gmtext.matching.lm_samples.LMSampleMatcher"
+    acc = {(admm, 20): {0: 0.80, 1: 0.70, 2: 0.75}, (twin, 20): {0: 0.78, 1: 0.66, 2: 0.70},
+           (admm, 100): {0: 0.79, 1: 0.81}, (twin, 100): {1: 0.77, 2: 0.60}}
+    i = 0
+    for (target, n), by_seed in acc.items():
+        for seed, a in by_seed.items():
+            d = tmp_path / "runs" / str(i)
+            d.mkdir(parents=True)
+            matcher = {"_target_": target, **({"lr": 0.008} if target == admm else {})}
+            cfg = {"stage": "pipeline", "seed": seed, "num_per_class": n, "matcher": matcher, "train": {"path": str(d)}}
+            (d / "metrics.json").write_text(json.dumps({"accuracy": a, "macro_f1": a - 0.02, "n_train": n, "config": cfg}))
+            i += 1
+    r = run_report([tmp_path / "runs"], tmp_path / "rep")
+    rows = {p["context"]: p for p in r["paired"]}
+    assert set(rows) == {"num_per_class=20", "num_per_class=100"}
+    p20, p100 = rows["num_per_class=20"], rows["num_per_class=100"]
+    assert p20["reference"] == f"matcher._target_={twin}" and p20["condition"] == f"matcher._target_={admm}"
+    assert p20["pairs"] == 3 and p20["d_accuracy_mean"] == pytest.approx((0.02 + 0.04 + 0.05) / 3)
+    assert p20["d_accuracy_std"] == pytest.approx(np.std([0.02, 0.04, 0.05], ddof=1))
+    assert (p100["pairs"], p100["seeds"]) == (1, "1") and p100["d_accuracy_mean"] == pytest.approx(0.04)  # seed 1 only
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Paired by seed" in md and "+0.03667 ± 0.015" in md
+    assert (tmp_path / "rep" / "paired.csv").exists()
+    assert run_report([tmp_path / "runs"], tmp_path / "rep", paired="")["paired"] == []
+    assert not (tmp_path / "rep" / "paired.csv").exists()

@@ -120,6 +120,9 @@ class ADMMMatcher:
 
     # -------- the ADMM loop --------
     def run(self, obj: MatchingObjective, projector, ctx: ProjectionContext, num_classes: int, batch_size: int, length: int, gen: torch.Generator, on_step: Callable[[dict], None] | None = None) -> MatchResult:
+        """z-step (project x + λ/ρ to tokens, keep each sequence's best so far), x-step (Adam on
+        the matching loss + the ρ-penalty), λ-step; one record per outer step, with the primal
+        and dual residuals that tell whether the two copies of the text agree (docs/generation.md)."""
         t0 = time.perf_counter()
         timings = {"init": 0.0, "project": 0.0, "x_step": 0.0, "evaluate": 0.0}
         c, b = num_classes, batch_size
@@ -132,7 +135,7 @@ class ADMMMatcher:
         best_loss = self._score(obj, tok0)
         history = []
         steps = self.outer_steps if self.admm else 1
-        inner = self.inner_steps if self.admm else self.inner_steps * self.outer_steps
+        z, z_prev, z_emb_prev = tok0, tok0, None  # z: the tokens of the last z-step (the LM start before the first)
         for step in range(steps + 1):
             # z-step
             t = time.perf_counter()
@@ -152,42 +155,10 @@ class ADMMMatcher:
                 if on_step:
                     on_step(rec)
                 break
-            # x-step; a non-finite loss or gradient undoes it and retries with half the step size
             t = time.perf_counter()
             z_emb = obj.tokens_to_x(z).detach().float() if self.admm else None
-            saved, retries = (x.detach().clone(), copy.deepcopy(opt.state_dict())), 0
-            while True:
-                for _ in range(inner):
-                    opt.zero_grad()
-                    d_cls, lm, _ = obj.losses(x, lm_tokens=z if (self.lm_weight > 0 and self.admm) else None, objective=self.objective)
-                    loss = d_cls.sum()
-                    pen = torch.zeros(())
-                    if self.admm:
-                        pen = self.rho / 2 * ((x - z_emb + lam / self.rho) ** 2).sum(-1).mean((1, 2))  # [C]
-                        loss = loss + pen.sum()
-                    if lm is not None:
-                        loss = loss + self.lm_weight * lm.sum()
-                    loss.backward(inputs=[x])  # only x: no gradients into the matched parameters
-                    if not (torch.isfinite(loss) and torch.isfinite(x.grad).all()):
-                        break
-                    _clip_per_class(x.grad, self.grad_clip)
-                    opt.step()
-                else:
-                    break
-                lr = opt.param_groups[0]["lr"]
-                if retries == self.nan_retries:
-                    raise FloatingPointError(f"non-finite loss or gradient in the x-step of outer step {step}, still at lr {lr:.3g} "
-                                             f"after {retries} halvings (matcher.nan_retries); lower matcher.lr or check the release")
-                retries += 1
-                with torch.no_grad():
-                    x.copy_(saved[0])
-                opt.load_state_dict(copy.deepcopy(saved[1]))  # a copy: Adam updates its state in place
-                opt.param_groups[0]["lr"] = lr / 2
+            d_cls, pen, retries = self._x_step(obj, x, z, z_emb, lam, opt, step)
             timings["x_step"] += time.perf_counter() - t
-            # λ-step
-            if self.admm:
-                with torch.no_grad():
-                    lam += self.rho * (x - z_emb)
             rec = {
                 "outer_step": step,
                 "continuous_loss": d_cls.mean().item(),
@@ -196,7 +167,11 @@ class ADMMMatcher:
                 "best_discrete_loss": best_loss.mean().item(),
             }
             if self.admm:
+                with torch.no_grad():
+                    lam += self.rho * (x - z_emb)  # λ-step
                 rec["perplexity"] = obj.perplexity(z).mean().item()
+                rec.update(self._residuals(x, z, z_emb, z_prev, z_emb_prev))
+                z_prev, z_emb_prev = z, z_emb
             if retries:
                 rec.update(x_step_retries=retries, lr=opt.param_groups[0]["lr"])
             history.append(rec)
@@ -208,6 +183,51 @@ class ADMMMatcher:
         timings["evaluate"] += time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return MatchResult(best_tok, class_loss, seq_loss, ppl, history, timings)
+
+    def _residuals(self, x, z, z_emb, z_prev, z_emb_prev) -> dict:
+        """ADMM's convergence measures, per token (RMS over positions, so lengths compare):
+        primal ‖x − z‖ (the continuous text still disagrees with its tokens) and dual
+        ρ‖z − z_prev‖ (the tokens still move); `tokens_changed` is the share of positions whose
+        token differs from the previous z-step (the LM start at step 0)."""
+        with torch.no_grad():
+            per_tok = lambda v: v.pow(2).sum(-1).mean().sqrt().item()  # noqa: E731
+            out = {"primal_residual": per_tok(x - z_emb), "tokens_changed": (z != z_prev).float().mean().item()}
+            out["dual_residual"] = self.rho * per_tok(z_emb - z_emb_prev) if z_emb_prev is not None else float("nan")
+        return out
+
+    def _x_step(self, obj: MatchingObjective, x, z, z_emb, lam, opt, step: int):
+        """`inner_steps` Adam steps on x (the matching loss plus, under ADMM, the ρ-penalty to
+        z − λ/ρ); a non-finite loss or gradient undoes the whole x-step and retries it with half
+        the step size, at most `nan_retries` times. Returns (class losses, penalty, retries)."""
+        inner = self.inner_steps if self.admm else self.inner_steps * self.outer_steps
+        saved, retries = (x.detach().clone(), copy.deepcopy(opt.state_dict())), 0
+        while True:
+            for _ in range(inner):
+                opt.zero_grad()
+                d_cls, lm, _ = obj.losses(x, lm_tokens=z if (self.lm_weight > 0 and self.admm) else None, objective=self.objective)
+                loss = d_cls.sum()
+                pen = torch.zeros(())
+                if self.admm:
+                    pen = self.rho / 2 * ((x - z_emb + lam / self.rho) ** 2).sum(-1).mean((1, 2))  # [C]
+                    loss = loss + pen.sum()
+                if lm is not None:
+                    loss = loss + self.lm_weight * lm.sum()
+                loss.backward(inputs=[x])  # only x: no gradients into the matched parameters
+                if not (torch.isfinite(loss) and torch.isfinite(x.grad).all()):
+                    break
+                _clip_per_class(x.grad, self.grad_clip)
+                opt.step()
+            else:
+                return d_cls, pen, retries
+            lr = opt.param_groups[0]["lr"]
+            if retries == self.nan_retries:
+                raise FloatingPointError(f"non-finite loss or gradient in the x-step of outer step {step}, still at lr {lr:.3g} "
+                                         f"after {retries} halvings (matcher.nan_retries); lower matcher.lr or check the release")
+            retries += 1
+            with torch.no_grad():
+                x.copy_(saved[0])
+            opt.load_state_dict(copy.deepcopy(saved[1]))  # a copy: Adam updates its state in place
+            opt.param_groups[0]["lr"] = lr / 2
 
 
 class EmbeddingMatcher(ADMMMatcher):

@@ -1,6 +1,6 @@
 """Report: tables (md/csv) and plots (png) across run dirs.
 
-    gmtext-report DIR... [-o OUT] [--ignore KEY ...] [--group-by KEY ...] [--plot-ignore KEY ...]
+    gmtext-report DIR... [-o OUT] [--ignore KEY ...] [--group-by KEY ...] [--plot-ignore KEY ...] [--paired GROUP]
 
 Each DIR may be a run dir or any folder above run dirs (a multirun sweep, outputs/, …):
 every folder holding `metrics.json` (fine-tune) and/or `generate.json` (generate) is one
@@ -12,6 +12,12 @@ aggregated as mean ± std (sample std, ddof=1; 0 for one run) over the group's s
 Outputs in OUT (default ./report): report.md, report.csv and, when there is data for
 them, accuracy_vs_examples.png, accuracy_vs_epsilon.png, admm_curves.png.
 A run without an epsilon (non-private) counts as epsilon = inf.
+
+Paired by seed (`--paired GROUP`, default `matcher`): conditions of one stage that differ only
+in keys under `GROUP.` are compared seed by seed against a reference condition, the
+no-matching twin (`matcher=none`) when there is one: the table gives the mean ± std of the
+per-seed differences. Seeds vary the real sample, the LM starts and the fine-tuning together,
+so the paired difference is much less noisy than the difference of two means.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ IGNORED_PREFIXES = ("logger.", "hydra.")
 METRICS = ("accuracy", "macro_f1", "dev_accuracy", "n_train", "epsilon", "mean_match_loss", "mean_perplexity", "examples")
 PLOTS = ("accuracy_vs_examples.png", "accuracy_vs_epsilon.png", "admm_curves.png")
 X_EXAMPLE_KEYS = ("num_per_class", "train.size", "n_train")
+PAIRED_METRICS = ("accuracy", "macro_f1", "mean_perplexity")
+TWIN_TARGET = "gmtext.matching.lm_samples.LMSampleMatcher"  # matcher=none: the reference of a paired comparison
 
 
 @dataclass
@@ -213,6 +221,64 @@ def _order(key):  # numbers numerically, then strings; None last
     return tuple((0, v, "") if _isnum(v) else (1, 0, str(v)) if v is not None else (2, 0, "") for _, v in key)
 
 
+def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
+    """Seed-paired differences between conditions that differ only in keys under `group.`:
+    one row per (context, condition ≠ reference) with the seeds both have and, per metric,
+    the mean and std of (condition − reference) over them. The reference is the twin
+    (TWIN_TARGET) when present, else the first condition in table order."""
+    inner = [k for k in keys if k.startswith(group + ".")]
+    if not inner:
+        return []
+    context = [k for k in keys if k not in inner]
+    df = runs_frame(runs, keys)
+    rows = []
+    for ctx, part in (df.groupby(context, sort=False, dropna=False) if context else [((), df)]):
+        ctx = ctx if isinstance(ctx, tuple) else (ctx,)
+        conds = sorted({tuple(r) for r in part[inner].itertuples(index=False)}, key=lambda c: _order(tuple(zip(inner, map(json.loads, c)))))
+        if len(conds) < 2:
+            continue
+        twin = [c for c in conds if _enc(TWIN_TARGET) in c]
+        ref = twin[0] if twin else conds[0]
+
+        def of(cond):
+            sel = part[(part[inner] == pd.Series(cond, index=inner)).all(axis=1)]
+            return sel.drop_duplicates("seed").set_index("seed")
+
+        base = of(ref)
+        for cond in conds:
+            if cond == ref:
+                continue
+            other = of(cond)
+            seeds = [sd for sd in other.index if sd in base.index]
+            if not seeds:
+                continue
+            row = {"stage": stage, "context": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(context, ctx) if json.loads(v) is not None),
+                   "condition": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(inner, cond)),
+                   "reference": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(inner, ref)),
+                   "seeds": " ".join(str(sd) for sd in sorted(seeds, key=str)), "pairs": len(seeds)}
+            for m in PAIRED_METRICS:
+                d = (other.loc[seeds, m].astype(float) - base.loc[seeds, m].astype(float)).dropna()
+                row[f"d_{m}_mean"], row[f"d_{m}_std"] = (_mean(d), _std(d)) if len(d) else (None, None)
+            rows.append(row)
+    return rows
+
+
+def paired_markdown(rows, group: str) -> list[str]:
+    if not rows:
+        return []
+    ms = [m for m in PAIRED_METRICS if any(r[f"d_{m}_mean"] is not None for r in rows)]
+    head = ["stage", "context", "condition", "reference", "seeds"] + [f"Δ {m}" for m in ms]
+    lines = ["", f"## Paired by seed (conditions differing in {group}.*; condition − reference, mean ± std over paired seeds)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["stage"], r["context"] or "–", r["condition"], r["reference"], r["seeds"]]
+        for m in ms:
+            mean, std = r[f"d_{m}_mean"], r[f"d_{m}_std"]
+            cells.append("" if mean is None else f"{mean:+.4g} ± {std:.2g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 # ---------------------------------------------------------------- tables
 def table_rows(groups, keys) -> list[dict]:
     """One dict per group: its key values, runs, seeds and {metric}_mean / _std (None where no
@@ -240,8 +306,8 @@ def write_csv(path, rows, keys) -> None:
     pd.DataFrame(rows, columns=cols, dtype=object).to_csv(path, index=False, na_rep="", encoding="utf-8")
 
 
-def markdown(sections, plots, sources) -> str:
-    """One table per stage: `sections` = [(stage, keys, rows)]."""
+def markdown(sections, plots, sources, paired=(), group="matcher") -> str:
+    """One table per stage: `sections` = [(stage, keys, rows)]; then the seed-paired differences."""
     n = sum(r["runs"] for _, _, rows in sections for r in rows)
     lines = ["# gmtext report", "", f"{n} runs from {', '.join(map(str, sources))}; one table per stage, grouped by "
              "the settings that vary within it; mean ± std over seeds."]
@@ -257,6 +323,7 @@ def markdown(sections, plots, sources) -> str:
                 tiny = not std or abs(std) <= 1e-9 * max(1.0, abs(mean))  # float round-off of equal values
                 cells.append("" if mean is None else (_fmt(mean) if tiny else f"{_fmt(mean)} ± {_fmt(std)}"))
             lines.append("| " + " | ".join(cells) + " |")
+    lines += paired_markdown(paired, group)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -467,12 +534,15 @@ def plot_admm(groups, path):
 
 
 # ---------------------------------------------------------------- entry
-def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=()) -> dict:
+def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=(), paired="matcher") -> dict:
     """Collect runs under `paths`, write report.md/.csv and plots into out_dir. `plot_ignore`
     keys stay in the tables but not in plot series: e.g. GRADMM pools at several ε, told apart
     in the table by train.path, form one curve of accuracy against ε.
 
-    Returns {"runs", "keys", "rows", "groups", "plots": {file: plotted data},
+    `paired`: the config group whose conditions are compared seed by seed (report.md's
+    "Paired by seed" table and paired.csv); None or "" for none.
+
+    Returns {"runs", "keys", "rows", "groups", "paired", "plots": {file: plotted data},
     "figures": {file: matplotlib Figure}, "out_dir"}."""
     dirs = find_run_dirs(paths)
     if not dirs:
@@ -481,12 +551,14 @@ def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=()) 
     unknown = sorted(set(group_by) - {k for r in runs for k in r.config})
     if unknown:
         raise ValueError(f"--group-by {', '.join(unknown)}: no run has this config key")
-    sections, groups, rows = [], [], []
+    sections, groups, rows, pairs = [], [], [], []
     for stage, skeys, sgroups in stage_sections(runs, ignore, group_by):
         srows = [{"stage": stage, **row} for row in table_rows(sgroups, skeys)]
         sections.append((stage, skeys, srows))
         groups += sgroups
         rows += srows
+        if paired:
+            pairs += paired_rows(stage, [r for g in sgroups for r in g.runs], skeys, paired)
     keys = (["stage"] if len(sections) > 1 else []) + sorted({k for _, sk, _ in sections for k in sk})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -499,8 +571,13 @@ def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=()) 
         elif (out / name).exists():
             (out / name).unlink()  # stale plot from an earlier report into the same dir
     write_csv(out / "report.csv", rows, keys)
-    (out / "report.md").write_text(markdown(sections, list(plots), paths), encoding="utf-8")
-    return {"runs": runs, "keys": keys, "rows": rows, "groups": groups, "plots": plots, "figures": figures, "out_dir": out}
+    if pairs:
+        pd.DataFrame(pairs, dtype=object).to_csv(out / "paired.csv", index=False, na_rep="", encoding="utf-8")
+    elif (out / "paired.csv").exists():
+        (out / "paired.csv").unlink()  # stale table from an earlier report into the same dir
+    (out / "report.md").write_text(markdown(sections, list(plots), paths, pairs, paired), encoding="utf-8")
+    return {"runs": runs, "keys": keys, "rows": rows, "groups": groups, "paired": pairs, "plots": plots, "figures": figures,
+            "out_dir": out}
 
 
 def main(argv=None) -> int:
@@ -515,9 +592,11 @@ def main(argv=None) -> int:
                     help="also group by a key skipped by default, e.g. train.path (repeatable)")
     ap.add_argument("--plot-ignore", action="append", default=[], metavar="KEY",
                     help="keep KEY in the tables but join runs differing in it into one plot curve (repeatable)")
+    ap.add_argument("--paired", default="matcher", metavar="GROUP",
+                    help="compare conditions differing only in GROUP.* seed by seed (default matcher: GRADMM vs its matcher=none twin; '' for none)")
     a = ap.parse_args(argv)
     try:
-        r = run_report(a.dirs, a.out, a.ignore, a.group_by, a.plot_ignore)
+        r = run_report(a.dirs, a.out, a.ignore, a.group_by, a.plot_ignore, a.paired)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"gmtext-report: error: {e}", file=sys.stderr)
         return 2
