@@ -169,10 +169,26 @@ def test_experiment_composes_the_settings_that_made_its_row(compose, experiment,
         assert now["probe.matched_params"] == []
 
 
+@pytest.mark.parametrize("experiment,run", [("rt_private_n100", "rt_private_n100/eps1_s0"),
+                                            ("rt_private_n100_eps4", "rt_private_n100/eps4_s0")])
+def test_private_row_is_one_pipeline_command(compose, experiment, run):
+    """The private rows were made by `gmtext-pipeline experiment=<row> seed=0` itself: today's
+    composition equals the recorded config on every key but bookkeeping."""
+    d = ROOT / "experiments" / "results" / run
+    if not (d / "metrics.json").exists():
+        pytest.skip(f"{d} not in this checkout (or unfinished)")
+    now = _flat(OmegaConf.to_container(compose([f"experiment={experiment}", "seed=0"], config_name="pipeline"), resolve=True))
+    rec = _flat(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=True))
+    skip = ("logger.", "threads", "progress", "hydra.")
+    keys = [k for k in rec if not k.startswith(skip)]
+    assert {k: now.get(k) for k in keys} == {k: rec[k] for k in keys}
+    assert now["privacy._target_"].endswith("GaussianRelease") and now["real_per_class"] is None
+
+
 SCRIPT_KEYS = {"experiment", "seed", "logger", "threads", "hydra.run.dir", "hydra.sweep.dir", "synthetic"}
 
 
-@pytest.mark.parametrize("script", ["n20_transfer.sh", "rt_main_cpu.sh", "rt_canaries.sh"])
+@pytest.mark.parametrize("script", ["n20_transfer.sh", "rt_main_cpu.sh", "rt_canaries.sh", "rt_private.sh"])
 def test_scripts_only_loop(script):
     """A script passes an experiment, a seed and where to write: no generator or fine-tuning setting."""
     text = (ROOT / "experiments" / script).read_text()
