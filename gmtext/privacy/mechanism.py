@@ -228,12 +228,7 @@ class _Union:
         self.specs = [s for mp in parts for s in mp.specs]
         self.head_only = False
 
-    def activate(self) -> "_Union":
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for p in self.params:
-            p.requires_grad_(True)
-        return self
+    activate = MatchedParams.activate  # the same switch: only these tensors require grad
 
 
 def clipped_sums_parts(model, task, parts: Sequence[MatchedParams], texts: Sequence[str], label_id: int, clip_norm: float,
