@@ -323,3 +323,28 @@ def test_paired_by_seed_against_the_twin(tmp_path):
     assert (tmp_path / "rep" / "paired.csv").exists()
     assert run_report([tmp_path / "runs"], tmp_path / "rep", paired="")["paired"] == []
     assert not (tmp_path / "rep" / "paired.csv").exists()
+
+
+def test_paths_inside_each_run_dir_are_not_a_condition(tmp_path):
+    """A pipeline's probe release lies in its own run dir, so selector.release differs in every
+    run: seeds of one budget still form one group. Two runs scored against different shared
+    releases outside the run dirs stay apart, since that is a real condition."""
+    def run(name, seed, eps, release):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        cfg = {"stage": "pipeline", "seed": seed, "privacy": {"epsilon": eps},
+               "selector": {"release": release(d)}}
+        (d / "metrics.json").write_text(json.dumps({"accuracy": 0.7 + seed / 100, "epsilon": eps, "config": cfg}))
+
+    for s in range(3):
+        run(f"eps1_s{s}", s, 1, lambda d: str(d / "probe"))
+    run("eps4_s0", 0, 4, lambda d: str(d / "probe"))
+    r = run_report([tmp_path / "runs"], tmp_path / "rep")
+    assert r["keys"] == ["privacy.epsilon"]
+    eps1 = _row(r["rows"], **{"privacy.epsilon": 1})
+    assert eps1["runs"] == 3 and eps1["accuracy_mean"] == pytest.approx(0.71)
+    for s, shared in enumerate(("/releases/a", "/releases/b")):
+        run(f"shared_{s}", 0, 8, lambda d, p=shared: p)
+    r = run_report([tmp_path / "runs"], tmp_path / "rep")
+    assert "selector.release" in r["keys"]
+    assert {x["selector.release"] for x in r["rows"]} == {"{run}/probe", "/releases/a", "/releases/b"}

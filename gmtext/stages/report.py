@@ -105,7 +105,7 @@ def load_run(d: Path) -> Run:
         priv = d / "release" / "privacy.json"
         metrics["epsilon"] = float(json.loads(priv.read_text()).get("epsilon", math.inf)) if priv.exists() else math.inf
     metrics["epsilon"] = float(metrics["epsilon"])
-    flat = flatten(cfg)
+    flat = {k: _run_relative(v, d) for k, v in flatten(cfg).items()}
     if "n_train" not in metrics and "accuracy" in metrics:
         metrics["n_train"] = examples_of(flat)
     steps = []
@@ -115,6 +115,19 @@ def load_run(d: Path) -> Run:
             if rec.get("kind") == "step" and "outer_step" in rec:  # ADMM steps, not a pipeline's fine-tuning steps
                 steps.append(rec)
     return Run(d, flat, metrics, steps)
+
+
+def _run_relative(v, d: Path):
+    """A path inside the run's own dir (a pipeline's probe release, its batches) as `{run}/…`:
+    it differs between runs without being a condition, while a shared path outside the run
+    dirs (one probe release used by several runs) still is one."""
+    if not isinstance(v, str) or "/" not in v:
+        return v
+    try:
+        rel = Path(v).resolve().relative_to(d.resolve())
+    except (ValueError, OSError):
+        return v
+    return f"{{run}}/{rel.as_posix()}" if rel.parts else "{run}"
 
 
 def examples_of(flat: dict):
