@@ -13,7 +13,8 @@ export WANDB_MODE=disabled
 for d in $DATASETS; do
   [ -f $OUT/$d/zero_shot/metrics.json ] || gmtext-finetune experiment=${d}_zero_shot "${RUN[@]}" hydra.run.dir=$OUT/$d/zero_shot
 done
-for s in "${@:-0 1 2}"; do
+SEEDS=("$@"); [ ${#SEEDS[@]} -gt 0 ] || SEEDS=(0 1 2)
+for s in "${SEEDS[@]}"; do
   for d in $DATASETS; do
     [ -f $OUT/$d/real20_s$s/metrics.json ] || gmtext-finetune experiment=${d}_real20 seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/real20_s$s
     [ -f $OUT/$d/gradmm20_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20 seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/gradmm20_s$s

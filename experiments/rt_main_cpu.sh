@@ -14,7 +14,8 @@ export WANDB_MODE=disabled
 [ -d ../shared/data/rotten_tomatoes ] || { echo "rt_main_cpu.sh: ../shared/data/rotten_tomatoes not found (see ../shared/data/README)" >&2; exit 2; }
 if [ "$N" = 20 ]; then GRADMM="rt_main_cpu rt_main_cpu_best"; BASELINES="rt_real20 rt_prompted20 rt_fewshot"; else GRADMM=rt_main_cpu_n100; BASELINES="rt_real100 rt_prompted100"; fi
 [ -f $OUT/rt_zero_shot/metrics.json ] || gmtext-finetune experiment=rt_zero_shot "${RUN[@]}" hydra.run.dir=$OUT/rt_zero_shot
-for s in "${@:-0 1 2}"; do
+SEEDS=("$@"); [ ${#SEEDS[@]} -gt 0 ] || SEEDS=(0 1 2)
+for s in "${SEEDS[@]}"; do
   for e in $BASELINES; do
     [ -f $OUT/${e}_s$s/metrics.json ] || gmtext-finetune experiment=$e seed=$s "${RUN[@]}" hydra.run.dir=$OUT/${e}_s$s
   done

@@ -169,15 +169,19 @@ def test_experiment_composes_the_settings_that_made_its_row(compose, experiment,
         assert now["probe.matched_params"] == []
 
 
-@pytest.mark.parametrize("experiment,run", [("rt_private_n100", "rt_private_n100/eps1_s0"),
-                                            ("rt_private_n100_eps4", "rt_private_n100/eps4_s0")])
-def test_private_row_is_one_pipeline_command(compose, experiment, run):
-    """The private rows were made by `gmtext-pipeline experiment=<row> seed=0` itself: today's
-    composition equals the recorded config on every key but bookkeeping."""
-    d = ROOT / "experiments" / "results" / run
+PRIVATE_RUNS = [("rt_private_n100", "eps1", 0), ("rt_private_n100", "eps1", 1), ("rt_private_n100", "eps1", 2),
+                ("rt_private_n100_eps4", "eps4", 0), ("rt_private_n100_twin", "twin", 0)]
+
+
+@pytest.mark.parametrize("experiment,budget,seed", PRIVATE_RUNS)
+def test_private_row_is_one_pipeline_command(compose, experiment, budget, seed):
+    """The private rows were made by `gmtext-pipeline experiment=<row> seed=S` itself (the loop
+    of experiments/rt_private.sh): today's composition equals the recorded config on every key
+    but bookkeeping."""
+    d = ROOT / "experiments" / "results" / "rt_private_n100" / f"{budget}_s{seed}"
     if not (d / "metrics.json").exists():
         pytest.skip(f"{d} not in this checkout (or unfinished)")
-    now = _flat(OmegaConf.to_container(compose([f"experiment={experiment}", "seed=0"], config_name="pipeline"), resolve=True))
+    now = _flat(OmegaConf.to_container(compose([f"experiment={experiment}", f"seed={seed}"], config_name="pipeline"), resolve=True))
     rec = _flat(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=True))
     skip = ("logger.", "threads", "progress", "hydra.")
     keys = [k for k in rec if not k.startswith(skip)]
@@ -185,10 +189,25 @@ def test_private_row_is_one_pipeline_command(compose, experiment, run):
     assert now["privacy._target_"].endswith("GaussianRelease") and now["real_per_class"] is None
 
 
+@pytest.mark.parametrize("experiment,finetuner,epsilon", [
+    ("rt_dpsgd_lora", "LoRAFineTuner", 1), ("rt_dpsgd_lora_eps4", "LoRAFineTuner", 4),
+    ("rt_dpsgd_last_layers", "LastLayersFineTuner", 1), ("rt_dpsgd_last_layers_eps4", "LastLayersFineTuner", 4)])
+def test_dpsgd_rows_train_on_the_whole_split_with_the_fixed_recipe(compose, experiment, finetuner, epsilon):
+    """The DP-SGD baseline rows: every non-dev train record (train.size null), the literature
+    recipe of conf/train/dpsgd.yaml (expected batch 256, 3 epochs, lr 5e-4, C = 0.1), the
+    N = 100 table's evaluation, and only the finetuner and ε differ between them."""
+    cfg = compose([f"experiment={experiment}"], config_name="finetune")
+    assert cfg.train._target_.endswith("DPSGDSource") and cfg.train.size is None
+    assert (cfg.train.epsilon, cfg.train.delta, cfg.train.clip_norm) == (epsilon, 1e-5, 0.1)
+    assert cfg.finetuner._target_.endswith(finetuner)
+    assert (cfg.finetuner.batch_size, cfg.finetuner.epochs, cfg.finetuner.lr) == (256, 3, 5e-4)
+    assert (cfg.dataset.name, cfg.finetune.eval_limit) == ("rotten_tomatoes", 500)
+
+
 SCRIPT_KEYS = {"experiment", "seed", "logger", "threads", "hydra.run.dir", "hydra.sweep.dir", "synthetic"}
 
 
-@pytest.mark.parametrize("script", ["n20_transfer.sh", "rt_main_cpu.sh", "rt_canaries.sh", "rt_private.sh"])
+@pytest.mark.parametrize("script", ["n20_transfer.sh", "rt_main_cpu.sh", "rt_canaries.sh", "rt_private.sh", "rt_dpsgd.sh"])
 def test_scripts_only_loop(script):
     """A script passes an experiment, a seed and where to write: no generator or fine-tuning setting."""
     text = (ROOT / "experiments" / script).read_text()
@@ -197,3 +216,31 @@ def test_scripts_only_loop(script):
     for args in calls:
         keys = {w.split("=", 1)[0] for w in args.split() if "=" in w and not w.startswith(("$", "\"$"))}
         assert keys <= SCRIPT_KEYS, (script, keys - SCRIPT_KEYS)
+
+
+@pytest.mark.parametrize("script,stage,per_seed", [("rt_private.sh", "pipeline", 3), ("rt_dpsgd.sh", "finetune", 4)])
+def test_scripts_default_to_three_seeds(tmp_path, script, stage, per_seed):
+    """With no argument a loop runs seeds 0, 1 and 2, each as its own job. (`"${@:-0 1 2}"`
+    expanded to the one word "0 1 2" and handed Hydra `seed=0 1 2`.) The gmtext commands are
+    stand-ins that record their arguments."""
+    import os
+    import subprocess
+
+    if not (ROOT.parent / "shared" / "data" / "rotten_tomatoes").exists():
+        pytest.skip("../shared/data/rotten_tomatoes not beside the checkout (the script refuses to start)")
+    log, bindir = tmp_path / "calls.txt", tmp_path / "bin"
+    bindir.mkdir()
+    for name in (f"gmtext-{stage}", "gmtext-report"):
+        (bindir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n')
+        (bindir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    subprocess.run(["bash", str(ROOT / "experiments" / script)], env=env, check=True, capture_output=True)
+    calls = [line.split() for line in log.read_text().splitlines() if line.startswith(f"gmtext-{stage}")]
+    seeds = [w for c in calls for w in c if w.startswith("seed=")]
+    assert len(calls) == 3 * per_seed and sorted(set(seeds)) == ["seed=0", "seed=1", "seed=2"]
+    assert all(sum(w.startswith("seed=") for w in c) == 1 for c in calls)
+
+
+def test_no_script_packs_its_default_seeds_into_one_word():
+    for script in (ROOT / "experiments").glob("*.sh"):
+        assert not re.search(r'"\$\{@:-[^}]* [^}]*\}"', script.read_text()), script.name
