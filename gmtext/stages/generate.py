@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -73,7 +75,7 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
             if release.privacy.get("mechanism") != "none":
                 t0 = time.perf_counter()  # a DP release's run time depends on the private records: not in the wall time
             obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
-            summary = _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tracker, length, release)
+            summary = _generate_batches(cfg, run_dir, _Matching(task, tok, obj, projector, matcher, ctx, length), tracker)
             summary["epsilon"] = release.epsilon  # inf for a non-private release
             summary["delta"] = float(release.privacy.get("delta", 0.0))
             summary["wall_seconds"] = time.perf_counter() - t0
@@ -138,8 +140,21 @@ def _batch_file(bdir: Path, b: int, failed: bool = False) -> Path:
     return bdir / (f"batch_{b:05d}.failed.json" if failed else f"batch_{b:05d}.jsonl")
 
 
-def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tracker, length, release) -> dict:
-    c = task.num_classes
+@dataclass
+class _Matching:
+    """What every batch of one run shares, built once per run from the model and the release."""
+    task: Any
+    tok: Any
+    obj: MatchingObjective
+    projector: Any
+    matcher: Any
+    ctx: ProjectionContext
+    length: int
+
+
+def _generate_batches(cfg, run_dir: Path, m: _Matching, tracker) -> dict:
+    """This shard's batches not yet on disk, each written atomically, then the pool of every
+    finished batch as synthetic.jsonl; returns the summary of that pool."""
     nb = math.ceil(cfg.num_per_class / cfg.batch_size)
     mine = [b for b in range(nb) if b % cfg.shard.count == cfg.shard.index]
     bdir = run_dir / "batches"
@@ -148,39 +163,12 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
     todo = [b for b in mine if not _batch_file(bdir, b).exists() and not _batch_file(bdir, b, failed=True).exists()]
     bar = tqdm(todo, desc="generate", unit="batch", disable=not cfg.progress)
     for b in bar:
-        bsz = min(cfg.batch_size, cfg.num_per_class - b * cfg.batch_size)
-        gen = torch.Generator().manual_seed(batch_seed(cfg.seed, b))
-        torch.manual_seed(batch_seed(cfg.seed, b))
-        step0 = b * (matcher.outer_steps + 1)
         tracker.commit(_batch_file(bdir, b), _batch_file(bdir, b, failed=True))  # this batch's records go with its file
-
-        def on_step(rec, b=b, step0=step0):
-            tracker.log({"batch": b, **rec}, step=step0 + rec["outer_step"])
-            bar.set_postfix(step=rec["outer_step"], loss=f"{rec['best_discrete_loss']:.4f}")
-
-        try:
-            with quiet_kv_cache_rename():  # transformers' past_key_values notice would cut through the bar
-                res = matcher.run(obj, projector, ctx, c, bsz, length, gen, on_step)
-        except FloatingPointError as e:  # non-finite even after the matcher's smaller-step retries
-            _record_failed(bdir, b, str(e), tracker)
+        out = _match_batch(cfg, m, b, tracker, bar)
+        if isinstance(out, str):
+            _record_failed(bdir, b, out, tracker)
             continue
-        rows = []
-        for k in range(c):
-            for i in range(bsz):
-                ids = res.tokens[k, i].tolist()
-                rows.append({
-                    "text": tok.decode(ids, skip_special_tokens=True).strip(), "label": k, "label_name": task.label_names[k],
-                    "match_loss": None, "token_match_loss": float(res.seq_loss[k, i]), "perplexity": float(res.perplexity[k, i]),
-                    "batch": b, "class_batch_loss": float(res.class_loss[k]), "token_ids": ids,
-                })
-        # match_loss is the distance of the text as written (decoded and tokenised again, as
-        # fine-tuning and selection read it), not of the optimised ids it was decoded from
-        text_loss = obj.text_losses([task.encode_text(r["text"]) for r in rows], [r["label"] for r in rows])
-        for r, v in zip(rows, text_loss.tolist()):
-            r["match_loss"] = v
-        if not all(math.isfinite(r["match_loss"]) for r in rows):
-            _record_failed(bdir, b, "non-finite matching loss of the projected text; check the release (targets.pt)", tracker)
-            continue
+        rows, res = out
         write_jsonl(_batch_file(bdir, b), rows)
         timings.append(res.timings)
         retries += sum(h.get("x_step_retries", 0) for h in res.history)
@@ -192,7 +180,7 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
     write_jsonl(run_dir / SYNTHETIC_FILE, rows)
     tracker.table("synthetic", ["text", "label_name", "match_loss", "perplexity", "batch"],  # one table: the whole set
                   [[r["text"], r["label_name"], r["match_loss"], r["perplexity"], r["batch"]] for r in rows])
-    summary = {
+    return {
         "examples": len(rows),
         "batches": len(mine),
         "batches_generated_now": len(todo),
@@ -205,7 +193,42 @@ def _generate_batches(cfg, run_dir, task, tok, obj, projector, matcher, ctx, tra
         "mean_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
         "timings": {k: sum(t.get(k, 0.0) for t in timings) for k in ("init", "project", "x_step", "evaluate", "total")},
     }
-    return summary
+
+
+def _match_batch(cfg, m: _Matching, b: int, tracker, bar):
+    """Batch b (its own seed, so the result does not depend on which batches ran before):
+    (rows, MatchResult), or the reason it failed when the matching went non-finite."""
+    bsz = min(cfg.batch_size, cfg.num_per_class - b * cfg.batch_size)
+    gen = torch.Generator().manual_seed(batch_seed(cfg.seed, b))
+    torch.manual_seed(batch_seed(cfg.seed, b))
+    step0 = b * (m.matcher.outer_steps + 1)
+
+    def on_step(rec):
+        tracker.log({"batch": b, **rec}, step=step0 + rec["outer_step"])
+        bar.set_postfix(step=rec["outer_step"], loss=f"{rec['best_discrete_loss']:.4f}")
+
+    try:
+        with quiet_kv_cache_rename():  # transformers' past_key_values notice would cut through the bar
+            res = m.matcher.run(m.obj, m.projector, m.ctx, m.task.num_classes, bsz, m.length, gen, on_step)
+    except FloatingPointError as e:  # non-finite even after the matcher's smaller-step retries
+        return str(e)
+    rows = []
+    for k in range(m.task.num_classes):
+        for i in range(bsz):
+            ids = res.tokens[k, i].tolist()
+            rows.append({
+                "text": m.tok.decode(ids, skip_special_tokens=True).strip(), "label": k, "label_name": m.task.label_names[k],
+                "match_loss": None, "token_match_loss": float(res.seq_loss[k, i]), "perplexity": float(res.perplexity[k, i]),
+                "batch": b, "class_batch_loss": float(res.class_loss[k]), "token_ids": ids,
+            })
+    # match_loss is the distance of the text as written (decoded and tokenised again, as
+    # fine-tuning and selection read it), not of the optimised ids it was decoded from
+    text_loss = m.obj.text_losses([m.task.encode_text(r["text"]) for r in rows], [r["label"] for r in rows])
+    for r, v in zip(rows, text_loss.tolist()):
+        r["match_loss"] = v
+    if not all(math.isfinite(r["match_loss"]) for r in rows):
+        return "non-finite matching loss of the projected text; check the release (targets.pt)"
+    return rows, res
 
 
 def _record_failed(bdir: Path, b: int, reason: str, tracker) -> None:
