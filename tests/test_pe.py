@@ -295,3 +295,13 @@ def test_bad_stage_settings_fail_with_one_line_before_the_model(compose, tmp_pat
         run_generate(compose(TINY + overrides), tmp_path)
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "generate.config.json").exists()
+
+
+def test_the_canary_audit_refuses_pe(compose, tmp_path):
+    """Its canaries are planted into a gradient release; PE reads the split itself, so an audit
+    of it would report on data without the canaries."""
+    from gmtext.stages.audit import canary_test
+
+    with pytest.raises(ValueError, match="generator=pe") as e:
+        canary_test(compose(TINY + ["canaries.enabled=true"], config_name="audit"), tmp_path)
+    assert "\n" not in str(e.value)

@@ -84,8 +84,9 @@ class LMEmbedder(_Embedder):
         return self
 
     def _hidden(self, enc) -> torch.Tensor:
-        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
-        return out.hidden_states[-1]
+        # the decoder without its LM head: the same last hidden states (after the final norm) as
+        # output_hidden_states[-1], without a vocabulary-sized product at every position
+        return self.model.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
 
 
 def minilm_available() -> bool:
