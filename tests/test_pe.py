@@ -305,3 +305,9 @@ def test_the_canary_audit_refuses_pe(compose, tmp_path):
     with pytest.raises(ValueError, match="generator=pe") as e:
         canary_test(compose(TINY + ["canaries.enabled=true"], config_name="audit"), tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_the_pipeline_refuses_margin_selection_for_pe(compose, tmp_path):
+    with pytest.raises(ValueError, match="selector=best") as e:
+        run_pipeline(compose(TINY + DP + ["selector=margin"], config_name="pipeline"), tmp_path)
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())

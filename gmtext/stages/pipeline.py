@@ -35,14 +35,17 @@ def run_pipeline(cfg: DictConfig, run_dir) -> dict:
     source = training_source(cfg).name
     if source != "synthetic":
         raise ValueError(f"gmtext-pipeline fine-tunes on its own synthetic set; train={source!r} belongs to gmtext-finetune")
+    uses_release = getattr(build(cfg.generator, drop=("name",)), "uses_release", True) if cfg.get("generator") is not None else True
     if "release" in cfg.selector.keys() and not cfg.selector.release:  # selector=margin scoring its own probe
+        if not uses_release:
+            raise ValueError(f"generator={cfg.generator.get('name')} makes no release, so there is no probe for selector=margin to "
+                             "score against; accepted: selector=best | none (or selector.release=<probe release dir>)")
         if not cfg.probe.matched_params:
             raise ValueError("selector=margin in gmtext-pipeline needs probe.matched_params=[...] (a probe release made with "
                              "the generator's, from the same budget) or selector.release=<probe release dir>")
         cfg = cfg.copy()
         OmegaConf.update(cfg, "selector.release", str(run_dir / PROBE_DIR))
     check_generate_resume(run_dir, cfg, OmegaConf.to_container(cfg, resolve=True))  # before any stage writes
-    uses_release = getattr(build(cfg.generator, drop=("name",)), "uses_release", True) if cfg.get("generator") is not None else True
     if not cfg.release and uses_release:  # its own stage (and tracked run); generate then reads run_dir/release
         run_release(cfg, run_dir)
     gen = run_generate(cfg, run_dir)
