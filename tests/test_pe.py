@@ -311,3 +311,21 @@ def test_the_pipeline_refuses_margin_selection_for_pe(compose, tmp_path):
     with pytest.raises(ValueError, match="selector=best") as e:
         run_pipeline(compose(TINY + DP + ["selector=margin"], config_name="pipeline"), tmp_path)
     assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+
+
+def test_the_console_entry_points_run_pe(tmp_path):
+    """gmtext-generate (its summary line: no GRADMM batches, the private run time withheld) and
+    gmtext-pipeline (no release stage) run generator=pe as console scripts do."""
+    import subprocess
+    import sys
+
+    args = TINY + DP + ["logger=none"]
+    gen = subprocess.run([sys.executable, "-c", "from gmtext.cli import generate_main; generate_main()", *args,
+                          f"hydra.run.dir={tmp_path / 'gen'}"], capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert "6 examples" in gen.stdout and "wall time withheld" in gen.stdout
+    pipe = subprocess.run([sys.executable, "-c", "from gmtext.cli import pipeline_main; pipeline_main()", *args,
+                           "selector.per_class=2", "finetuner.max_steps=1", "finetune.eval_limit=4",
+                           f"hydra.run.dir={tmp_path / 'pipe'}"], capture_output=True, text=True, timeout=300)
+    assert pipe.returncode == 0, pipe.stderr[-2000:]
+    assert (tmp_path / "pipe" / "metrics.json").exists() and not (tmp_path / "pipe" / "release").exists()
