@@ -152,6 +152,11 @@ def _owner(lock: Path) -> int:
 RESUME_FREE_KEYS = frozenset({"progress", "logger", "threads", "hydra", "stage"})
 
 
+# Top-level keys added after run dirs already existed, with the value that reproduces what those
+# runs did: a stored config without the key reads as having it (an old GRADMM run dir resumes).
+LEGACY_DEFAULTS = {"generator": {"_target_": "gmtext.matching.generator.GRADMMGenerator", "name": "gradmm"}, "embedder": None}
+
+
 class ConfigChanged(ValueError):
     """A run dir holds a stage's output made with another config: resuming would mix or
     silently reuse it, so the stage stops before writing anything."""
@@ -184,7 +189,10 @@ def config_diff(stored: dict, config: dict, free=RESUME_FREE_KEYS) -> list[tuple
         if a != b:
             out.append((prefix[:-1], None if a is missing else a, None if b is missing else b))
 
-    walk(_plain(stored), _plain(config), "")
+    stored = _plain(stored)
+    if isinstance(stored, dict) and "model" in stored:  # a whole-run config (not a sub-record)
+        stored = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in stored}, **stored}
+    walk(stored, _plain(config), "")
     return out
 
 

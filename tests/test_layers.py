@@ -11,7 +11,7 @@ LAYERS = {
     "cli": 5,
     "stages": 4,
     "runtime": 3,
-    "matching": 2, "finetune": 2, "privacy": 2,
+    "matching": 2, "finetune": 2, "privacy": 2, "evolution": 2,
     "data": 1, "models": 1, "gradients": 1, "sketch": 1, "config": 1, "artifacts": 1, "tracking": 1, "errors": 1,
     "conf": 1, "__init__": 1,
 }

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..artifacts import read_jsonl, write_json, write_text
+from ..config import build
 from ..privacy.audit import audit_texts, canary_exposure, longest_common_ngrams, make_canaries, plant_canaries, words
 from ..runtime import build_task, dataset_split, load_generator_model, load_or_make_release, matched_params, privacy_mechanism
 from .generate import SYNTHETIC_FILE, run_generate
@@ -24,6 +25,10 @@ def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None
     the generator model. The generator's weights never change during GRADMM, so its exposure
     is the no-leak baseline (≈1 bit); score a model fine-tuned on the output with
     `canary_exposure` to measure leakage through training."""
+    gen = cfg.get("generator") if hasattr(cfg, "get") else None
+    if gen is not None and not getattr(build(gen, drop=("name",)), "uses_release", True):
+        raise ValueError(f"generator={gen.get('name')}: the canary audit plants its canaries into a gradient release; a "
+                         "generator without one (pe) would be audited on unplanted data; accepted: generator=gradmm")
     can_cfg = cfg.get("canaries", {}) if hasattr(cfg, "get") else {}
     k = k if k is not None else int(can_cfg.get("k", 4))
     num_words = num_words if num_words is not None else int(can_cfg.get("words", 8))

@@ -9,6 +9,7 @@ would keep old batches or mix seeds, so it is refused (artifacts.check_resume).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -20,14 +21,20 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ..config import build
-from ..artifacts import RESUME_FREE_KEYS, check_resume, config_record, read_json, read_jsonl, record_config, run_lock, write_json, write_jsonl
+from ..artifacts import (RESUME_FREE_KEYS, check_resume, config_record, read_json, read_jsonl, record_config, run_lock, write_json,
+                         write_jsonl)
 from ..matching.objective import MatchingObjective
 from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
 from ..models import check_fits_context, quiet_kv_cache_rename
+from ..evolution.pe import IterationResult, Population, PrivateEvolution, noisy_share, top_per_class
+from ..evolution.vote import VoteRelease, vote_sensitivity
+from ..privacy import noise
+from ..privacy.accountant import ACCOUNTANTS, calibrate_noise_multiplier, epsilon_for, validate_budget
+from ..privacy.ledger import Ledger, LedgerEntry
 from ..privacy.release import Release
-from ..runtime import (build_task, load_generator_model, load_or_make_release, makes_dp_release, matched_params, release_artifact,
-                       start, synthetic_artifact)
+from ..runtime import (build_task, inclusion_rule, load_generator_model, load_or_make_release, makes_dp_release, matched_params,
+                       protected_split_id, release_artifact, select_real_examples, start, synthetic_artifact)
 from ..tracking import make_tracker
 
 SYNTHETIC_FILE = "synthetic.jsonl"
@@ -45,6 +52,9 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
         raise ValueError(f"shard.index={cfg.shard.index} / shard.count={cfg.shard.count}: need 0 <= index < count")
     if cfg.num_per_class < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_per_class={cfg.num_per_class} and batch_size={cfg.batch_size} must be >= 1")
+    generator = build(cfg.generator, drop=("name",)) if cfg.get("generator") is not None else None
+    if generator is not None and not generator.uses_release:  # generator=pe: no gradient release (docs/pe.md)
+        return run_private_evolution(cfg, Path(run_dir), generator)
     projector = build(cfg.projector)
     matcher = build(cfg.matcher)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -235,3 +245,199 @@ def _record_failed(bdir: Path, b: int, reason: str, tracker) -> None:
     """A batch whose optimisation went non-finite writes no text: a marker, in the outputs."""
     tracker.log({"batch": b, "failed": reason}, kind="failed")
     write_json(_batch_file(bdir, b, failed=True), {"batch": b, "reason": reason})
+
+
+# --------------------------------------------------------------------------- generator=pe
+PE_DIR = "pe"  # <run dir>/pe/iteration_XXX.jsonl: each finished iteration's population and noisy counts
+PE_MECHANISM = "pe_gaussian_votes"
+
+
+def run_private_evolution(cfg: DictConfig, run_dir: Path, pe: PrivateEvolution) -> dict:
+    """generator=pe (docs/pe.md): T noisy nearest-neighbour votes of the private records over an
+    LM-written population, no release stage. Each finished iteration is checkpointed (population
+    and noisy counts: published values only) under the config record, so a killed run resumes
+    after its last finished iteration and another config is refused (check_resume)."""
+    if cfg.shard.count != 1:
+        raise ValueError(f"shard.count={cfg.shard.count}: generator=pe runs as one job (every vote reads every record); accepted: 1")
+    if cfg.num_per_class < 1:
+        raise ValueError(f"num_per_class={cfg.num_per_class}: accepted: an int >= 1")
+    pe.check(cfg.num_per_class)
+    budget = pe_budget(cfg)
+    if cfg.get("embedder") is None:
+        raise ValueError("generator=pe needs an embedder: embedder=minilm | lm")
+    embedder = build(cfg.embedder)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    with run_lock(run_dir, "generate"):
+        check_resume(run_dir, "generate", config)  # before the model: a refusal costs nothing
+        with make_tracker(cfg.logger, run_dir, "generate", config, private=budget is not None) as tracker:
+            t0 = time.perf_counter()
+            start(cfg)
+            lm = load_generator_model(cfg)
+            task = build_task(cfg, lm.tokenizer)
+            prompts = pe.class_prompts(task, cfg.dataset.lm_context, cfg.dataset.label_descriptions)
+            check_fits_context(lm.model, "dataset.length", cfg.dataset.length, max(map(len, prompts)))
+            vote, mult = pe_vote(pe, budget)
+            record_config(run_dir, "generate", config)
+            resumed = _pe_checkpoint(run_dir, pe.iterations)
+            final = _pe_iterations(cfg, run_dir, pe, lm, task, embedder.bind(lm), prompts, vote, mult, budget, resumed, tracker)
+            rows = _pe_rows(final, pe, cfg.num_per_class, task, lm.tokenizer)
+            tracker.commit(run_dir / SYNTHETIC_FILE, run_dir / "generate.json")
+            write_jsonl(run_dir / SYNTHETIC_FILE, rows)
+            privacy = pe_privacy(cfg, pe, budget, mult, _rows_id(rows))
+            summary = {"examples": len(rows), "generator": "pe", "iterations": pe.iterations, "population": pe.population,
+                       "iterations_run_now": pe.iterations - (resumed.iteration if resumed else 0),
+                       "mean_match_loss": sum(r["match_loss"] for r in rows) / len(rows),
+                       "mean_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
+                       "epsilon": privacy["epsilon"], "delta": privacy["delta"]}
+            if budget is None:  # the run time of a private mechanism depends on the records: not published
+                summary["wall_seconds"] = time.perf_counter() - t0
+            tracker.table("synthetic", ["text", "label_name", "noisy_votes", "perplexity"],
+                          [[r["text"], r["label_name"], r["noisy_votes"], r["perplexity"]] for r in rows])
+            tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            write_json(run_dir / "generate.json", {"config": config, "summary": summary, "privacy": privacy})
+            tracker.commit()
+            tracker.log_artifact(*synthetic_artifact(cfg, run_dir / SYNTHETIC_FILE))
+    return summary
+
+
+def pe_budget(cfg: DictConfig) -> dict | None:
+    """(epsilon, delta, accountant, adjacency) from privacy=<option> when it has a budget
+    (privacy=dp), None for privacy=none (noiseless votes, ε = ∞). One-line errors otherwise."""
+    p = cfg.privacy
+    if p.get("epsilon") is None:
+        return None
+    eps, delta = p.epsilon, p.delta
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"privacy.epsilon={eps!r}: accepted: a finite number > 0")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"privacy.delta={delta!r}: accepted: a number in (0, 1)")
+    if str(p.get("accountant", "analytic")) not in ACCOUNTANTS:
+        raise ValueError(f"privacy.accountant={p.get('accountant')!r}: accepted: {', '.join(ACCOUNTANTS)}")
+    if float(p.get("sample_rate", 1.0)) != 1.0:
+        raise ValueError(f"privacy.sample_rate={p.get('sample_rate')!r}: generator=pe votes with every record (no subsampling "
+                         "accountant); accepted: 1.0")
+    if cfg.real_per_class is not None:
+        raise ValueError(f"real_per_class={cfg.real_per_class}: a private PE vote reads every record (real_per_class=null); a fixed "
+                         "number per class would make which records vote depend on the other records")
+    vote_sensitivity(str(p.get("adjacency", "add_remove")))  # names the accepted values
+    return {"epsilon": float(eps), "delta": float(delta), "accountant": str(p.get("accountant", "analytic")),
+            "adjacency": str(p.get("adjacency", "add_remove"))}
+
+
+def pe_vote(pe: PrivateEvolution, budget: dict | None) -> tuple[VoteRelease, float | None]:
+    """The vote release and its noise multiplier: the smallest the accountant certifies for
+    `iterations` compositions, raised (by 0.1 % steps) until the ledger's own accountant also
+    reports ε <= the target, so the number in generate.json never exceeds what was asked for."""
+    if budget is None:
+        return VoteRelease(0.0, pe.threshold), None
+    eps, delta = budget["epsilon"], budget["delta"]
+    mult = calibrate_noise_multiplier(eps, delta, pe.iterations, budget["accountant"])
+    while _votes_ledger(pe, budget, mult, "", "", None).epsilon() > eps:
+        mult *= 1.001
+    return VoteRelease(mult * vote_sensitivity(budget["adjacency"]), pe.threshold), mult
+
+
+def _votes_ledger(pe, budget, mult, split: str, records: str, release_id: str | None, num_records: int | None = None) -> Ledger:
+    sens = vote_sensitivity(budget["adjacency"])
+    entry = LedgerEntry(name="pe_votes", kind="gaussian", split=split, records=records, num_records=num_records,
+                        noise_source=noise.SOURCE, noise_multiplier=mult, sensitivity=sens, sigma=mult * sens, count=pe.iterations,
+                        adjacency=budget["adjacency"], release_id=release_id,
+                        note=f"{pe.iterations} noisy histograms of nearest-synthetic-sample votes, one vote per record")
+    return Ledger(budget["delta"], [entry])
+
+
+def pe_privacy(cfg: DictConfig, pe: PrivateEvolution, budget: dict | None, mult: float | None, release_id: str) -> dict:
+    """generate.json["privacy"]: the record every later stage composes (ledger_of reads "ledger")."""
+    split, records = protected_split_id(cfg), inclusion_rule(cfg, pe)
+    if budget is None:
+        entry = LedgerEntry(name="pe_votes", kind="non_private", split=split, records=records, release_id=release_id,
+                            note="privacy=none: noiseless vote histograms")
+        led = Ledger(0.0, [entry]).to_dict()
+        return {"mechanism": "none", "generator": "pe", "epsilon": math.inf, "delta": 0.0, "iterations": pe.iterations,
+                "note": "non-private: PE votes released without noise", "ledger": led}
+    led = _votes_ledger(pe, budget, mult, split, records, release_id).to_dict()
+    for w in validate_budget(budget["epsilon"], budget["delta"]):
+        tqdm.write(f"privacy: {w}")
+    sens = vote_sensitivity(budget["adjacency"])
+    return {"mechanism": PE_MECHANISM, "generator": "pe", "epsilon": led["epsilon"], "epsilon_target": budget["epsilon"],
+            "delta": budget["delta"], "unit": "one record (row) of the protected split", "adjacency": budget["adjacency"],
+            "sensitivity": sens, "noise_multiplier": mult, "sigma": mult * sens, "iterations": pe.iterations,
+            "threshold": pe.threshold, "calibration_accountant": budget["accountant"], "noise_source": noise.SOURCE,
+            "num_records": "withheld (private; the votes' sum is not released exactly)", "ledger": led}
+
+
+def _pe_iterations(cfg, run_dir, pe, lm, task, embedder, prompts, vote, mult, budget, resumed, tracker) -> IterationResult:
+    """Embed the private records (kept in memory only) and run the iterations left after `resumed`."""
+    if resumed is not None and resumed.iteration >= pe.iterations:
+        return resumed
+    texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
+    bar = tqdm(total=pe.iterations, initial=resumed.iteration if resumed else 0, desc="pe", unit="iter", disable=not cfg.progress)
+    emb = [embedder.embed(t) for t in texts]  # no bar over the records: its rate would time private work
+    del texts
+
+    def on_iteration(res: IterationResult) -> None:
+        _write_pe_checkpoint(run_dir, res, tracker)
+        rec = {"iteration": res.iteration, "loss": noisy_share(res.noisy, cfg.num_per_class),
+               "perplexity": float(res.population.perplexity.mean())}
+        if budget is not None:
+            rec["epsilon"] = epsilon_for(mult, budget["delta"], res.iteration, budget["accountant"])
+        tracker.log(rec, step=res.iteration)
+        bar.update(1)
+
+    allowed = allowed_token_ids(lm.tokenizer, lm.model.get_input_embeddings().weight.shape[0])
+    with quiet_kv_cache_rename():  # transformers' past_key_values notice would cut through the bar
+        final = pe.run(lm, task, embedder, emb, prompts=prompts, length=cfg.dataset.length, allowed_ids=allowed, vote=vote,
+                       seed=cfg.seed, start=resumed, on_iteration=on_iteration)
+    bar.close()
+    return final
+
+
+def _pe_file(run_dir: Path, t: int) -> Path:
+    return run_dir / PE_DIR / f"iteration_{t:03d}.jsonl"
+
+
+def _write_pe_checkpoint(run_dir: Path, res: IterationResult, tracker) -> None:
+    """One finished iteration, atomically: the population voted on and its noisy counts."""
+    c, p, _ = res.population.tokens.shape
+    tracker.commit(_pe_file(run_dir, res.iteration))
+    write_jsonl(_pe_file(run_dir, res.iteration), [
+        {"label": k, "index": i, "token_ids": res.population.tokens[k, i].tolist(),
+         "perplexity": float(res.population.perplexity[k, i]), "noisy_votes": float(res.noisy[k, i])}
+        for k in range(c) for i in range(p)])
+
+
+def _pe_checkpoint(run_dir: Path, iterations: int) -> IterationResult | None:
+    """The last finished iteration of a killed run (iterations 1..t all present), or None."""
+    t = 0
+    while t < iterations and _pe_file(run_dir, t + 1).exists():
+        t += 1
+    if t == 0:
+        return None
+    rows = read_jsonl(_pe_file(run_dir, t))
+    c, p = max(r["label"] for r in rows) + 1, max(r["index"] for r in rows) + 1
+    tokens = torch.tensor([r["token_ids"] for r in rows]).view(c, p, -1)
+    ppl = torch.tensor([r["perplexity"] for r in rows]).view(c, p)
+    noisy = torch.tensor([r["noisy_votes"] for r in rows], dtype=torch.float32).view(c, p)
+    return IterationResult(t, Population(tokens, ppl), noisy)
+
+
+def _pe_rows(final: IterationResult, pe: PrivateEvolution, n: int, task, tok) -> list[dict]:
+    """GRADMM's record format: the n most-voted samples of each class at the last iteration.
+    match_loss (lower = better, what selector=best ranks by) is minus the noisy vote count."""
+    texts = final.population.texts(tok)
+    rows = []
+    for k, idx in enumerate(top_per_class(final.noisy, n).tolist()):
+        for i in idx:
+            votes = float(final.noisy[k, i])
+            rows.append({"text": texts[k][i], "label": k, "label_name": task.label_names[k], "match_loss": -votes,
+                         "noisy_votes": votes, "perplexity": float(final.population.perplexity[k, i]), "batch": 0,
+                         "iteration": final.iteration, "token_ids": final.population.tokens[k, i].tolist()})
+    return rows
+
+
+def _rows_id(rows: list[dict]) -> str:
+    """Hash of the published rows: names this synthetic set in ledgers (public values only)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r['label']}\x00{r['text']}\x00{r['noisy_votes']!r}\n".encode())
+    return h.hexdigest()[:16]

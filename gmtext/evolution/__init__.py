@@ -1,0 +1,1 @@
+"""Private Evolution (generator=pe): embedders, the private vote, LM variations (docs/pe.md)."""
