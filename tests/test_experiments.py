@@ -169,16 +169,18 @@ def test_experiment_composes_the_settings_that_made_its_row(compose, experiment,
         assert now["probe.matched_params"] == []
 
 
-PRIVATE_RUNS = [("rt_private_n100", "eps1", 0), ("rt_private_n100", "eps1", 1), ("rt_private_n100", "eps1", 2),
-                ("rt_private_n100_eps4", "eps4", 0), ("rt_private_n100_twin", "twin", 0)]
+PRIVATE_RUNS = [("rt_private_n100", "rt_private_n100/eps1", 0), ("rt_private_n100", "rt_private_n100/eps1", 1),
+                ("rt_private_n100", "rt_private_n100/eps1", 2), ("rt_private_n100_eps4", "rt_private_n100/eps4", 0),
+                ("rt_private_n100_twin", "rt_private_n100/twin", 0), ("rt_pe100", "rt_pe100/eps1", 0),
+                ("rt_pe100_eps4", "rt_pe100/eps4", 0)]
 
 
-@pytest.mark.parametrize("experiment,budget,seed", PRIVATE_RUNS)
-def test_private_row_is_one_pipeline_command(compose, experiment, budget, seed):
+@pytest.mark.parametrize("experiment,run,seed", PRIVATE_RUNS)
+def test_private_row_is_one_pipeline_command(compose, experiment, run, seed):
     """The private rows were made by `gmtext-pipeline experiment=<row> seed=S` itself (the loop
-    of experiments/rt_private.sh): today's composition equals the recorded config on every key
-    but bookkeeping."""
-    d = ROOT / "experiments" / "results" / "rt_private_n100" / f"{budget}_s{seed}"
+    of experiments/rt_private.sh, or -m seed=...): today's composition equals the recorded config
+    on every key but bookkeeping."""
+    d = ROOT / "experiments" / "results" / f"{run}_s{seed}"
     if not (d / "metrics.json").exists():
         pytest.skip(f"{d} not in this checkout (or unfinished)")
     now = _flat(OmegaConf.to_container(compose([f"experiment={experiment}", f"seed={seed}"], config_name="pipeline"), resolve=True))
