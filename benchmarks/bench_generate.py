@@ -8,6 +8,7 @@ warm-up, as the median of repeats. Full runs write benchmarks/results/<machine>-
 and benchmarks/results/latest.json; --quick (or a tiny model) writes benchmarks/results/smoke.json
 unless --out is given. Anything extrapolated is said so in its row ("extrapolated").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,8 +119,19 @@ class Bench:
 
     def row(self, key, name, fast_s, ref_s, fast_desc, ref_desc, target=None, extrapolated=None, **extra):
         sp = ref_s / fast_s if fast_s > 0 else float("inf")
-        r = {"key": key, "name": name, "fast_s": fast_s, "ref_s": ref_s, "speedup": sp, "fast": fast_desc, "ref": ref_desc,
-             "target": target, "met": (sp >= target) if target else None, "extrapolated": extrapolated, **extra}
+        r = {
+            "key": key,
+            "name": name,
+            "fast_s": fast_s,
+            "ref_s": ref_s,
+            "speedup": sp,
+            "fast": fast_desc,
+            "ref": ref_desc,
+            "target": target,
+            "met": (sp >= target) if target else None,
+            "extrapolated": extrapolated,
+            **extra,
+        }
         self.rows.append(r)
         flag = "" if target is None else ("  ok" if sp >= target else f"  BELOW {target}x")
         print(f"  {name:<46} fast {fast_s:9.3f} s | ref {ref_s:9.3f} s | {sp:7.1f}x{flag}", flush=True)
@@ -131,14 +143,32 @@ def bench_targets(b: Bench, model, task, texts, mtt):
     out = {}
     for label, specs in (("last block + final norm", LAST_BLOCK), ("LM head only", HEAD)):
         mp = MatchedParams(model, specs)
-        tf, _, fast = timeit(lambda: class_target_gradients(model, task, mp, texts, batch_size=16, max_text_tokens=mtt), b.dev, 1, b.rf)
-        tr, _, ref = timeit(lambda: class_target_gradients_loop(model, task, mp, texts, max_text_tokens=mtt), b.dev, 1, b.rr,
-                            warm_fn=lambda: class_target_gradients_loop(model, task, mp, [t[:2] for t in texts], max_text_tokens=mtt))
-        err = max(((x - y).norm() / y.norm().clamp_min(1e-20)).item() for gf, gr in zip(fast.grads, ref.grads) for x, y in zip(gf, gr))
+        tf, _, fast = timeit(
+            lambda: class_target_gradients(model, task, mp, texts, batch_size=16, max_text_tokens=mtt), b.dev, 1, b.rf
+        )
+        tr, _, ref = timeit(
+            lambda: class_target_gradients_loop(model, task, mp, texts, max_text_tokens=mtt),
+            b.dev,
+            1,
+            b.rr,
+            warm_fn=lambda: class_target_gradients_loop(model, task, mp, [t[:2] for t in texts], max_text_tokens=mtt),
+        )
+        err = max(
+            ((x - y).norm() / y.norm().clamp_min(1e-20)).item()
+            for gf, gr in zip(fast.grads, ref.grads)
+            for x, y in zip(gf, gr)
+        )
         key = "target_gradients" if specs is LAST_BLOCK else "target_gradients_head"
-        b.row(key, f"target gradients ({label})", tf, tr, "class_target_gradients (batched, 16/chunk)",
-              "class_target_gradients_loop (one example at a time)", TARGETS["target_gradients"] if key == "target_gradients" else None,
-              max_rel_diff=err)
+        b.row(
+            key,
+            f"target gradients ({label})",
+            tf,
+            tr,
+            "class_target_gradients (batched, 16/chunk)",
+            "class_target_gradients_loop (one example at a time)",
+            TARGETS["target_gradients"] if key == "target_gradients" else None,
+            max_rel_diff=err,
+        )
         out[key] = (tf, tr)
     return out
 
@@ -149,21 +179,38 @@ def bench_dp(b: Bench, model, task, texts, mtt):
     except Exception as e:  # colleague's module not ready
         print(f"  DP per-example clipping skipped: {e!r}")
         return {"skipped": repr(e)}
-    for label, specs, fast_method in (("last block + final norm", LAST_BLOCK, "vmap"), ("LM head only", HEAD, "closed_form")):
+    for label, specs, fast_method in (
+        ("last block + final norm", LAST_BLOCK, "vmap"),
+        ("LM head only", HEAD, "closed_form"),
+    ):
         mp = MatchedParams(model, specs)
         txt = texts[0]
         lid = task.label_token_ids[0]
         try:
             tf, _, f = timeit(lambda: clipped_sum(model, task, mp, txt, lid, 1.0, mtt, 16, fast_method), b.dev, 1, b.rf)
-            tr, _, r = timeit(lambda: clipped_sum(model, task, mp, txt, lid, 1.0, mtt, 16, "loop"), b.dev, 1, b.rr,
-                              warm_fn=lambda: clipped_sum(model, task, mp, txt[:2], lid, 1.0, mtt, 16, "loop"))
+            tr, _, r = timeit(
+                lambda: clipped_sum(model, task, mp, txt, lid, 1.0, mtt, 16, "loop"),
+                b.dev,
+                1,
+                b.rr,
+                warm_fn=lambda: clipped_sum(model, task, mp, txt[:2], lid, 1.0, mtt, 16, "loop"),
+            )
         except Exception as e:
             print(f"  DP ({label}) skipped: {e!r}")
             b.rows.append({"key": f"dp_{fast_method}", "name": f"DP clipped per-example ({label})", "skipped": repr(e)})
             continue
         err = max(((x - y).norm() / y.norm().clamp_min(1e-20)).item() for x, y in zip(f.sums, r.sums))
-        b.row(f"dp_clipped_{fast_method}", f"DP clipped per-example, 1 class ({label})", tf, tr,
-              f"clipped_sum method={fast_method}", "clipped_sum method=loop", None, max_rel_diff=err, examples=len(txt))
+        b.row(
+            f"dp_clipped_{fast_method}",
+            f"DP clipped per-example, 1 class ({label})",
+            tf,
+            tr,
+            f"clipped_sum method={fast_method}",
+            "clipped_sum method=loop",
+            None,
+            max_rel_diff=err,
+            examples=len(txt),
+        )
     return {}
 
 
@@ -197,7 +244,9 @@ def bench_inner(b: Bench, model, task, targets_by_specs, ctx, c, bsz, length):
     for label, specs in (("LM head", HEAD), ("last block + final norm", LAST_BLOCK)):
         mp = MatchedParams(model, specs)
         tg = targets_by_specs[tuple(specs)]
-        fast_obj = MatchingObjective(model, mp, tg, task.label_token_ids, task.prefix_ids, task.suffix_ids, closed_form=True)
+        fast_obj = MatchingObjective(
+            model, mp, tg, task.label_token_ids, task.prefix_ids, task.suffix_ids, closed_form=True
+        )
         refs = per_class_objectives(model, mp, tg, task)
         x0 = make_x(model, ctx, c, bsz, length, 1)
         err = inner_step_diff(fast_obj, refs, x0)
@@ -216,12 +265,28 @@ def bench_inner(b: Bench, model, task, targets_by_specs, ctx, c, bsz, length):
         tf, _, _ = timeit(fast, b.dev, 1, b.rf)
         tr, _, _ = timeit(lambda: reference_inner_step(refs, xs, opts), b.dev, 1, b.rr)
         if specs is HEAD:
-            b.row("inner_step", f"ADMM inner step, {label} (C={c}, B={bsz}, L={length})", tf, tr,
-                  "closed-form head objective, classes batched", "autograd double backward, one class at a time",
-                  TARGETS["inner_step"], closed_form=fast_obj.closed_form, max_rel_diff=err)
+            b.row(
+                "inner_step",
+                f"ADMM inner step, {label} (C={c}, B={bsz}, L={length})",
+                tf,
+                tr,
+                "closed-form head objective, classes batched",
+                "autograd double backward, one class at a time",
+                TARGETS["inner_step"],
+                closed_form=fast_obj.closed_form,
+                max_rel_diff=err,
+            )
         else:
-            b.row("inner_step_last_block", f"ADMM inner step, {label} (C={c}, B={bsz}, L={length})", tf, tr,
-                  "autograd double backward, classes batched", "autograd double backward, one class at a time", None, max_rel_diff=err)
+            b.row(
+                "inner_step_last_block",
+                f"ADMM inner step, {label} (C={c}, B={bsz}, L={length})",
+                tf,
+                tr,
+                "autograd double backward, classes batched",
+                "autograd double backward, one class at a time",
+                None,
+                max_rel_diff=err,
+            )
         res[tuple(specs)] = (tf, tr)
     return res
 
@@ -230,10 +295,20 @@ def bench_projection(b: Bench, model, ctx, n, length, topk):
     x = make_x(model, ctx, 1, n, length, 2)[0]
     proj = LMTopKProjector(topk=topk)
     tf, _, fast = timeit(lambda: proj(x, ctx), b.dev, 1, b.rf)
-    tr, _, ref = timeit(lambda: lm_topk_reference(x, ctx, topk), b.dev, 1, b.rr, warm_fn=lambda: lm_topk_reference(x[:1], ctx, topk))
+    tr, _, ref = timeit(
+        lambda: lm_topk_reference(x, ctx, topk), b.dev, 1, b.rr, warm_fn=lambda: lm_topk_reference(x[:1], ctx, topk)
+    )
     same = bool(torch.equal(fast, ref))
-    b.row("projection", f"LM top-{topk} projection (N={n}, L={length})", tf, tr, "LMTopKProjector (KV cache, batched rows)",
-          "lm_topk_reference (per row, re-encode prefix per position)", TARGETS["projection"], identical_tokens=same)
+    b.row(
+        "projection",
+        f"LM top-{topk} projection (N={n}, L={length})",
+        tf,
+        tr,
+        "LMTopKProjector (KV cache, batched rows)",
+        "lm_topk_reference (per row, re-encode prefix per position)",
+        TARGETS["projection"],
+        identical_tokens=same,
+    )
     if not same and b.args.dtype == "float32" and b.args.autocast == "none":
         # in fp32 the two paths must agree exactly; in bf16 near-ties may flip (recorded, not fatal)
         raise AssertionError("cached projection differs from the reference projection")
@@ -242,10 +317,14 @@ def bench_projection(b: Bench, model, ctx, n, length, topk):
 
 def bench_init(b: Bench, model, task, tg_head, ctx, c, bsz, length, ref_measured, ref_total):
     mp = MatchedParams(model, HEAD)
-    obj = MatchingObjective(model, mp, tg_head, task.label_token_ids, task.prefix_ids, task.suffix_ids, closed_form=True)
+    obj = MatchingObjective(
+        model, mp, tg_head, task.label_token_ids, task.prefix_ids, task.suffix_ids, closed_form=True
+    )
     refs = per_class_objectives(model, mp, tg_head, task)
     m = ADMMMatcher(init_candidates=4)
-    tf, _, _ = timeit(lambda: m.initial_tokens(obj, ctx, c, bsz, length, torch.Generator().manual_seed(0)), b.dev, 1, b.rf)
+    tf, _, _ = timeit(
+        lambda: m.initial_tokens(obj, ctx, c, bsz, length, torch.Generator().manual_seed(0)), b.dev, 1, b.rf
+    )
     reference_init(refs, ctx, bsz, length, 2, torch.Generator().manual_seed(0))  # warm-up
     sync(b.dev)
     t = time.perf_counter()
@@ -253,14 +332,30 @@ def bench_init(b: Bench, model, task, tg_head, ctx, c, bsz, length, ref_measured
     sync(b.dev)
     measured = time.perf_counter() - t
     tr = measured * ref_total / ref_measured
-    ex = None if ref_measured == ref_total else f"timed {ref_measured} candidate batches per class ({measured:.2f} s), scaled linearly to {ref_total}"
-    b.row("init", f"initialisation (C={c}, B={bsz}, L={length})", tf, tr, "4 LM samples per row, batched closed-form scoring",
-          f"{ref_total} random candidate batches per class, each scored by an autograd gradient", None, extrapolated=ex,
-          ref_measured_s=measured, ref_candidates_measured=ref_measured, ref_candidates_total=ref_total)
+    ex = (
+        None
+        if ref_measured == ref_total
+        else f"timed {ref_measured} candidate batches per class ({measured:.2f} s), scaled linearly to {ref_total}"
+    )
+    b.row(
+        "init",
+        f"initialisation (C={c}, B={bsz}, L={length})",
+        tf,
+        tr,
+        "4 LM samples per row, batched closed-form scoring",
+        f"{ref_total} random candidate batches per class, each scored by an autograd gradient",
+        None,
+        extrapolated=ex,
+        ref_measured_s=measured,
+        ref_candidates_measured=ref_measured,
+        ref_candidates_total=ref_total,
+    )
     return tf, tr, measured
 
 
-def bench_end_to_end(b: Bench, model, task, texts, mtt, ctx, c, bsz, length, outer, inner, topk, init_ref_s, ref_outer_measured):
+def bench_end_to_end(
+    b: Bench, model, task, texts, mtt, ctx, c, bsz, length, outer, inner, topk, init_ref_s, ref_outer_measured
+):
     n_syn = c * bsz
     mp = MatchedParams(model, HEAD)
     # ---- gmtext: batched targets + ADMMMatcher.run (closed form, cached projection once per outer step)
@@ -285,7 +380,9 @@ def bench_end_to_end(b: Bench, model, task, texts, mtt, ctx, c, bsz, length, out
     tg_r = class_target_gradients_loop(model, task, mp, texts, max_text_tokens=mtt).grads
     t_tg_r = time.perf_counter() - t0
     refs = per_class_objectives(model, mp, tg_r, task)
-    tok0 = ADMMMatcher(init="random", init_candidates=1).initial_tokens(obj, ctx, c, bsz, length, torch.Generator().manual_seed(0))
+    tok0 = ADMMMatcher(init="random", init_candidates=1).initial_tokens(
+        obj, ctx, c, bsz, length, torch.Generator().manual_seed(0)
+    )
     state = ReferenceADMM(refs, ctx, tok0, topk)
     per_outer = []
     parts = {"project": 0.0, "x_step": 0.0, "evaluate": 0.0}
@@ -301,16 +398,32 @@ def bench_end_to_end(b: Bench, model, task, texts, mtt, ctx, c, bsz, length, out
     ref_total = t_tg_r + init_ref_s + outer * t_outer
     ex = fast_ex
     if ref_outer_measured < outer:
-        ex = (f"reference ran {ref_outer_measured} of {outer} outer steps (mean {t_outer:.2f} s each, scaled x{outer}); "
-              f"its init is the init row's reference time ({init_ref_s:.1f} s, itself {'extrapolated' if b.args.init_ref_measured < 500 else 'measured'}); "
-              f"target gradients measured in full ({t_tg_r:.1f} s)") + (f"; {fast_ex}" if fast_ex else "")
-    b.row("end_to_end", f"end to end per synthetic example ({outer}x{inner}, C={c}, B={bsz}, L={length})",
-          fast_total / n_syn, ref_total / n_syn, "batched targets + ADMMMatcher.run (closed form, cached projection x1/outer)",
-          "loop targets + 500-candidate init + per-class autograd ADMM + reference projection x2/outer",
-          TARGETS["end_to_end"], extrapolated=ex, fast_total_s=fast_total, ref_total_s=ref_total, fast_parts=fast_parts,
-          ref_parts={"target_gradients": t_tg_r, "init": init_ref_s, "outer_step_mean": t_outer,
-                     **{k: v / ref_outer_measured for k, v in parts.items()}},
-          synthetic_examples=n_syn, fast_final_class_loss=[float(v) for v in res.class_loss])
+        ex = (
+            f"reference ran {ref_outer_measured} of {outer} outer steps (mean {t_outer:.2f} s each, scaled x{outer}); "
+            f"its init is the init row's reference time ({init_ref_s:.1f} s, itself {'extrapolated' if b.args.init_ref_measured < 500 else 'measured'}); "
+            f"target gradients measured in full ({t_tg_r:.1f} s)"
+        ) + (f"; {fast_ex}" if fast_ex else "")
+    b.row(
+        "end_to_end",
+        f"end to end per synthetic example ({outer}x{inner}, C={c}, B={bsz}, L={length})",
+        fast_total / n_syn,
+        ref_total / n_syn,
+        "batched targets + ADMMMatcher.run (closed form, cached projection x1/outer)",
+        "loop targets + 500-candidate init + per-class autograd ADMM + reference projection x2/outer",
+        TARGETS["end_to_end"],
+        extrapolated=ex,
+        fast_total_s=fast_total,
+        ref_total_s=ref_total,
+        fast_parts=fast_parts,
+        ref_parts={
+            "target_gradients": t_tg_r,
+            "init": init_ref_s,
+            "outer_step_mean": t_outer,
+            **{k: v / ref_outer_measured for k, v in parts.items()},
+        },
+        synthetic_examples=n_syn,
+        fast_final_class_loss=[float(v) for v in res.class_loss],
+    )
 
 
 # The demo runs in a fresh interpreter that reports its own VmHWM (peak RSS of its own address
@@ -345,14 +458,23 @@ def demo_rss(args) -> dict:
         wall = time.perf_counter() - t
     tags = [l for l in p.stderr.splitlines() if l.startswith("GMTEXT_PEAK_RSS_KIB=")]
     peak = int(tags[-1].split("=")[1]) / 2**20 if tags else float("nan")
-    out = {"command": "gmtext-generate " + " ".join(overrides), "returncode": p.returncode, "wall_s": wall, "peak_rss_gib": peak,
-           "peak_rss_source": "child's own /proc/self/status VmHWM", "target_gib": DEMO_RSS_TARGET_GIB,
-           "met": p.returncode == 0 and peak < DEMO_RSS_TARGET_GIB}
+    out = {
+        "command": "gmtext-generate " + " ".join(overrides),
+        "returncode": p.returncode,
+        "wall_s": wall,
+        "peak_rss_gib": peak,
+        "peak_rss_source": "child's own /proc/self/status VmHWM",
+        "target_gib": DEMO_RSS_TARGET_GIB,
+        "met": p.returncode == 0 and peak < DEMO_RSS_TARGET_GIB,
+    }
     if p.returncode != 0:
         out["stderr_tail"] = p.stderr[-2000:]
     else:
         out["stdout_tail"] = p.stdout.strip().splitlines()[-1:] if p.stdout.strip() else []
-    print(f"  demo gmtext-generate: rc={p.returncode}, {wall:.1f} s, peak RSS {peak:.2f} GiB (target < {DEMO_RSS_TARGET_GIB})", flush=True)
+    print(
+        f"  demo gmtext-generate: rc={p.returncode}, {wall:.1f} s, peak RSS {peak:.2f} GiB (target < {DEMO_RSS_TARGET_GIB})",
+        flush=True,
+    )
     return out
 
 
@@ -362,13 +484,23 @@ def parse(argv=None):
     ap.add_argument("--model", default="embedded:smollm2-135m")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--autocast", default="none", choices=["none", "bf16"], help="run everything under torch.autocast (bf16)")
+    ap.add_argument(
+        "--autocast", default="none", choices=["none", "bf16"], help="run everything under torch.autocast (bf16)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (smoke run)")
-    ap.add_argument("--out", default=None, help="JSON path (default: results/<machine>-<ts>.json + latest.json, or results/smoke.json)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default: results/<machine>-<ts>.json + latest.json, or results/smoke.json)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats of fast paths (default 3; quick 1)")
-    ap.add_argument("--e2e-outer-measured", type=int, default=None,
-                    help="measure only this many outer steps of the gmtext end-to-end run and scale (default: all)")
+    ap.add_argument(
+        "--e2e-outer-measured",
+        type=int,
+        default=None,
+        help="measure only this many outer steps of the gmtext end-to-end run and scale (default: all)",
+    )
     ap.add_argument("--skip-demo", action="store_true", help="do not run the gmtext-generate demo for its peak RSS")
     ap.add_argument("--demo", action="store_true", help="run the demo RSS measurement even in a smoke run")
     ap.add_argument("--demo-model", default=None, help="model= override for the demo run (e.g. tiny_llama)")
@@ -407,13 +539,40 @@ def main(argv=None) -> dict:
     emb = model.get_input_embeddings().weight
     ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), task.prefix_ids)
     c = 2
-    settings = {k: getattr(args, k) for k in ("model", "device", "dtype", "autocast", "threads", "quick", "real_per_class", "batch", "length", "topk",
-                                               "outer", "inner", "init_ref_measured", "init_ref_total", "ref_outer_measured",
-                                               "repeats", "ref_repeats")}
-    settings.update(classes=c, real_examples=c * args.real_per_class, real_source=src, max_text_tokens=mtt,
-                    template="{text} It was", verbalizers=[" bad", " great"], warmup="1 call (slow references: the same call on 1-2 rows/examples)",
-                    statistic="median of repeats",
-                    resolved_device=str(dev), model_fingerprint=lm.fingerprint)
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "model",
+            "device",
+            "dtype",
+            "autocast",
+            "threads",
+            "quick",
+            "real_per_class",
+            "batch",
+            "length",
+            "topk",
+            "outer",
+            "inner",
+            "init_ref_measured",
+            "init_ref_total",
+            "ref_outer_measured",
+            "repeats",
+            "ref_repeats",
+        )
+    }
+    settings.update(
+        classes=c,
+        real_examples=c * args.real_per_class,
+        real_source=src,
+        max_text_tokens=mtt,
+        template="{text} It was",
+        verbalizers=[" bad", " great"],
+        warmup="1 call (slow references: the same call on 1-2 rows/examples)",
+        statistic="median of repeats",
+        resolved_device=str(dev),
+        model_fingerprint=lm.fingerprint,
+    )
     print(f"gmtext bench: {args.model} on {dev} ({machine_description(dev, torch.get_num_threads())})", flush=True)
     b = Bench(args, dev)
     if args.autocast == "bf16":
@@ -432,11 +591,35 @@ def main(argv=None) -> dict:
     print("inner step:", flush=True)
     bench_inner(b, model, task, targets_by_specs, ctx, c, args.batch, args.length)
     print("initialisation:", flush=True)
-    _, init_ref_s, _ = bench_init(b, model, task, targets_by_specs[tuple(HEAD)], ctx, c, args.batch, args.length,
-                                   args.init_ref_measured, args.init_ref_total)
+    _, init_ref_s, _ = bench_init(
+        b,
+        model,
+        task,
+        targets_by_specs[tuple(HEAD)],
+        ctx,
+        c,
+        args.batch,
+        args.length,
+        args.init_ref_measured,
+        args.init_ref_total,
+    )
     print("end to end:", flush=True)
-    bench_end_to_end(b, model, task, texts, mtt, ctx, c, args.batch, args.length, args.outer, args.inner, args.topk,
-                     init_ref_s, args.ref_outer_measured)
+    bench_end_to_end(
+        b,
+        model,
+        task,
+        texts,
+        mtt,
+        ctx,
+        c,
+        args.batch,
+        args.length,
+        args.outer,
+        args.inner,
+        args.topk,
+        init_ref_s,
+        args.ref_outer_measured,
+    )
     peak = rss_gib()
     demo = None
     if not args.skip_demo:
@@ -493,10 +676,14 @@ def print_table(result):
         tgt = f"{r['target']:.1f}x" if r["target"] else ""
         mark = "" if r["met"] is None else (" ok" if r["met"] else " MISS")
         ext = " *" if r.get("extrapolated") else ""
-        print(f"{r['name'][:62]:<62} {r['fast_s']:>10.3f} {r['ref_s']:>10.3f} {r['speedup']:>7.1f}x {tgt:>7}{mark}{ext}")
+        print(
+            f"{r['name'][:62]:<62} {r['fast_s']:>10.3f} {r['ref_s']:>10.3f} {r['speedup']:>7.1f}x {tgt:>7}{mark}{ext}"
+        )
     print(f"peak RSS (bench process): {result['peak_rss_gib']:.2f} GiB")
     if result["demo"]:
-        print(f"peak RSS (gmtext-generate demo): {result['demo_peak_rss_gib']:.2f} GiB (target < {DEMO_RSS_TARGET_GIB} GiB)")
+        print(
+            f"peak RSS (gmtext-generate demo): {result['demo_peak_rss_gib']:.2f} GiB (target < {DEMO_RSS_TARGET_GIB} GiB)"
+        )
     print("* = reference side partly extrapolated (see the row's 'extrapolated' field)")
 
 

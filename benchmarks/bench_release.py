@@ -17,6 +17,7 @@ Each row gives ms per example and the wall time for all 8,530 rotten-tomatoes tr
 check that hooks and vmap give the same clipped sum on their common texts.
 Writes benchmarks/results/release-<machine>-<timestamp>.json (or --out; --quick → release-smoke.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,14 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RT = HERE.parent.parent / "shared" / "data" / "rotten_tomatoes"
 SPLIT = 8530
-FALLBACK = ["A dull film.", "so so so so so so", "The acting is wooden, the plot is worse and it is long.",
-            "a great film!", "I loved every minute of it", "wonderful cast, smart and funny"] * 20
+FALLBACK = [
+    "A dull film.",
+    "so so so so so so",
+    "The acting is wooden, the plot is worse and it is long.",
+    "a great film!",
+    "I loved every minute of it",
+    "wonderful cast, smart and funny",
+] * 20
 
 
 def main(argv=None) -> dict:
@@ -50,12 +57,18 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", default="middle_blocks", help="regex over nn.Linear names to sketch (or middle_blocks, last_blocks:K)")
+    ap.add_argument(
+        "--layers",
+        default="middle_blocks",
+        help="regex over nn.Linear names to sketch (or middle_blocks, last_blocks:K)",
+    )
     ap.add_argument("--k", type=int, default=16, help="k_in = k_out per matrix")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--vmap-n", type=int, default=8)
     ap.add_argument("--loop-n", type=int, default=4)
-    ap.add_argument("--gen-layers", default="last_blocks:1", help="the generator's sketched blocks (the probe's: --layers)")
+    ap.add_argument(
+        "--gen-layers", default="last_blocks:1", help="the generator's sketched blocks (the probe's: --layers)"
+    )
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
@@ -63,12 +76,16 @@ def main(argv=None) -> dict:
     if a.quick:
         a.n, a.vmap_n, a.loop_n, a.chunk = 8, 4, 2, 4
     if min(a.n, a.vmap_n, a.loop_n, a.chunk) < 0 or a.n < 1 or a.chunk < 1:
-        raise SystemExit(f"bench_release: --n {a.n} and --chunk {a.chunk} must be >= 1, --vmap-n {a.vmap_n} and --loop-n {a.loop_n} >= 0")
+        raise SystemExit(
+            f"bench_release: --n {a.n} and --chunk {a.chunk} must be >= 1, --vmap-n {a.vmap_n} and --loop-n {a.loop_n} >= 0"
+        )
     if a.threads:
         torch.set_num_threads(a.threads)
     lm = load_model(a.model)
     model = lm.model
-    task = Task(lm.tokenizer, "{text} It was", ["neg", "pos"], [" bad", " great"], start_token="<|endoftext|>")  # conf/dataset/rotten_tomatoes.yaml
+    task = Task(
+        lm.tokenizer, "{text} It was", ["neg", "pos"], [" bad", " great"], start_token="<|endoftext|>"
+    )  # conf/dataset/rotten_tomatoes.yaml
     if (RT / "train.jsonl").exists():
         texts = [e.text for e in load_split("train", ["neg", "pos"], path=str(RT)).examples[: a.n]]
         src = "rotten_tomatoes train"
@@ -78,17 +95,30 @@ def main(argv=None) -> dict:
     rows = []
 
     def row(name, mp, method, tx):
-        M.clipped_sum(model, task, mp, tx[: a.chunk if method != "vmap" else 2], 0, 1.0, 64, a.chunk, method, vocab)  # warm-up
+        M.clipped_sum(
+            model, task, mp, tx[: a.chunk if method != "vmap" else 2], 0, 1.0, 64, a.chunk, method, vocab
+        )  # warm-up
         t0, c0 = time.perf_counter(), time.process_time()
         cs = M.clipped_sum(model, task, mp, tx, 0, 1.0, 64, a.chunk, method, vocab)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         # cpu_seconds / threads: what the wall time would be with the cores to ourselves (shared machines)
-        r = {"path": name, "method": method, "k": mp.numel(), "texts_timed": len(tx), "seconds": dt, "cpu_seconds": cpu,
-             "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(tx) * SPLIT / 60,
-             "ms_per_example": 1e3 * dt / len(tx), "split_minutes_extrapolated": dt / len(tx) * SPLIT / 60}
+        r = {
+            "path": name,
+            "method": method,
+            "k": mp.numel(),
+            "texts_timed": len(tx),
+            "seconds": dt,
+            "cpu_seconds": cpu,
+            "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(tx) * SPLIT / 60,
+            "ms_per_example": 1e3 * dt / len(tx),
+            "split_minutes_extrapolated": dt / len(tx) * SPLIT / 60,
+        }
         rows.append(r)
-        print(f"{name:44s} k={r['k']:>9d} {r['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {r['split_minutes_extrapolated']:>7.1f} min "
-              f"(extrapolated from {len(tx)}; from CPU time/threads: {r['split_minutes_from_cpu']:.1f} min)", flush=True)
+        print(
+            f"{name:44s} k={r['k']:>9d} {r['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {r['split_minutes_extrapolated']:>7.1f} min "
+            f"(extrapolated from {len(tx)}; from CPU time/threads: {r['split_minutes_from_cpu']:.1f} min)",
+            flush=True,
+        )
         return cs
 
     # the floor: a no-grad forward of the same texts (every per-example path needs at least this)
@@ -101,11 +131,24 @@ def main(argv=None) -> dict:
             ids, mask, last = task.batch(order[i : i + a.chunk], 64)
             last_token_loss_fast(model, ids, mask, last, torch.zeros(len(ids), dtype=torch.long), vocab)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    rows.append({"path": "forward only (no grad), the floor", "method": "none", "k": 0, "texts_timed": len(texts), "seconds": dt,
-                 "cpu_seconds": cpu, "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(texts) * SPLIT / 60,
-                 "ms_per_example": 1e3 * dt / len(texts), "split_minutes_extrapolated": dt / len(texts) * SPLIT / 60})
-    print(f"{'forward only (no grad)':44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
-          f"(from CPU time/threads: {rows[-1]['split_minutes_from_cpu']:.1f} min)", flush=True)
+    rows.append(
+        {
+            "path": "forward only (no grad), the floor",
+            "method": "none",
+            "k": 0,
+            "texts_timed": len(texts),
+            "seconds": dt,
+            "cpu_seconds": cpu,
+            "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(texts) * SPLIT / 60,
+            "ms_per_example": 1e3 * dt / len(texts),
+            "split_minutes_extrapolated": dt / len(texts) * SPLIT / 60,
+        }
+    )
+    print(
+        f"{'forward only (no grad)':44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
+        f"(from CPU time/threads: {rows[-1]['split_minutes_from_cpu']:.1f} min)",
+        flush=True,
+    )
     spec = f"sketch:{a.k}x{a.k}:0:{a.layers}"
     mp = MatchedParams(model, [spec])
     row(f"sketch_hooks {a.k}x{a.k} {a.layers}", mp, "sketch_hooks", texts)
@@ -113,7 +156,9 @@ def main(argv=None) -> dict:
         if n:
             slow = row(f"{method} (sketch) {a.k}x{a.k} {a.layers}", mp, method, texts[:n])
             fast = M.clipped_sum(model, task, mp, texts[:n], 0, 1.0, 64, a.chunk, "sketch_hooks", vocab)
-            rows[-1]["max_rel_err_vs_hooks"] = max(((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(fast.sums, slow.sums))
+            rows[-1]["max_rel_err_vs_hooks"] = max(
+                ((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(fast.sums, slow.sums)
+            )
             print(f"  hooks vs {method} clipped sums, max relative error: {rows[-1]['max_rel_err_vs_hooks']:.2e}")
     # the private recipe's two releases: one after the other, then from one pass
     gen = MatchedParams(model, [f"sketch:{a.k}x{a.k}:0:{a.gen_layers}"])
@@ -124,18 +169,46 @@ def main(argv=None) -> dict:
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     probe_alone = next(r for r in rows if r["path"] == f"sketch_hooks {a.k}x{a.k} {a.layers}")
     two = rows[-1]["seconds"] + probe_alone["seconds"]
-    rows.append({"path": f"generator + probe, one pass ({a.gen_layers} + {a.layers})", "method": "sketch_hooks (parts)",
-                 "k": gen.numel() + mp.numel(), "texts_timed": len(texts), "seconds": dt, "cpu_seconds": cpu,
-                 "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(texts) * SPLIT / 60, "ms_per_example": 1e3 * dt / len(texts),
-                 "split_minutes_extrapolated": dt / len(texts) * SPLIT / 60, "two_passes_seconds": two, "speedup_vs_two_passes": two / dt})
-    print(f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
-          f"(two passes: {two / len(texts) * SPLIT / 60:.1f} min; {two / dt:.2f}x)", flush=True)
+    rows.append(
+        {
+            "path": f"generator + probe, one pass ({a.gen_layers} + {a.layers})",
+            "method": "sketch_hooks (parts)",
+            "k": gen.numel() + mp.numel(),
+            "texts_timed": len(texts),
+            "seconds": dt,
+            "cpu_seconds": cpu,
+            "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(texts) * SPLIT / 60,
+            "ms_per_example": 1e3 * dt / len(texts),
+            "split_minutes_extrapolated": dt / len(texts) * SPLIT / 60,
+            "two_passes_seconds": two,
+            "speedup_vs_two_passes": two / dt,
+        }
+    )
+    print(
+        f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
+        f"(two passes: {two / len(texts) * SPLIT / 60:.1f} min; {two / dt:.2f}x)",
+        flush=True,
+    )
     S.detach(model)
     if a.vmap_n:
-        row("vmap (raw) final_norm + last block", MatchedParams(model, ["final_norm", "last_blocks:1"]), "vmap", texts[: a.vmap_n])
-    result = {"benchmark": "release_clipped_sums", "model": a.model, "threads": a.threads, "texts": src,
-              "machine_name": socket.gethostname(), "platform": platform.platform(), "torch": torch.__version__,
-              "load_average_end": os.getloadavg(), "split_size": SPLIT, "rows": rows}
+        row(
+            "vmap (raw) final_norm + last block",
+            MatchedParams(model, ["final_norm", "last_blocks:1"]),
+            "vmap",
+            texts[: a.vmap_n],
+        )
+    result = {
+        "benchmark": "release_clipped_sums",
+        "model": a.model,
+        "threads": a.threads,
+        "texts": src,
+        "machine_name": socket.gethostname(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average_end": os.getloadavg(),
+        "split_size": SPLIT,
+        "rows": rows,
+    }
     res_dir = HERE / "results"
     res_dir.mkdir(exist_ok=True)
     if a.out:

@@ -11,6 +11,7 @@ model and data. What it reproduces (the reference code's known slow paths):
 - the LM-guided top-k projection re-encoding the whole prefix at every position, one
   row at a time (`lm_topk_reference`), run twice per outer step (once for logging).
 """
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,9 @@ from gmtext.matching.projectors import lm_topk_reference
 def per_class_objectives(model, matched, targets, task) -> list[MatchingObjective]:
     """One autograd objective per class (the reference handles one class at a time)."""
     return [
-        MatchingObjective(model, matched, [targets[k]], [task.label_token_ids[k]], task.prefix_ids, task.suffix_ids, closed_form=False)
+        MatchingObjective(
+            model, matched, [targets[k]], [task.label_token_ids[k]], task.prefix_ids, task.suffix_ids, closed_form=False
+        )
         for k in range(len(targets))
     ]
 
@@ -49,9 +52,13 @@ def reference_init(objs, ctx, b: int, length: int, candidates: int, gen: torch.G
 class ReferenceADMM:
     """State of a per-class ADMM run with the reference structure."""
 
-    def __init__(self, objs, ctx, tokens: torch.Tensor, topk: int, lr: float = 0.008, rho: float = 1.0, grad_clip: float = 1.0):
+    def __init__(
+        self, objs, ctx, tokens: torch.Tensor, topk: int, lr: float = 0.008, rho: float = 1.0, grad_clip: float = 1.0
+    ):
         self.objs, self.ctx, self.topk, self.rho, self.grad_clip = objs, ctx, topk, rho, grad_clip
-        self.x = [objs[k].tokens_to_x(tokens[k]).detach().float().clone().requires_grad_(True) for k in range(len(objs))]
+        self.x = [
+            objs[k].tokens_to_x(tokens[k]).detach().float().clone().requires_grad_(True) for k in range(len(objs))
+        ]
         self.lam = [torch.zeros_like(x) for x in self.x]
         self.opt = [torch.optim.Adam([x], lr=lr) for x in self.x]
         self.best = [float("inf")] * len(objs)

@@ -8,6 +8,7 @@ Makes (or reuses) a non-private rotten-tomatoes release under experiments/result
 samples per class (the GRADMM initialisation), each against its class target. A useful matching distance ranks
 same-class real text below other-class real text, and both below unoptimised LM samples.
 """
+
 import json
 import random
 import statistics
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation_quality import cfg_for, DATA
 from gmtext.config import register_configs
@@ -32,14 +34,26 @@ name, *ov = sys.argv[1:]
 register_configs()
 torch.set_num_threads(2)
 cfg = cfg_for(["dataset=rotten_tomatoes", f"dataset.path={DATA}", "logger=none", "progress=false", *ov])
-lm = load_generator_model(cfg); task = build_task(cfg, lm.tokenizer)
+lm = load_generator_model(cfg)
+task = build_task(cfg, lm.tokenizer)
 matched = MatchedParams(lm.model, list(cfg.matched_params))
 t = time.time()
 rel, _ = load_or_make_release(cfg, OUT / name / "release", lm, task, matched)
 print("release s", time.time() - t)
 emb = lm.model.get_input_embeddings().weight
-ctx = ProjectionContext(lm.model, emb, allowed_token_ids(lm.tokenizer, emb.shape[0]), task.lm_context_ids(cfg.dataset.lm_context))
-obj = MatchingObjective(lm.model, matched, rel.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
+ctx = ProjectionContext(
+    lm.model, emb, allowed_token_ids(lm.tokenizer, emb.shape[0]), task.lm_context_ids(cfg.dataset.lm_context)
+)
+obj = MatchingObjective(
+    lm.model,
+    matched,
+    rel.targets,
+    task.label_token_ids,
+    task.prefix_ids,
+    task.suffix_ids,
+    context_ids=ctx.prefix_ids,
+    match_loss=cfg.match_loss,
+)
 n = 10
 split = load_split("validation", list(cfg.dataset.label_names), path=cfg.dataset.path)
 rng = random.Random(0)

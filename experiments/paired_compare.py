@@ -8,6 +8,7 @@ the large between-sentence spread (single-sentence distances range ~0.08-0.5), w
 comparison of two means would have to beat. Prints, for match_loss and log perplexity, the
 mean paired difference A - B with a bootstrap 95% interval, and how many slots differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,21 @@ def bootstrap_ci(diffs, reps=5000, seed=0):
 def compare(a, b):
     keys = [(r["batch"], r["label"]) for r in a]
     if keys != [(r["batch"], r["label"]) for r in b]:
-        raise SystemExit("paired_compare: the two pools do not have the same (batch, label) slots in the same order; "
-                         "generate both with the same seed, num_per_class and batch_size")
+        raise SystemExit(
+            "paired_compare: the two pools do not have the same (batch, label) slots in the same order; "
+            "generate both with the same seed, num_per_class and batch_size"
+        )
     out = {"n": len(a), "slots_differing": sum(x["text"] != y["text"] for x, y in zip(a, b))}
     for name, f in (("match_loss", lambda r: r["match_loss"]), ("log_perplexity", lambda r: math.log(r["perplexity"]))):
         d = [f(x) - f(y) for x, y in zip(a, b)]
         lo, hi = bootstrap_ci(d)
-        out[name] = {"mean_a": statistics.mean(map(f, a)), "mean_b": statistics.mean(map(f, b)),
-                     "mean_diff": statistics.mean(d), "ci95": [lo, hi], "a_lower": sum(v < 0 for v in d)}
+        out[name] = {
+            "mean_a": statistics.mean(map(f, a)),
+            "mean_b": statistics.mean(map(f, b)),
+            "mean_diff": statistics.mean(d),
+            "ci95": [lo, hi],
+            "a_lower": sum(v < 0 for v in d),
+        }
     return out
 
 
@@ -58,8 +66,10 @@ def main(argv=None) -> int:
     print(f"{res['slots_differing']} of {res['n']} slots differ")
     for k in ("match_loss", "log_perplexity"):
         r = res[k]
-        print(f"{k:15s} A {r['mean_a']:.4f}  B {r['mean_b']:.4f}  A-B {r['mean_diff']:+.4f} "
-              f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]  A lower in {r['a_lower']} slots")
+        print(
+            f"{k:15s} A {r['mean_a']:.4f}  B {r['mean_b']:.4f}  A-B {r['mean_diff']:+.4f} "
+            f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]  A lower in {r['a_lower']} slots"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -12,6 +12,7 @@ it bounds what gradient matching or margin selection with it can teach. Also pri
 cos(T_neg, T_pos), the share of the targets' direction that the classes have in common.
 Uses train data only (never validation/test). Embedded SmolLM2-135M, CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,14 @@ import torch
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SPECS = ["final_norm,last_blocks:1", "lm_head", "final_norm", "last_blocks:4", r"re:layers\.(1[0-9])\.", r"re:layers\.[0-4]\."]
+DEFAULT_SPECS = [
+    "final_norm,last_blocks:1",
+    "lm_head",
+    "final_norm",
+    "last_blocks:4",
+    r"re:layers\.(1[0-9])\.",
+    r"re:layers\.[0-4]\.",
+]
 
 
 def main(argv=None) -> int:
@@ -50,7 +58,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     register_configs()
     with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
-        cfg = compose("release", ["dataset=rotten_tomatoes", f"dataset.path={args.data}", "real_per_class=50", "seed=0"])
+        cfg = compose(
+            "release", ["dataset=rotten_tomatoes", f"dataset.path={args.data}", "real_per_class=50", "seed=0"]
+        )
     ds = cfg.dataset
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
@@ -71,12 +81,22 @@ def main(argv=None) -> int:
         # predicted label: the one whose target the text's gradient fits best (own-label margin > 0)
         acc = (fit.argmin(1) == y).float().mean().item()
         cos01 = 1 - cosine_distance([g[None] for g in tg.grads[0]], tg.grads[1]).item()
-        rows.append({"matched_params": spec, "numel": matched.numel(), "probe_accuracy": acc, "cos_targets": cos01,
-                     "heldout": len(y), "seconds": time.perf_counter() - t0})
+        rows.append(
+            {
+                "matched_params": spec,
+                "numel": matched.numel(),
+                "probe_accuracy": acc,
+                "cos_targets": cos01,
+                "heldout": len(y),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         print(f"{spec:42s} {matched.numel():>11d} {acc:>9.3f} {cos01:>10.3f} {rows[-1]['seconds']:>5.0f}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"config": OmegaConf.to_container(cfg.dataset, resolve=True), "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"config": OmegaConf.to_container(cfg.dataset, resolve=True), "rows": rows}, indent=2)
+        )
     return 0
 
 

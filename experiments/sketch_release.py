@@ -27,6 +27,7 @@ For every (layer set, k):
   per-example path (vmap) on the last block's raw parameters over a few texts.
 Uses train data only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -139,8 +140,15 @@ def main(argv=None) -> int:
                 targets.append(mean)
                 alphas.append(torch.sqrt(sum(m.pow(2).sum() for m in mean)).item())  # ‖clipped mean‖ / C
             acc_clean = label_fit_acc(h_view, y, targets)
-            row = {"layers": set_name, "regex": pat, "matrices": len(li), "k_per_matrix": k * k, "k": dim,
-                   "clean_accuracy": acc_clean, "alpha": alphas}
+            row = {
+                "layers": set_name,
+                "regex": pat,
+                "matrices": len(li),
+                "k_per_matrix": k * k,
+                "k": dim,
+                "clean_accuracy": acc_clean,
+                "alpha": alphas,
+            }
             for eps in (1.0, 4.0):
                 z = calibrate_noise_multiplier(eps, 1e-5, 1, "analytic")
                 sigma = z * 2.0  # C = 1 (normalised gradients), replace-one: Δ = 2C
@@ -149,23 +157,43 @@ def main(argv=None) -> int:
                     noisy = []
                     for c, mean in enumerate(targets):
                         s = [m * SPLIT_PER_CLASS for m in mean]
-                        nz = [sn + torch.from_numpy(standard_normal(sn.numel())).float().view_as(sn) * sigma for sn in s]
+                        nz = [
+                            sn + torch.from_numpy(standard_normal(sn.numel())).float().view_as(sn) * sigma for sn in s
+                        ]
                         num = sum((a * b).sum() for a, b in zip(nz, s))
                         den = torch.sqrt(sum(a.pow(2).sum() for a in nz) * sum(b.pow(2).sum() for b in s))
                         cj[c].append((num / den).item())
-                        ct[c].append(torch.stack([torch.nn.functional.cosine_similarity(a, b, dim=0) for a, b in zip(nz, s)]).mean().item())
+                        ct[c].append(
+                            torch.stack([torch.nn.functional.cosine_similarity(a, b, dim=0) for a, b in zip(nz, s)])
+                            .mean()
+                            .item()
+                        )
                         noisy.append(nz)
                     accs.append(label_fit_acc(h_view, y, noisy))
-                row[f"eps{eps:g}"] = {"noise_multiplier": z, "cos_joint": [sum(v) / len(v) for v in cj],
-                                      "cos_tensor_mean": [sum(v) / len(v) for v in ct],
-                                      "accuracy": sum(accs) / len(accs), "accuracy_draws": accs}
+                row[f"eps{eps:g}"] = {
+                    "noise_multiplier": z,
+                    "cos_joint": [sum(v) / len(v) for v in cj],
+                    "cos_tensor_mean": [sum(v) / len(v) for v in ct],
+                    "accuracy": sum(accs) / len(accs),
+                    "accuracy_draws": accs,
+                }
             rows.append(row)
             e1, e4 = row["eps1"], row["eps4"]
-            print(f"{set_name:16s} k/mat {k*k:5d} k {dim:7d} | clean acc {acc_clean:.3f} | alpha {alphas[0]:.3f}/{alphas[1]:.3f} | "
-                  f"eps1 cos {e1['cos_joint'][0]:.3f}/{e1['cos_joint'][1]:.3f} acc {e1['accuracy']:.3f} | "
-                  f"eps4 cos {e4['cos_joint'][0]:.3f}/{e4['cos_joint'][1]:.3f} acc {e4['accuracy']:.3f}", flush=True)
-    res = {"per_class": args.per_class, "heldout": len(held), "pass_seconds": pass_s, "threads": args.threads,
-           "split_per_class": SPLIT_PER_CLASS, "match_loss": "verbalizer", "rows": rows}
+            print(
+                f"{set_name:16s} k/mat {k * k:5d} k {dim:7d} | clean acc {acc_clean:.3f} | alpha {alphas[0]:.3f}/{alphas[1]:.3f} | "
+                f"eps1 cos {e1['cos_joint'][0]:.3f}/{e1['cos_joint'][1]:.3f} acc {e1['accuracy']:.3f} | "
+                f"eps4 cos {e4['cos_joint'][0]:.3f}/{e4['cos_joint'][1]:.3f} acc {e4['accuracy']:.3f}",
+                flush=True,
+            )
+    res = {
+        "per_class": args.per_class,
+        "heldout": len(held),
+        "pass_seconds": pass_s,
+        "threads": args.threads,
+        "split_per_class": SPLIT_PER_CLASS,
+        "match_loss": "verbalizer",
+        "rows": rows,
+    }
     (out / "separability_noise.json").write_text(json.dumps(res, indent=2))
     del tg, hg
     S.detach(model)
@@ -180,8 +208,16 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             M.clipped_sum(model, task, mps, texts, 0, 1.0, ds.max_text_tokens, args.chunk, "sketch_hooks", vocab)
             dt = time.perf_counter() - t0
-            timing.append({"path": f"sketch_hooks 16x16, {set_name}", "k": mps.numel(), "n": len(texts), "seconds": dt,
-                           "per_example_ms": 1e3 * dt / len(texts), "full_split_minutes": dt / len(texts) * 2 * SPLIT_PER_CLASS / 60})
+            timing.append(
+                {
+                    "path": f"sketch_hooks 16x16, {set_name}",
+                    "k": mps.numel(),
+                    "n": len(texts),
+                    "seconds": dt,
+                    "per_example_ms": 1e3 * dt / len(texts),
+                    "full_split_minutes": dt / len(texts) * 2 * SPLIT_PER_CLASS / 60,
+                }
+            )
             print(timing[-1], flush=True)
         S.detach(model)
         mpr = MatchedParams(model, ["final_norm", "last_blocks:1"])
@@ -189,8 +225,16 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         M.clipped_sum(model, task, mpr, vt, 0, 1.0, ds.max_text_tokens, args.vmap_n, "vmap", vocab)
         dt = time.perf_counter() - t0
-        timing.append({"path": "vmap, raw final_norm + last block", "k": mpr.numel(), "n": len(vt), "seconds": dt,
-                       "per_example_ms": 1e3 * dt / len(vt), "full_split_minutes": dt / len(vt) * 2 * SPLIT_PER_CLASS / 60})
+        timing.append(
+            {
+                "path": "vmap, raw final_norm + last block",
+                "k": mpr.numel(),
+                "n": len(vt),
+                "seconds": dt,
+                "per_example_ms": 1e3 * dt / len(vt),
+                "full_split_minutes": dt / len(vt) * 2 * SPLIT_PER_CLASS / 60,
+            }
+        )
         print(timing[-1], flush=True)
         (out / "timing.json").write_text(json.dumps({"threads": args.threads, "rows": timing}, indent=2))
     return 0

@@ -9,6 +9,7 @@ between the noisy and the clean target over all matched coordinates. The clean t
 computed from the private data without noise: they and this measurement never ship with a
 private release (docs/results.md reports them as a diagnostic of the mechanism).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,14 @@ from gmtext.privacy.release import Release  # noqa: E402
 
 def cosines(noisy: Release, clean: Release) -> list[float]:
     if noisy.param_names != clean.param_names:
-        raise SystemExit(f"target_cosine: the releases match different parameters ({noisy.param_names[:1]} vs {clean.param_names[:1]})")
+        raise SystemExit(
+            f"target_cosine: the releases match different parameters ({noisy.param_names[:1]} vs {clean.param_names[:1]})"
+        )
     flat = lambda tc: torch.cat([t.reshape(-1).double() for t in tc])  # noqa: E731
-    return [torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0).item() for a, b in zip(noisy.targets, clean.targets)]
+    return [
+        torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0).item()
+        for a, b in zip(noisy.targets, clean.targets)
+    ]
 
 
 def main(argv=None) -> list[dict]:
@@ -43,9 +49,18 @@ def main(argv=None) -> list[dict]:
             noisy, clean = Release.load(Path(run) / part), Release.load(Path(a.clean) / part)
             cos = cosines(noisy, clean)
             k = sum(t.numel() for t in noisy.targets[0])
-            rows.append({"run": str(run), "part": part, "epsilon": noisy.epsilon, "k": k,
-                         "noise_multiplier": next(e["noise_multiplier"] for e in noisy.privacy["ledger"]["entries"] if e["name"] == part),
-                         "cosine_per_class": dict(zip(noisy.label_names, cos))})
+            rows.append(
+                {
+                    "run": str(run),
+                    "part": part,
+                    "epsilon": noisy.epsilon,
+                    "k": k,
+                    "noise_multiplier": next(
+                        e["noise_multiplier"] for e in noisy.privacy["ledger"]["entries"] if e["name"] == part
+                    ),
+                    "cosine_per_class": dict(zip(noisy.label_names, cos)),
+                }
+            )
             print(f"{run:55s} {part:8s} k={k:>7,d} ε={noisy.epsilon:.3g}  cos " + " / ".join(f"{c:.3f}" for c in cos))
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=2))

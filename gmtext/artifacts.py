@@ -4,6 +4,7 @@ Every artifact is written to a temporary file in the same directory and renamed 
 place, so a kill or a full disk leaves the previous complete file (or none), never a
 half-written one.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -98,8 +99,10 @@ def run_lock(run_dir, stage: str):
             break
         except Timeout:
             if path.exists():
-                raise RunDirLocked(f"{run_dir} is in use by process {_owner(path) or '?'} ({stage}); "
-                                   "wait for it or use another hydra.run.dir") from None
+                raise RunDirLocked(
+                    f"{run_dir} is in use by process {_owner(path) or '?'} ({stage}); "
+                    "wait for it or use another hydra.run.dir"
+                ) from None
             # else its owner finished and removed it between our open and flock: lock a new file
     try:
         path.write_text(str(os.getpid()))  # the inode we hold: only its holder removes it
@@ -154,7 +157,10 @@ RESUME_FREE_KEYS = frozenset({"progress", "logger", "threads", "hydra", "stage"}
 
 # Top-level keys added after run dirs already existed, with the value that reproduces what those
 # runs did: a stored config without the key reads as having it (an old GRADMM run dir resumes).
-LEGACY_DEFAULTS = {"generator": {"_target_": "gmtext.matching.generator.GRADMMGenerator", "name": "gradmm"}, "embedder": None}
+LEGACY_DEFAULTS = {
+    "generator": {"_target_": "gmtext.matching.generator.GRADMMGenerator", "name": "gradmm"},
+    "embedder": None,
+}
 
 
 class ConfigChanged(ValueError):
@@ -218,9 +224,13 @@ def check_resume(run_dir, stage: str, config: dict, stored: dict | None = None, 
         stored = read_json(rec)
     diff = config_diff(stored, config, free)
     if diff:
-        keys = ", ".join(f"{k} {_short(a)} → {_short(b)}" for k, a, b in diff[:8]) + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "")
-        raise ConfigChanged(f"{run_dir} holds {stage} output made with another config ({keys}); rerun with the same "
-                            f"settings to resume (only {', '.join(sorted(free))} may differ) or choose another hydra.run.dir")
+        keys = ", ".join(f"{k} {_short(a)} → {_short(b)}" for k, a, b in diff[:8]) + (
+            f" (+{len(diff) - 8} more)" if len(diff) > 8 else ""
+        )
+        raise ConfigChanged(
+            f"{run_dir} holds {stage} output made with another config ({keys}); rerun with the same "
+            f"settings to resume (only {', '.join(sorted(free))} may differ) or choose another hydra.run.dir"
+        )
     return True
 
 

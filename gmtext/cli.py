@@ -6,6 +6,7 @@ end with one line on stderr and exit code 2, not a traceback; anything else (a t
 RuntimeError, an I/O error that is no setting) is a bug and shows its traceback. GMTEXT_TRACEBACK=1 (or Hydra's
 HYDRA_FULL_ERROR=1) shows the traceback instead. docs/troubleshooting.md lists them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,7 +65,9 @@ def config_error_line(e: BaseException) -> str:
         msg += ": " + str(cause).splitlines()[0]
         schema = getattr(cause, "object_type", None)
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(schema):
-            msg += "; accepted keys: " + ", ".join(f.name for f in dataclasses.fields(schema) if not f.name.startswith("_"))
+            msg += "; accepted keys: " + ", ".join(
+                f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")
+            )
     return msg
 
 
@@ -169,11 +172,16 @@ def generate_main(cfg: DictConfig) -> float:
 
     summary = _run("generate", run_generate, cfg)
     if summary.get("failed_batches"):  # GRADMM batches only (generator=pe has none)
-        print(f"gmtext-generate: warning: batches {summary['failed_batches']} went non-finite and wrote no text "
-              f"(batches/*.failed.json; docs/troubleshooting.md)", file=sys.stderr)
-    print(f"gmtext-generate: {summary['examples']} examples → {HydraConfig.get().runtime.output_dir}/synthetic.jsonl | "
-          f"mean match loss {summary['mean_match_loss']:.4f} | mean perplexity {summary['mean_perplexity']:.1f} | "
-          + (f"{summary['wall_seconds']:.0f} s" if "wall_seconds" in summary else "wall time withheld (private votes)"))
+        print(
+            f"gmtext-generate: warning: batches {summary['failed_batches']} went non-finite and wrote no text "
+            f"(batches/*.failed.json; docs/troubleshooting.md)",
+            file=sys.stderr,
+        )
+    print(
+        f"gmtext-generate: {summary['examples']} examples → {HydraConfig.get().runtime.output_dir}/synthetic.jsonl | "
+        f"mean match loss {summary['mean_match_loss']:.4f} | mean perplexity {summary['mean_perplexity']:.1f} | "
+        + (f"{summary['wall_seconds']:.0f} s" if "wall_seconds" in summary else "wall time withheld (private votes)")
+    )
     return summary["mean_match_loss"]
 
 
@@ -194,8 +202,10 @@ def audit_main(cfg: DictConfig) -> float:
     from .stages.audit import run_audit
 
     s = _run("audit", run_audit, cfg)
-    print(f"gmtext-audit: longest common n-gram {s['longest_common_ngram']} | {s['share_with_real_ngram']:.1%} share a real "
-          f"{s['ngram']}-gram | median nearest-real cosine {s['nearest_real_cosine']['median']:.3f} → {HydraConfig.get().runtime.output_dir}/audit.md")
+    print(
+        f"gmtext-audit: longest common n-gram {s['longest_common_ngram']} | {s['share_with_real_ngram']:.1%} share a real "
+        f"{s['ngram']}-gram | median nearest-real cosine {s['nearest_real_cosine']['median']:.3f} → {HydraConfig.get().runtime.output_dir}/audit.md"
+    )
     return s["share_with_real_ngram"]
 
 
@@ -208,8 +218,10 @@ def finetune_main(cfg: DictConfig) -> float:
         return m["accuracy"]
     eps = f" | epsilon {m['epsilon']:.3g}" if m.get("epsilon") is not None else ""
     dev = f" | dev acc {m['dev_accuracy']:.1%}" if m.get("dev_accuracy") is not None else ""
-    print(f"gmtext-finetune: {m['train_source']} (n={m['n_train']}) | {m['splits']['accuracy']} accuracy {m['accuracy']:.1%} | "
-          f"macro-F1 {m['macro_f1']:.3f}{dev}{eps} | {m['wall_seconds']:.0f} s → {HydraConfig.get().runtime.output_dir}/metrics.json")
+    print(
+        f"gmtext-finetune: {m['train_source']} (n={m['n_train']}) | {m['splits']['accuracy']} accuracy {m['accuracy']:.1%} | "
+        f"macro-F1 {m['macro_f1']:.3f}{dev}{eps} | {m['wall_seconds']:.0f} s → {HydraConfig.get().runtime.output_dir}/metrics.json"
+    )
     return m["accuracy"]
 
 
@@ -232,9 +244,15 @@ def select_main(cfg: DictConfig) -> int:
     from .stages.select import run_select
 
     s = _run("select", run_select, cfg)
-    print(f"gmtext-select: {s['selected']} of {s['pool']} examples → {HydraConfig.get().runtime.output_dir}/selected.jsonl "
-          f"| per class {s['per_class']} | mean match loss {s['mean_match_loss']:.4f}"
-          + (f" | mean label margin {s['mean_label_margin']:.4f} | epsilon {s.get('epsilon', 'unknown')}" if "mean_label_margin" in s else ""))
+    print(
+        f"gmtext-select: {s['selected']} of {s['pool']} examples → {HydraConfig.get().runtime.output_dir}/selected.jsonl "
+        f"| per class {s['per_class']} | mean match loss {s['mean_match_loss']:.4f}"
+        + (
+            f" | mean label margin {s['mean_label_margin']:.4f} | epsilon {s.get('epsilon', 'unknown')}"
+            if "mean_label_margin" in s
+            else ""
+        )
+    )
     return s["selected"]
 
 
@@ -243,7 +261,8 @@ def pipeline_main(cfg: DictConfig) -> float:
     from .stages.pipeline import run_pipeline
 
     m = _run("pipeline", run_pipeline, cfg)
-    print(f"gmtext-pipeline: accuracy {m['accuracy']:.4f} on {m.get('splits', {}).get('accuracy', 'eval')} "
-          f"| {m['selection']['selected']} synthetic examples | epsilon {m['generation'].get('epsilon')} → {HydraConfig.get().runtime.output_dir}/metrics.json")
+    print(
+        f"gmtext-pipeline: accuracy {m['accuracy']:.4f} on {m.get('splits', {}).get('accuracy', 'eval')} "
+        f"| {m['selection']['selected']} synthetic examples | epsilon {m['generation'].get('epsilon')} → {HydraConfig.get().runtime.output_dir}/metrics.json"
+    )
     return m["accuracy"]
-

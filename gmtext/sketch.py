@@ -33,6 +33,7 @@ The G parameters are named ``<module>.gm_sketch.G_v1_<K_IN>x<K_OUT>_s<SEED>``: t
 fingerprint hashes matched parameter names, so a release is never reused with another k,
 seed or construction version (bump ``VERSION`` if the way P is drawn ever changes).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -73,14 +74,27 @@ class SketchBranch(nn.Module):
     z = a Gᵀ [.., k_out]; ∂L/∂z = δ P_out, so per-example ∂L/∂G = Σ_t (∂L/∂z_t) a_tᵀ
     (the hook path of `per_example_grads_hooks`)."""
 
-    def __init__(self, module_name: str, in_features: int, out_features: int, k_in: int, k_out: int, seed: int,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        module_name: str,
+        in_features: int,
+        out_features: int,
+        k_in: int,
+        k_out: int,
+        seed: int,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.k_in, self.k_out, self.seed, self.module_name = k_in, k_out, seed, module_name
         self.pname = param_name(k_in, k_out, seed)
         # non-persistent: rebuilt from the public seed, never saved in a checkpoint
-        self.register_buffer("p_in", projection(in_features, k_in, seed, module_name, "in").to(device, dtype), persistent=False)
-        self.register_buffer("p_out", projection(out_features, k_out, seed, module_name, "out").to(device, dtype), persistent=False)
+        self.register_buffer(
+            "p_in", projection(in_features, k_in, seed, module_name, "in").to(device, dtype), persistent=False
+        )
+        self.register_buffer(
+            "p_out", projection(out_features, k_out, seed, module_name, "out").to(device, dtype), persistent=False
+        )
         self.register_parameter(self.pname, nn.Parameter(torch.zeros(k_out, k_in, device=device, dtype=dtype)))
         self.capture: list | None = None
 
@@ -118,7 +132,9 @@ def attach(model: nn.Module, pattern: str, k_in: int, k_out: int, seed: int) -> 
         old = getattr(mod, BRANCH, None)
         if old is None or (old.k_in, old.k_out, old.seed) != (k_in, k_out, seed):
             w = mod.weight
-            setattr(mod, BRANCH, SketchBranch(name, mod.in_features, mod.out_features, k_in, k_out, seed, w.device, w.dtype))
+            setattr(
+                mod, BRANCH, SketchBranch(name, mod.in_features, mod.out_features, k_in, k_out, seed, w.device, w.dtype)
+            )
             if old is None:
                 mod._gm_sketch_hook = mod.register_forward_hook(_branch_hook)
         names.append(f"{name}.{BRANCH}.{param_name(k_in, k_out, seed)}")
@@ -154,8 +170,10 @@ def parse_spec(spec: str):
     """'sketch:16x8:0:<regex>' → (16, 8, 0, regex); a short form raises (it needs `expand_specs`)."""
     m = _FULL.match(spec)
     if not m:
-        raise ValueError(f"matched_params entry {spec!r}: the short form sketch:<regex> must be expanded with the "
-                         f"config's sketch.k_in/k_out/seed (gmtext.sketch.expand_specs), or write sketch:<K_IN>x<K_OUT>:<SEED>:<regex>")
+        raise ValueError(
+            f"matched_params entry {spec!r}: the short form sketch:<regex> must be expanded with the "
+            f"config's sketch.k_in/k_out/seed (gmtext.sketch.expand_specs), or write sketch:<K_IN>x<K_OUT>:<SEED>:<regex>"
+        )
     return int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
 
 
@@ -167,7 +185,7 @@ def expand_specs(specs: Sequence[str], sketch_cfg) -> list[str]:
         if s.startswith(PREFIX) and not _FULL.match(s):
             if sketch_cfg is None:
                 raise ValueError(f"matched_params entry {s!r} needs a `sketch` config block (k_in, k_out, seed)")
-            s = f"{PREFIX}{int(sketch_cfg.k_in)}x{int(sketch_cfg.k_out)}:{int(sketch_cfg.seed)}:{s[len(PREFIX):]}"
+            s = f"{PREFIX}{int(sketch_cfg.k_in)}x{int(sketch_cfg.k_out)}:{int(sketch_cfg.seed)}:{s[len(PREFIX) :]}"
         out.append(s)
     return out
 
@@ -192,11 +210,15 @@ def sketch_branches_for(matched) -> list[SketchBranch]:
     by_name = branches(matched.model)
     missing = [n for n in matched.names if n not in by_name]
     if missing:
-        raise ValueError(f"per-example method sketch_hooks needs every matched tensor to be a sketch G; not: {missing[:3]}")
+        raise ValueError(
+            f"per-example method sketch_hooks needs every matched tensor to be a sketch G; not: {missing[:3]}"
+        )
     return [by_name[n] for n in matched.names]
 
 
-def per_example_grads_hooks(model, task, matched, texts, label_id, max_text_tokens=None, vocab=None) -> list[torch.Tensor]:
+def per_example_grads_hooks(
+    model, task, matched, texts, label_id, max_text_tokens=None, vocab=None
+) -> list[torch.Tensor]:
     """Per-example ∂L_i/∂G [N, k_out, k_in] for every matched G, from ONE batched forward and a
     backward that stops at the earliest sketched layer.
 

@@ -33,6 +33,7 @@ W&B (`WandbTracker`), the way its users expect it (docs/tracking.md):
   same digest, so W&B links it to the version its producer logged; a dir made without W&B
   still gets a node in the lineage graph). Only public outputs are artifacts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,10 +52,32 @@ MODES = ("online", "offline", "disabled")
 # mattered (the local artifacts keep the full resolved config).
 NOT_USED_BY = {
     "generate": ("finetuner", "train", "finetune", "selector", "pool"),
-    "release": ("finetuner", "train", "finetune", "selector", "pool", "matcher", "projector", "num_per_class", "batch_size"),
+    "release": (
+        "finetuner",
+        "train",
+        "finetune",
+        "selector",
+        "pool",
+        "matcher",
+        "projector",
+        "num_per_class",
+        "batch_size",
+    ),
     "select": ("finetuner", "train", "finetune", "matcher", "projector"),
-    "finetune": ("matcher", "projector", "selector", "pool", "release", "privacy", "shard", "matched_params", "match_loss",
-                 "target_batch_size", "real_per_class", "batch_size"),
+    "finetune": (
+        "matcher",
+        "projector",
+        "selector",
+        "pool",
+        "release",
+        "privacy",
+        "shard",
+        "matched_params",
+        "match_loss",
+        "target_batch_size",
+        "real_per_class",
+        "batch_size",
+    ),
 }
 PIPELINE_ORDER = ("release", "generate", "select", "finetune")
 # (glob, step metric): the x-axis of each family of history keys
@@ -93,7 +116,9 @@ def run_identity(job_type: str, config: dict | None) -> dict:
     """{"name", "experiment", "choices", "job_num"} of this job, from the config and Hydra's
     runtime (the experiment is a defaults choice, not a config key)."""
     hc = _hydra()
-    choices = {str(k): (None if v is None else str(v)) for k, v in (hc.runtime.choices.items() if hc is not None else ())}
+    choices = {
+        str(k): (None if v is None else str(v)) for k, v in (hc.runtime.choices.items() if hc is not None else ())
+    }
     experiment = choices.get("experiment")
     job_num = None
     try:
@@ -115,7 +140,7 @@ def unused_keys(job_type: str, config: dict | None) -> set[str]:
     what neither it nor a stage before it reads is left out: a pipeline's finetune run carries
     the whole config, and the sweep's runs table compares accuracy against matcher.rho."""
     if (config or {}).get("stage") == "pipeline" and job_type in PIPELINE_ORDER:
-        upstream = PIPELINE_ORDER[:PIPELINE_ORDER.index(job_type) + 1]
+        upstream = PIPELINE_ORDER[: PIPELINE_ORDER.index(job_type) + 1]
         return set.intersection(*(set(NOT_USED_BY[s]) for s in upstream))
     return set(NOT_USED_BY.get(job_type, ()))
 
@@ -244,9 +269,18 @@ class Tracker:
 class WandbTracker(Tracker):
     """`logger=wandb`: one W&B run per run dir and stage, beside the local mirror."""
 
-    def __init__(self, run_dir, job_type: str = "generate", config: dict | None = None, private: bool = False,
-                 mode: str | None = None, project: str | None = None, entity: str | None = None, group: str | None = None,
-                 tags=()):
+    def __init__(
+        self,
+        run_dir,
+        job_type: str = "generate",
+        config: dict | None = None,
+        private: bool = False,
+        mode: str | None = None,
+        project: str | None = None,
+        entity: str | None = None,
+        group: str | None = None,
+        tags=(),
+    ):
         if mode is not None and str(mode) not in MODES:
             raise ValueError(f"logger.mode={mode!r} unknown; accepted: {', '.join(MODES)}")
         super().__init__(run_dir, job_type, config, private)
@@ -267,9 +301,19 @@ class WandbTracker(Tracker):
         # records (how many were sampled, how long they are): W&B must not record them
         settings = wandb.Settings(console="off", x_disable_stats=True) if private else None
         self.run = wandb.init(
-            project=self.project, entity=entity, group=self.group, job_type=job_type, tags=list(tags), name=self.name,
-            id=stable_run_id(self.run_dir, job_type), resume="allow", config=stage_config(job_type, config, ident),
-            dir=str(self.run_dir), mode=self.mode, reinit="create_new", settings=settings,
+            project=self.project,
+            entity=entity,
+            group=self.group,
+            job_type=job_type,
+            tags=list(tags),
+            name=self.name,
+            id=stable_run_id(self.run_dir, job_type),
+            resume="allow",
+            config=stage_config(job_type, config, ident),
+            dir=str(self.run_dir),
+            mode=self.mode,
+            reinit="create_new",
+            settings=settings,
         )
         for key in HIDDEN:
             self.run.define_metric(key, hidden=True)

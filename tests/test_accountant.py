@@ -1,4 +1,5 @@
 """Noise calibration and accounting for non-subsampled Gaussian releases."""
+
 from __future__ import annotations
 
 import json
@@ -105,8 +106,21 @@ def test_heterogeneous_composition() -> None:
 
 
 def _ledger(mults, delta=1e-5) -> Ledger:
-    return Ledger(delta, [LedgerEntry(f"release{i}", "gaussian", "rt/train@x", noise_multiplier=m, sensitivity=2.0,
-                                      sigma=2.0 * m, adjacency="replace_one") for i, m in enumerate(mults)])
+    return Ledger(
+        delta,
+        [
+            LedgerEntry(
+                f"release{i}",
+                "gaussian",
+                "rt/train@x",
+                noise_multiplier=m,
+                sensitivity=2.0,
+                sigma=2.0 * m,
+                adjacency="replace_one",
+            )
+            for i, m in enumerate(mults)
+        ],
+    )
 
 
 @pytest.mark.parametrize("eps", [0.5, 1.0, 4.0])
@@ -116,7 +130,9 @@ def test_ledger_pld_matches_the_exact_gaussian_composition(eps: float) -> None:
     m = calibrate_noise_multiplier(eps, 1e-5, 1, "analytic")
     assert _ledger([m]).epsilon() == pytest.approx(composed_epsilon([(m, 1)], 1e-5, "analytic"), rel=1e-4)
     assert _ledger([m]).epsilon() <= eps * (1 + 1e-6)
-    assert _ledger([m, 2 * m]).epsilon() == pytest.approx(composed_epsilon([(m, 1), (2 * m, 1)], 1e-5, "analytic"), rel=1e-4)
+    assert _ledger([m, 2 * m]).epsilon() == pytest.approx(
+        composed_epsilon([(m, 1), (2 * m, 1)], 1e-5, "analytic"), rel=1e-4
+    )
 
 
 def test_ledger_round_trip_json() -> None:
@@ -183,8 +199,13 @@ def test_validate_budget() -> None:
     warns = validate_budget(1.0, 1e-2, n=1000)
     assert len(warns) == 1 and "1/n" in warns[0]
     assert any("weak" in w for w in validate_budget(20.0, 1e-6))
-    for eps, delta, frag in [(0.0, 1e-5, "epsilon=0.0"), (-1.0, 1e-5, "epsilon=-1.0"),
-                             (float("nan"), 1e-5, "epsilon=nan"), (1.0, 0.0, "delta=0.0"),
-                             (1.0, 1.0, "delta=1.0"), (1.0, -0.5, "delta=-0.5")]:
+    for eps, delta, frag in [
+        (0.0, 1e-5, "epsilon=0.0"),
+        (-1.0, 1e-5, "epsilon=-1.0"),
+        (float("nan"), 1e-5, "epsilon=nan"),
+        (1.0, 0.0, "delta=0.0"),
+        (1.0, 1.0, "delta=1.0"),
+        (1.0, -0.5, "delta=-0.5"),
+    ]:
         with pytest.raises(ValueError, match=frag):
             validate_budget(eps, delta)

@@ -1,4 +1,5 @@
 """Memorisation audit: n-gram overlap, nearest-neighbour similarity, canaries, gmtext-audit."""
+
 import json
 
 import pytest
@@ -9,9 +10,11 @@ from gmtext.stages import audit as stage_audit
 
 def test_longest_common_ngram_and_share():
     real = ["the movie was a total waste of time and money for everyone", "great acting"]
-    synth = ["honestly the movie was a total waste of time and money , sadly",  # 10-gram copy
-             "great fun",  # 1-gram
-             "zebra quartz"]  # nothing
+    synth = [
+        "honestly the movie was a total waste of time and money , sadly",  # 10-gram copy
+        "great fun",  # 1-gram
+        "zebra quartz",
+    ]  # nothing
     res = A.audit_texts(synth, real, n=8)
     assert res["longest_common_ngram"] == 10
     assert res["share_with_real_ngram"] == pytest.approx(1 / 3)
@@ -21,7 +24,9 @@ def test_longest_common_ngram_and_share():
 
 def test_nearest_real_cosine():
     real = ["a dull lifeless film", "a warm funny film"]
-    cos, idx = A.nearest_real_cosine([A.words("a warm funny film"), A.words("zebra quartz")], [A.words(r) for r in real])
+    cos, idx = A.nearest_real_cosine(
+        [A.words("a warm funny film"), A.words("zebra quartz")], [A.words(r) for r in real]
+    )
     assert cos[0] == pytest.approx(1.0) and idx[0] == 1
     assert cos[1] == 0.0
     res = A.audit_texts(["a warm funny film", "zebra"], real)
@@ -47,7 +52,7 @@ def _log_ppl(model, tok, text, start):
     ids = torch.tensor([list(start) + tok(text, add_special_tokens=False).input_ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(start) - 1 : -1].float()
-    return torch.nn.functional.cross_entropy(logits, ids[0, len(start):]).item()
+    return torch.nn.functional.cross_entropy(logits, ids[0, len(start) :]).item()
 
 
 def test_canary_exposure_ranks(tiny):
@@ -86,8 +91,17 @@ def test_canary_exposure_ranks(tiny):
     assert mem[0]["log_perplexity"] < min(_log_ppl(model, lm.tokenizer, r, start) for r in refs)
 
 
-FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
-        "batch_size=2", "privacy=dp", "progress=false", "projector=nearest", "matcher.init=random"]
+FAST = [
+    "debug=tiny",
+    "matcher.outer_steps=1",
+    "matcher.inner_steps=1",
+    "num_per_class=2",
+    "batch_size=2",
+    "privacy=dp",
+    "progress=false",
+    "projector=nearest",
+    "matcher.init=random",
+]
 
 
 @pytest.mark.parametrize("match_loss", ["full_vocab", "verbalizer"])  # the canary release must carry the run's loss
@@ -95,13 +109,36 @@ def test_audit_entry_with_canaries(compose, tmp_path, match_loss):
     from gmtext.artifacts import write_jsonl
     from gmtext.runtime import build_task, load_generator_model
 
-    write_jsonl(tmp_path / "gen" / "synthetic.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(
-        ["A dull film , truly", "zebra quartz", "the acting is fine", "A warm, funny film that earns every one of its quiet tears."])])
-    cfg = compose(FAST + [f"synthetic={tmp_path / 'gen'}", "canaries.enabled=true", "canaries.k=2",
-                          "canaries.references=20", f"match_loss={match_loss}"], config_name="audit")
+    write_jsonl(
+        tmp_path / "gen" / "synthetic.jsonl",
+        [
+            {"text": t, "label": i % 2}
+            for i, t in enumerate(
+                [
+                    "A dull film , truly",
+                    "zebra quartz",
+                    "the acting is fine",
+                    "A warm, funny film that earns every one of its quiet tears.",
+                ]
+            )
+        ],
+    )
+    cfg = compose(
+        FAST
+        + [
+            f"synthetic={tmp_path / 'gen'}",
+            "canaries.enabled=true",
+            "canaries.k=2",
+            "canaries.references=20",
+            f"match_loss={match_loss}",
+        ],
+        config_name="audit",
+    )
     assert cfg.stage == "audit" and cfg.ngram == 8
     s = stage_audit.run_audit(cfg, tmp_path / "audit")
-    assert s["share_with_real_ngram"] == 0.25 and s["longest_common_ngram"] == 14  # the copied demo review (13 words + 1 punctuation token)
+    assert (
+        s["share_with_real_ngram"] == 0.25 and s["longest_common_ngram"] == 14
+    )  # the copied demo review (13 words + 1 punctuation token)
     out = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert out["overlap"]["num_synthetic"] == 4 and out["overlap"]["num_real"] == 40
     can = out["canaries"]
@@ -110,8 +147,13 @@ def test_audit_entry_with_canaries(compose, tmp_path, match_loss):
     # the stage's ranks are canary_exposure's under the generator model, which never saw the canaries
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
-    want = A.canary_exposure(lm.model, lm.tokenizer, A.make_canaries(2, 8, cfg.seed), [r for r in A.make_canaries(22, 8, cfg.seed + 1)
-                             if r not in A.make_canaries(2, 8, cfg.seed)][:20], task.prefix_ids[:1])
+    want = A.canary_exposure(
+        lm.model,
+        lm.tokenizer,
+        A.make_canaries(2, 8, cfg.seed),
+        [r for r in A.make_canaries(22, 8, cfg.seed + 1) if r not in A.make_canaries(2, 8, cfg.seed)][:20],
+        task.prefix_ids[:1],
+    )
     assert [(p["canary"], p["rank"]) for p in can["canaries"]] == [(w["canary"], w["rank"]) for w in want]
     rel = json.loads((tmp_path / "audit" / "canary" / "release" / "privacy.json").read_text())
     assert rel["mechanism"] == "gaussian" and rel["match_loss"] == match_loss

@@ -5,6 +5,7 @@ The DP noise comes from os.urandom; the test replaces it with a seeded byte stre
 chain, noise included, is reproducible. EXPECTED was recorded by running this file with
 GMTEXT_RECORD_PINNED=1 on the pre-refactor code; refactors must not change it.
 """
+
 import json
 import os
 import random
@@ -18,10 +19,23 @@ from gmtext.stages.release import run_release
 
 # debug=tiny first: the recipe these values were recorded with (the tiny model, lm_head matched on the
 # full-vocabulary loss, best-match selection, ...), from before the schema took the measured defaults
-COMMON = ["debug=tiny", "progress=false", "threads=1", "matcher.outer_steps=1", "matcher.inner_steps=2",
-          "matcher.init_candidates=1", "projector.topk=10", "num_per_class=4", "batch_size=2", "dataset.length=5",
-          "selector.per_class=3", "finetuner.max_steps=2", "finetuner.batch_size=4", "finetune.eval_limit=8",
-          "finetune.dev_size=0"]
+COMMON = [
+    "debug=tiny",
+    "progress=false",
+    "threads=1",
+    "matcher.outer_steps=1",
+    "matcher.inner_steps=2",
+    "matcher.init_candidates=1",
+    "projector.topk=10",
+    "num_per_class=4",
+    "batch_size=2",
+    "dataset.length=5",
+    "selector.per_class=3",
+    "finetuner.max_steps=2",
+    "finetuner.batch_size=4",
+    "finetune.eval_limit=8",
+    "finetune.dev_size=0",
+]
 MODES = {"none": ["real_per_class=4"], "dp": ["privacy=dp", "privacy.epsilon=2", "privacy.divisor=5"]}
 TIMING = ("seconds", "timings")
 
@@ -61,15 +75,32 @@ def _chain(compose, run_dir, mode, monkeypatch) -> dict:
     m = run_pipeline(compose(overrides, config_name="pipeline"), run_dir)
     read = lambda f: [json.loads(line) for line in (run_dir / f).read_text().splitlines()]  # noqa: E731
     privacy = json.loads((run_dir / "release" / "privacy.json").read_text())
-    return _rounded({
-        "release": {k: v for k, v in rel.items() if k not in ("release_dir", "model_load_seconds", "wall_seconds")},
-        "privacy": {k: v for k, v in privacy.items() if k != "ledger"},
-        "ledger_epsilon": privacy["ledger"]["epsilon"],
-        "synthetic": [(r["text"], r["label"], r["match_loss"]) for r in read("synthetic.jsonl")],
-        "selected": [r["text"] for r in read("selected.jsonl")],
-        "metrics": {k: m[k] for k in ("accuracy", "macro_f1", "confusion", "n_train", "train_per_class", "epsilon", "delta", "lr",
-                                      "steps", "final_loss", "generation", "selection")},
-    })
+    return _rounded(
+        {
+            "release": {k: v for k, v in rel.items() if k not in ("release_dir", "model_load_seconds", "wall_seconds")},
+            "privacy": {k: v for k, v in privacy.items() if k != "ledger"},
+            "ledger_epsilon": privacy["ledger"]["epsilon"],
+            "synthetic": [(r["text"], r["label"], r["match_loss"]) for r in read("synthetic.jsonl")],
+            "selected": [r["text"] for r in read("selected.jsonl")],
+            "metrics": {
+                k: m[k]
+                for k in (
+                    "accuracy",
+                    "macro_f1",
+                    "confusion",
+                    "n_train",
+                    "train_per_class",
+                    "epsilon",
+                    "delta",
+                    "lr",
+                    "steps",
+                    "final_loss",
+                    "generation",
+                    "selection",
+                )
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -81,16 +112,36 @@ def test_chain_output_is_pinned(compose, tmp_path, monkeypatch, mode):
     _same(json.loads(json.dumps(got)), EXPECTED[mode])
 
 
-SOURCES = {"real": ["train=real", "train.size=8"], "none": ["train=none"], "fewshot": ["train=fewshot", "train.k=1"],
-           "prompted": ["train=prompted", "train.size=2", "train.max_new_tokens=4"]}
+SOURCES = {
+    "real": ["train=real", "train.size=8"],
+    "none": ["train=none"],
+    "fewshot": ["train=fewshot", "train.k=1"],
+    "prompted": ["train=prompted", "train.size=2", "train.max_new_tokens=4"],
+}
 
 
 @pytest.mark.parametrize("source", list(SOURCES))
 def test_training_sources_are_pinned(compose, tmp_path, source):
     # real_per_class=null: the default these were recorded under (every record of the split)
     m = run_finetune(compose(COMMON + ["real_per_class=null"] + SOURCES[source], config_name="finetune"), tmp_path)
-    got = _rounded({k: m.get(k) for k in ("accuracy", "macro_f1", "confusion", "train_source", "n_train", "train_per_class", "epsilon",
-                                          "finetuner", "lr", "steps", "final_loss")})
+    got = _rounded(
+        {
+            k: m.get(k)
+            for k in (
+                "accuracy",
+                "macro_f1",
+                "confusion",
+                "train_source",
+                "n_train",
+                "train_per_class",
+                "epsilon",
+                "finetuner",
+                "lr",
+                "steps",
+                "final_loss",
+            )
+        }
+    )
     if source == "prompted":
         got["texts"] = [json.loads(line)["text"] for line in (tmp_path / "prompted.jsonl").read_text().splitlines()]
     if os.environ.get("GMTEXT_RECORD_PINNED"):
@@ -101,12 +152,24 @@ def test_training_sources_are_pinned(compose, tmp_path, source):
 
 # recorded from the pre-refactor code (GMTEXT_RECORD_PINNED=1); json keeps inf as Infinity
 EXPECTED = {
-    'none': json.loads('{"release": {"reused": false, "epsilon": Infinity, "delta": 0.0, "mechanism": "none", "sigma": null, "divisors": [4.0, 4.0], "num_params": 3145728}, "privacy": {"mechanism": "none", "epsilon": Infinity, "delta": 0.0, "note": "non-private: targets are exact means of real-example gradients"}, "ledger_epsilon": Infinity, "synthetic": [["Linda requirements Comparativect oversee", 0, 0.1470710039138794], ["Mithestial Belarus vulnerability tailor", 0, 0.09468048810958862], ["aggressivelyprisesorphousightedsolving", 1, 0.11264270544052124], ["holidayiti graduating Humans dining", 1, 0.10676980018615723], ["ened outstandingCAT simulate Kab", 0, 0.08734208345413208], ["estrogengrowngt Saturn Imperial", 0, 0.26490479707717896], ["Yomswigfaiss Comparison blow Well", 1, 0.2896345257759094], ["PueblofounderNot enum concern", 1, 0.07532453536987305]], "selected": ["ened outstandingCAT simulate Kab", "Mithestial Belarus vulnerability tailor", "Linda requirements Comparativect oversee", "PueblofounderNot enum concern", "holidayiti graduating Humans dining", "aggressivelyprisesorphousightedsolving"], "metrics": {"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "n_train": 6, "train_per_class": [3, 3], "epsilon": Infinity, "delta": 0.0, "lr": 1e-05, "steps": 2, "final_loss": 0.87939, "generation": {"examples": 8, "mean_match_loss": 0.147296, "mean_perplexity": 40192.6, "epsilon": Infinity, "delta": 0.0}, "selection": {"pool": 8, "selected": 6, "mean_match_loss": 0.103972, "mean_perplexity": 40387.5}}}'),
-    'dp': json.loads('{"release": {"reused": false, "epsilon": 1.99907, "delta": 1e-05, "mechanism": "gaussian", "sigma": 3.98928, "divisors": [5.0, 5.0], "num_params": 3145728}, "privacy": {"mechanism": "gaussian", "epsilon": 1.99907, "delta": 1e-05, "unit": "one record (row) of the protected split", "adjacency": "replace_one", "clip_norm": 1.0, "sensitivity": 2.0, "noise_multiplier": 1.99464, "sigma": 3.98928, "divisor": 5.0, "sample_rate": 1.0, "num_records": 40, "calibration_accountant": "analytic", "per_example_gradients": "closed_form", "match_loss": "full_vocab", "noise_source": "os.urandom (kernel CSPRNG), Box-Muller in float64 over 53-bit uniforms; no seed", "warnings": []}, "ledger_epsilon": 1.99907, "synthetic": [["aridetect considerable windyinav", 0, 0.9980099201202393], ["polyg prenataleylon shells corrid", 0, 0.9984696507453918], ["roller aligningLIN stinging represents", 1, 0.9974721074104309], ["ript WatchingPrefixhaus dissolved", 1, 0.9983267188072205], ["affairslots Areas these chickpeas", 0, 0.9981505274772644], ["AccountabilityNSF Skip Gust io", 0, 0.9977928996086121], ["Requ diarrhea Legend teenage equipping", 1, 0.9981108903884888], ["Interaction smellperature intellectually Australia", 1, 0.9984728097915649]], "selected": ["AccountabilityNSF Skip Gust io", "aridetect considerable windyinav", "affairslots Areas these chickpeas", "roller aligningLIN stinging represents", "Requ diarrhea Legend teenage equipping", "ript WatchingPrefixhaus dissolved"], "metrics": {"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "n_train": 6, "train_per_class": [3, 3], "epsilon": 1.99907, "delta": 1e-05, "lr": 1e-05, "steps": 2, "final_loss": 0.887001, "generation": {"examples": 8, "mean_match_loss": 0.998101, "mean_perplexity": 40268.3, "epsilon": 1.99907, "delta": 1e-05}, "selection": {"pool": 8, "selected": 6, "mean_match_loss": 0.997977, "mean_perplexity": 39946.2}}}'),
+    'none': json.loads(
+        '{"release": {"reused": false, "epsilon": Infinity, "delta": 0.0, "mechanism": "none", "sigma": null, "divisors": [4.0, 4.0], "num_params": 3145728}, "privacy": {"mechanism": "none", "epsilon": Infinity, "delta": 0.0, "note": "non-private: targets are exact means of real-example gradients"}, "ledger_epsilon": Infinity, "synthetic": [["Linda requirements Comparativect oversee", 0, 0.1470710039138794], ["Mithestial Belarus vulnerability tailor", 0, 0.09468048810958862], ["aggressivelyprisesorphousightedsolving", 1, 0.11264270544052124], ["holidayiti graduating Humans dining", 1, 0.10676980018615723], ["ened outstandingCAT simulate Kab", 0, 0.08734208345413208], ["estrogengrowngt Saturn Imperial", 0, 0.26490479707717896], ["Yomswigfaiss Comparison blow Well", 1, 0.2896345257759094], ["PueblofounderNot enum concern", 1, 0.07532453536987305]], "selected": ["ened outstandingCAT simulate Kab", "Mithestial Belarus vulnerability tailor", "Linda requirements Comparativect oversee", "PueblofounderNot enum concern", "holidayiti graduating Humans dining", "aggressivelyprisesorphousightedsolving"], "metrics": {"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "n_train": 6, "train_per_class": [3, 3], "epsilon": Infinity, "delta": 0.0, "lr": 1e-05, "steps": 2, "final_loss": 0.87939, "generation": {"examples": 8, "mean_match_loss": 0.147296, "mean_perplexity": 40192.6, "epsilon": Infinity, "delta": 0.0}, "selection": {"pool": 8, "selected": 6, "mean_match_loss": 0.103972, "mean_perplexity": 40387.5}}}'
+    ),
+    'dp': json.loads(
+        '{"release": {"reused": false, "epsilon": 1.99907, "delta": 1e-05, "mechanism": "gaussian", "sigma": 3.98928, "divisors": [5.0, 5.0], "num_params": 3145728}, "privacy": {"mechanism": "gaussian", "epsilon": 1.99907, "delta": 1e-05, "unit": "one record (row) of the protected split", "adjacency": "replace_one", "clip_norm": 1.0, "sensitivity": 2.0, "noise_multiplier": 1.99464, "sigma": 3.98928, "divisor": 5.0, "sample_rate": 1.0, "num_records": 40, "calibration_accountant": "analytic", "per_example_gradients": "closed_form", "match_loss": "full_vocab", "noise_source": "os.urandom (kernel CSPRNG), Box-Muller in float64 over 53-bit uniforms; no seed", "warnings": []}, "ledger_epsilon": 1.99907, "synthetic": [["aridetect considerable windyinav", 0, 0.9980099201202393], ["polyg prenataleylon shells corrid", 0, 0.9984696507453918], ["roller aligningLIN stinging represents", 1, 0.9974721074104309], ["ript WatchingPrefixhaus dissolved", 1, 0.9983267188072205], ["affairslots Areas these chickpeas", 0, 0.9981505274772644], ["AccountabilityNSF Skip Gust io", 0, 0.9977928996086121], ["Requ diarrhea Legend teenage equipping", 1, 0.9981108903884888], ["Interaction smellperature intellectually Australia", 1, 0.9984728097915649]], "selected": ["AccountabilityNSF Skip Gust io", "aridetect considerable windyinav", "affairslots Areas these chickpeas", "roller aligningLIN stinging represents", "Requ diarrhea Legend teenage equipping", "ript WatchingPrefixhaus dissolved"], "metrics": {"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "n_train": 6, "train_per_class": [3, 3], "epsilon": 1.99907, "delta": 1e-05, "lr": 1e-05, "steps": 2, "final_loss": 0.887001, "generation": {"examples": 8, "mean_match_loss": 0.998101, "mean_perplexity": 40268.3, "epsilon": 1.99907, "delta": 1e-05}, "selection": {"pool": 8, "selected": 6, "mean_match_loss": 0.997977, "mean_perplexity": 39946.2}}}'
+    ),
 }
 EXPECTED_SOURCES = {
-    'real': json.loads('{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "real", "n_train": 8, "train_per_class": [4, 4], "epsilon": Infinity, "finetuner": "FullFineTuner", "lr": 1e-05, "steps": 2, "final_loss": 0.711786}'),
-    'none': json.loads('{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "none", "n_train": 0, "train_per_class": [0, 0], "epsilon": 0.0, "finetuner": null, "lr": null, "steps": null, "final_loss": null}'),
-    'fewshot': json.loads('{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "fewshot", "n_train": 2, "train_per_class": [1, 1], "epsilon": Infinity, "finetuner": null, "lr": null, "steps": null, "final_loss": null}'),
-    'prompted': json.loads('{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "prompted", "n_train": 2, "train_per_class": [1, 1], "epsilon": 0.0, "finetuner": "FullFineTuner", "lr": 1e-05, "steps": 2, "final_loss": 0.666506, "texts": ["ench eukaryoticatiibus", "Testament filmmakers Yom decisive"]}'),
+    'real': json.loads(
+        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "real", "n_train": 8, "train_per_class": [4, 4], "epsilon": Infinity, "finetuner": "FullFineTuner", "lr": 1e-05, "steps": 2, "final_loss": 0.711786}'
+    ),
+    'none': json.loads(
+        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "none", "n_train": 0, "train_per_class": [0, 0], "epsilon": 0.0, "finetuner": null, "lr": null, "steps": null, "final_loss": null}'
+    ),
+    'fewshot': json.loads(
+        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "fewshot", "n_train": 2, "train_per_class": [1, 1], "epsilon": Infinity, "finetuner": null, "lr": null, "steps": null, "final_loss": null}'
+    ),
+    'prompted': json.loads(
+        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "prompted", "n_train": 2, "train_per_class": [1, 1], "epsilon": 0.0, "finetuner": "FullFineTuner", "lr": 1e-05, "steps": 2, "final_loss": 0.666506, "texts": ["ench eukaryoticatiibus", "Testament filmmakers Yom decisive"]}'
+    ),
 }

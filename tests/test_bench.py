@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/bench_generate.py on the tiny random Llama (keys + projection equivalence)."""
+
 import json
 import subprocess
 import sys
@@ -12,13 +13,24 @@ def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run(
         [sys.executable, str(BENCH), "--model", "tiny-llama", "--quick", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     res = json.loads(out.read_text())
     for k in ("speedups", "peak_rss_gib", "machine", "device", "settings", "rows", "projection_identical"):
         assert k in res, k
-    for k in ("projection", "target_gradients", "inner_step", "end_to_end", "init", "target_gradients_head", "inner_step_last_block"):
+    for k in (
+        "projection",
+        "target_gradients",
+        "inner_step",
+        "end_to_end",
+        "init",
+        "target_gradients_head",
+        "inner_step_last_block",
+    ):
         assert k in res["speedups"] and res["speedups"][k] > 0, k
     assert res["projection_identical"] is True
     # each timed fast path computes what its reference computes (fp32): the row is a fair comparison

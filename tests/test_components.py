@@ -1,5 +1,6 @@
 """A new privacy mechanism and a new training source plug in through config alone: a class plus
 a config node (here stored in Hydra's ConfigStore, as a conf/<group>/<name>.yaml would be)."""
+
 import json
 
 import torch
@@ -33,8 +34,14 @@ class ConstantRelease:
     def release(self, model, task, matched, texts_by_class, inp, name="release"):
         targets = [[torch.full_like(p, self.value) for p in matched.params] for _ in range(task.num_classes)]
         ledger = Ledger(0.0, [LedgerEntry(name=name, kind="non_private", split=inp.split, note="constant")])
-        return Release(targets, list(matched.names), list(task.label_names), [1.0] * task.num_classes, inp.fingerprint,
-                       {"mechanism": "constant", "epsilon": 0.0, "delta": 0.0, "ledger": ledger.to_dict()})
+        return Release(
+            targets,
+            list(matched.names),
+            list(task.label_names),
+            [1.0] * task.num_classes,
+            inp.fingerprint,
+            {"mechanism": "constant", "epsilon": 0.0, "delta": 0.0, "ledger": ledger.to_dict()},
+        )
 
     def release_joint(self, model, task, parts, texts_by_class, inp, probe_share):
         raise NotImplementedError
@@ -52,14 +59,22 @@ class RepeatSource(TrainingSource):
         self.times = times
 
     def load(self, ctx):
-        return TrainingSet([Example(f"sentence {c}", c) for c in range(ctx.task.num_classes) for _ in range(self.times)],
-                           info={"toy": True})
+        return TrainingSet(
+            [Example(f"sentence {c}", c) for c in range(ctx.task.num_classes) for _ in range(self.times)],
+            info={"toy": True},
+        )
 
 
 def _store():
     cs = ConfigStore.instance()
-    cs.store(group="privacy", name="constant", node={"_target_": f"{__name__}.ConstantRelease", "name": "constant", "value": 0.5})
-    cs.store(group="train", name="repeat", node={"_target_": f"{__name__}.RepeatSource", "source": "repeat", "times": 3})
+    cs.store(
+        group="privacy",
+        name="constant",
+        node={"_target_": f"{__name__}.ConstantRelease", "name": "constant", "value": 0.5},
+    )
+    cs.store(
+        group="train", name="repeat", node={"_target_": f"{__name__}.RepeatSource", "source": "repeat", "times": 3}
+    )
 
 
 def test_a_new_privacy_mechanism_through_config(compose, tmp_path):
@@ -73,7 +88,14 @@ def test_a_new_privacy_mechanism_through_config(compose, tmp_path):
 
 def test_a_new_training_source_through_config(compose, tmp_path):
     _store()
-    m = run_finetune(compose(TINY + ["train=repeat", "finetuner.max_steps=1", "finetuner.batch_size=2", "finetune.eval_limit=4"],
-                             config_name="finetune"), tmp_path)
+    m = run_finetune(
+        compose(
+            TINY + ["train=repeat", "finetuner.max_steps=1", "finetuner.batch_size=2", "finetune.eval_limit=4"],
+            config_name="finetune",
+        ),
+        tmp_path,
+    )
     assert m["train_source"] == "repeat" and m["n_train"] == 6 and m["train_per_class"] == [3, 3]
-    assert m["train_info"] == {"toy": True} and m["steps"] == 1 and m["epsilon"] == 0.0  # nothing from the private split
+    assert (
+        m["train_info"] == {"toy": True} and m["steps"] == 1 and m["epsilon"] == 0.0
+    )  # nothing from the private split

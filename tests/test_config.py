@@ -1,4 +1,5 @@
 """Config composition: every group option composes, typos fail at start-up."""
+
 from pathlib import Path
 
 import subprocess
@@ -10,7 +11,11 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # groups whose options fill a key of their own name (experiment, debug and specialize are global packages)
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra", "debug", "specialize", "__pycache__"))
+GROUPS = sorted(
+    p.name
+    for p in CONF.iterdir()
+    if p.is_dir() and p.name not in ("experiment", "hydra", "debug", "specialize", "__pycache__")
+)
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -44,13 +49,26 @@ def test_defaults(compose):
     assert cfg.dataset.name == "demo" and cfg.dataset.builtin == "demo"
     assert cfg.projector._target_.endswith("LMTopKProjector") and cfg.projector.topk == 200
     assert cfg.matcher._target_.endswith("ADMMMatcher")
-    assert cfg.logger._target_ == "gmtext.tracking.WandbTracker" and cfg.logger.mode is None and cfg.logger.project is None  # W&B's env decides
+    assert (
+        cfg.logger._target_ == "gmtext.tracking.WandbTracker" and cfg.logger.mode is None and cfg.logger.project is None
+    )  # W&B's env decides
     assert cfg.model.device == "cpu" and "experiment" not in cfg
 
 
 def test_user_facing_override_names(compose):
-    cfg = compose(["matcher.outer_steps=3", "matcher.inner_steps=2", "projector=nearest", "logger=none",
-                   "dataset=rotten_tomatoes", "dataset.path=/some/where", "num_per_class=20", "matcher.rho=1.0", "seed=0"])
+    cfg = compose(
+        [
+            "matcher.outer_steps=3",
+            "matcher.inner_steps=2",
+            "projector=nearest",
+            "logger=none",
+            "dataset=rotten_tomatoes",
+            "dataset.path=/some/where",
+            "num_per_class=20",
+            "matcher.rho=1.0",
+            "seed=0",
+        ]
+    )
     assert (cfg.matcher.outer_steps, cfg.matcher.inner_steps) == (3, 2)
     assert cfg.projector._target_.endswith("NearestProjector")
     assert cfg.logger._target_ == "gmtext.tracking.Tracker"
@@ -91,8 +109,19 @@ def test_misspelled_experiment_fails(compose):
 
 
 def test_misspelled_experiment_cli_one_line_exit_2():
-    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import generate_main; generate_main()", "experiment=rt_main_cpuu", "--cfg", "job"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from gmtext.cli import generate_main; generate_main()",
+            "experiment=rt_main_cpuu",
+            "--cfg",
+            "job",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert line.startswith("gmtext-generate: error: ") and "experiment/rt_main_cpuu" in line and "rt_main_cpu," in line
@@ -108,7 +137,9 @@ def test_job_named_after_its_stage(primary):
 
     register_configs()
     with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
-        hc = _compose(config_name=primary, overrides=["synthetic=x"] if primary == "audit" else [], return_hydra_config=True).hydra
+        hc = _compose(
+            config_name=primary, overrides=["synthetic=x"] if primary == "audit" else [], return_hydra_config=True
+        ).hydra
     assert hc.job.name == primary and hc.help.app_name == f"gmtext-{primary}"
     assert hc.help.header.startswith(f"gmtext-{primary}: ") and len(hc.help.header) > 60
 
@@ -131,7 +162,9 @@ def test_run_and_sweep_dirs_per_stage(primary, stamp, monkeypatch):
         monkeypatch.delenv("GMTEXT_RUN_STAMP", raising=False)
     register_configs()
     with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
-        cfg = _compose(config_name=primary, overrides=["synthetic=x"] if primary == "audit" else [], return_hydra_config=True)
+        cfg = _compose(
+            config_name=primary, overrides=["synthetic=x"] if primary == "audit" else [], return_hydra_config=True
+        )
     hc = cfg.hydra
     OmegaConf.update(cfg, "hydra.job.num", 3, force_add=True)
     when = re.escape(stamp) if stamp else r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"
@@ -141,19 +174,33 @@ def test_run_and_sweep_dirs_per_stage(primary, stamp, monkeypatch):
 
 
 def test_help_describes_the_stage():
-    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import select_main; select_main()", "--help"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", "from gmtext.cli import select_main; select_main()", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("gmtext-select: Pick the final synthetic set") and "cli is powered by Hydra" not in r.stdout
+    assert (
+        r.stdout.startswith("gmtext-select: Pick the final synthetic set") and "cli is powered by Hydra" not in r.stdout
+    )
     assert "== Configuration groups ==" in r.stdout
 
 
 # ---------------------------------------------------------------- closed choices
-BAD_CHOICES = [("matcher.distance=cosine", "generate"), ("matcher.objective=batches", "generate"), ("matcher.init=zeros", "generate"),
-               ("projector.metric=dot", "generate"), ("match_loss=verb", "generate"), ("model.dtype=fp8", "generate"),
-               ("logger.mode=onlin", "generate"),
-               ("privacy=dp privacy.accountant=prvv", "release"), ("privacy=dp privacy.adjacency=add", "release"),
-               ("train=dpsgd train.accountant=analytic", "finetune"), ("matcher=embedding_only matcher.distance=L2", "generate")]
+BAD_CHOICES = [
+    ("matcher.distance=cosine", "generate"),
+    ("matcher.objective=batches", "generate"),
+    ("matcher.init=zeros", "generate"),
+    ("projector.metric=dot", "generate"),
+    ("match_loss=verb", "generate"),
+    ("model.dtype=fp8", "generate"),
+    ("logger.mode=onlin", "generate"),
+    ("privacy=dp privacy.accountant=prvv", "release"),
+    ("privacy=dp privacy.adjacency=add", "release"),
+    ("train=dpsgd train.accountant=analytic", "finetune"),
+    ("matcher=embedding_only matcher.distance=L2", "generate"),
+]
 
 
 @pytest.mark.parametrize("overrides,primary", BAD_CHOICES)
@@ -190,10 +237,22 @@ def test_user_errors_versus_bugs():
     from gmtext.data import DataError
     from gmtext.errors import UserError
 
-    for e in (ValueError("x"), DataError("x"), FileNotFoundError(errno.ENOENT, "no", "f"), PermissionError(errno.EACCES, "no", "f"),
-              OSError(errno.ENOSPC, "full", "f"), UserError("launch"), RunDirLocked("busy")):
+    for e in (
+        ValueError("x"),
+        DataError("x"),
+        FileNotFoundError(errno.ENOENT, "no", "f"),
+        PermissionError(errno.EACCES, "no", "f"),
+        OSError(errno.ENOSPC, "full", "f"),
+        UserError("launch"),
+        RunDirLocked("busy"),
+    ):
         assert is_user_error(e), e
-    for e in (RuntimeError("CUDA error: an illegal memory access"), OSError(errno.EIO, "I/O error"), KeyError("k"), TypeError("t")):
+    for e in (
+        RuntimeError("CUDA error: an illegal memory access"),
+        OSError(errno.EIO, "I/O error"),
+        KeyError("k"),
+        TypeError("t"),
+    ):
         assert not is_user_error(e), e
 
 
@@ -204,7 +263,11 @@ def test_cli_shows_a_traceback_for_a_bug(monkeypatch, capsys):
 
     import gmtext.cli as cli
 
-    monkeypatch.setattr(cli, "HydraConfig", types.SimpleNamespace(get=lambda: types.SimpleNamespace(runtime=types.SimpleNamespace(output_dir="."))))
+    monkeypatch.setattr(
+        cli,
+        "HydraConfig",
+        types.SimpleNamespace(get=lambda: types.SimpleNamespace(runtime=types.SimpleNamespace(output_dir="."))),
+    )
 
     def bug(cfg, run_dir):
         raise RuntimeError("expected scalar type Float but found Half")

@@ -1,5 +1,6 @@
 """Local data read through `datasets` (JSON Lines and CSV as other tools read them, offline)
 and the evaluation split carved out of a single train file by a per-record hash."""
+
 import json
 import socket
 
@@ -23,15 +24,26 @@ def records(n, start=0):
 
 # ----------------------------------------------------------------------------- formats
 def test_csv_quoted_multiline_field_keeps_its_newline(tmp_path):
-    (tmp_path / "train.csv").write_text('text,label\n"line one\nline two",negative\n"a, b",1\n007,0\nNA,positive\n', encoding="utf-8")
+    (tmp_path / "train.csv").write_text(
+        'text,label\n"line one\nline two",negative\n"a, b",1\n007,0\nNA,positive\n', encoding="utf-8"
+    )
     split = load_split("train", NAMES, path=str(tmp_path))
     # values stay strings as written: "007" and "NA" are texts, not a number and a missing value
-    assert [(e.text, e.label) for e in split.examples] == [("line one\nline two", 0), ("a, b", 1), ("007", 0), ("NA", 1)]
+    assert [(e.text, e.label) for e in split.examples] == [
+        ("line one\nline two", 0),
+        ("a, b", 1),
+        ("007", 0),
+        ("NA", 1),
+    ]
 
 
 def test_jsonl_record_with_u2028_loads(tmp_path):
-    d = write_jsonl(tmp_path / "train.jsonl", [{"text": "first\u2028second", "label": 0}, {"text": "plain", "label": 1}])
-    assert "\u2028" in (d / "train.jsonl").read_text(encoding="utf-8")  # raw, not escaped: a line separator to str.splitlines
+    d = write_jsonl(
+        tmp_path / "train.jsonl", [{"text": "first\u2028second", "label": 0}, {"text": "plain", "label": 1}]
+    )
+    assert "\u2028" in (d / "train.jsonl").read_text(
+        encoding="utf-8"
+    )  # raw, not escaped: a line separator to str.splitlines
     split = load_split("train", NAMES, path=str(d))
     assert [(e.text, e.label) for e in split.examples] == [("first\u2028second", 0), ("plain", 1)]
 
@@ -61,8 +73,10 @@ def test_a_rewritten_file_is_read_again(tmp_path):
 
 
 def test_mixed_label_types_and_float_ids(tmp_path):
-    d = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "negative"}, {"text": "b", "label": 1},
-                                               {"text": "c", "label": 0.0}])
+    d = write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"text": "a", "label": "negative"}, {"text": "b", "label": 1}, {"text": "c", "label": 0.0}],
+    )
     assert [e.label for e in load_split("train", NAMES, path=str(d)).examples] == [0, 1, 0]
     write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1.5}])
     with pytest.raises(DataError, match=r"row 1: label 1.5 outside the declared labels"):
@@ -82,7 +96,9 @@ def test_invalid_csv_and_non_object_json_lines_are_one_line_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- carve
 def carve_cfg(compose, d, fraction=0.25, *extra, config_name="release"):
-    return compose([*TINY, f"dataset.path={d}", f"dataset.carve.eval_fraction={fraction}", *extra], config_name=config_name)
+    return compose(
+        [*TINY, f"dataset.path={d}", f"dataset.carve.eval_fraction={fraction}", *extra], config_name=config_name
+    )
 
 
 def test_carve_splits_one_file_by_each_records_own_hash(compose, tmp_path):
@@ -122,7 +138,7 @@ def test_carved_eval_records_never_enter_the_release(compose, tmp_path, monkeypa
     monkeypatch.setattr(R, "select_real_examples", spy)
     cfg = carve_cfg(compose, d, 0.3)
     run_release(cfg, tmp_path / "run")
-    (texts, num_rows), = seen
+    ((texts, num_rows),) = seen
     released = {t for per_class in texts for t in per_class}
     assert released and not released & carved
     assert num_rows == len(rows) - len(carved)  # the protected split is what the carve leaves
@@ -141,16 +157,28 @@ def test_finetune_metrics_record_the_carve_without_the_private_train_count(compo
     n_eval = sum(in_carved_eval(r["text"], 0.3) for r in rows)
     m = run_finetune(carve_cfg(compose, d, 0.3, "train=none", config_name="finetune"), tmp_path / "ft")
     saved = json.loads((tmp_path / "ft" / "metrics.json").read_text())
-    assert saved["carve"] == m["carve"] == {"eval_fraction": 0.3, "hash": CARVE_HASH, "from_split": "train", "n_eval": n_eval,
-                                           "n_train": "withheld (private: the train split's size)"}
+    assert (
+        saved["carve"]
+        == m["carve"]
+        == {
+            "eval_fraction": 0.3,
+            "hash": CARVE_HASH,
+            "from_split": "train",
+            "n_eval": n_eval,
+            "n_train": "withheld (private: the train split's size)",
+        }
+    )
     assert saved["n_eval"] == n_eval and saved["splits"]["accuracy"] == "train[carved eval]"
     assert str(len(rows) - n_eval) not in json.dumps({k: v for k, v in saved.items() if k != "config"})
 
 
 def test_carve_refusals_name_the_value_and_what_is_accepted(compose, tmp_path):
     d = write_jsonl(tmp_path / "data" / "train.jsonl", records(40))
-    with pytest.raises(DataError, match=r"split 'validation' not found in .*found: \['train'\]\); to carve evaluation "
-                                         r"records out of one file set dataset.carve.eval_fraction"):
+    with pytest.raises(
+        DataError,
+        match=r"split 'validation' not found in .*found: \['train'\]\); to carve evaluation "
+        r"records out of one file set dataset.carve.eval_fraction",
+    ):
         load_configured(carve_cfg(compose, d, 0).dataset, "validation")
     for bad in (1.0, -0.1):
         with pytest.raises(DataError, match=rf"dataset.carve.eval_fraction={bad}: must be in \[0, 1\)"):
@@ -158,7 +186,10 @@ def test_carve_refusals_name_the_value_and_what_is_accepted(compose, tmp_path):
     with pytest.raises(DataError, match=r"eval_split and dataset.train_split are both 'train'"):
         load_configured(carve_cfg(compose, d, 0.2, "dataset.eval_split=train").dataset, "train")
     write_jsonl(d / "validation.jsonl", records(4))
-    with pytest.raises(DataError, match=rf"dataset.carve.eval_fraction=0.2: {d / 'validation.jsonl'} exists, and carving "
-                                        r"would leave it unread; set dataset.carve.eval_fraction=0 to evaluate on it"):
+    with pytest.raises(
+        DataError,
+        match=rf"dataset.carve.eval_fraction=0.2: {d / 'validation.jsonl'} exists, and carving "
+        r"would leave it unread; set dataset.carve.eval_fraction=0 to evaluate on it",
+    ):
         load_configured(carve_cfg(compose, d, 0.2).dataset, "train")
     assert len(load_configured(carve_cfg(compose, d, 0).dataset, "validation").examples) == 4  # off: the file is read

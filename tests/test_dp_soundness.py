@@ -1,6 +1,7 @@
 """The DP promise checked like an auditor would (one test per finding of the soundness review):
 record-stable inclusion, the sensitivity of the sums, one ledger composed by the accountant,
 real dev sets charged, nothing computed from private data in the job log."""
+
 import json
 import logging
 import math
@@ -29,10 +30,16 @@ def _neighbours(examples: list[Example], rng: random.Random):
     other = 1 - examples[i].label
     yield "add one at the top", [Example("a brand new review", 0)] + examples
     unused = next(j for j, e in enumerate(examples) if is_dev(e.text))
-    yield "remove one unused", examples[:unused] + examples[unused + 1:]
-    yield "replace a used one by a dev-bucket text", examples[:i] + [Example(dev_text, examples[i].label)] + examples[i + 1:]
-    yield "replace a used one by one of the other label", examples[:i] + [Example("another text entirely", other)] + examples[i + 1:]
-    yield "remove a used one", examples[:i] + examples[i + 1:]
+    yield "remove one unused", examples[:unused] + examples[unused + 1 :]
+    yield (
+        "replace a used one by a dev-bucket text",
+        examples[:i] + [Example(dev_text, examples[i].label)] + examples[i + 1 :],
+    )
+    yield (
+        "replace a used one by one of the other label",
+        examples[:i] + [Example("another text entirely", other)] + examples[i + 1 :],
+    )
+    yield "remove a used one", examples[:i] + examples[i + 1 :]
 
 
 def _multiset(by_class):
@@ -67,11 +74,19 @@ def test_sample_rate_keeps_about_that_share_decided_per_record():
     kept = sum(map(len, release_records(LabeledSplit(examples), 2, 0.25, key=0)))
     eligible = sum(not is_dev(e.text) for e in examples)
     assert abs(kept / eligible - 0.25) < 0.03
-    assert release_records(LabeledSplit(examples), 2, 0.25, key=0) != release_records(LabeledSplit(examples), 2, 0.25, key=1)
+    assert release_records(LabeledSplit(examples), 2, 0.25, key=0) != release_records(
+        LabeledSplit(examples), 2, 0.25, key=1
+    )
 
 
 # --------------------------------------------------------------------------- sensitivity
-TEXTS = ["A dull film.", "so so so so so so", "x", "The acting is wooden, the plot is worse and it is long.", "Great fun!"]
+TEXTS = [
+    "A dull film.",
+    "so so so so so so",
+    "x",
+    "The acting is wooden, the plot is worse and it is long.",
+    "Great fun!",
+]
 
 
 def _joint_sums(lm, task, mp, by_class, clip):
@@ -89,8 +104,10 @@ def test_neighbouring_datasets_move_the_sums_by_at_most_the_charged_sensitivity(
     base = [TEXTS[:3], TEXTS[3:]]
     s0 = _joint_sums(lm, task, mp, base, clip)
     cases = {
-        "replace_one": [[TEXTS[:2] + ["Completely different words here."], TEXTS[3:]],  # same class
-                        [TEXTS[:2], TEXTS[3:] + ["x"]]],  # the record changes class
+        "replace_one": [
+            [TEXTS[:2] + ["Completely different words here."], TEXTS[3:]],  # same class
+            [TEXTS[:2], TEXTS[3:] + ["x"]],
+        ],  # the record changes class
         "add_remove": [[TEXTS[:3] + ["one more"], TEXTS[3:]], [TEXTS[:2], TEXTS[3:]]],
     }
     for adjacency, neighbours in cases.items():
@@ -104,8 +121,21 @@ def test_neighbouring_datasets_move_the_sums_by_at_most_the_charged_sensitivity(
 # --------------------------------------------------------------------------- the ledger
 def _gauss_ledger(eps, name, split="rt/train@x#1", release_id=None):
     m = calibrate_noise_multiplier(eps, 1e-5, 1, "analytic")
-    return Ledger(1e-5, [LedgerEntry(name, "gaussian", split, noise_multiplier=m, sensitivity=2.0, sigma=2.0 * m,
-                                     adjacency="replace_one", release_id=release_id)])
+    return Ledger(
+        1e-5,
+        [
+            LedgerEntry(
+                name,
+                "gaussian",
+                split,
+                noise_multiplier=m,
+                sensitivity=2.0,
+                sigma=2.0 * m,
+                adjacency="replace_one",
+                release_id=release_id,
+            )
+        ],
+    )
 
 
 def test_two_releases_compose_by_the_accountant_not_by_addition():
@@ -116,7 +146,9 @@ def test_two_releases_compose_by_the_accountant_not_by_addition():
     exact = composed_epsilon([(m, 1) for m in ms], 2e-5, "analytic")
     assert eps == pytest.approx(exact, rel=1e-3)  # PLD accountant = exact Gaussian composition
     assert 2.0 < eps < 2.6  # was reported as 1 + 2 = 3.0
-    rec = compose_records([{"epsilon": 1.0, "delta": 1e-5, "ledger": gen}, {"epsilon": 2.0, "delta": 1e-5, "ledger": probe}])
+    rec = compose_records(
+        [{"epsilon": 1.0, "delta": 1e-5, "ledger": gen}, {"epsilon": 2.0, "delta": 1e-5, "ledger": probe}]
+    )
     assert rec["epsilon"] == pytest.approx(eps) and rec["protected_splits"] == ["rt/train@x#1"]
     assert len(rec["entries"]) == 2
 
@@ -128,7 +160,9 @@ def test_the_same_release_reached_twice_counts_once():
 
 
 def test_non_private_use_makes_epsilon_infinite():
-    led = _gauss_ledger(1.0, "generator").merged(Ledger(0.0, [LedgerEntry("real_dev_set", "non_private", "rt/train@x#1")]))
+    led = _gauss_ledger(1.0, "generator").merged(
+        Ledger(0.0, [LedgerEntry("real_dev_set", "non_private", "rt/train@x#1")])
+    )
     assert led.epsilon() == math.inf and Ledger().epsilon() == 0.0
 
 
@@ -155,7 +189,9 @@ def test_selected_set_in_the_pool_dir_carries_the_probe(tmp_path):
     gen, probe = _gauss_ledger(1.0, "generator"), _gauss_ledger(2.0, "probe")
     (tmp_path / "synthetic.jsonl").write_text('{"text": "a", "label": 0}\n')
     (tmp_path / "selected.jsonl").write_text('{"text": "a", "label": 0}\n')
-    _write(tmp_path / "generate.json", {"summary": {"epsilon": 1.0, "delta": 1e-5}, "privacy": {"ledger": gen.to_dict()}})
+    _write(
+        tmp_path / "generate.json", {"summary": {"epsilon": 1.0, "delta": 1e-5}, "privacy": {"ledger": gen.to_dict()}}
+    )
     both = gen.merged(probe)
     _write(tmp_path / "select.json", {"epsilon": both.epsilon(), "delta": both.delta, "privacy": both.to_dict()})
     rec = synthetic_privacy(tmp_path)
@@ -165,8 +201,17 @@ def test_selected_set_in_the_pool_dir_carries_the_probe(tmp_path):
 
 # --------------------------------------------------------------------------- fine-tuning
 def _ft(compose, tmp_path, *extra):
-    return compose(["debug=tiny", "finetuner.epochs=1", "finetuner.batch_size=4", "progress=false",
-                    "finetune.eval_limit=8", *extra], config_name="finetune")
+    return compose(
+        [
+            "debug=tiny",
+            "finetuner.epochs=1",
+            "finetuner.batch_size=4",
+            "progress=false",
+            "finetune.eval_limit=8",
+            *extra,
+        ],
+        config_name="finetune",
+    )
 
 
 def test_real_dev_set_is_charged_as_non_private(compose, tmp_path):
@@ -174,12 +219,21 @@ def test_real_dev_set_is_charged_as_non_private(compose, tmp_path):
 
     syn = tmp_path / "pool"
     syn.mkdir()
-    (syn / "synthetic.jsonl").write_text("".join(json.dumps({"text": t, "label": k}) + "\n" for t, k in [("awful", 0), ("superb", 1)]))
+    (syn / "synthetic.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": k}) + "\n" for t, k in [("awful", 0), ("superb", 1)])
+    )
     led = _gauss_ledger(1.0, "generator")
-    _write(syn / "generate.json", {"summary": {"epsilon": led.epsilon(), "delta": 1e-5}, "privacy": {"ledger": led.to_dict()}})
+    _write(
+        syn / "generate.json",
+        {"summary": {"epsilon": led.epsilon(), "delta": 1e-5}, "privacy": {"ledger": led.to_dict()}},
+    )
     m = run_finetune(_ft(compose, tmp_path, "train=synthetic", f"train.path={syn}"), tmp_path / "a")
-    assert m["epsilon"] == pytest.approx(led.epsilon()) and [e["name"] for e in m["privacy"]["entries"]] == ["generator"]
-    m = run_finetune(_ft(compose, tmp_path, "train=synthetic", f"train.path={syn}", "finetune.dev_size=4"), tmp_path / "b")
+    assert m["epsilon"] == pytest.approx(led.epsilon()) and [e["name"] for e in m["privacy"]["entries"]] == [
+        "generator"
+    ]
+    m = run_finetune(
+        _ft(compose, tmp_path, "train=synthetic", f"train.path={syn}", "finetune.dev_size=4"), tmp_path / "b"
+    )
     assert m["epsilon"] == math.inf and [e["name"] for e in m["privacy"]["entries"]] == ["generator", "real_dev_set"]
     z = run_finetune(_ft(compose, tmp_path, "train=none"), tmp_path / "z")
     assert z["epsilon"] == 0.0 and z["privacy"]["entries"] == []
@@ -191,7 +245,9 @@ def test_real_dev_set_is_charged_as_non_private(compose, tmp_path):
 
 # --------------------------------------------------------------------------- nothing else leaves
 def test_job_log_has_no_counts_of_the_private_file(tmp_path, caplog):
-    (tmp_path / "train.jsonl").write_text('{"text": "good", "label": 1}\n{"text": "  ", "label": 0}\n{"text": "bad", "label": 0}\n')
+    (tmp_path / "train.jsonl").write_text(
+        '{"text": "good", "label": 1}\n{"text": "  ", "label": 0}\n{"text": "bad", "label": 0}\n'
+    )
     with caplog.at_level(logging.DEBUG):
         split = load_split("train", ["neg", "pos"], path=str(tmp_path))
     assert split.skipped_empty == 1 and len(split.examples) == 2
@@ -202,8 +258,18 @@ def test_job_log_has_no_counts_of_the_private_file(tmp_path, caplog):
 def test_whole_rotten_tomatoes_split_release_ledger(compose, tmp_path):
     """gmtext-release privacy=dp on the whole train split: the ledger names the split, the
     records rule, the row count (public under replace-one) and the noise source."""
-    cfg = compose(["debug=tiny", "privacy=dp", "privacy.epsilon=1", "dataset=rotten_tomatoes",
-                   f"dataset.path={rt_path()}", "progress=false", "target_batch_size=64"], config_name="release")
+    cfg = compose(
+        [
+            "debug=tiny",
+            "privacy=dp",
+            "privacy.epsilon=1",
+            "dataset=rotten_tomatoes",
+            f"dataset.path={rt_path()}",
+            "progress=false",
+            "target_batch_size=64",
+        ],
+        config_name="release",
+    )
     s = R.run_release(cfg, tmp_path)
     p = json.loads((tmp_path / "release" / "privacy.json").read_text())
     assert p["num_records"] == 8530 and p["divisor"] == pytest.approx(8530 / 2) and s["epsilon"] <= 1.0
@@ -219,8 +285,19 @@ def test_a_release_being_made_is_not_made_twice(compose, tmp_path):
     from gmtext.artifacts import RunDirLocked, run_lock
     from gmtext.stages.generate import run_generate
 
-    cfg = compose(["debug=tiny", "privacy=dp", "progress=false", "num_per_class=2", "batch_size=2",
-                   "matcher.outer_steps=1", "matcher.inner_steps=1", "projector.topk=1", "matcher.init=random"])
+    cfg = compose(
+        [
+            "debug=tiny",
+            "privacy=dp",
+            "progress=false",
+            "num_per_class=2",
+            "batch_size=2",
+            "matcher.outer_steps=1",
+            "matcher.inner_steps=1",
+            "projector.topk=1",
+            "matcher.init=random",
+        ]
+    )
     with run_lock(tmp_path, "release-making"):  # what the other stage holds while it computes
         with pytest.raises(RunDirLocked, match="release-making"):
             run_generate(cfg, tmp_path)
@@ -228,8 +305,9 @@ def test_a_release_being_made_is_not_made_twice(compose, tmp_path):
             R.run_release(compose(["debug=tiny", "privacy=dp", "progress=false"], config_name="release"), tmp_path)
     assert not (tmp_path / "release").exists()
     run_generate(cfg, tmp_path)  # the lock gone: made once, then reused by the next stage
-    assert R.run_release(compose(["debug=tiny", "privacy=dp", "progress=false"], config_name="release"),
-                         tmp_path)["reused"]
+    assert R.run_release(compose(["debug=tiny", "privacy=dp", "progress=false"], config_name="release"), tmp_path)[
+        "reused"
+    ]
 
 
 # --------------------------------------------------------------------------- one budget, two releases
@@ -237,7 +315,9 @@ def test_split_multipliers_spend_exactly_one_budget():
     m = calibrate_noise_multiplier(2.0, 1e-5, 1, "analytic")
     for share in (0.2, 0.5, 0.8):
         mg, mp = P.split_multipliers(m, share)
-        assert composed_epsilon([(mg, 1), (mp, 1)], 1e-5, "analytic") == pytest.approx(composed_epsilon([(m, 1)], 1e-5, "analytic"), rel=1e-9)
+        assert composed_epsilon([(mg, 1), (mp, 1)], 1e-5, "analytic") == pytest.approx(
+            composed_epsilon([(m, 1)], 1e-5, "analytic"), rel=1e-9
+        )
         assert mp / mg == pytest.approx(math.sqrt((1 - share) / share))
     with pytest.raises(ValueError, match="probe.budget_share=1.0"):
         P.split_multipliers(m, 1.0)
@@ -250,10 +330,27 @@ def test_private_pipeline_with_probe_in_one_run_dir(compose, tmp_path):
     artifact down to metrics.json reports that one ε (not ε_gen + ε_probe)."""
     from gmtext.stages.pipeline import run_pipeline
 
-    cfg = compose(["debug=tiny", "privacy=dp", "privacy.epsilon=2", "progress=false", "num_per_class=4",
-                   "batch_size=2", "matcher.outer_steps=1", "matcher.inner_steps=1", "projector.topk=1", "matcher.init=random",
-                   "selector=margin", "selector.per_class=1", "probe.matched_params=[final_norm]", "probe.budget_share=0.3",
-                   "finetuner.epochs=1", "finetune.eval_limit=8"], config_name="pipeline")
+    cfg = compose(
+        [
+            "debug=tiny",
+            "privacy=dp",
+            "privacy.epsilon=2",
+            "progress=false",
+            "num_per_class=4",
+            "batch_size=2",
+            "matcher.outer_steps=1",
+            "matcher.inner_steps=1",
+            "projector.topk=1",
+            "matcher.init=random",
+            "selector=margin",
+            "selector.per_class=1",
+            "probe.matched_params=[final_norm]",
+            "probe.budget_share=0.3",
+            "finetuner.epochs=1",
+            "finetune.eval_limit=8",
+        ],
+        config_name="pipeline",
+    )
     m = run_pipeline(cfg, tmp_path)
     gen = json.loads((tmp_path / "release" / "privacy.json").read_text())
     probe = json.loads((tmp_path / "probe" / "privacy.json").read_text())
@@ -262,30 +359,50 @@ def test_private_pipeline_with_probe_in_one_run_dir(compose, tmp_path):
     assert mp / mg == pytest.approx(math.sqrt(0.7 / 0.3), rel=1e-6)
     sel = json.loads((tmp_path / "select.json").read_text())
     assert sel["probe_release"]["release"] == str(tmp_path / "probe") and len(sel["privacy"]["entries"]) == 2
-    assert 1.98 <= gen["epsilon"] <= 2.0 and sel["epsilon"] == pytest.approx(gen["epsilon"]) == pytest.approx(m["epsilon"])
+    assert 1.98 <= gen["epsilon"] <= 2.0 and sel["epsilon"] == pytest.approx(gen["epsilon"]) == pytest.approx(
+        m["epsilon"]
+    )
     assert sel["delta"] == 1e-5 and m["delta"] == 1e-5
     with pytest.raises(ValueError, match="probe.matched_params"):
         # selector=margin brings probe.matched_params=[middle_blocks] (conf/specialize/selector/margin.yaml): emptied here
-        run_pipeline(compose(["debug=tiny", "selector=margin", "probe.matched_params=[]"], config_name="pipeline"), tmp_path / "x")
+        run_pipeline(
+            compose(["debug=tiny", "selector=margin", "probe.matched_params=[]"], config_name="pipeline"),
+            tmp_path / "x",
+        )
 
 
 def test_non_private_release_with_probe(compose, tmp_path):
-    s = R.run_release(compose(["debug=tiny", "progress=false", "probe.matched_params=[final_norm]"],
-                              config_name="release"), tmp_path)
+    s = R.run_release(
+        compose(["debug=tiny", "progress=false", "probe.matched_params=[final_norm]"], config_name="release"), tmp_path
+    )
     probe = P.Release.load(tmp_path / "probe")
     gen = P.Release.load(tmp_path / "release")
     assert s["probe_dir"] == str(tmp_path / "probe") and probe.epsilon == gen.epsilon == math.inf
     assert probe.param_names != gen.param_names and all(len(t) for t in probe.targets)
     with pytest.raises(ValueError, match="probe.budget_share=0"):
-        R.run_release(compose(["debug=tiny", "probe.matched_params=[final_norm]", "probe.budget_share=0"],
-                              config_name="release"), tmp_path / "b")
+        R.run_release(
+            compose(["debug=tiny", "probe.matched_params=[final_norm]", "probe.budget_share=0"], config_name="release"),
+            tmp_path / "b",
+        )
 
 
 def test_probe_in_a_sketch_space(compose, tmp_path):
     """The probe may match a low-dimensional sketch (short spec expanded with cfg.sketch) while
     the generator matches raw parameters; both come from one DP budget."""
-    s = R.run_release(compose(["debug=tiny", "progress=false", "privacy=dp", "sketch.k_in=4",
-                               "sketch.k_out=2", "probe.matched_params=[sketch:layers\\.1\\.]"], config_name="release"), tmp_path)
+    s = R.run_release(
+        compose(
+            [
+                "debug=tiny",
+                "progress=false",
+                "privacy=dp",
+                "sketch.k_in=4",
+                "sketch.k_out=2",
+                "probe.matched_params=[sketch:layers\\.1\\.]",
+            ],
+            config_name="release",
+        ),
+        tmp_path,
+    )
     probe = P.Release.load(tmp_path / "probe")
     assert all("gm_sketch.G_v1_4x2_s0" in n for n in probe.param_names)
     assert sum(t.numel() for t in probe.targets[0]) == 8 * len(probe.param_names)
@@ -302,18 +419,28 @@ def test_sketched_generator_and_probe_in_one_pass(compose, tmp_path, monkeypatch
     monkeypatch.setattr(S, "per_example_grads_hooks", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
     common = ["debug=tiny", "progress=false", "privacy.clip_norm=1e-3", "sketch.k_in=4", "sketch.k_out=2"]
     gen_spec, probe_spec = "matched_params=[sketch:last_blocks:1]", "sketch:middle_blocks"
-    R.run_release(compose(common + [gen_spec, f"probe.matched_params=[{probe_spec}]"], config_name="release"), tmp_path / "joint")
+    R.run_release(
+        compose(common + [gen_spec, f"probe.matched_params=[{probe_spec}]"], config_name="release"), tmp_path / "joint"
+    )
     one_pass = sum(calls)
     R.run_release(compose(common + [gen_spec], config_name="release"), tmp_path / "gen")
     R.run_release(compose(common + [f"matched_params=[{probe_spec}]"], config_name="release"), tmp_path / "probe")
     assert sum(calls) - one_pass == 2 * one_pass  # two separate releases read every record twice, the joint one once
-    for joint, alone in ((tmp_path / "joint" / "release", tmp_path / "gen" / "release"),
-                         (tmp_path / "joint" / "probe", tmp_path / "probe" / "release")):
+    for joint, alone in (
+        (tmp_path / "joint" / "release", tmp_path / "gen" / "release"),
+        (tmp_path / "joint" / "probe", tmp_path / "probe" / "release"),
+    ):
         a, b = P.Release.load(joint), P.Release.load(alone)
         assert a.param_names == b.param_names
         for ta, tb in zip(sum(a.targets, []), sum(b.targets, [])):
             assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-9)
     calls.clear()
-    R.run_release(compose(common[:2] + ["privacy=dp", "sketch.k_in=4", "sketch.k_out=2", gen_spec, f"probe.matched_params=[{probe_spec}]"],
-                          config_name="release"), tmp_path / "dp")
+    R.run_release(
+        compose(
+            common[:2]
+            + ["privacy=dp", "sketch.k_in=4", "sketch.k_out=2", gen_spec, f"probe.matched_params=[{probe_spec}]"],
+            config_name="release",
+        ),
+        tmp_path / "dp",
+    )
     assert sum(calls) == one_pass and P.Release.load(tmp_path / "dp" / "probe").privacy["probe_budget_share"] == 0.5

@@ -1,4 +1,5 @@
 """DP-SGD baseline (gmtext/finetune/dpsgd.py) on the tiny random Llama and the builtin demo set."""
+
 import copy
 import json
 
@@ -8,9 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from gmtext.data import Example, is_dev, load_split
-from gmtext.finetune.dpsgd import (SecureDPOptimizer, SecurePoissonSampler, dpsgd_fit, keyed_uniform, private_records,
-                                   record_subsample)
-from gmtext.finetune.trainer import FullFineTuner, LastLayersFineTuner, LoRAFineTuner, VerbalizerClassifier, classification_loss
+from gmtext.finetune.dpsgd import (
+    SecureDPOptimizer,
+    SecurePoissonSampler,
+    dpsgd_fit,
+    keyed_uniform,
+    private_records,
+    record_subsample,
+)
+from gmtext.finetune.trainer import (
+    FullFineTuner,
+    LastLayersFineTuner,
+    LoRAFineTuner,
+    VerbalizerClassifier,
+    classification_loss,
+)
 from gmtext.privacy import noise
 
 NAMES = ["negative", "positive"]
@@ -87,11 +100,14 @@ def test_dpsgd_fit_each_finetuner(tiny, demo, kind, monkeypatch):
 def test_optimizer_noise_is_gmtext_noise_not_torch_rng(monkeypatch):
     """The noise SecureDPOptimizer adds is exactly what gmtext.privacy.noise returns, and
     torch's seed does not reproduce it."""
+
     def step(std_normal=None):
         lin = torch.nn.Linear(3, 2)
         with torch.no_grad():
             lin.weight.zero_(), lin.bias.zero_()
-        opt = SecureDPOptimizer(torch.optim.SGD(lin.parameters(), lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4)
+        opt = SecureDPOptimizer(
+            torch.optim.SGD(lin.parameters(), lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4
+        )
         for p in lin.parameters():  # an empty batch: the released gradient is pure noise
             p.grad_sample = torch.zeros((0, *p.shape))
         if std_normal is not None:
@@ -101,7 +117,9 @@ def test_optimizer_noise_is_gmtext_noise_not_torch_rng(monkeypatch):
         return torch.cat([p.detach().flatten() for p in lin.parameters()])
 
     fixed = step(lambda n, entropy=None: np.arange(n, dtype=np.float64))
-    torch.testing.assert_close(fixed, -torch.cat([torch.arange(6.0), torch.arange(2.0)]) * (2.0 * 0.5) / 4)  # one draw per tensor
+    torch.testing.assert_close(
+        fixed, -torch.cat([torch.arange(6.0), torch.arange(2.0)]) * (2.0 * 0.5) / 4
+    )  # one draw per tensor
     torch.manual_seed(0)
     a = step()
     torch.manual_seed(0)
@@ -147,7 +165,7 @@ def test_subsample_is_record_stable():
 
 def test_private_records_defaults_to_the_whole_split(demo):
     pool = [e for e in demo.examples if not is_dev(e.text)]
-    assert private_records(demo, None, 0) == pool and private_records(demo, 10 ** 6, 0) == pool
+    assert private_records(demo, None, 0) == pool and private_records(demo, 10**6, 0) == pool
     sub = private_records(demo, 10, 0)
     assert set(e.text for e in sub) <= set(e.text for e in pool) and sub == private_records(demo, 10, 0)
     for bad in (0, -3, 2.5):
@@ -168,8 +186,19 @@ def _walk_keys(obj):
 def test_run_finetune_dpsgd_logs_nothing_from_private_batches(compose, tmp_path):
     from gmtext.stages.finetune import run_finetune
 
-    cfg = compose(["debug=tiny", "train=dpsgd", "finetuner=lora", "finetuner.batch_size=16", "finetuner.epochs=1",
-                   "finetune.eval_limit=8", "finetune.dev_size=0", "train.epsilon=3"], config_name="finetune")
+    cfg = compose(
+        [
+            "debug=tiny",
+            "train=dpsgd",
+            "finetuner=lora",
+            "finetuner.batch_size=16",
+            "finetuner.epochs=1",
+            "finetune.eval_limit=8",
+            "finetune.dev_size=0",
+            "train.epsilon=3",
+        ],
+        config_name="finetune",
+    )
     assert cfg.finetuner.lr == 5e-4 and cfg.train.size is None  # the DP recipe from conf/train/dpsgd.yaml
     m = run_finetune(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -182,10 +211,16 @@ def test_run_finetune_dpsgd_logs_nothing_from_private_batches(compose, tmp_path)
     # opacus' accountant and the ledger (dp_accounting PLD, re-accounting the same steps) both certify <= the target
     assert 0 < saved["dp"]["epsilon"] <= 3.01 and 0 < saved["epsilon"] == m["epsilon"] <= 3.01
     [entry] = saved["privacy"]["entries"]
-    assert entry["kind"] == "subsampled_gaussian" and entry["count"] == saved["steps"] and entry["sample_rate"] == saved["dp"]["sample_rate"]
+    assert (
+        entry["kind"] == "subsampled_gaussian"
+        and entry["count"] == saved["steps"]
+        and entry["sample_rate"] == saved["dp"]["sample_rate"]
+    )
     assert saved["delta"] == 1e-5 and saved["train_per_class"] is None and saved["dp"]["noise_source"] == noise.SOURCE
     assert "train_seconds" not in saved and "wall_seconds" not in saved  # run time depends on the Poisson batch sizes
-    assert saved["n_train"] == len([e for e in load_split("train", NAMES, builtin="demo").examples if not is_dev(e.text)])
+    assert saved["n_train"] == len(
+        [e for e in load_split("train", NAMES, builtin="demo").examples if not is_dev(e.text)]
+    )
 
 
 def test_unknown_dpsgd_accountant_is_refused_when_composing(compose):
@@ -195,9 +230,14 @@ def test_unknown_dpsgd_accountant_is_refused_when_composing(compose):
         compose(["debug=tiny", "train=dpsgd", "train.accountant=gdp"], config_name="finetune")
 
 
-@pytest.mark.parametrize("override, msg", [("train.epsilon=-1", r"train.epsilon=-1.0: accepted: a finite number > 0"),
-                                           ("train.delta=1", r"train.delta=1.0: accepted"),
-                                           ("train.microbatch=0", r"train.microbatch=0: accepted")])
+@pytest.mark.parametrize(
+    "override, msg",
+    [
+        ("train.epsilon=-1", r"train.epsilon=-1.0: accepted: a finite number > 0"),
+        ("train.delta=1", r"train.delta=1.0: accepted"),
+        ("train.microbatch=0", r"train.microbatch=0: accepted"),
+    ],
+)
 def test_bad_dpsgd_values_are_one_line_errors(compose, tmp_path, override, msg):
     from gmtext.stages.finetune import run_finetune
 

@@ -1,5 +1,6 @@
 """The reported recipes are the configuration: docs/results.md's recipe table, the experiment
 configs, the committed run dirs that produced the rows, and the scripts cannot drift apart."""
+
 from __future__ import annotations
 
 import re
@@ -48,8 +49,9 @@ def _command_overrides(cell: str) -> tuple[str, list[str]]:
     cmd = re.findall(r"`(gmtext-[^`]*)`", cell)[0]
     words = shlex.split(cmd)
     stage = words[0].removeprefix("gmtext-")
-    overrides = [w for w in words[1:] if w != "-m" and not w.startswith("seed=")
-                 and w not in ("dataset=X", "dataset.path=DIR")]
+    overrides = [
+        w for w in words[1:] if w != "-m" and not w.startswith("seed=") and w not in ("dataset=X", "dataset.path=DIR")
+    ]
     return stage, overrides
 
 
@@ -64,12 +66,18 @@ def test_recipe_table_matches_the_composed_config(compose, cell, settings):
 
 def test_every_experiment_named_in_docs_and_scripts_exists():
     named = set()
-    for f in [*ROOT.glob("docs/*.md"), ROOT / "README.md", *ROOT.glob("experiments/*.sh"), *ROOT.glob("experiments/*.md"),
-              *ROOT.glob("conf/experiment/*.yaml")]:
+    for f in [
+        *ROOT.glob("docs/*.md"),
+        ROOT / "README.md",
+        *ROOT.glob("experiments/*.sh"),
+        *ROOT.glob("experiments/*.md"),
+        *ROOT.glob("conf/experiment/*.yaml"),
+    ]:
         named |= set(re.findall(r"experiment=(\w+)", f.read_text()))
     named -= {"NAME", "X"}  # placeholders in prose
-    missing = sorted(n for n in named if n not in EXPERIMENTS and not any(
-        (ROOT / "experiments" / f).exists() for f in (f"{n}.sh",)))
+    missing = sorted(
+        n for n in named if n not in EXPERIMENTS and not any((ROOT / "experiments" / f).exists() for f in (f"{n}.sh",))
+    )
     assert not missing, missing
 
 
@@ -91,7 +99,9 @@ def test_a_choice_specialises_keys_outside_its_group(compose):
     assert compose(["privacy=dp", "real_per_class=5"]).real_per_class == 5
     # privacy=dp reads the data in sketched spaces: the generator's, and the probe's when selector=margin (a pair)
     dp = compose(["privacy=dp"])
-    assert list(dp.matched_params) == ["sketch:last_blocks:1"] and list(dp.probe.matched_params) == ["sketch:middle_blocks"]
+    assert list(dp.matched_params) == ["sketch:last_blocks:1"] and list(dp.probe.matched_params) == [
+        "sketch:middle_blocks"
+    ]
     assert list(compose(["privacy=dp", "selector=best"]).probe.matched_params) == []
     assert list(compose(["privacy=dp", "matched_params=[final_norm]"]).matched_params) == ["final_norm"]
     # no margin selector: no probe release spending budget
@@ -101,7 +111,11 @@ def test_a_choice_specialises_keys_outside_its_group(compose):
 
 def test_debug_tiny_is_the_fast_base_and_overrides_win(compose):
     cfg = compose(["debug=tiny"])
-    assert cfg.model.name == "tiny-llama" and cfg.logger._target_ == "gmtext.tracking.Tracker" and cfg.matched_params == ["lm_head"]
+    assert (
+        cfg.model.name == "tiny-llama"
+        and cfg.logger._target_ == "gmtext.tracking.Tracker"
+        and cfg.matched_params == ["lm_head"]
+    )
     assert cfg.selector._target_.endswith("BestMatchSelector") and list(cfg.probe.matched_params) == []
     cfg = compose(["debug=tiny", "selector=margin", "matched_params=[final_norm]"])
     assert cfg.selector._target_.endswith("LabelMarginSelector") and cfg.matched_params == ["final_norm"]
@@ -131,19 +145,45 @@ def _flat(d: dict, prefix="") -> dict:
     return out
 
 
-GEN_KEYS = ["seed", "num_per_class", "batch_size", "real_per_class", "match_loss", "matched_params", "target_batch_size",
-            "dataset.name", "dataset.length", "dataset.template", "dataset.lm_context", "model.name"]
+GEN_KEYS = [
+    "seed",
+    "num_per_class",
+    "batch_size",
+    "real_per_class",
+    "match_loss",
+    "matched_params",
+    "target_batch_size",
+    "dataset.name",
+    "dataset.length",
+    "dataset.template",
+    "dataset.lm_context",
+    "model.name",
+]
 GEN_PREFIXES = ("matcher.", "projector.")
-FT_KEYS = ["finetune.eval_limit", "finetune.dev_size", "finetune.eval_batch_size", "finetuner._target_", "finetuner.lr",
-           "finetuner.batch_size", "finetuner.epochs", "finetuner.max_steps", "finetuner.weight_decay",
-           "finetuner.warmup_ratio", "finetuner.grad_clip", "finetuner.max_text_tokens"]
+FT_KEYS = [
+    "finetune.eval_limit",
+    "finetune.dev_size",
+    "finetune.eval_batch_size",
+    "finetuner._target_",
+    "finetuner.lr",
+    "finetuner.batch_size",
+    "finetuner.epochs",
+    "finetuner.max_steps",
+    "finetuner.weight_decay",
+    "finetuner.warmup_ratio",
+    "finetuner.grad_clip",
+    "finetuner.max_text_tokens",
+]
 
 
-@pytest.mark.parametrize("experiment,out,pool,select,ft", [
-    ("rt_main_cpu_n100", "rt_main_cpu_n100_pool100", "gen_epsinf", "select_margin", "gradmm100_margin_s0"),
-    ("rt_main_cpu", "rt_main_cpu", "gen_epsinf", "select_margin", "gradmm20_margin_s0"),
-    ("rt_main_cpu_best", "rt_main_cpu", "gen_epsinf", "select_epsinf", "gradmm20_epsinf_s0"),
-])
+@pytest.mark.parametrize(
+    "experiment,out,pool,select,ft",
+    [
+        ("rt_main_cpu_n100", "rt_main_cpu_n100_pool100", "gen_epsinf", "select_margin", "gradmm100_margin_s0"),
+        ("rt_main_cpu", "rt_main_cpu", "gen_epsinf", "select_margin", "gradmm20_margin_s0"),
+        ("rt_main_cpu_best", "rt_main_cpu", "gen_epsinf", "select_epsinf", "gradmm20_epsinf_s0"),
+    ],
+)
 def test_experiment_composes_the_settings_that_made_its_row(compose, experiment, out, pool, select, ft):
     """The committed run dirs of the reported rows (made by separate stage commands) and the one
     pipeline command that now stands for them agree on every generation, selection and fine-tuning
@@ -163,16 +203,27 @@ def test_experiment_composes_the_settings_that_made_its_row(compose, experiment,
     assert {k: now[k] for k in FT_KEYS} == {k: fin[k] for k in FT_KEYS}
     if sel.get("selector.release"):  # the separate probe release the row was scored against
         probe = _flat(_recorded(ROOT / Path(sel["selector.release"]).parent))
-        assert (probe["real_per_class"], probe["seed"], probe["match_loss"]) == (now["real_per_class"], 0, now["match_loss"])
-        assert probe["matched_params"] == ["re:layers\\.(1[0-9])\\."] and now["probe.matched_params"] == ["middle_blocks"]
+        assert (probe["real_per_class"], probe["seed"], probe["match_loss"]) == (
+            now["real_per_class"],
+            0,
+            now["match_loss"],
+        )
+        assert probe["matched_params"] == ["re:layers\\.(1[0-9])\\."] and now["probe.matched_params"] == [
+            "middle_blocks"
+        ]
     else:
         assert now["probe.matched_params"] == []
 
 
-PRIVATE_RUNS = [("rt_private_n100", "rt_private_n100/eps1", 0), ("rt_private_n100", "rt_private_n100/eps1", 1),
-                ("rt_private_n100", "rt_private_n100/eps1", 2), ("rt_private_n100_eps4", "rt_private_n100/eps4", 0),
-                ("rt_private_n100_twin", "rt_private_n100/twin", 0), ("rt_pe100", "rt_pe100/eps1", 0),
-                ("rt_pe100_eps4", "rt_pe100/eps4", 0)]
+PRIVATE_RUNS = [
+    ("rt_private_n100", "rt_private_n100/eps1", 0),
+    ("rt_private_n100", "rt_private_n100/eps1", 1),
+    ("rt_private_n100", "rt_private_n100/eps1", 2),
+    ("rt_private_n100_eps4", "rt_private_n100/eps4", 0),
+    ("rt_private_n100_twin", "rt_private_n100/twin", 0),
+    ("rt_pe100", "rt_pe100/eps1", 0),
+    ("rt_pe100_eps4", "rt_pe100/eps4", 0),
+]
 
 
 @pytest.mark.parametrize("experiment,run,seed", PRIVATE_RUNS)
@@ -183,7 +234,11 @@ def test_private_row_is_one_pipeline_command(compose, experiment, run, seed):
     d = ROOT / "experiments" / "results" / f"{run}_s{seed}"
     if not (d / "metrics.json").exists():
         pytest.skip(f"{d} not in this checkout (or unfinished)")
-    now = _flat(OmegaConf.to_container(compose([f"experiment={experiment}", f"seed={seed}"], config_name="pipeline"), resolve=True))
+    now = _flat(
+        OmegaConf.to_container(
+            compose([f"experiment={experiment}", f"seed={seed}"], config_name="pipeline"), resolve=True
+        )
+    )
     rec = _flat(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=True))
     skip = ("logger.", "threads", "progress", "hydra.")
     keys = [k for k in rec if not k.startswith(skip)]
@@ -191,9 +246,15 @@ def test_private_row_is_one_pipeline_command(compose, experiment, run, seed):
     assert now["privacy._target_"].endswith("GaussianRelease") and now["real_per_class"] is None
 
 
-@pytest.mark.parametrize("experiment,finetuner,epsilon", [
-    ("rt_dpsgd_lora", "LoRAFineTuner", 1), ("rt_dpsgd_lora_eps4", "LoRAFineTuner", 4),
-    ("rt_dpsgd_last_layers", "LastLayersFineTuner", 1), ("rt_dpsgd_last_layers_eps4", "LastLayersFineTuner", 4)])
+@pytest.mark.parametrize(
+    "experiment,finetuner,epsilon",
+    [
+        ("rt_dpsgd_lora", "LoRAFineTuner", 1),
+        ("rt_dpsgd_lora_eps4", "LoRAFineTuner", 4),
+        ("rt_dpsgd_last_layers", "LastLayersFineTuner", 1),
+        ("rt_dpsgd_last_layers_eps4", "LastLayersFineTuner", 4),
+    ],
+)
 def test_dpsgd_rows_train_on_the_whole_split_with_the_fixed_recipe(compose, experiment, finetuner, epsilon):
     """The DP-SGD baseline rows: every non-dev train record (train.size null), the literature
     recipe of conf/train/dpsgd.yaml (expected batch 256, 3 epochs, lr 5e-4, C = 0.1), the
@@ -209,7 +270,9 @@ def test_dpsgd_rows_train_on_the_whole_split_with_the_fixed_recipe(compose, expe
 SCRIPT_KEYS = {"experiment", "seed", "logger", "threads", "hydra.run.dir", "hydra.sweep.dir", "synthetic"}
 
 
-@pytest.mark.parametrize("script", ["n20_transfer.sh", "rt_main_cpu.sh", "rt_canaries.sh", "rt_private.sh", "rt_dpsgd.sh"])
+@pytest.mark.parametrize(
+    "script", ["n20_transfer.sh", "rt_main_cpu.sh", "rt_canaries.sh", "rt_private.sh", "rt_dpsgd.sh"]
+)
 def test_scripts_only_loop(script):
     """A script passes an experiment, a seed and where to write: no generator or fine-tuning setting."""
     text = (ROOT / "experiments" / script).read_text()

@@ -1,4 +1,5 @@
 """Fine-tune + evaluate stage on the tiny random Llama and the builtin demo set."""
+
 import copy
 import json
 from pathlib import Path
@@ -9,8 +10,14 @@ import torch
 from gmtext.data import Example, dev_examples, is_dev, load_split
 from gmtext.finetune.baselines import prompted_examples, read_synthetic, real_subset
 from gmtext.finetune.evaluate import classification_metrics, evaluate, evaluate_fewshot, fewshot_context, predict
-from gmtext.finetune.trainer import (FineTuner, FullFineTuner, LastLayersFineTuner, LoRAFineTuner, classification_loss,
-                                     verbalizer_logits)
+from gmtext.finetune.trainer import (
+    FineTuner,
+    FullFineTuner,
+    LastLayersFineTuner,
+    LoRAFineTuner,
+    classification_loss,
+    verbalizer_logits,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NAMES = ["negative", "positive"]
@@ -73,7 +80,9 @@ def test_evaluate_matches_argmax_and_is_batch_independent(tiny, demo):
     exs = demo[1].examples
     ids, mask, last = task.batch([e.text for e in exs])
     with torch.no_grad():
-        full = lm.model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(exs)), last][:, task.label_token_ids]
+        full = lm.model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(exs)), last][
+            :, task.label_token_ids
+        ]
     want = full.argmax(-1).tolist()
     assert predict(lm.model, task, [e.text for e in exs], batch_size=3) == want
     r = evaluate(lm.model, task, exs, batch_size=7)
@@ -105,7 +114,9 @@ def test_synthetic_wrong_schema_is_a_clear_error(tmp_path):
     f.write_text(json.dumps({"text": "x", "label": 7}) + "\n")
     with pytest.raises(ValueError, match="'label'=7"):
         read_synthetic(f, NAMES)
-    f.write_text(json.dumps({"text": "ok", "label": "positive"}) + "\n" + json.dumps({"text": "bad", "label": 0}) + "\n")
+    f.write_text(
+        json.dumps({"text": "ok", "label": "positive"}) + "\n" + json.dumps({"text": "bad", "label": 0}) + "\n"
+    )
     assert read_synthetic(tmp_path, NAMES) == [Example("ok", 1), Example("bad", 0)]  # run dir + label names
 
 
@@ -152,16 +163,32 @@ def test_real_subset_balanced_seeded_no_dev(demo):
 
 def test_prompted_produces_n_labeled_texts(tiny, capsys):
     lm, _ = tiny
-    exs, info = prompted_examples(lm.model, lm.tokenizer, ["a negative movie review", "a positive movie review"], 4, seed=0, max_new_tokens=6)
+    exs, info = prompted_examples(
+        lm.model, lm.tokenizer, ["a negative movie review", "a positive movie review"], 4, seed=0, max_new_tokens=6
+    )
     assert capsys.readouterr().err == ""  # progress off by default
-    with_bar, _ = prompted_examples(lm.model, lm.tokenizer, ["a negative movie review", "a positive movie review"], 4, seed=0,
-                                    max_new_tokens=6, progress=True)
+    with_bar, _ = prompted_examples(
+        lm.model,
+        lm.tokenizer,
+        ["a negative movie review", "a positive movie review"],
+        4,
+        seed=0,
+        max_new_tokens=6,
+        progress=True,
+    )
     out = capsys.readouterr()
-    assert with_bar == exs and out.out == "" and "prompted: 100%" in out.err and "4/4" in out.err  # the bar: stderr, counts kept texts
+    assert (
+        with_bar == exs and out.out == "" and "prompted: 100%" in out.err and "4/4" in out.err
+    )  # the bar: stderr, counts kept texts
     assert len(exs) == 4 and [sum(e.label == k for e in exs) for k in range(2)] == [2, 2]
     assert all(e.text.strip() for e in exs)
-    assert info["prompts"] == ["Write one short negative movie review sentence.", "Write one short positive movie review sentence."]
-    again, _ = prompted_examples(lm.model, lm.tokenizer, ["a negative movie review", "a positive movie review"], 4, seed=0, max_new_tokens=6)
+    assert info["prompts"] == [
+        "Write one short negative movie review sentence.",
+        "Write one short positive movie review sentence.",
+    ]
+    again, _ = prompted_examples(
+        lm.model, lm.tokenizer, ["a negative movie review", "a positive movie review"], 4, seed=0, max_new_tokens=6
+    )
     assert again == exs  # seeded
     with pytest.raises(ValueError, match="label_descriptions"):
         prompted_examples(lm.model, lm.tokenizer, [], 6, seed=0)
@@ -179,7 +206,9 @@ def test_every_finetune_option_composes_and_generate_still_composes(compose):
 
     with pytest.raises(ConfigCompositionException, match=r"Could not override 'finetuner.lrr'") as e:
         compose(["finetuner.lrr=1"], config_name="finetune")
-    assert "Key 'lrr' not in 'FullFineTunerConfig'" in str(e.value.__cause__)  # the schema rejects it, not a typo in the test
+    assert "Key 'lrr' not in 'FullFineTunerConfig'" in str(
+        e.value.__cause__
+    )  # the schema rejects it, not a typo in the test
 
 
 def _tiny_overrides(tmp_path, *extra):
@@ -189,14 +218,26 @@ def _tiny_overrides(tmp_path, *extra):
 def test_run_finetune_writes_metrics(compose, tmp_path):
     from gmtext.stages.finetune import run_finetune
 
-    cfg = compose(_tiny_overrides(tmp_path, "train=real", "train.size=10", "finetune.lrs=[1e-4,1e-3]", "finetune.dev_size=8", "finetune.eval_limit=12"), config_name="finetune")
+    cfg = compose(
+        _tiny_overrides(
+            tmp_path,
+            "train=real",
+            "train.size=10",
+            "finetune.lrs=[1e-4,1e-3]",
+            "finetune.dev_size=8",
+            "finetune.eval_limit=12",
+        ),
+        config_name="finetune",
+    )
     m = run_finetune(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["accuracy"] == m["accuracy"]
     conf = saved["confusion"]  # rows: true class, columns: prediction
     assert sum(map(sum, conf)) == saved["n_eval"] == 12
     assert saved["accuracy"] == pytest.approx(sum(conf[k][k] for k in range(2)) / 12)
-    assert saved["per_class_accuracy"] == {n: pytest.approx(conf[k][k] / sum(conf[k])) for k, n in enumerate(NAMES) if sum(conf[k])}
+    assert saved["per_class_accuracy"] == {
+        n: pytest.approx(conf[k][k] / sum(conf[k])) for k, n in enumerate(NAMES) if sum(conf[k])
+    }
     assert set(saved["per_class_accuracy"]) == set(NAMES) and "macro_f1" in saved
     assert saved["n_eval"] == 12 and saved["eval_limit"] == 12 and saved["n_train"] == 10
     assert set(saved["lr_selection"]) == {"0.0001", "0.001"} and saved["lr"] in (1e-4, 1e-3)
@@ -205,15 +246,36 @@ def test_run_finetune_writes_metrics(compose, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in r for r in recs) and recs[-1]["kind"] == "summary"
     assert run_finetune(cfg, tmp_path / "run") == saved  # same config: resumed, not retrained
-    quiet = compose(_tiny_overrides(tmp_path, "train=real", "train.size=10", "finetune.lrs=[1e-4,1e-3]", "finetune.eval_limit=12",
-                                    "finetune.dev_size=8", "progress=false"), config_name="finetune")
+    quiet = compose(
+        _tiny_overrides(
+            tmp_path,
+            "train=real",
+            "train.size=10",
+            "finetune.lrs=[1e-4,1e-3]",
+            "finetune.eval_limit=12",
+            "finetune.dev_size=8",
+            "progress=false",
+        ),
+        config_name="finetune",
+    )
     assert run_finetune(quiet, tmp_path / "run") == saved  # keys that shape nothing may differ
     before = (tmp_path / "run" / "metrics.json").read_bytes()
-    other = compose(_tiny_overrides(tmp_path, "train=real", "train.size=10", "finetune.lrs=[1e-4,1e-3]", "finetune.eval_limit=10",
-                                    "finetune.dev_size=8"), config_name="finetune")
+    other = compose(
+        _tiny_overrides(
+            tmp_path,
+            "train=real",
+            "train.size=10",
+            "finetune.lrs=[1e-4,1e-3]",
+            "finetune.eval_limit=10",
+            "finetune.dev_size=8",
+        ),
+        config_name="finetune",
+    )
     from gmtext.artifacts import ConfigChanged
 
-    with pytest.raises(ConfigChanged, match=r"holds finetune output made with another config \(finetune.eval_limit 12 → 10\)"):
+    with pytest.raises(
+        ConfigChanged, match=r"holds finetune output made with another config \(finetune.eval_limit 12 → 10\)"
+    ):
         run_finetune(other, tmp_path / "run")  # used to retrain silently over the stored metrics
     assert (tmp_path / "run" / "metrics.json").read_bytes() == before
 
@@ -222,11 +284,21 @@ def test_run_finetune_synthetic_zero_shot_fewshot(compose, tmp_path):
     from gmtext.stages.finetune import run_finetune
 
     syn = tmp_path / "synthetic.jsonl"
-    syn.write_text("".join(json.dumps({"text": t, "label": k}) + "\n" for t, k in [("awful", 0), ("superb", 1), ("boring", 0), ("lovely", 1)]))
-    m = run_finetune(compose(_tiny_overrides(tmp_path, "train=synthetic", f"train.path={syn}"), config_name="finetune"), tmp_path / "syn")
+    syn.write_text(
+        "".join(
+            json.dumps({"text": t, "label": k}) + "\n"
+            for t, k in [("awful", 0), ("superb", 1), ("boring", 0), ("lovely", 1)]
+        )
+    )
+    m = run_finetune(
+        compose(_tiny_overrides(tmp_path, "train=synthetic", f"train.path={syn}"), config_name="finetune"),
+        tmp_path / "syn",
+    )
     assert m["n_train"] == 4 and m["train_source"] == "synthetic"
     z = run_finetune(compose(_tiny_overrides(tmp_path, "train=none"), config_name="finetune"), tmp_path / "zero")
-    f = run_finetune(compose(_tiny_overrides(tmp_path, "train=fewshot", "train.k=2"), config_name="finetune"), tmp_path / "few")
+    f = run_finetune(
+        compose(_tiny_overrides(tmp_path, "train=fewshot", "train.k=2"), config_name="finetune"), tmp_path / "few"
+    )
     assert z["n_train"] == 0 and f["n_train"] == 4 and z["finetuner"] is None
     # zero-shot accuracy is exactly a direct evaluate of the model on the same fixed eval subset
     from gmtext.stages.finetune import eval_subset
@@ -242,7 +314,10 @@ def test_run_finetune_synthetic_zero_shot_fewshot(compose, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"txt": "x", "label": 0}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['text'\]"):
-        run_finetune(compose(_tiny_overrides(tmp_path, "train=synthetic", f"train.path={bad}"), config_name="finetune"), tmp_path / "bad")
+        run_finetune(
+            compose(_tiny_overrides(tmp_path, "train=synthetic", f"train.path={bad}"), config_name="finetune"),
+            tmp_path / "bad",
+        )
 
 
 def test_progress_bars_follow_the_progress_setting(compose, tmp_path, capfd):
@@ -250,8 +325,15 @@ def test_progress_bars_follow_the_progress_setting(compose, tmp_path, capfd):
     none with progress=false."""
     from gmtext.stages.finetune import run_finetune
 
-    base = ["debug=tiny", "train=real", "train.size=8", "finetuner.max_steps=3", "finetuner.batch_size=4",
-            "finetune.eval_limit=8", "finetune.dev_size=4"]
+    base = [
+        "debug=tiny",
+        "train=real",
+        "train.size=8",
+        "finetuner.max_steps=3",
+        "finetuner.batch_size=4",
+        "finetune.eval_limit=8",
+        "finetune.dev_size=4",
+    ]
     run_finetune(compose(base + ["progress=true"], config_name="finetune"), tmp_path / "on")
     err = capfd.readouterr().err
     assert "finetune" in err and "3/3" in err and "evaluate" in err and "dev" in err

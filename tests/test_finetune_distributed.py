@@ -4,6 +4,7 @@ evaluation against one process, and `gmtext-finetune` under `accelerate launch`.
 Two processes on CPU: `accelerate launch --multi_gpu --num_processes 2` with no visible
 GPU (accelerate's `--cpu --num_processes 2` starts one process unless MPI is set up).
 """
+
 import copy
 import json
 import os
@@ -42,8 +43,14 @@ def _ddp_worker(rank: int, world: int, port: int, work: str, task, base) -> None
     with the recipe, then predict with the weights the parent trained on one process.
     (The parent passes the task and model: loading the tokenizer again costs seconds per
     process.)"""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     from gmtext.artifacts import RunDirLocked
     from gmtext.finetune.distributed import get_accelerator, main_process_lock
@@ -72,7 +79,13 @@ def _ddp_worker(rank: int, world: int, port: int, work: str, task, base) -> None
     for bs in EVAL_BATCHES:
         rows, seen = gather_predictions(same, task, seqs, bs, acc)
         res = evaluate(same, task, val, bs, accelerator=acc)
-        out["eval"][bs] = {"rows": rows, "seen": seen, "predictions": res.predictions, "accuracy": res.accuracy, "n": res.n}
+        out["eval"][bs] = {
+            "rows": rows,
+            "seen": seen,
+            "predictions": res.predictions,
+            "accuracy": res.accuracy,
+            "n": res.n,
+        }
     (Path(work) / f"rank{rank}.json").write_text(json.dumps(out))
     acc.wait_for_everyone()
 
@@ -95,7 +108,9 @@ def test_two_processes_match_one_process_training_and_evaluation(tiny, tmp_path,
     for k, v in {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(k, v)
     with run_lock(tmp_path / "held", "finetune"):  # another run owns this dir
-        torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), task, lm.model), nprocs=2, join=True)
+        torch.multiprocessing.spawn(
+            _ddp_worker, args=(2, _free_port(), str(tmp_path), task, lm.model), nprocs=2, join=True
+        )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:  # refused on every rank (none waits for rank 0), with rank 0's message
         assert r["held"].startswith(f"{tmp_path / 'held'} is in use by process {os.getpid()} (finetune)"), r["held"]
@@ -155,8 +170,18 @@ if _root and _log:
     sys.addaudithook(_hook)
 '''
 
-TRAIN = ["debug=tiny", "logger=wandb", "train=real", "train.size=22", "finetuner.lr=1e-3", "finetuner.epochs=3", "finetuner.batch_size=7",
-         "finetune.eval_batch_size=3", "finetune.lrs=[3e-4,1e-3]", "finetune.dev_size=20"]
+TRAIN = [
+    "debug=tiny",
+    "logger=wandb",
+    "train=real",
+    "train.size=22",
+    "finetuner.lr=1e-3",
+    "finetuner.epochs=3",
+    "finetuner.batch_size=7",
+    "finetune.eval_batch_size=3",
+    "finetune.lrs=[3e-4,1e-3]",
+    "finetune.dev_size=20",
+]
 
 
 @pytest.mark.slow
@@ -171,13 +196,41 @@ def test_accelerate_launch_two_cpu_processes(compose, tmp_path):
     (site / "sitecustomize.py").write_text(AUDIT_SITE)
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "GMTEXT_RUN_STAMP")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               GMTEXT_AUDIT_ROOT=str(work / "outputs"), GMTEXT_AUDIT_LOG=str(tmp_path / "audit"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(script), *TRAIN, "logger=wandb", "logger.mode=offline"]  # explicit: wins over WANDB_MODE=disabled; no network
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "GMTEXT_RUN_STAMP")
+    }
+    env.update(
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        WANDB_SILENT="true",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        GMTEXT_AUDIT_ROOT=str(work / "outputs"),
+        GMTEXT_AUDIT_LOG=str(tmp_path / "audit"),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        *TRAIN,
+        "logger=wandb",
+        "logger.mode=offline",
+    ]  # explicit: wins over WANDB_MODE=disabled; no network
     p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert len([ln for ln in p.stdout.splitlines() if ln.startswith("gmtext-finetune: real")]) == 1  # rank 0 prints
@@ -187,7 +240,15 @@ def test_accelerate_launch_two_cpu_processes(compose, tmp_path):
     assert len(runs) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", runs[0].name), runs  # one shared run dir
     run = runs[0]
     assert list(work.rglob("metrics.json")) == [run / "metrics.json"]
-    assert sorted(x.name for x in run.iterdir()) == [".hydra", ".metrics.jsonl.commit", ".wandb_id.finetune", "finetune.log", "metrics.json", "metrics.jsonl", "wandb"]
+    assert sorted(x.name for x in run.iterdir()) == [
+        ".hydra",
+        ".metrics.jsonl.commit",
+        ".wandb_id.finetune",
+        "finetune.log",
+        "metrics.json",
+        "metrics.jsonl",
+        "wandb",
+    ]
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # one W&B run, rank 0's
 
     events = [ln.split("\t") for f in tmp_path.glob("audit.*") for ln in f.read_text().splitlines()]
@@ -198,8 +259,23 @@ def test_accelerate_launch_two_cpu_processes(compose, tmp_path):
     assert rank1 == []  # rank 1 wrote nothing into the run dir (at most Hydra's mkdir of the shared dir itself)
 
     m = json.loads((run / "metrics.json").read_text())
-    for k in ("accuracy", "macro_f1", "per_class_accuracy", "dev_accuracy", "confusion", "lr", "lr_selection", "steps", "final_loss",
-              "n_train", "n_eval", "n_dev", "train_seconds", "config", "wall_seconds"):
+    for k in (
+        "accuracy",
+        "macro_f1",
+        "per_class_accuracy",
+        "dev_accuracy",
+        "confusion",
+        "lr",
+        "lr_selection",
+        "steps",
+        "final_loss",
+        "n_train",
+        "n_eval",
+        "n_dev",
+        "train_seconds",
+        "config",
+        "wall_seconds",
+    ):
         assert m.get(k) is not None, k
     n_val = len(load_split("validation", NAMES, builtin="demo").examples)
     assert m["num_processes"] == 2 and m["n_train"] == 22 and m["n_eval"] == n_val == 20
@@ -207,16 +283,33 @@ def test_accelerate_launch_two_cpu_processes(compose, tmp_path):
     assert m["accuracy"] == pytest.approx(sum(m["confusion"][i][i] for i in range(2)) / n_val)
     steps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r for r in steps if "train/loss" in r]
-    assert len(train_steps) == 2 * m["steps"] == 2 * 3 * 4  # two lrs × 3 epochs × ceil(22/7) steps: logged once, by rank 0
+    assert (
+        len(train_steps) == 2 * m["steps"] == 2 * 3 * 4
+    )  # two lrs × 3 epochs × ceil(22/7) steps: logged once, by rank 0
 
     from gmtext.stages.finetune import run_finetune
 
     one = run_finetune(compose([*TRAIN, "logger=none"], config_name="finetune"), tmp_path / "single")
     assert one["num_processes"] == 1
-    for k in ("accuracy", "macro_f1", "confusion", "dev_accuracy", "lr", "lr_selection", "steps", "n_train", "n_eval", "n_dev"):
+    for k in (
+        "accuracy",
+        "macro_f1",
+        "confusion",
+        "dev_accuracy",
+        "lr",
+        "lr_selection",
+        "steps",
+        "n_train",
+        "n_eval",
+        "n_dev",
+    ):
         assert m[k] == one[k], k
     assert m["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
-    ref = [json.loads(ln)["train/loss"] for ln in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines() if "train/loss" in ln]
+    ref = [
+        json.loads(ln)["train/loss"]
+        for ln in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in ln
+    ]
     assert [r["train/loss"] for r in train_steps] == pytest.approx(ref, rel=1e-4)
 
 

@@ -1,4 +1,5 @@
 """The generate stage end to end on the tiny model and the builtin demo set."""
+
 import json
 
 import pytest
@@ -7,9 +8,29 @@ import torch
 from gmtext.artifacts import ConfigChanged, read_jsonl
 from gmtext.stages.generate import run_generate
 
-FAST = ["debug=tiny", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
-        "projector.topk=20", "num_per_class=4", "batch_size=2", "real_per_class=6", "dataset.length=6", "progress=false"]
-FIELDS = {"text", "label", "label_name", "match_loss", "token_match_loss", "perplexity", "batch", "class_batch_loss", "token_ids"}
+FAST = [
+    "debug=tiny",
+    "matcher.outer_steps=2",
+    "matcher.inner_steps=2",
+    "matcher.init_candidates=2",
+    "projector.topk=20",
+    "num_per_class=4",
+    "batch_size=2",
+    "real_per_class=6",
+    "dataset.length=6",
+    "progress=false",
+]
+FIELDS = {
+    "text",
+    "label",
+    "label_name",
+    "match_loss",
+    "token_match_loss",
+    "perplexity",
+    "batch",
+    "class_batch_loss",
+    "token_ids",
+}
 
 
 def test_generate_writes_outputs(compose, tmp_path):
@@ -39,9 +60,18 @@ def _objective(cfg, run_dir):
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
     m = build(cfg.matcher)
-    obj = MatchingObjective(lm.model, MatchedParams(lm.model, list(cfg.matched_params)), Release.load(run_dir / "release").targets,
-                            task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=m.distance, closed_form=m.closed_form,
-                            context_ids=task.lm_context_ids(cfg.dataset.lm_context), match_loss=cfg.match_loss)
+    obj = MatchingObjective(
+        lm.model,
+        MatchedParams(lm.model, list(cfg.matched_params)),
+        Release.load(run_dir / "release").targets,
+        task.label_token_ids,
+        task.prefix_ids,
+        task.suffix_ids,
+        distance=m.distance,
+        closed_form=m.closed_form,
+        context_ids=task.lm_context_ids(cfg.dataset.lm_context),
+        match_loss=cfg.match_loss,
+    )
     return lm, task, obj
 
 
@@ -96,7 +126,9 @@ def test_resume_after_interruption_matches_uninterrupted(compose, tmp_path, monk
     monkeypatch.setattr(admm.ADMMMatcher, "run", real_run)
     # resuming the half-finished dir with another seed would append batches of seed 1 to seed 0's
     files = _snapshot(part)
-    with pytest.raises(ConfigChanged, match=r"holds generate output made with another config \(finetuner.seed 0 → 1, seed 0 → 1\)"):
+    with pytest.raises(
+        ConfigChanged, match=r"holds generate output made with another config \(finetuner.seed 0 → 1, seed 0 → 1\)"
+    ):
         run_generate(compose(FAST + ["seed=1"]), part)
     assert _snapshot(part) == files
     s = run_generate(compose(FAST), part)
@@ -143,7 +175,9 @@ def test_pool_may_grow_when_its_batches_stay_whole(compose, tmp_path):
     assert pool_grows_cleanly({"num_per_class": 4, "batch_size": 2}, cfg(5))  # batches 0-1 whole in both
     assert not pool_grows_cleanly({"num_per_class": 5, "batch_size": 2}, cfg(6))  # batch 2: 1 row, then 2
     assert not pool_grows_cleanly({"num_per_class": 4, "batch_size": 2}, cfg(4, 4))  # other batches
-    with pytest.raises(ConfigChanged, match=r"\(batch_size 2 → 4, num_per_class 4 → 8\)"):  # the record names the grown pool
+    with pytest.raises(
+        ConfigChanged, match=r"\(batch_size 2 → 4, num_per_class 4 → 8\)"
+    ):  # the record names the grown pool
         run_generate(compose(small + ["num_per_class=8", "batch_size=4"]), tmp_path / "grow")
 
 
@@ -154,15 +188,29 @@ def test_release_reuse_and_fingerprint(compose, tmp_path):
     s = run_generate(compose(FAST + [f"release={a / 'release'}", "seed=1"]), b)
     assert s["examples"] == 8 and not (b / "release").exists()
     with pytest.raises(ValueError, match="fingerprint"):
-        run_generate(compose(FAST + [f"release={a / 'release'}", "dataset.verbalizers=[' awful',' good']"]), tmp_path / "c")
+        run_generate(
+            compose(FAST + [f"release={a / 'release'}", "dataset.verbalizers=[' awful',' good']"]), tmp_path / "c"
+        )
 
 
 def test_embedding_only_and_nearest(compose, tmp_path):
     # debug=tiny tunes the default lm_topk projector (sim_weight), a key projector=nearest does not have
     base = ["model=tiny_llama", "logger=none", "selector=best", "matched_params=[lm_head]", "match_loss=full_vocab"] + [
-        o for o in FAST if not o.startswith(("projector.", "matcher.", "debug="))]
-    s = run_generate(compose(base + ["matcher=embedding_only", "matcher.outer_steps=1", "matcher.inner_steps=2", "matcher.objective=batch",
-                                     "projector=nearest"]), tmp_path)
+        o for o in FAST if not o.startswith(("projector.", "matcher.", "debug="))
+    ]
+    s = run_generate(
+        compose(
+            base
+            + [
+                "matcher=embedding_only",
+                "matcher.outer_steps=1",
+                "matcher.inner_steps=2",
+                "matcher.objective=batch",
+                "projector=nearest",
+            ]
+        ),
+        tmp_path,
+    )
     assert s["examples"] == 8
     # per batch: one x-run with no ADMM penalty and no intermediate projection, then the final
     # projection, whose best loss is what the batch's rows record as their class loss
@@ -181,7 +229,9 @@ def test_cli_bad_value_one_line_error(tmp_path):
     from test_hardening import cli, no_outputs, one_line_error
 
     r = cli("generate", "debug=tiny", "projector.topk=0", f"hydra.run.dir={tmp_path}")
-    assert one_line_error(r, "generate") == "gmtext-generate: error: projector.topk=0 must be a positive integer"  # the whole stderr
+    assert (
+        one_line_error(r, "generate") == "gmtext-generate: error: projector.topk=0 must be a positive integer"
+    )  # the whole stderr
     no_outputs(tmp_path)
 
 
@@ -192,7 +242,9 @@ def test_verbalizer_match_loss_end_to_end(compose, tmp_path):
         run_generate(compose(FAST + [f"release={tmp_path / 'v' / 'release'}"]), tmp_path / "f")
     from hydra.errors import ConfigCompositionException
 
-    with pytest.raises(ConfigCompositionException, match="match_loss=bogus"):  # a closed choice: refused at compose time
+    with pytest.raises(
+        ConfigCompositionException, match="match_loss=bogus"
+    ):  # a closed choice: refused at compose time
         compose(FAST + ["match_loss=bogus"])
 
 

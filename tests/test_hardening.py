@@ -6,6 +6,7 @@ run_dir)` with a config composed like the CLI's) or through the console scripts
 themselves in a subprocess. Faults use real SIGKILLs of the console scripts on the tiny
 random model and the builtin demo set. docs/troubleshooting.md lists every message.
 """
+
 import errno
 import json
 import os
@@ -22,8 +23,16 @@ from gmtext.artifacts import read_jsonl, run_lock, write_jsonl
 from gmtext.cli import error_line
 
 TINY = ["debug=tiny", "progress=false", "threads=1"]
-GEN = TINY + ["matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2", "projector.topk=20",
-              "num_per_class=4", "batch_size=2", "real_per_class=6", "dataset.length=6"]
+GEN = TINY + [
+    "matcher.outer_steps=2",
+    "matcher.inner_steps=2",
+    "matcher.init_candidates=2",
+    "projector.topk=20",
+    "num_per_class=4",
+    "batch_size=2",
+    "real_per_class=6",
+    "dataset.length=6",
+]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 ENV.pop("GMTEXT_TRACEBACK", None)
 ENV.pop("HYDRA_FULL_ERROR", None)
@@ -40,7 +49,9 @@ def _keep_torch_threads():
 # ----------------------------------------------------------------------------- helpers
 def console(stage: str) -> list[str]:
     exe = Path(sys.executable).with_name(f"gmtext-{stage}")
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", f"from gmtext.cli import {stage}_main; {stage}_main()"]
+    return (
+        [str(exe)] if exe.exists() else [sys.executable, "-c", f"from gmtext.cli import {stage}_main; {stage}_main()"]
+    )
 
 
 def cli(stage: str, *overrides, timeout=300) -> subprocess.CompletedProcess:
@@ -53,7 +64,11 @@ def one_line_error(r: subprocess.CompletedProcess, stage: str) -> str:
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith(f"gmtext-{stage}: error: ")]
     assert len(lines) == 1, r.stderr[-2000:]
-    other = [ln for ln in r.stderr.splitlines() if ln.strip() and ln not in lines and "Warning" not in ln and not ln.startswith(" ")]
+    other = [
+        ln
+        for ln in r.stderr.splitlines()
+        if ln.strip() and ln not in lines and "Warning" not in ln and not ln.startswith(" ")
+    ]
     assert not other, other
     return lines[0]
 
@@ -61,7 +76,9 @@ def one_line_error(r: subprocess.CompletedProcess, stage: str) -> str:
 def no_outputs(run_dir: Path) -> None:
     """Nothing but Hydra's own .hydra/ and job log: no artifact, no lock, no temp file."""
     left = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
-    assert set(left) <= {".hydra"} | {f"{s}.log" for s in ("generate", "release", "select", "finetune", "pipeline", "audit")}, left
+    assert set(left) <= {".hydra"} | {
+        f"{s}.log" for s in ("generate", "release", "select", "finetune", "pipeline", "audit")
+    }, left
 
 
 def data_dir(tmp_path: Path, rows, split="train", raw: bytes | None = None) -> Path:
@@ -90,8 +107,10 @@ def start(cmd: list[str], log: Path, slow_fsync: float = 0.0) -> subprocess.Pope
     if slow_fsync:
         site = log.with_suffix(".site")
         site.mkdir()
-        (site / "sitecustomize.py").write_text(f"import os, time\n_fsync = os.fsync\n"
-                                               f"def fsync(fd):\n    time.sleep({slow_fsync})\n    _fsync(fd)\nos.fsync = fsync\n")
+        (site / "sitecustomize.py").write_text(
+            f"import os, time\n_fsync = os.fsync\n"
+            f"def fsync(fd):\n    time.sleep({slow_fsync})\n    _fsync(fd)\nos.fsync = fsync\n"
+        )
         env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), ENV.get("PYTHONPATH", "")])}
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -127,7 +146,10 @@ def strip_timing(obj):
 # ============================================================ bad input → one line, exit 2
 def test_unknown_group_option_is_one_line(tmp_path):
     line = one_line_error(cli("generate", "projector=fancy", f"hydra.run.dir={tmp_path / 'run'}"), "generate")
-    assert line == "gmtext-generate: error: Could not find 'projector/fancy'; available options: lm_topk, lm_topk_paper, nearest"
+    assert (
+        line
+        == "gmtext-generate: error: Could not find 'projector/fancy'; available options: lm_topk, lm_topk_paper, nearest"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -141,14 +163,21 @@ def test_misspelled_key_is_one_line_with_accepted_keys(tmp_path):
 
 def test_missing_dataset_path_cli(tmp_path):
     run = tmp_path / "run"
-    line = one_line_error(cli("generate", *GEN, f"dataset.path={tmp_path / 'nowhere'}", f"hydra.run.dir={run}"), "generate")
-    assert line == f"gmtext-generate: error: dataset.path={str(tmp_path / 'nowhere')!r} does not exist or is not a directory"
+    line = one_line_error(
+        cli("generate", *GEN, f"dataset.path={tmp_path / 'nowhere'}", f"hydra.run.dir={run}"), "generate"
+    )
+    assert (
+        line
+        == f"gmtext-generate: error: dataset.path={str(tmp_path / 'nowhere')!r} does not exist or is not a directory"
+    )
     no_outputs(run)
 
 
 def test_empty_dataset_dir_and_empty_file(compose, tmp_path):
     (tmp_path / "data").mkdir()
-    with pytest.raises(ValueError, match=r"split 'train' not found in .*data \(expected train.jsonl or train.csv; found: none\)"):
+    with pytest.raises(
+        ValueError, match=r"split 'train' not found in .*data \(expected train.jsonl or train.csv; found: none\)"
+    ):
         run_release_with(compose, tmp_path, f"dataset.path={tmp_path / 'data'}")
     d = data_dir(tmp_path, [], raw=b"\n  \n")
     with pytest.raises(ValueError, match=r"train.jsonl: no rows"):
@@ -162,7 +191,9 @@ def test_missing_split(compose, tmp_path):
         run_release_with(compose, tmp_path, f"dataset.path={d}", "dataset.train_split=dev")
     from gmtext.stages.finetune import run_finetune
 
-    with pytest.raises(ValueError, match=r"split 'validation' not found"):  # fine-tuning evaluates on dataset.eval_split
+    with pytest.raises(
+        ValueError, match=r"split 'validation' not found"
+    ):  # fine-tuning evaluates on dataset.eval_split
         run_finetune(compose(TINY + ["train=none", f"dataset.path={d}"], config_name="finetune"), tmp_path / "ft")
     assert not (tmp_path / "ft" / "metrics.json").exists()
 
@@ -172,7 +203,10 @@ def test_missing_text_or_label_field(compose, tmp_path, field):
     rows = good_rows()
     del rows[3][field]  # not only the first row is checked
     d = data_dir(tmp_path, rows)
-    with pytest.raises(ValueError, match=rf"train.jsonl row 3: field '{field}' missing \(row has: .*\); set dataset.text_field / dataset.label_field"):
+    with pytest.raises(
+        ValueError,
+        match=rf"train.jsonl row 3: field '{field}' missing \(row has: .*\); set dataset.text_field / dataset.label_field",
+    ):
         run_release_with(compose, tmp_path, f"dataset.path={d}")
     d = data_dir(tmp_path, good_rows())
     with pytest.raises(ValueError, match=r"row 0: field 'body' missing"):
@@ -182,7 +216,9 @@ def test_missing_text_or_label_field(compose, tmp_path, field):
 
 def test_label_outside_declared_names_and_empty_class(compose, tmp_path):
     d = data_dir(tmp_path, good_rows() + [{"text": "so so", "label": "meh"}])
-    with pytest.raises(ValueError, match=r"row 6: label 'meh' outside the declared labels \['negative', 'positive'\] \(ids 0..1\)"):
+    with pytest.raises(
+        ValueError, match=r"row 6: label 'meh' outside the declared labels \['negative', 'positive'\] \(ids 0..1\)"
+    ):
         run_release_with(compose, tmp_path, f"dataset.path={d}")
     d = data_dir(tmp_path, [{"text": "fine", "label": 2}])
     with pytest.raises(ValueError, match=r"label 2 outside the declared labels"):
@@ -224,10 +260,16 @@ def test_non_utf8_bytes(compose, tmp_path):
     assert not (tmp_path / "sel" / "selected.jsonl").exists()
 
 
-@pytest.mark.parametrize("words,message", [
-    ("['',' great']", "verbalizer '' tokenizes to nothing; choose a non-empty word"),
-    ("[' great film',' great']", "verbalizers [' great film', ' great'] share their first token; each class needs a distinct first token"),
-])
+@pytest.mark.parametrize(
+    "words,message",
+    [
+        ("['',' great']", "verbalizer '' tokenizes to nothing; choose a non-empty word"),
+        (
+            "[' great film',' great']",
+            "verbalizers [' great film', ' great'] share their first token; each class needs a distinct first token",
+        ),
+    ],
+)
 def test_bad_verbalizers(compose, tmp_path, words, message):
     from gmtext.stages.generate import run_generate
 
@@ -241,7 +283,10 @@ def test_sequence_longer_than_model_context(compose, tmp_path):
     from gmtext.stages.finetune import run_finetune
     from gmtext.stages.generate import run_generate
 
-    with pytest.raises(ValueError, match=r"dataset.length=300: must be >= 1 and fit the model context \(256 tokens\) with the \d+ template tokens around it; at most 2\d\d"):
+    with pytest.raises(
+        ValueError,
+        match=r"dataset.length=300: must be >= 1 and fit the model context \(256 tokens\) with the \d+ template tokens around it; at most 2\d\d",
+    ):
         run_generate(compose(GEN + ["dataset.length=300"]), tmp_path / "g")
     with pytest.raises(ValueError, match=r"dataset.length=0: must be >= 1"):
         run_generate(compose(GEN + ["dataset.length=0"]), tmp_path / "g")
@@ -250,7 +295,9 @@ def test_sequence_longer_than_model_context(compose, tmp_path):
         run_release_with(compose, tmp_path, "dataset.max_text_tokens=1000")
     no_outputs(tmp_path / "run")
     with pytest.raises(ValueError, match=r"finetuner.max_text_tokens=999: .* model context \(256 tokens\)"):
-        run_finetune(compose(TINY + ["train=none", "finetuner.max_text_tokens=999"], config_name="finetune"), tmp_path / "ft")
+        run_finetune(
+            compose(TINY + ["train=none", "finetuner.max_text_tokens=999"], config_name="finetune"), tmp_path / "ft"
+        )
     assert not (tmp_path / "ft" / "metrics.json").exists()
 
 
@@ -264,13 +311,16 @@ def test_topk_out_of_range(compose, tmp_path):
     no_outputs(tmp_path / "run")  # refused before the release is made: no pass over real data
 
 
-@pytest.mark.parametrize("override,message", [
-    ("privacy.epsilon=0", "privacy.epsilon=0.0: must be a finite number > 0"),
-    ("privacy.epsilon=-1", "privacy.epsilon=-1.0: must be a finite number > 0"),
-    ("privacy.delta=0", "privacy.delta=0.0: must be in (0, 1)"),
-    ("privacy.delta=1", "privacy.delta=1.0: must be in (0, 1)"),
-    ("privacy.clip_norm=0", "privacy.clip_norm=0.0: must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("privacy.epsilon=0", "privacy.epsilon=0.0: must be a finite number > 0"),
+        ("privacy.epsilon=-1", "privacy.epsilon=-1.0: must be a finite number > 0"),
+        ("privacy.delta=0", "privacy.delta=0.0: must be in (0, 1)"),
+        ("privacy.delta=1", "privacy.delta=1.0: must be in (0, 1)"),
+        ("privacy.clip_norm=0", "privacy.clip_norm=0.0: must be a finite number > 0"),
+    ],
+)
 def test_dp_parameters_out_of_range(compose, tmp_path, override, message):
     with pytest.raises(ValueError) as e:
         run_release_with(compose, tmp_path, "privacy=dp", override)
@@ -279,7 +329,9 @@ def test_dp_parameters_out_of_range(compose, tmp_path, override, message):
 
 
 def test_dp_parameter_cli(tmp_path):
-    line = one_line_error(cli("release", *TINY, "privacy=dp", "privacy.delta=1.5", f"hydra.run.dir={tmp_path / 'run'}"), "release")
+    line = one_line_error(
+        cli("release", *TINY, "privacy=dp", "privacy.delta=1.5", f"hydra.run.dir={tmp_path / 'run'}"), "release"
+    )
     assert line == "gmtext-release: error: privacy.delta=1.5: must be in (0, 1)"
     no_outputs(tmp_path / "run")
 
@@ -290,19 +342,33 @@ def test_release_from_other_model_or_dataset_is_refused(compose, tmp_path):
     run_release_with(compose, tmp_path)
     rel = tmp_path / "run" / "release"
     for other in ("model.tiny_layers=3", "dataset.name=other_demo", "matched_params=[final_norm]"):
-        with pytest.raises(ValueError, match=r"release fingerprint \w+ does not match this config \(\w+\): it was made for another model, dataset"):
+        with pytest.raises(
+            ValueError,
+            match=r"release fingerprint \w+ does not match this config \(\w+\): it was made for another model, dataset",
+        ):
             run_generate(compose(GEN + [f"release={rel}", other]), tmp_path / "g")
         assert not (tmp_path / "g" / "synthetic.jsonl").exists()
-    assert run_generate(compose(GEN + [f"release={rel}"]), tmp_path / "ok")["examples"] == 8  # the same config reuses it
+    assert (
+        run_generate(compose(GEN + [f"release={rel}"]), tmp_path / "ok")["examples"] == 8
+    )  # the same config reuses it
 
 
 def test_finetune_wrong_synthetic_schema_cli(tmp_path):
     bad = tmp_path / "synthetic.jsonl"
-    bad.write_text(json.dumps({"text": "a fine film", "label": 1}) + "\n" + json.dumps({"sentence": "no text field", "label": 0}) + "\n")
+    bad.write_text(
+        json.dumps({"text": "a fine film", "label": 1})
+        + "\n"
+        + json.dumps({"sentence": "no text field", "label": 0})
+        + "\n"
+    )
     run = tmp_path / "run"
-    line = one_line_error(cli("finetune", *TINY, "train=synthetic", f"train.path={bad}", f"hydra.run.dir={run}"), "finetune")
-    assert line == (f"gmtext-finetune: error: {bad}:2: missing field(s) ['text'] (a synthetic set needs ['text', 'label']; "
-                    f"row has: ['label', 'sentence'])")
+    line = one_line_error(
+        cli("finetune", *TINY, "train=synthetic", f"train.path={bad}", f"hydra.run.dir={run}"), "finetune"
+    )
+    assert line == (
+        f"gmtext-finetune: error: {bad}:2: missing field(s) ['text'] (a synthetic set needs ['text', 'label']; "
+        f"row has: ['label', 'sentence'])"
+    )
     no_outputs(run)
 
 
@@ -310,7 +376,10 @@ def test_output_dir_not_writable_cli(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     line = one_line_error(cli("select", f"hydra.run.dir={blocker / 'run'}"), "select")
-    assert line == f"gmtext-select: error: cannot write {blocker / 'run'}: Not a directory; choose a writable hydra.run.dir with free space"
+    assert (
+        line
+        == f"gmtext-select: error: cannot write {blocker / 'run'}: Not a directory; choose a writable hydra.run.dir with free space"
+    )
 
 
 def test_output_dir_read_only(compose, tmp_path, monkeypatch):
@@ -335,7 +404,10 @@ def test_output_dir_read_only(compose, tmp_path, monkeypatch):
             run_select(compose(["logger=none", f"pool={pool}"], config_name="select"), run)
     finally:
         run.chmod(0o700)
-    assert error_line(e.value) == f"cannot write {run / '.select.lock'}: Permission denied; choose a writable hydra.run.dir with free space"
+    assert (
+        error_line(e.value)
+        == f"cannot write {run / '.select.lock'}: Permission denied; choose a writable hydra.run.dir with free space"
+    )
     assert not list(run.iterdir())
 
 
@@ -352,12 +424,17 @@ def test_disk_full_keeps_previous_complete_file(compose, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     # the same config (another one is refused before any write) on a pool whose scores changed
-    write_jsonl(pool, [{"text": f"t{i}", "label": i % 2, "match_loss": 1 - i / 10, "perplexity": 2.0} for i in range(10)])
+    write_jsonl(
+        pool, [{"text": f"t{i}", "label": i % 2, "match_loss": 1 - i / 10, "perplexity": 2.0} for i in range(10)]
+    )
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as e:
         run_select(compose(["logger=none", "selector=best", f"pool={pool}"], config_name="select"), run)
     assert e.value.errno == errno.ENOSPC
-    assert error_line(e.value) == f"cannot write {run / 'selected.jsonl'}: No space left on device; choose a writable hydra.run.dir with free space"
+    assert (
+        error_line(e.value)
+        == f"cannot write {run / 'selected.jsonl'}: No space left on device; choose a writable hydra.run.dir with free space"
+    )
     assert (run / "selected.jsonl").read_bytes() == before  # the previous complete file survives
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp") or p.name.endswith(".lock")]
 
@@ -383,7 +460,10 @@ def test_kill9_generate_resumes_to_the_uninterrupted_result_and_a_second_writer_
         b = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     finally:
         os.kill(a.pid, signal.SIGCONT)
-    assert one_line_error(b, "generate") == f"gmtext-generate: error: {run} is in use by process {a.pid} (generate); wait for it or use another hydra.run.dir"
+    assert (
+        one_line_error(b, "generate")
+        == f"gmtext-generate: error: {run} is in use by process {a.pid} (generate); wait for it or use another hydra.run.dir"
+    )
     wait_for(lambda: (run / "batches" / "batch_00000.jsonl").exists(), a, what="a finished batch")
     kill9(a)
     done = sorted(p.name for p in (run / "batches").glob("batch_*.jsonl"))
@@ -396,10 +476,12 @@ def test_kill9_generate_resumes_to_the_uninterrupted_result_and_a_second_writer_
     assert summary["batches_generated_now"] == 10 - len(done) and summary["examples"] == 20
 
     ref = tmp_path / "uninterrupted"
-    over = [o for o in cmd[len(console("generate")):] if not o.startswith("hydra.")]
+    over = [o for o in cmd[len(console("generate")) :] if not o.startswith("hydra.")]
     run_generate(compose(over), ref)
     assert (run / "synthetic.jsonl").read_text() == (ref / "synthetic.jsonl").read_text()
-    assert sorted(p.name for p in (run / "batches").iterdir() if not p.name.startswith(".")) == [f"batch_{b:05d}.jsonl" for b in range(10)]
+    assert sorted(p.name for p in (run / "batches").iterdir() if not p.name.startswith(".")) == [
+        f"batch_{b:05d}.jsonl" for b in range(10)
+    ]
     # the log reads like one run: each (batch, outer step) once, the same values as uninterrupted
     steps = lambda d: [strip_timing(x) for x in read_jsonl(d / "metrics.jsonl") if x["kind"] == "step"]
     assert steps(run) == steps(ref) and len(steps(run)) == 10 * 3
@@ -409,8 +491,19 @@ def test_kill9_select_rerun_gives_the_uninterrupted_result(compose, tmp_path):
     from gmtext.stages.select import run_select
 
     pool = tmp_path / "pool" / "synthetic.jsonl"
-    write_jsonl(pool, [{"text": f"synthetic text {i} " + "word " * (i % 40), "label": i % 2, "match_loss": ((i * 7919) % 1000) / 1000,
-                        "perplexity": 1.0 + i % 97, "batch": i // 10} for i in range(20_000)])
+    write_jsonl(
+        pool,
+        [
+            {
+                "text": f"synthetic text {i} " + "word " * (i % 40),
+                "label": i % 2,
+                "match_loss": ((i * 7919) % 1000) / 1000,
+                "perplexity": 1.0 + i % 97,
+                "batch": i // 10,
+            }
+            for i in range(20_000)
+        ],
+    )
     run = tmp_path / "killed"
     cmd = console("select") + ["logger=none", "selector=best", f"pool={pool.parent}", f"hydra.run.dir={run}"]
     p = start(cmd, tmp_path / "p.log", slow_fsync=3)  # a slow disk: the kill lands mid-write
@@ -425,8 +518,15 @@ def test_kill9_select_rerun_gives_the_uninterrupted_result(compose, tmp_path):
     assert len(read_jsonl(run / "selected.jsonl")) == 20_000
 
 
-FT = TINY + ["train=real", "train.size=20", "finetuner.max_steps=60", "finetuner.batch_size=4", "finetuner.lr=1e-3",
-             "finetune.dev_size=0", "finetune.eval_limit=8"]
+FT = TINY + [
+    "train=real",
+    "train.size=20",
+    "finetuner.max_steps=60",
+    "finetuner.batch_size=4",
+    "finetuner.lr=1e-3",
+    "finetune.dev_size=0",
+    "finetune.eval_limit=8",
+]
 
 
 def test_kill9_finetune_restarts_cleanly(compose, tmp_path):
@@ -501,7 +601,9 @@ def test_retry_restarts_the_x_step_from_its_saved_state(compose, tmp_path, monke
     from gmtext.stages.generate import run_generate
 
     xs = {}
-    _poison(monkeypatch, lambda s: s["call"] == 1 and s["x_steps"] in (4, 6), lambda s, x: xs.setdefault(s["x_steps"], x))
+    _poison(
+        monkeypatch, lambda s: s["call"] == 1 and s["x_steps"] in (4, 6), lambda s, x: xs.setdefault(s["x_steps"], x)
+    )
     s = run_generate(compose(GEN), tmp_path)
     assert s["x_step_retries"] == 2 and s["failed_batches"] == []
     assert torch.equal(xs[3], xs[7]) and torch.equal(xs[3], xs[5])  # each attempt starts from the saved x
@@ -535,10 +637,15 @@ def test_a_poisoned_release_fails_every_batch_with_one_message(compose, tmp_path
     t = torch.load(rel / "targets.pt", weights_only=True)
     t["targets"][0][0][0] = float("nan")
     torch.save(t, rel / "targets.pt")
-    with pytest.raises(ValueError, match=r"every batch failed \(2, see .*failed.json\): non-finite matching loss or gradient"):
+    with pytest.raises(
+        ValueError, match=r"every batch failed \(2, see .*failed.json\): non-finite matching loss or gradient"
+    ):
         run_generate(compose(GEN + [f"release={rel}"]), tmp_path / "g")
     assert not (tmp_path / "g" / "synthetic.jsonl").exists()
-    assert sorted(p.name for p in (tmp_path / "g" / "batches").iterdir()) == ["batch_00000.failed.json", "batch_00001.failed.json"]
+    assert sorted(p.name for p in (tmp_path / "g" / "batches").iterdir()) == [
+        "batch_00000.failed.json",
+        "batch_00001.failed.json",
+    ]
 
 
 def test_same_seed_same_text_other_seed_other_text(compose, tmp_path):
@@ -548,7 +655,9 @@ def test_same_seed_same_text_other_seed_other_text(compose, tmp_path):
         run_generate(compose(GEN + [f"seed={seed}"]), tmp_path / name)
     text = {n: (tmp_path / n / "synthetic.jsonl").read_text() for n in "abc"}
     assert text["a"] == text["b"]
-    assert [r["text"] for r in read_jsonl(tmp_path / "a" / "synthetic.jsonl")] != [r["text"] for r in read_jsonl(tmp_path / "c" / "synthetic.jsonl")]
+    assert [r["text"] for r in read_jsonl(tmp_path / "a" / "synthetic.jsonl")] != [
+        r["text"] for r in read_jsonl(tmp_path / "c" / "synthetic.jsonl")
+    ]
 
 
 def test_tracker_drops_what_a_killed_attempt_logged_for_unfinished_work(tmp_path):
@@ -579,7 +688,9 @@ def test_tracker_drops_what_a_killed_attempt_logged_for_unfinished_work(tmp_path
 def test_stale_lock_file_does_not_block_but_a_held_lock_does(tmp_path):
     from gmtext.artifacts import RunDirLocked
 
-    (tmp_path / ".generate.lock").write_text(str(os.getppid()))  # left by a killed run; its pid now names a live process
+    (tmp_path / ".generate.lock").write_text(
+        str(os.getppid())
+    )  # left by a killed run; its pid now names a live process
     with run_lock(tmp_path, "generate"):
         assert (tmp_path / ".generate.lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".generate.lock").exists()

@@ -1,5 +1,6 @@
 """gradients.last_token_logits, the one place where logits are taken at each row's last real
 token (release, matching, DP clipping, fine-tuning and evaluation all go through it)."""
+
 import pytest
 import torch
 
@@ -41,11 +42,23 @@ def test_last_token_logits_equal_row_by_row_reference(tiny, padding, verbalizer)
         fast = last_token_logits(lm.model, ids, mask, last, vocab)
     assert fast.dtype == full.dtype == torch.float32
     assert fast.shape == ref.shape == (len(TEXTS), len(vocab) if verbalizer else lm.model.config.vocab_size)
-    torch.testing.assert_close(full, ref, rtol=0, atol=1e-5)  # batched vs one row: matmul blocking may differ in the last bit
+    torch.testing.assert_close(
+        full, ref, rtol=0, atol=1e-5
+    )  # batched vs one row: matmul blocking may differ in the last bit
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5)  # the head on the B last states only
     if padding == "right":  # causal: right padding cannot reach the last real token, so a row alone gives the same
-        alone = torch.cat([last_token_logits(lm.model, ids[b : b + 1, : int(last[b]) + 1], mask[b : b + 1, : int(last[b]) + 1],
-                                             last[b : b + 1], vocab) for b in range(len(TEXTS))])
+        alone = torch.cat(
+            [
+                last_token_logits(
+                    lm.model,
+                    ids[b : b + 1, : int(last[b]) + 1],
+                    mask[b : b + 1, : int(last[b]) + 1],
+                    last[b : b + 1],
+                    vocab,
+                )
+                for b in range(len(TEXTS))
+            ]
+        )
         torch.testing.assert_close(fast, alone, rtol=0, atol=1e-5)
 
 
@@ -56,7 +69,9 @@ def test_losses_are_cross_entropy_of_last_token_logits(tiny):
     vocab = torch.tensor(task.label_token_ids)
     with torch.no_grad():
         for fn, full in ((last_token_loss, True), (last_token_loss_fast, False)):
-            ce = torch.nn.functional.cross_entropy(last_token_logits(lm.model, ids, mask, last, vocab, full), y, reduction="none")
+            ce = torch.nn.functional.cross_entropy(
+                last_token_logits(lm.model, ids, mask, last, vocab, full), y, reduction="none"
+            )
             assert torch.equal(fn(lm.model, ids, mask, last, y, vocab), ce)
 
 

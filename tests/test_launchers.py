@@ -1,4 +1,5 @@
 """Hydra launcher presets compose; a real 2-job sweep through submitit_local (slow)."""
+
 import json
 import os
 import subprocess
@@ -6,8 +7,19 @@ import sys
 
 import pytest
 
-FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=1", "matcher.init_candidates=2",
-        "projector.topk=20", "num_per_class=2", "batch_size=2", "real_per_class=4", "dataset.length=6", "progress=false", "threads=1"]
+FAST = [
+    "debug=tiny",
+    "matcher.outer_steps=1",
+    "matcher.inner_steps=1",
+    "matcher.init_candidates=2",
+    "projector.topk=20",
+    "num_per_class=2",
+    "batch_size=2",
+    "real_per_class=4",
+    "dataset.length=6",
+    "progress=false",
+    "threads=1",
+]
 ENTRY = "from gmtext.cli import generate_main; generate_main()"
 
 
@@ -25,11 +37,20 @@ def test_slurm_preset_composes():
     cfg = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
     ln = cfg.hydra.launcher
     assert ln._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (ln.partition, ln.gpus_per_node, ln.timeout_min, ln.array_parallelism, ln.cpus_per_task, ln.mem_gb) == ("gpu", 1, 240, 16, 8, 32)
+    assert (ln.partition, ln.gpus_per_node, ln.timeout_min, ln.array_parallelism, ln.cpus_per_task, ln.mem_gb) == (
+        "gpu",
+        1,
+        240,
+        16,
+        8,
+        32,
+    )
     assert ln.max_num_timeout == 3 and ln.submitit_folder.endswith("/.submitit/%j")
     assert list(ln.setup) == ["export GMTEXT_DEVICE=auto"]  # the jobs' model.device: the node's GPU
     cpu = _hydra_cfg(["hydra/launcher=slurm_cpu"]).hydra.launcher
-    assert cpu.gpus_per_node is None and cpu.cpus_per_task == 4 and cpu.array_parallelism == 16 and list(cpu.setup) == []
+    assert (
+        cpu.gpus_per_node is None and cpu.cpus_per_task == 4 and cpu.array_parallelism == 16 and list(cpu.setup) == []
+    )
     jl = _hydra_cfg(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]).hydra.launcher  # built-in plugin preset
     assert jl._target_.endswith("JoblibLauncher") and jl.n_jobs == 2
 
@@ -52,8 +73,12 @@ def test_gmtext_device_sets_the_model_device_default(monkeypatch):
 
 
 def test_cli_cfg_hydra_shows_slurm_launcher():
-    r = subprocess.run([sys.executable, "-c", ENTRY, "hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", ENTRY, "hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "SlurmLauncher" in r.stdout and "array_parallelism: 16" in r.stdout
 
@@ -63,12 +88,33 @@ def test_submitit_local_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     # offline W&B in the jobs: each job its own run, grouped by the sweep dir's name
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-    env.update(TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true", WANDB_DIR=str(tmp_path / "wb"), WANDB_CACHE_DIR=str(tmp_path / "wbc"),
-               WANDB_CONFIG_DIR=str(tmp_path / "wbcfg"), WANDB_DATA_DIR=str(tmp_path / "wbd"))
+    env.update(
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(tmp_path / "wb"),
+        WANDB_CACHE_DIR=str(tmp_path / "wbc"),
+        WANDB_CONFIG_DIR=str(tmp_path / "wbcfg"),
+        WANDB_DATA_DIR=str(tmp_path / "wbd"),
+    )
     fast = [o for o in FAST if o != "logger=none"] + ["logger=wandb", "logger.mode=offline"]
-    r = subprocess.run([sys.executable, "-c", ENTRY, "-m", "hydra/launcher=submitit_local", "seed=0,1", *fast,
-                        f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1"],
-                       capture_output=True, text=True, timeout=580, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ENTRY,
+            "-m",
+            "hydra/launcher=submitit_local",
+            "seed=0,1",
+            *fast,
+            f"hydra.sweep.dir={sweep}",
+            "hydra.launcher.timeout_min=10",
+            "hydra.launcher.cpus_per_task=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=580,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     texts = {}
     for job in ("0", "1"):
@@ -84,7 +130,10 @@ def test_submitit_local_sweep(tmp_path):
         (wb,) = (sweep / job).glob("wandb/offline-run-*/run-*.wandb")
         run, _, summary, config = wandb_contents(wb)
         assert run.run_group == "sweep" and run.job_type == "generate" and config["seed"] == int(job)
-        assert run.display_name == f"generate-seed{job}-job{job}" and (sweep / job / ".wandb_id.generate").read_text() == run.run_id
+        assert (
+            run.display_name == f"generate-seed{job}-job{job}"
+            and (sweep / job / ".wandb_id.generate").read_text() == run.run_id
+        )
         assert summary["examples"] == 4
         run_ids.add(run.run_id)
     assert len(run_ids) == 2

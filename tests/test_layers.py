@@ -1,6 +1,7 @@
 """The import rule of docs/architecture.md: imports point down, and stages never import each other
 (except the compositions pipeline.py and audit.py). Checked on the source with `ast`, function-local
 imports included."""
+
 import ast
 from pathlib import Path
 
@@ -11,9 +12,20 @@ LAYERS = {
     "cli": 5,
     "stages": 4,
     "runtime": 3,
-    "matching": 2, "finetune": 2, "privacy": 2, "evolution": 2,
-    "data": 1, "models": 1, "gradients": 1, "sketch": 1, "config": 1, "artifacts": 1, "tracking": 1, "errors": 1,
-    "conf": 1, "__init__": 1,
+    "matching": 2,
+    "finetune": 2,
+    "privacy": 2,
+    "evolution": 2,
+    "data": 1,
+    "models": 1,
+    "gradients": 1,
+    "sketch": 1,
+    "config": 1,
+    "artifacts": 1,
+    "tracking": 1,
+    "errors": 1,
+    "conf": 1,
+    "__init__": 1,
 }
 # the privacy ledger is a record format the data layer reads (a synthetic set's ledger)
 MODULE_LAYERS = {"privacy.ledger": 1}
@@ -43,12 +55,12 @@ def _imports(path: Path) -> list[str]:
                 target = [*base, *(node.module.split(".") if node.module else [])]
                 names = [".".join([*target, a.name]) for a in node.names] if not node.module else [".".join(target)]
             elif node.module and node.module.split(".")[0] == "gmtext":
-                names = [node.module[len("gmtext."):]] if node.module != "gmtext" else [a.name for a in node.names]
+                names = [node.module[len("gmtext.") :]] if node.module != "gmtext" else [a.name for a in node.names]
             else:
                 continue
             out += [n for n in names if n]
         elif isinstance(node, ast.Import):
-            out += [a.name[len("gmtext."):] for a in node.names if a.name.startswith("gmtext.")]
+            out += [a.name[len("gmtext.") :] for a in node.names if a.name.startswith("gmtext.")]
     return out
 
 
@@ -62,8 +74,13 @@ def _violations() -> list[str]:
             if _layer(imp) > _layer(me):
                 bad.append(f"{me} (layer {_layer(me)}) imports {imp} (layer {_layer(imp)})")
             parts = me.split(".")
-            if (parts[0] == "stages" and len(parts) > 1 and parts[1] not in COMPOSITIONS and imp.startswith("stages.")
-                    and imp.split(".")[1] != parts[1]):
+            if (
+                parts[0] == "stages"
+                and len(parts) > 1
+                and parts[1] not in COMPOSITIONS
+                and imp.startswith("stages.")
+                and imp.split(".")[1] != parts[1]
+            ):
                 bad.append(f"stage {me} imports stage {imp}")
     return bad
 
@@ -78,8 +95,12 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
 
     fake = tmp_path / "gmtext"
     shutil.copytree(PKG, fake, ignore=shutil.ignore_patterns("__pycache__", "conf", "*.jsonl", "*.json"))
-    (fake / "stages" / "select.py").write_text((fake / "stages" / "select.py").read_text() + "\nfrom .generate import run_generate\n")
-    (fake / "data" / "synthetic.py").write_text((fake / "data" / "synthetic.py").read_text() + "\nfrom ..stages import merge\n")
+    (fake / "stages" / "select.py").write_text(
+        (fake / "stages" / "select.py").read_text() + "\nfrom .generate import run_generate\n"
+    )
+    (fake / "data" / "synthetic.py").write_text(
+        (fake / "data" / "synthetic.py").read_text() + "\nfrom ..stages import merge\n"
+    )
     monkeypatch.setattr(__import__(__name__), "PKG", fake)
     bad = _violations()
     assert "stage stages.select imports stage stages.generate" in bad

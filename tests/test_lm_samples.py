@@ -1,4 +1,5 @@
 """matcher=none, the no-matching twin: GRADMM's own LM starts, written unmatched."""
+
 import torch
 
 from gmtext.matching.admm import ADMMMatcher

@@ -1,4 +1,5 @@
 """Gradients, objective, vocabulary, projection and ADMM on a tiny random Llama."""
+
 import math
 
 import pytest
@@ -10,16 +11,26 @@ from gmtext.matching.objective import MatchingObjective
 from gmtext.matching.projectors import LMTopKProjector, NearestProjector, ProjectionContext, lm_topk_reference
 from gmtext.matching.vocab import allowed_token_ids
 
-TEXTS = [["a dull and boring film", "awful acting, a mess", "meh", "I want my money back"],
-         ["a great film!", "I loved every minute of it", "wonderful cast", "smart and funny"]]
+TEXTS = [
+    ["a dull and boring film", "awful acting, a mess", "meh", "I want my money back"],
+    ["a great film!", "I loved every minute of it", "wonderful cast", "smart and funny"],
+]
 
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-20)).item()
 
 
-@pytest.mark.parametrize("specs,match_loss", [(["lm_head"], "full_vocab"), (["final_norm", "last_blocks:1"], "full_vocab"),
-                                              (["re:layers\\.0\\.mlp"], "full_vocab"), (["lm_head"], "verbalizer"), (["final_norm"], "verbalizer")])
+@pytest.mark.parametrize(
+    "specs,match_loss",
+    [
+        (["lm_head"], "full_vocab"),
+        (["final_norm", "last_blocks:1"], "full_vocab"),
+        (["re:layers\\.0\\.mlp"], "full_vocab"),
+        (["lm_head"], "verbalizer"),
+        (["final_norm"], "verbalizer"),
+    ],
+)
 def test_batched_targets_equal_loop(tiny, specs, match_loss):
     lm, task = tiny
     mp = MatchedParams(lm.model, specs)
@@ -64,15 +75,32 @@ def test_bad_param_spec(tiny):
 def _objective(lm, task, closed_form, distance="cos", specs=("lm_head",), match_loss="full_vocab"):
     mp = MatchedParams(lm.model, list(specs))
     tg = class_target_gradients(lm.model, task, mp, TEXTS, match_loss=match_loss).grads
-    return MatchingObjective(lm.model, mp, tg, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=distance, closed_form=closed_form, match_loss=match_loss)
+    return MatchingObjective(
+        lm.model,
+        mp,
+        tg,
+        task.label_token_ids,
+        task.prefix_ids,
+        task.suffix_ids,
+        distance=distance,
+        closed_form=closed_form,
+        match_loss=match_loss,
+    )
 
 
-@pytest.mark.parametrize("distance,match_loss", [("cos", "full_vocab"), ("l2", "full_vocab"), ("cos", "verbalizer"), ("l2", "verbalizer")])
+@pytest.mark.parametrize(
+    "distance,match_loss", [("cos", "full_vocab"), ("l2", "full_vocab"), ("cos", "verbalizer"), ("l2", "verbalizer")]
+)
 def test_closed_form_equals_double_backward(tiny, distance, match_loss):
     lm, task = tiny
-    fast, slow = _objective(lm, task, True, distance, match_loss=match_loss), _objective(lm, task, False, distance, match_loss=match_loss)
+    fast, slow = (
+        _objective(lm, task, True, distance, match_loss=match_loss),
+        _objective(lm, task, False, distance, match_loss=match_loss),
+    )
     assert fast.closed_form and not slow.closed_form
-    x = torch.randn(2, 3, 5, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x = torch.randn(
+        2, 3, 5, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True
+    )
     d1, _, s1 = fast.losses(x, per_sequence=True)
     d2, _, s2 = slow.losses(x, per_sequence=True)
     assert torch.allclose(d1, d2, atol=1e-5) and torch.allclose(s1, s2, atol=1e-5)
@@ -87,7 +115,9 @@ def test_sequence_objective_is_mean_of_per_sequence_distances(tiny, specs):
     and its x-gradient equals the sum of per-row gradients computed one row at a time."""
     lm, task = tiny
     obj = _objective(lm, task, True, specs=specs, match_loss="verbalizer")
-    x = torch.randn(2, 3, 5, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    x = torch.randn(
+        2, 3, 5, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True
+    )
     d_seq_obj, _, s = obj.losses(x, objective="sequence")
     _, _, s_ref = obj.losses(x.detach(), per_sequence=True, create_graph=False)
     assert torch.allclose(d_seq_obj, s_ref.mean(1), atol=1e-6) and torch.allclose(s, s_ref, atol=1e-6)
@@ -123,7 +153,9 @@ def _ctx(lm, task):
     return ProjectionContext(lm.model, emb, allowed_token_ids(lm.tokenizer, emb.shape[0]), task.prefix_ids)
 
 
-@pytest.mark.parametrize("topk,sim_weight,lm_candidates", [(1, 0.0, 0), (7, 0.0, 0), (50, 0.0, 0), (50, 3.0, 0), (7, 0.0, 5), (50, 3.0, 10)])
+@pytest.mark.parametrize(
+    "topk,sim_weight,lm_candidates", [(1, 0.0, 0), (7, 0.0, 0), (50, 0.0, 0), (50, 3.0, 0), (7, 0.0, 5), (50, 3.0, 10)]
+)
 def test_cached_projection_equals_reference(tiny, topk, sim_weight, lm_candidates):
     lm, task = tiny
     ctx = _ctx(lm, task)
@@ -147,9 +179,11 @@ def test_all_lm_candidates_without_closeness_is_greedy_decoding(tiny):
     for _ in range(6):
         logits = lm.model(input_ids=torch.tensor([seq])).logits[0, -1]
         seq.append(int(ctx.allowed_ids[logits[ctx.allowed_ids].argmax()]))
-    assert a[0].tolist() == seq[len(ctx.prefix_ids):]
+    assert a[0].tolist() == seq[len(ctx.prefix_ids) :]
     with pytest.raises(ValueError, match="lm_candidates"):
-        LMTopKProjector(topk=3, lm_candidates=len(ctx.allowed_ids) + 1)(torch.zeros(1, 2, lm.model.config.hidden_size), ctx)
+        LMTopKProjector(topk=3, lm_candidates=len(ctx.allowed_ids) + 1)(
+            torch.zeros(1, 2, lm.model.config.hidden_size), ctx
+        )
 
 
 def test_similarity_weight_keeps_exact_tokens(tiny):
@@ -242,7 +276,9 @@ def test_embedding_only_ablation_runs(tiny):
     assert res.tokens.shape == (2, 2, 5) and torch.isfinite(res.perplexity).all()
     assert [h["outer_step"] for h in res.history] == [0, 1]
     first = res.history[0]
-    assert first["admm_penalty"] == 0.0 and "perplexity" not in first and first["discrete_loss"] != first["discrete_loss"]  # NaN: no z
+    assert (
+        first["admm_penalty"] == 0.0 and "perplexity" not in first and first["discrete_loss"] != first["discrete_loss"]
+    )  # NaN: no z
     assert len(seen) == 1  # one projection, at the end
     x_final = seen[0].view(2, 2, 5, -1)
     assert not torch.allclose(x_final, obj.tokens_to_x(tok0).float())  # x moved away from the start
@@ -259,9 +295,11 @@ def test_lm_context_only_changes_what_the_lm_conditions_on(tiny):
     lm, task = tiny
     ctx = task.lm_context_ids("Movie review:")
     words = lm.tokenizer("Movie review:", add_special_tokens=False).input_ids
-    assert task.start_ids and ctx == task.start_ids + words + task.prefix_ids[len(task.start_ids):]
+    assert task.start_ids and ctx == task.start_ids + words + task.prefix_ids[len(task.start_ids) :]
     assert len(ctx) > len(task.prefix_ids) and task.lm_context_ids("") == task.prefix_ids
-    assert task.encode("x") == task.prefix_ids + task.encode_text("x") + task.suffix_ids  # classification input unchanged
+    assert (
+        task.encode("x") == task.prefix_ids + task.encode_text("x") + task.suffix_ids
+    )  # classification input unchanged
 
 
 def test_admm_logs_primal_and_dual_residuals(tiny):
@@ -276,8 +314,11 @@ def test_admm_logs_primal_and_dual_residuals(tiny):
     assert len(steps) == 3 and all(h["tokens_changed"] == 0 and h["primal_residual"] < 1e-6 for h in steps)
     assert math.isnan(steps[0]["dual_residual"]) and all(h["dual_residual"] < 1e-6 for h in steps[1:])
     moving = ADMMMatcher(outer_steps=3, inner_steps=4, init_candidates=1, init="random", lr=0.5, rho=2.0)
-    steps = [h for h in moving.run(obj, NearestProjector("l2"), ctx, 2, 2, 5, torch.Generator().manual_seed(0)).history
-             if "continuous_loss" in h]
+    steps = [
+        h
+        for h in moving.run(obj, NearestProjector("l2"), ctx, 2, 2, 5, torch.Generator().manual_seed(0)).history
+        if "continuous_loss" in h
+    ]
     assert steps[0]["primal_residual"] > 1e-3 and any(h["tokens_changed"] > 0 for h in steps[1:])
     assert all(0 <= h["tokens_changed"] <= 1 for h in steps)
     changed = [h for h in steps[1:] if h["tokens_changed"] > 0]

@@ -1,4 +1,5 @@
 """gmtext-merge: two shards of one release merge into the unsharded run's synthetic set."""
+
 import json
 import shutil
 import subprocess
@@ -8,8 +9,18 @@ import pytest
 
 from gmtext.stages.merge import MergeError, main, merge_shards
 
-FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=2", "matcher.init_candidates=2",
-        "projector.topk=20", "num_per_class=4", "batch_size=2", "real_per_class=4", "dataset.length=6", "progress=false"]
+FAST = [
+    "debug=tiny",
+    "matcher.outer_steps=1",
+    "matcher.inner_steps=2",
+    "matcher.init_candidates=2",
+    "projector.topk=20",
+    "num_per_class=4",
+    "batch_size=2",
+    "real_per_class=4",
+    "dataset.length=6",
+    "progress=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +56,9 @@ def test_merged_equals_unsharded(shards, tmp_path):
     assert m["release"]["path"] == str((single / "release").resolve()) and m["summary"]["examples"] == 8
     g = json.loads((tmp_path / "m" / "generate.json").read_text())
     assert g["summary"]["epsilon"] == float("inf") and g["config"]["shard"] == {"index": 0, "count": 1}
-    assert info["summary"]["mean_match_loss"] == pytest.approx(json.loads((single / "generate.json").read_text())["summary"]["mean_match_loss"])
+    assert info["summary"]["mean_match_loss"] == pytest.approx(
+        json.loads((single / "generate.json").read_text())["summary"]["mean_match_loss"]
+    )
 
 
 def test_merge_errors_one_line(shards, tmp_path, capsys):
@@ -78,8 +91,19 @@ def test_merge_errors_one_line(shards, tmp_path, capsys):
     assert main([str(tmp_path / "e"), str(s0)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gmtext-merge: error: batches [1] of 2 are missing")
-    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import merge_main; merge_main()", str(tmp_path / "f"), str(s0), str(s1)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from gmtext.cli import merge_main; merge_main()",
+            str(tmp_path / "f"),
+            str(s0),
+            str(s1),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "2 shards, 2 batches, 8 examples" in r.stdout
 
 
@@ -110,9 +134,18 @@ def test_dp_shards_with_their_own_releases_are_refused(tmp_path):
     dirs = []
     for i in (0, 1):
         with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
-            cfg = compose(config_name="generate", overrides=[o for o in FAST if not o.startswith("real_per_class")]
-                          + ["privacy=dp", "privacy.epsilon=4", "privacy.delta=1e-3",
-                                                                     "shard.count=2", f"shard.index={i}", "threads=1"])
+            cfg = compose(
+                config_name="generate",
+                overrides=[o for o in FAST if not o.startswith("real_per_class")]
+                + [
+                    "privacy=dp",
+                    "privacy.epsilon=4",
+                    "privacy.delta=1e-3",
+                    "shard.count=2",
+                    f"shard.index={i}",
+                    "threads=1",
+                ],
+            )
         run_generate(cfg, tmp_path / f"dp{i}")
         dirs.append(tmp_path / f"dp{i}")
     r0, r1 = (d / "release" for d in dirs)
@@ -122,7 +155,10 @@ def test_dp_shards_with_their_own_releases_are_refused(tmp_path):
         for e in p["ledger"]["entries"]:
             e.pop("release_id")
     assert p0 == p1
-    assert json.loads((r0 / "release.json").read_text())["fingerprint"] == json.loads((r1 / "release.json").read_text())["fingerprint"]
+    assert (
+        json.loads((r0 / "release.json").read_text())["fingerprint"]
+        == json.loads((r1 / "release.json").read_text())["fingerprint"]
+    )
     assert (r0 / "targets.pt").read_bytes() != (r1 / "targets.pt").read_bytes()  # independent noise
     # refused on the privacy record (its release_id hashes the targets) or on the targets themselves
     with pytest.raises(MergeError, match=r"used another release than .*\((privacy.json|release targets) differs: "):

@@ -1,4 +1,5 @@
 """The privacy noise source: unseeded, every entropy bit used, correctly distributed."""
+
 import numpy as np
 import pytest
 import scipy.stats as st
@@ -35,7 +36,9 @@ def test_entropy_differing_only_in_high_bits_gives_different_noise():
     base = np.arange(1, 9, dtype=np.uint64) * np.uint64(0x0123456789)
     for bit in (63, 48, 33, 12):
         flipped = base ^ (np.uint64(1) << np.uint64(bit))
-        assert not np.array_equal(noise.standard_normal(8, _bytes_from(base)), noise.standard_normal(8, _bytes_from(flipped)))
+        assert not np.array_equal(
+            noise.standard_normal(8, _bytes_from(base)), noise.standard_normal(8, _bytes_from(flipped))
+        )
 
 
 def test_extreme_words_stay_finite():

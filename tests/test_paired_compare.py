@@ -1,17 +1,23 @@
 """experiments/paired_compare.py: the slot-paired comparison the generation docs quote."""
+
 import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("paired_compare", Path(__file__).resolve().parents[1] / "experiments" / "paired_compare.py")
+spec = importlib.util.spec_from_file_location(
+    "paired_compare", Path(__file__).resolve().parents[1] / "experiments" / "paired_compare.py"
+)
 pc = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pc)
 
 
 def rows(losses, ppls, texts):
-    return [{"batch": 0, "label": i % 2, "match_loss": m, "perplexity": p, "text": t} for i, (m, p, t) in enumerate(zip(losses, ppls, texts))]
+    return [
+        {"batch": 0, "label": i % 2, "match_loss": m, "perplexity": p, "text": t}
+        for i, (m, p, t) in enumerate(zip(losses, ppls, texts))
+    ]
 
 
 def test_paired_differences_and_counts():

@@ -1,6 +1,7 @@
 """generator=pe (Private Evolution, gmtext/evolution/, docs/pe.md) on the tiny random Llama and the
 builtin demo set: the vote's sensitivity, where its noise comes from, the ledger, resume, the
 output format the later stages read, config and one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,17 @@ from gmtext.stages.pipeline import run_pipeline
 from gmtext.stages.select import BestMatchSelector
 
 NAMES = ["negative", "positive"]
-TINY = ["generator=pe", "debug=tiny", "embedder=lm", "threads=1", "progress=false", "generator.iterations=2",
-        "generator.population=6", "num_per_class=3", "dataset.length=6"]
+TINY = [
+    "generator=pe",
+    "debug=tiny",
+    "embedder=lm",
+    "threads=1",
+    "progress=false",
+    "generator.iterations=2",
+    "generator.population=6",
+    "num_per_class=3",
+    "dataset.length=6",
+]
 DP = ["privacy=dp", "privacy.adjacency=add_remove", "privacy.epsilon=2"]
 
 
@@ -55,7 +65,7 @@ def test_removing_or_replacing_one_record_stays_within_the_sensitivity():
     full = vote_histograms(records, pop)
     for c in range(2):
         for i in range(len(records[c])):
-            less = [torch.cat([r[:i], r[i + 1:]]) if k == c else r for k, r in enumerate(records)]
+            less = [torch.cat([r[:i], r[i + 1 :]]) if k == c else r for k, r in enumerate(records)]
             assert (full - vote_histograms(less, pop)).norm() == 1.0
             swapped = [r.clone() for r in records]
             swapped[c][i] = _unit(1, seed=50 + i)[0]
@@ -122,8 +132,16 @@ def test_variation_keeps_the_chosen_prefix_and_samples_allowed_tokens(tiny):
     mask = allowed_mask(allowed, lm.model.get_output_embeddings().weight.shape[0], "cpu")
     forced = allowed[torch.arange(4 * 5).view(4, 5) % len(allowed)]
     keep = torch.tensor([0, 2, 4, 5])
-    toks, ppl = sample_rows(lm.model, task.lm_context_ids("Movie review: a good one:"), forced, keep, 1.0, mask,
-                            torch.Generator().manual_seed(0), chunk=3)
+    toks, ppl = sample_rows(
+        lm.model,
+        task.lm_context_ids("Movie review: a good one:"),
+        forced,
+        keep,
+        1.0,
+        mask,
+        torch.Generator().manual_seed(0),
+        chunk=3,
+    )
     assert toks.shape == (4, 5) and ppl.shape == (4,) and bool((ppl > 0).all())
     for i, k in enumerate(keep.tolist()):
         assert toks[i, :k].tolist() == forced[i, :k].tolist()
@@ -174,7 +192,9 @@ def test_pe_pipeline_ledger_format_and_no_torch_noise(compose, tmp_path, monkeyp
     monkeypatch.setattr(noise, "standard_normal", lambda n, entropy=None: calls.append(n) or real(n, entropy))
     for name in ("randn", "normal", "randn_like"):  # the vote's noise never comes from torch's seedable RNG
         monkeypatch.setattr(torch, name, lambda *a, **k: pytest.fail("torch RNG used"), raising=False)
-    cfg = compose(TINY + DP + ["finetuner.max_steps=1", "finetune.eval_limit=4", "selector.per_class=2"], config_name="pipeline")
+    cfg = compose(
+        TINY + DP + ["finetuner.max_steps=1", "finetune.eval_limit=4", "selector.per_class=2"], config_name="pipeline"
+    )
     metrics = run_pipeline(cfg, tmp_path)
     assert not (tmp_path / "release").exists()
     assert calls == [2 * 6, 2 * 6]  # T = 2 votes, one normal per cell of both classes' histograms
@@ -193,7 +213,8 @@ def test_pe_pipeline_ledger_format_and_no_torch_noise(compose, tmp_path, monkeyp
     assert "wall_seconds" not in summary  # the run time of private work is not published
     assert metrics["epsilon"] == pytest.approx(summary["epsilon"]) and metrics["delta"] == 1e-5
     assert Ledger.from_dict(json.loads((tmp_path / "metrics.json").read_text())["privacy"]).epsilon() == pytest.approx(
-        summary["epsilon"])
+        summary["epsilon"]
+    )
     # the synthetic set: GRADMM's record format, read unchanged by select and finetune
     rows = read_synthetic_rows(tmp_path / "synthetic.jsonl", NAMES, required=BestMatchSelector.required)
     assert [r["label"] for r in rows] == [0, 0, 0, 1, 1, 1]
@@ -258,35 +279,46 @@ def test_config_composes_and_the_default_stays_gradmm(compose):
     with pytest.raises(ConfigCompositionException):
         compose(["generator=pe", "generator.population=many"])
     exp = compose(["experiment=rt_pe100", "seed=0"], config_name="pipeline")
-    assert (exp.generator.name, exp.num_per_class, exp.privacy.epsilon, exp.privacy.adjacency) == ("pe", 50, 1.0, "replace_one")
+    assert (exp.generator.name, exp.num_per_class, exp.privacy.epsilon, exp.privacy.adjacency) == (
+        "pe",
+        50,
+        1.0,
+        "replace_one",
+    )
     assert exp.real_per_class is None and exp.dataset.name == "rotten_tomatoes"
     assert compose(["experiment=rt_pe100_eps4"], config_name="pipeline").privacy.epsilon == 4.0
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"iterations": 0}, "generator.iterations=0"),
-    ({"population": -3}, "generator.population=-3"),
-    ({"threshold": -1.0}, "generator.threshold=-1.0"),
-    ({"threshold": math.inf}, "generator.threshold=inf"),
-    ({"prompt": "no slot"}, "generator.prompt='no slot'"),
-    ({"variation": {"keep_min": 0.8, "keep_max": 0.2}}, "generator.variation.keep_max=0.2"),
-    ({"variation": {"temperature": 0}}, "generator.variation.temperature=0"),
-    ({"variation": {"tempreature": 1.0}}, "tempreature"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"iterations": 0}, "generator.iterations=0"),
+        ({"population": -3}, "generator.population=-3"),
+        ({"threshold": -1.0}, "generator.threshold=-1.0"),
+        ({"threshold": math.inf}, "generator.threshold=inf"),
+        ({"prompt": "no slot"}, "generator.prompt='no slot'"),
+        ({"variation": {"keep_min": 0.8, "keep_max": 0.2}}, "generator.variation.keep_max=0.2"),
+        ({"variation": {"temperature": 0}}, "generator.variation.temperature=0"),
+        ({"variation": {"tempreature": 1.0}}, "tempreature"),
+    ],
+)
 def test_bad_pe_values_fail_with_one_line(kwargs, needle):
     with pytest.raises(ValueError) as e:
         PrivateEvolution(**kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value) and "accepted" in str(e.value)
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["num_per_class=7"], "num_per_class=7"),
-    (DP + ["privacy.sample_rate=0.5"], "privacy.sample_rate=0.5"),
-    (DP + ["real_per_class=5"], "real_per_class=5"),
-    (["shard.count=2"], "shard.count=2"),
-    (["embedder.batch_size=0"], "embedder.batch_size=0"),
-    (["privacy=dp", "privacy.epsilon=-1"], "privacy.epsilon=-1"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["num_per_class=7"], "num_per_class=7"),
+        (DP + ["privacy.sample_rate=0.5"], "privacy.sample_rate=0.5"),
+        (DP + ["real_per_class=5"], "real_per_class=5"),
+        (["shard.count=2"], "shard.count=2"),
+        (["embedder.batch_size=0"], "embedder.batch_size=0"),
+        (["privacy=dp", "privacy.epsilon=-1"], "privacy.epsilon=-1"),
+    ],
+)
 def test_bad_stage_settings_fail_with_one_line_before_the_model(compose, tmp_path, overrides, needle, monkeypatch):
     import gmtext.stages.generate as gen
 
@@ -320,12 +352,34 @@ def test_the_console_entry_points_run_pe(tmp_path):
     import sys
 
     args = TINY + DP + ["logger=none"]
-    gen = subprocess.run([sys.executable, "-c", "from gmtext.cli import generate_main; generate_main()", *args,
-                          f"hydra.run.dir={tmp_path / 'gen'}"], capture_output=True, text=True, timeout=300)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from gmtext.cli import generate_main; generate_main()",
+            *args,
+            f"hydra.run.dir={tmp_path / 'gen'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert "6 examples" in gen.stdout and "wall time withheld" in gen.stdout
-    pipe = subprocess.run([sys.executable, "-c", "from gmtext.cli import pipeline_main; pipeline_main()", *args,
-                           "selector.per_class=2", "finetuner.max_steps=1", "finetune.eval_limit=4",
-                           f"hydra.run.dir={tmp_path / 'pipe'}"], capture_output=True, text=True, timeout=300)
+    pipe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from gmtext.cli import pipeline_main; pipeline_main()",
+            *args,
+            "selector.per_class=2",
+            "finetuner.max_steps=1",
+            "finetune.eval_limit=4",
+            f"hydra.run.dir={tmp_path / 'pipe'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert pipe.returncode == 0, pipe.stderr[-2000:]
     assert (tmp_path / "pipe" / "metrics.json").exists() and not (tmp_path / "pipe" / "release").exists()

@@ -1,4 +1,5 @@
 """gmtext-pipeline on the tiny model: one run dir, every stage's artifact, resumable."""
+
 import json
 
 import pytest
@@ -6,10 +7,23 @@ import pytest
 from gmtext.artifacts import ConfigChanged
 from gmtext.stages.pipeline import run_pipeline
 
-TINY = ["debug=tiny", "progress=false", "matcher.outer_steps=1", "matcher.inner_steps=2",
-        "matcher.init_candidates=1", "projector.topk=10", "num_per_class=4", "batch_size=2", "real_per_class=4",
-        "dataset.length=5", "selector.per_class=3", "finetuner.max_steps=2", "finetuner.batch_size=4",
-        "finetune.eval_limit=8", "finetune.dev_size=0"]
+TINY = [
+    "debug=tiny",
+    "progress=false",
+    "matcher.outer_steps=1",
+    "matcher.inner_steps=2",
+    "matcher.init_candidates=1",
+    "projector.topk=10",
+    "num_per_class=4",
+    "batch_size=2",
+    "real_per_class=4",
+    "dataset.length=5",
+    "selector.per_class=3",
+    "finetuner.max_steps=2",
+    "finetuner.batch_size=4",
+    "finetune.eval_limit=8",
+    "finetune.dev_size=0",
+]
 
 
 def _snapshot(d):
@@ -18,7 +32,14 @@ def _snapshot(d):
 
 def test_pipeline_end_to_end_and_resume(compose, tmp_path, monkeypatch):
     m = run_pipeline(compose(TINY, config_name="pipeline"), tmp_path)
-    for f in ("release/release.json", "synthetic.jsonl", "selected.jsonl", "generate.json", "select.json", "metrics.json"):
+    for f in (
+        "release/release.json",
+        "synthetic.jsonl",
+        "selected.jsonl",
+        "generate.json",
+        "select.json",
+        "metrics.json",
+    ):
         assert (tmp_path / f).exists(), f
     assert m["selection"] == json.loads((tmp_path / "metrics.json").read_text())["selection"]
     assert m["selection"]["pool"] == 8 and m["selection"]["selected"] == 6
@@ -27,7 +48,9 @@ def test_pipeline_end_to_end_and_resume(compose, tmp_path, monkeypatch):
     conf = m["confusion"]
     assert sum(map(sum, conf)) == m["n_eval"] == 8
     assert m["accuracy"] == pytest.approx(sum(conf[k][k] for k in range(2)) / m["n_eval"])
-    assert m["per_class_accuracy"] == {n: pytest.approx(conf[k][k] / sum(conf[k])) for k, n in enumerate(["negative", "positive"]) if sum(conf[k])}
+    assert m["per_class_accuracy"] == {
+        n: pytest.approx(conf[k][k] / sum(conf[k])) for k, n in enumerate(["negative", "positive"]) if sum(conf[k])
+    }
     files = _snapshot(tmp_path)
 
     # resume: nothing recomputed — the matcher and the trainer must not run again
@@ -47,7 +70,9 @@ def test_pipeline_end_to_end_and_resume(compose, tmp_path, monkeypatch):
 
     # another config into the same run dir is refused before any stage writes
     files = _snapshot(tmp_path)
-    with pytest.raises(ConfigChanged, match=r"holds generate output made with another config \(.*selector.per_class 3 → 2"):
+    with pytest.raises(
+        ConfigChanged, match=r"holds generate output made with another config \(.*selector.per_class 3 → 2"
+    ):
         run_pipeline(compose(TINY + ["selector.per_class=2"], config_name="pipeline"), tmp_path)
     assert _snapshot(tmp_path) == files
 

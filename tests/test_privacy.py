@@ -1,4 +1,5 @@
 """DP release: per-example gradients, clipping, Gaussian noise, ledger, config and the privacy boundary."""
+
 import json
 import math
 import os
@@ -23,14 +24,24 @@ BLOCKS = ["final_norm", "last_blocks:1"]
 
 
 def dp(**kw):
-    base = dict(epsilon=1.0, delta=1e-5, clip_norm=1.0, accountant="analytic", adjacency="replace_one", sample_rate=1.0, divisor=None)
+    base = dict(
+        epsilon=1.0,
+        delta=1e-5,
+        clip_norm=1.0,
+        accountant="analytic",
+        adjacency="replace_one",
+        sample_rate=1.0,
+        divisor=None,
+    )
     return GaussianRelease(**{**base, **kw})
 
 
 def dp_release(mech, lm, task, mp, texts, num_rows, **kw):
     """(release, details) of a DP mechanism with this file's fingerprint and length."""
     inp = ReleaseInputs("fp", 64, num_rows, **{k: v for k, v in kw.items() if k in ("split", "match_loss")})
-    return mech.release_with_details(lm.model, task, mp, texts, inp, **{k: v for k, v in kw.items() if k not in ("split", "match_loss")})
+    return mech.release_with_details(
+        lm.model, task, mp, texts, inp, **{k: v for k, v in kw.items() if k not in ("split", "match_loss")}
+    )
 
 
 def plain_release(lm, task, mp, texts, clip_norm=None, match_loss="full_vocab"):
@@ -100,8 +111,7 @@ def test_verbalizer_loss_per_example_paths_agree(tiny, specs):
 def test_dp_release_verbalizer_records_loss(tiny):
     lm, task = tiny
     mp = MatchedParams(lm.model, ["lm_head"])
-    rel, det = dp_release(dp(), lm, task, mp, [TEXTS, TEXTS[::-1]], 8,
-                                              match_loss="verbalizer")
+    rel, det = dp_release(dp(), lm, task, mp, [TEXTS, TEXTS[::-1]], 8, match_loss="verbalizer")
     assert rel.privacy["match_loss"] == "verbalizer"
     vocab = torch.tensor(task.label_token_ids)
     for c in range(2):
@@ -197,7 +207,9 @@ def test_privacy_json_ledger(two_releases, tmp_path):
     assert "os.urandom" in p["noise_source"]
     (entry,) = p["ledger"]["entries"]
     assert entry["kind"] == "gaussian" and entry["split"] == "demo/train@x" and entry["count"] == 1
-    assert entry["sigma"] == pytest.approx(det.sigma) and entry["noise_multiplier"] == pytest.approx(det.noise_multiplier)
+    assert entry["sigma"] == pytest.approx(det.sigma) and entry["noise_multiplier"] == pytest.approx(
+        det.noise_multiplier
+    )
     assert Ledger.from_dict(p["ledger"]).epsilon() == pytest.approx(p["epsilon"], rel=1e-9)
     loaded = R.Release.load(tmp_path)
     assert loaded.epsilon == pytest.approx(p["epsilon"]) and loaded.divisors == [4.0, 4.0]
@@ -214,21 +226,36 @@ def test_add_remove_sensitivity_and_divisor(tiny):
 
 
 def test_reused_release_must_have_the_same_adjacency():
-    rel = R.Release([[torch.zeros(2)]], ["w"], ["a"], [1.0], "fp", {"mechanism": "gaussian", "epsilon": 0.9, "delta": 1e-5,
-                                                                   "adjacency": "add_remove"})
+    rel = R.Release(
+        [[torch.zeros(2)]],
+        ["w"],
+        ["a"],
+        [1.0],
+        "fp",
+        {"mechanism": "gaussian", "epsilon": 0.9, "delta": 1e-5, "adjacency": "add_remove"},
+    )
     dp(adjacency="add_remove", divisor=10.0).check_reuse(rel)
     with pytest.raises(R.ReleaseMismatch, match="adjacency"):
         dp().check_reuse(rel)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(epsilon=0.0), "privacy.epsilon=0.0"), (dict(epsilon=-1.0), "privacy.epsilon=-1.0"),
-    (dict(epsilon=math.inf), "privacy.epsilon=inf"), (dict(delta=0.0), "privacy.delta=0.0"),
-    (dict(delta=1.0), "privacy.delta=1.0"), (dict(clip_norm=0.0), "privacy.clip_norm=0.0"),
-    (dict(clip_norm=-2.0), "privacy.clip_norm=-2.0"), (dict(accountant="moments"), "privacy.accountant='moments'"),
-    (dict(adjacency="swap"), "privacy.adjacency='swap'"), (dict(sample_rate=0.0), "privacy.sample_rate=0.0"),
-    (dict(sample_rate=1.5), "privacy.sample_rate=1.5"), (dict(divisor=-1.0), "privacy.divisor=-1.0"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(epsilon=0.0), "privacy.epsilon=0.0"),
+        (dict(epsilon=-1.0), "privacy.epsilon=-1.0"),
+        (dict(epsilon=math.inf), "privacy.epsilon=inf"),
+        (dict(delta=0.0), "privacy.delta=0.0"),
+        (dict(delta=1.0), "privacy.delta=1.0"),
+        (dict(clip_norm=0.0), "privacy.clip_norm=0.0"),
+        (dict(clip_norm=-2.0), "privacy.clip_norm=-2.0"),
+        (dict(accountant="moments"), "privacy.accountant='moments'"),
+        (dict(adjacency="swap"), "privacy.adjacency='swap'"),
+        (dict(sample_rate=0.0), "privacy.sample_rate=0.0"),
+        (dict(sample_rate=1.5), "privacy.sample_rate=1.5"),
+        (dict(divisor=-1.0), "privacy.divisor=-1.0"),
+    ],
+)
 def test_bad_settings_fail(kw, msg):
     with pytest.raises(ValueError) as e:
         dp(**kw)
@@ -261,8 +288,17 @@ def test_short_or_empty_class_is_zero_padded_not_an_error(tiny):
     assert float(rel.targets[1][0].std()) > 0  # noise only
 
 
-FAST = ["debug=tiny", "matcher.outer_steps=1", "matcher.inner_steps=1", "num_per_class=2",
-        "batch_size=2", "privacy=dp", "progress=false", "projector.topk=1", "matcher.init=random"]
+FAST = [
+    "debug=tiny",
+    "matcher.outer_steps=1",
+    "matcher.inner_steps=1",
+    "num_per_class=2",
+    "batch_size=2",
+    "privacy=dp",
+    "progress=false",
+    "projector.topk=1",
+    "matcher.init=random",
+]
 
 
 def _real_used(cfg):
@@ -310,6 +346,7 @@ def test_release_then_generate_without_real_data(compose, tmp_path, monkeypatch)
 
     monkeypatch.setattr(gmtext.data, "load_split", boom)
     import gmtext.runtime
+
     monkeypatch.setattr(gmtext.runtime, "load_configured", boom)
     s2 = run_release(cfg, tmp_path / "rel")  # existing release reused: no second noisy release
     assert s2["reused"] and s2["epsilon"] == s["epsilon"]
@@ -324,11 +361,26 @@ def test_release_then_generate_without_real_data(compose, tmp_path, monkeypatch)
 
 
 def test_release_cli_bad_epsilon_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import release_main; release_main()", "model=tiny_llama",
-                        "logger=none", "privacy=dp", "privacy.epsilon=0", f"hydra.run.dir={tmp_path}"],
-                       capture_output=True, text=True, env={**os.environ, "GMTEXT_TRACEBACK": ""}, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from gmtext.cli import release_main; release_main()",
+            "model=tiny_llama",
+            "logger=none",
+            "privacy=dp",
+            "privacy.epsilon=0",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GMTEXT_TRACEBACK": ""},
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "gmtext-release: error: privacy.epsilon=0.0: must be a finite number > 0"
+    assert (
+        r.stderr.strip().splitlines()[-1] == "gmtext-release: error: privacy.epsilon=0.0: must be a finite number > 0"
+    )
 
 
 @pytest.mark.parametrize("specs", [["lm_head"], BLOCKS])
@@ -355,11 +407,16 @@ def test_clipped_nonprivate_release(tiny, specs):
         for k, got in enumerate(small.targets[c]):
             want = tiny_c * sum(u[k] for u in units) / len(texts)
             assert rel_err(got, want) < 1e-4
-    assert rel_err(torch.cat([t.flatten() for t in small.targets[1]]), torch.cat([t.flatten() for t in small.targets[0]])) > 1e-3
+    assert (
+        rel_err(torch.cat([t.flatten() for t in small.targets[1]]), torch.cat([t.flatten() for t in small.targets[0]]))
+        > 1e-3
+    )
 
 
 def test_clipped_release_reuse_checks_clip_norm(tmp_path):
-    rel = R.Release([[torch.zeros(2)]], ["w"], ["a"], [1.0], "fp", {"mechanism": "none", "epsilon": math.inf, "clip_norm": 0.5})
+    rel = R.Release(
+        [[torch.zeros(2)]], ["w"], ["a"], [1.0], "fp", {"mechanism": "none", "epsilon": math.inf, "clip_norm": 0.5}
+    )
     NoPrivacy(0.5).check_reuse(rel)
     with pytest.raises(R.ReleaseMismatch, match="clip_norm"):
         NoPrivacy(None).check_reuse(rel)

@@ -1,4 +1,5 @@
 """gmtext-report on fake run dirs with known metrics plus one real tiny generate run."""
+
 import csv
 import json
 import math
@@ -11,8 +12,18 @@ import yaml
 
 from gmtext.stages.report import main, run_report
 
-FAST_GEN = ["debug=tiny", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
-            "projector.topk=20", "num_per_class=2", "batch_size=2", "real_per_class=4", "dataset.length=6", "progress=false"]
+FAST_GEN = [
+    "debug=tiny",
+    "matcher.outer_steps=2",
+    "matcher.inner_steps=2",
+    "matcher.init_candidates=2",
+    "projector.topk=20",
+    "num_per_class=2",
+    "batch_size=2",
+    "real_per_class=4",
+    "dataset.length=6",
+    "progress=false",
+]
 
 ACC = {  # (train.source, num_per_class, train.size, privacy.epsilon) → accuracy per seed
     ("synthetic", 5, None, None): [0.70, 0.72, 0.74],
@@ -24,11 +35,20 @@ ACC = {  # (train.source, num_per_class, train.size, privacy.epsilon) → accura
 
 
 def _cfg(source, npc, size, eps, seed):
-    train = {"source": source, "path": f"/runs/gen/{seed}"} if source == "synthetic" else {"source": source, "size": size}
+    train = (
+        {"source": source, "path": f"/runs/gen/{seed}"} if source == "synthetic" else {"source": source, "size": size}
+    )
     privacy = {"name": "dp", "epsilon": eps, "delta": 1e-5} if eps else {"name": "none"}
-    return {"stage": "finetune", "seed": seed, "num_per_class": npc, "train": train, "privacy": privacy,
-            "dataset": {"name": "demo", "label_names": ["negative", "positive"]}, "logger": {"name": "none", "group": f"g{seed}"},
-            "finetuner": {"lr": 1e-5, "seed": seed}}
+    return {
+        "stage": "finetune",
+        "seed": seed,
+        "num_per_class": npc,
+        "train": train,
+        "privacy": privacy,
+        "dataset": {"name": "demo", "label_names": ["negative", "positive"]},
+        "logger": {"name": "none", "group": f"g{seed}"},
+        "finetuner": {"lr": 1e-5, "seed": seed},
+    }
 
 
 def make_fake_runs(root):
@@ -39,7 +59,14 @@ def make_fake_runs(root):
             d.mkdir(parents=True)
             cfg = _cfg(src, npc, size, eps, seed)
             n_train = size if size else 2 * npc
-            m = {"accuracy": acc, "macro_f1": acc - 0.01, "seed": seed, "epsilon": eps, "n_train": n_train, "dev_accuracy": None}
+            m = {
+                "accuracy": acc,
+                "macro_f1": acc - 0.01,
+                "seed": seed,
+                "epsilon": eps,
+                "n_train": n_train,
+                "dev_accuracy": None,
+            }
             if i % 2:  # config only in .hydra/config.yaml, as a bare Hydra run dir has it
                 (d / ".hydra").mkdir()
                 (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -91,7 +118,11 @@ def test_table_mean_std(report):
     with open(out / "report.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows)
-    c = [x for x in csv_rows if x["train.source"] == "synthetic" and x["num_per_class"] == "5" and x["stage"] == "finetune"][0]
+    c = [
+        x
+        for x in csv_rows
+        if x["train.source"] == "synthetic" and x["num_per_class"] == "5" and x["stage"] == "finetune"
+    ][0]
     assert float(c["accuracy_mean"]) == pytest.approx(0.72) and float(c["accuracy_std"]) == pytest.approx(0.02)
     md = (out / "report.md").read_text()
     assert "| 0.72 ± 0.02 |" in md and "![admm_curves.png](admm_curves.png)" in md
@@ -133,7 +164,11 @@ def test_cli_and_errors(report, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "-o", str(tmp_path / "r2")]) == 2
     assert capsys.readouterr().err.strip().startswith("gmtext-report: error: no run dirs")
-    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import report_main; report_main()", "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "from gmtext.cli import report_main; report_main()", "--help"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "output folder" in r.stdout
 
 
@@ -166,11 +201,16 @@ def test_one_table_per_stage_and_partial_keys(report):
 
     root, out, r = report
     md = (out / "report.md").read_text()
-    assert "## finetune (11 runs; grouped by " in md and "## generate (1 runs; grouped by nothing (one condition))" in md
+    assert (
+        "## finetune (11 runs; grouped by " in md and "## generate (1 runs; grouped by nothing (one condition))" in md
+    )
     fin = md.split("## finetune")[1].split("## generate")[0]
     assert "matcher." not in fin and "projector." not in fin  # generate-only settings stay out of the fine-tune table
-    runs = [Run(root, {"train.source": "fewshot", "train.k": 4}, {}), Run(root, {"train.source": "real", "train.size": 20}, {}),
-            Run(root, {"train.source": "real", "train.size": 20, "matcher.nan_retries": 3}, {})]
+    runs = [
+        Run(root, {"train.source": "fewshot", "train.k": 4}, {}),
+        Run(root, {"train.source": "real", "train.size": 20}, {}),
+        Run(root, {"train.source": "real", "train.size": 20, "matcher.nan_retries": 3}, {}),
+    ]
     assert varying_keys(runs) == ["train.source"]
     runs.append(Run(root, {"train.source": "real", "train.size": 100}, {}))
     assert varying_keys(runs) == ["train.size", "train.source"]
@@ -201,7 +241,9 @@ def test_plot_structure(report, tmp_path):
     """Rendered from the fixture runs: labelled axes, one legend entry per condition, no
     vertical joins, markers for single points, integer ADMM steps."""
     root, out, r = report
-    ex, eps, admm = (r["figures"][n] for n in ("accuracy_vs_examples.png", "accuracy_vs_epsilon.png", "admm_curves.png"))
+    ex, eps, admm = (
+        r["figures"][n] for n in ("accuracy_vs_examples.png", "accuracy_vs_epsilon.png", "admm_curves.png")
+    )
     (ax,) = ex.axes
     _check_series_axes(ax, r["plots"]["accuracy_vs_examples.png"])
     # x = 10 (synthetic, 5 per class) and 20 (synthetic ε = ∞, 1, 4 and real): the synthetic
@@ -262,10 +304,23 @@ def test_epsilon_plot_needs_a_private_run(tmp_path):
 
 
 # ---------------------------------------------------------------- dir kinds
-PIPE = ["debug=tiny", "progress=false", "matcher.outer_steps=2", "matcher.inner_steps=2",
-        "matcher.init_candidates=1", "projector.topk=10", "num_per_class=2", "batch_size=2", "real_per_class=4",
-        "dataset.length=5", "selector.per_class=2", "finetuner.max_steps=2", "finetuner.batch_size=4",
-        "finetune.eval_limit=8", "finetune.dev_size=0"]
+PIPE = [
+    "debug=tiny",
+    "progress=false",
+    "matcher.outer_steps=2",
+    "matcher.inner_steps=2",
+    "matcher.init_candidates=1",
+    "projector.topk=10",
+    "num_per_class=2",
+    "batch_size=2",
+    "real_per_class=4",
+    "dataset.length=5",
+    "selector.per_class=2",
+    "finetuner.max_steps=2",
+    "finetuner.batch_size=4",
+    "finetune.eval_limit=8",
+    "finetune.dev_size=0",
+]
 
 
 def test_report_on_pipeline_single_run_and_multirun_dirs(report, compose, tmp_path, capsys):
@@ -287,7 +342,11 @@ def test_report_on_pipeline_single_run_and_multirun_dirs(report, compose, tmp_pa
     assert curve["outer_step"] == [0, 1, 2]
     root, _, _ = report
     single = run_report([root / "gen_run"], tmp_path / "rs")  # one generate run dir
-    assert len(single["runs"]) == 1 and single["rows"][0]["stage"] == "generate" and list(single["plots"]) == ["admm_curves.png"]
+    assert (
+        len(single["runs"]) == 1
+        and single["rows"][0]["stage"] == "generate"
+        and list(single["plots"]) == ["admm_curves.png"]
+    )
     one_ft = run_report([root / "multirun" / "sweep" / "0"], tmp_path / "rf")  # one fine-tune run dir
     assert len(one_ft["runs"]) == 1 and "accuracy_vs_examples.png" in one_ft["plots"]
     sweep = run_report([root / "multirun" / "sweep"], tmp_path / "rm")  # a multirun sweep dir
@@ -299,8 +358,12 @@ def test_paired_by_seed_against_the_twin(tmp_path):
     """GRADMM vs its matcher=none twin: differences are taken seed by seed (not of the means),
     per context (here N), only over the seeds both have, with the twin as the reference."""
     admm, twin = "gmtext.matching.admm.ADMMMatcher", "gmtext.matching.lm_samples.LMSampleMatcher"
-    acc = {(admm, 20): {0: 0.80, 1: 0.70, 2: 0.75}, (twin, 20): {0: 0.78, 1: 0.66, 2: 0.70},
-           (admm, 100): {0: 0.79, 1: 0.81}, (twin, 100): {1: 0.77, 2: 0.60}}
+    acc = {
+        (admm, 20): {0: 0.80, 1: 0.70, 2: 0.75},
+        (twin, 20): {0: 0.78, 1: 0.66, 2: 0.70},
+        (admm, 100): {0: 0.79, 1: 0.81},
+        (twin, 100): {1: 0.77, 2: 0.60},
+    }
     i = 0
     for (target, n), by_seed in acc.items():
         for seed, a in by_seed.items():
@@ -308,7 +371,9 @@ def test_paired_by_seed_against_the_twin(tmp_path):
             d.mkdir(parents=True)
             matcher = {"_target_": target, **({"lr": 0.008} if target == admm else {})}
             cfg = {"stage": "pipeline", "seed": seed, "num_per_class": n, "matcher": matcher, "train": {"path": str(d)}}
-            (d / "metrics.json").write_text(json.dumps({"accuracy": a, "macro_f1": a - 0.02, "n_train": n, "config": cfg}))
+            (d / "metrics.json").write_text(
+                json.dumps({"accuracy": a, "macro_f1": a - 0.02, "n_train": n, "config": cfg})
+            )
             i += 1
     r = run_report([tmp_path / "runs"], tmp_path / "rep")
     rows = {p["context"]: p for p in r["paired"]}
@@ -329,11 +394,11 @@ def test_paths_inside_each_run_dir_are_not_a_condition(tmp_path):
     """A pipeline's probe release lies in its own run dir, so selector.release differs in every
     run: seeds of one budget still form one group. Two runs scored against different shared
     releases outside the run dirs stay apart, since that is a real condition."""
+
     def run(name, seed, eps, release):
         d = tmp_path / "runs" / name
         d.mkdir(parents=True)
-        cfg = {"stage": "pipeline", "seed": seed, "privacy": {"epsilon": eps},
-               "selector": {"release": release(d)}}
+        cfg = {"stage": "pipeline", "seed": seed, "privacy": {"epsilon": eps}, "selector": {"release": release(d)}}
         (d / "metrics.json").write_text(json.dumps({"accuracy": 0.7 + seed / 100, "epsilon": eps, "config": cfg}))
 
     for s in range(3):

@@ -1,4 +1,5 @@
 """gmtext-select: best per class, de-duplicated, balanced; schema errors are clear."""
+
 import json
 import math
 
@@ -8,12 +9,26 @@ from gmtext.stages.select import BestMatchSelector, load_synthetic, run_select
 
 
 def _row(text, label, loss, ppl=10.0):
-    return {"text": text, "label": label, "label_name": str(label), "match_loss": loss, "perplexity": ppl, "batch": 0, "class_batch_loss": loss}
+    return {
+        "text": text,
+        "label": label,
+        "label_name": str(label),
+        "match_loss": loss,
+        "perplexity": ppl,
+        "batch": 0,
+        "class_batch_loss": loss,
+    }
 
 
 def test_best_per_class_dedup_balance():
-    rows = [_row("a", 0, 0.3), _row("b", 0, 0.1), _row("B ", 0, 0.05), _row("c", 0, 0.2),
-            _row("x", 1, 0.4), _row("y", 1, 0.2)]
+    rows = [
+        _row("a", 0, 0.3),
+        _row("b", 0, 0.1),
+        _row("B ", 0, 0.05),
+        _row("c", 0, 0.2),
+        _row("x", 1, 0.4),
+        _row("y", 1, 0.2),
+    ]
     out = BestMatchSelector()(rows)
     assert [r["text"] for r in out] == ["B ", "c", "y", "x"]  # "b" duplicates "B " (normalised), balanced to 2
     assert [r["text"] for r in BestMatchSelector(per_class=1)(rows)] == ["B ", "y"]
@@ -61,11 +76,19 @@ def test_pool_epsilon_travels_through_select_to_finetune(compose, tmp_path):
     (pool / "synthetic.jsonl").write_text("".join(json.dumps(_row(f"t{i}", i % 2, i / 10)) + "\n" for i in range(6)))
     assert synthetic_privacy(pool) is None  # no record: unknown, not "non-private"
     (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": 3.9995, "delta": 1e-5}}))
-    s = run_select(compose([f"pool={pool}", "selector=best", "selector.per_class=2"], config_name="select"), tmp_path / "sel")
+    s = run_select(
+        compose([f"pool={pool}", "selector=best", "selector.per_class=2"], config_name="select"), tmp_path / "sel"
+    )
     assert s["epsilon"] == 3.9995 and s["delta"] == 1e-5
-    again = run_select(compose([f"pool={tmp_path / 'sel'}", "selector=best", "selector.per_class=1"], config_name="select"), tmp_path / "sel2")
+    again = run_select(
+        compose([f"pool={tmp_path / 'sel'}", "selector=best", "selector.per_class=1"], config_name="select"),
+        tmp_path / "sel2",
+    )
     assert again["epsilon"] == 3.9995  # select of a select
-    assert _synthetic_epsilon(tmp_path / "sel2") == 3.9995 and _synthetic_epsilon(tmp_path / "sel2" / "selected.jsonl") == 3.9995
+    assert (
+        _synthetic_epsilon(tmp_path / "sel2") == 3.9995
+        and _synthetic_epsilon(tmp_path / "sel2" / "selected.jsonl") == 3.9995
+    )
     (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": float("inf"), "delta": 0.0}}))
     assert _synthetic_epsilon(pool) == float("inf")
 
@@ -103,17 +126,27 @@ def test_margin_selector_stage(compose, tmp_path):
     from gmtext.stages.release import run_release
 
     tiny_cfg = ["debug=tiny", "progress=false", "dataset=demo", "real_per_class=6", "threads=1"]
-    run_release(compose(tiny_cfg + ["matched_params=[final_norm]", "match_loss=verbalizer"], config_name="release"), tmp_path / "probe")
+    run_release(
+        compose(tiny_cfg + ["matched_params=[final_norm]", "match_loss=verbalizer"], config_name="release"),
+        tmp_path / "probe",
+    )
     pool = tmp_path / "pool"
     pool.mkdir()
     texts = ["a truly wonderful film", "dull and far too long", "great fun", "boring", "a joy", "awful", "fine", "weak"]
     # plain labelled text, no generation scores: any pool can be margin-selected (e.g. prompted.jsonl)
-    (pool / "synthetic.jsonl").write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts)))
+    (pool / "synthetic.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts))
+    )
     (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": 2.0, "delta": 1e-6}}))
     probe = tmp_path / "probe" / "release"
     (probe / "privacy.json").write_text(json.dumps({"mechanism": "gaussian", "epsilon": 1.5, "delta": 1e-6}))
-    s = run_select(compose(tiny_cfg + [f"pool={pool}", "selector=margin", f"selector.release={probe}", "selector.per_class=2"],
-                           config_name="select"), tmp_path / "sel")
+    s = run_select(
+        compose(
+            tiny_cfg + [f"pool={pool}", "selector=margin", f"selector.release={probe}", "selector.per_class=2"],
+            config_name="select",
+        ),
+        tmp_path / "sel",
+    )
     assert s["selected"] == 4 and s["probe_release"]["epsilon"] == 1.5 and math.isnan(s["mean_match_loss"])
     assert s["epsilon"] == 3.5 and s["delta"] == pytest.approx(2e-6)  # two releases of the same data compose
     sel = [json.loads(l) for l in (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()]
@@ -126,8 +159,15 @@ def test_margin_selector_stage(compose, tmp_path):
     cfg = compose(tiny_cfg, config_name="select")
     lm = load_generator_model(cfg)
     task = build_task(cfg, lm.tokenizer)
-    fit = label_fit(lm.model, task, MatchedParams(lm.model, ["final_norm"]), Release.load(probe).targets, texts, "verbalizer",
-                    cfg.dataset.max_text_tokens)
+    fit = label_fit(
+        lm.model,
+        task,
+        MatchedParams(lm.model, ["final_norm"]),
+        Release.load(probe).targets,
+        texts,
+        "verbalizer",
+        cfg.dataset.max_text_tokens,
+    )
     margin = label_margin(fit, [i % 2 for i in range(len(texts))]).tolist()
     for c in (0, 1):
         pool_c = sorted((i for i in range(len(texts)) if i % 2 == c), key=lambda i: -margin[i])
@@ -139,8 +179,21 @@ def test_margin_selector_stage(compose, tmp_path):
         run_select(compose(tiny_cfg + [f"pool={pool}"], config_name="select"), tmp_path / "z")
     # no release given (empty or null): the pool's own <pool>/probe, which this pool lacks
     with pytest.raises(ValueError, match="no selector.release given and the pool's run dir has no probe release"):
-        run_select(compose(tiny_cfg + [f"pool={pool}", "selector=margin", "selector.release="], config_name="select"), tmp_path / "x")
+        run_select(
+            compose(tiny_cfg + [f"pool={pool}", "selector=margin", "selector.release="], config_name="select"),
+            tmp_path / "x",
+        )
     with pytest.raises(ValueError, match="does not match this config"):
-        run_select(compose(tiny_cfg + [f"pool={pool}", "selector=margin", f"selector.release={probe}", "dataset.template='{text} So it was'"],
-                           config_name="select"), tmp_path / "y")
-
+        run_select(
+            compose(
+                tiny_cfg
+                + [
+                    f"pool={pool}",
+                    "selector=margin",
+                    f"selector.release={probe}",
+                    "dataset.template='{text} So it was'",
+                ],
+                config_name="select",
+            ),
+            tmp_path / "y",
+        )

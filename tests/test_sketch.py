@@ -1,5 +1,6 @@
 """Sketch side branches (gmtext/sketch.py): forward unchanged, ∂L/∂G is the projected weight
 gradient, the hook path equals vmap/loop per example, double backward works, names carry k/seed."""
+
 import pytest
 import torch
 
@@ -98,8 +99,16 @@ def test_double_backward_x_step_equals_projected_raw_gradient(fresh):
     mp = MatchedParams(model, [SPEC])
     brs = S.sketch_branches_for(mp)
     tg = class_target_gradients(model, task, mp, [TEXTS[:2], TEXTS[2:]], match_loss="verbalizer").grads
-    obj = MatchingObjective(model, mp, tg, task.label_token_ids, task.prefix_ids, task.suffix_ids, closed_form=False,
-                            match_loss="verbalizer")
+    obj = MatchingObjective(
+        model,
+        mp,
+        tg,
+        task.label_token_ids,
+        task.prefix_ids,
+        task.suffix_ids,
+        closed_form=False,
+        match_loss="verbalizer",
+    )
     torch.manual_seed(0)
     x = (0.05 * torch.randn(2, 3, 4, model.config.hidden_size)).requires_grad_(True)
     d, _, _ = obj.losses(x)
@@ -173,7 +182,9 @@ def test_one_pass_over_parts_equals_one_pass_per_part(fresh, match_loss):
     clip = 1e-3  # below every norm: every example is clipped, so a wrong per-part norm shows
     joint = M.clipped_sums_parts(model, task, [gen, probe], TEXTS * 2, label, clip, chunk=3, vocab=vocab)
     for mp, got in zip([gen, probe], joint):
-        want = M.clipped_sum(model, task, mp.activate(), TEXTS * 2, label, clip, chunk=3, method="sketch_hooks", vocab=vocab)
+        want = M.clipped_sum(
+            model, task, mp.activate(), TEXTS * 2, label, clip, chunk=3, method="sketch_hooks", vocab=vocab
+        )
         assert torch.allclose(got.norms, want.norms, rtol=1e-4) and (want.norms > clip).all()
         for g, w in zip(got.sums, want.sums):
             assert rel_err(g, w) < 1e-4

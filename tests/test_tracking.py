@@ -1,5 +1,6 @@
 """W&B tracking: real offline runs, read back from the .wandb log and compared with the
 local metrics.jsonl mirror. Nothing here contacts a W&B server (mode=offline)."""
+
 import copy
 import json
 import math
@@ -12,16 +13,32 @@ import pytest
 from gmtext.artifacts import read_jsonl
 from gmtext.tracking import Tracker
 
-FAST = ["debug=tiny", "logger=wandb", "matcher.outer_steps=2", "matcher.inner_steps=2", "matcher.init_candidates=2",
-        "projector.topk=20", "num_per_class=4", "batch_size=2", "real_per_class=6", "dataset.length=6", "progress=false"]
+FAST = [
+    "debug=tiny",
+    "logger=wandb",
+    "matcher.outer_steps=2",
+    "matcher.inner_steps=2",
+    "matcher.init_candidates=2",
+    "projector.topk=20",
+    "num_per_class=4",
+    "batch_size=2",
+    "real_per_class=6",
+    "dataset.length=6",
+    "progress=false",
+]
 
 
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch):
     """Real offline W&B: WANDB_MODE unset (conftest disables it), every W&B dir in tmp."""
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    for var, sub in (("WANDB_DIR", "wandb_dir"), ("WANDB_CACHE_DIR", "wandb_cache"), ("WANDB_CONFIG_DIR", "wandb_config"),
-                     ("WANDB_DATA_DIR", "wandb_data"), ("WANDB_ARTIFACT_DIR", "wandb_artifacts")):
+    for var, sub in (
+        ("WANDB_DIR", "wandb_dir"),
+        ("WANDB_CACHE_DIR", "wandb_cache"),
+        ("WANDB_CONFIG_DIR", "wandb_config"),
+        ("WANDB_DATA_DIR", "wandb_data"),
+        ("WANDB_ARTIFACT_DIR", "wandb_artifacts"),
+    ):
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_API_KEY", "")  # never pick up a real key
@@ -42,11 +59,11 @@ def read_wandb_records(path):
         if left < 7:  # block trailer padding
             pos += left
             continue
-        _crc, n, typ = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, n, typ = struct.unpack("<IHB", data[pos : pos + 7])
         if typ == 0:  # zero padding up to the block end
             pos += left
             continue
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        chunk, pos = data[pos + 7 : pos + 7 + n], pos + 7 + n
         buf = chunk if typ in (1, 2) else buf + chunk
         if typ in (1, 4):
             rec = pb.Record()
@@ -139,7 +156,15 @@ def test_generate_offline_wandb_run(compose, offline_wandb):
     assert sorted(by_step) == [r["step"] for r in steps]  # monotonic: no sawtooth
     for rec in steps:
         row = by_step[rec["step"]]
-        for k in ("continuous_loss", "admm_penalty", "discrete_loss", "best_discrete_loss", "perplexity", "batch", "outer_step"):
+        for k in (
+            "continuous_loss",
+            "admm_penalty",
+            "discrete_loss",
+            "best_discrete_loss",
+            "perplexity",
+            "batch",
+            "outer_step",
+        ):
             if k in rec:
                 assert row[f"admm/{k}"] == pytest.approx(rec[k]), (rec["step"], k)
         assert not {"batch", "outer_step", "discrete_loss"} & set(row)  # nothing outside the admm/ family
@@ -273,10 +298,36 @@ def test_two_job_multirun_lands_in_one_group_with_named_runs(offline_wandb):
 
     sweep = offline_wandb / "sweep"
     env = dict(os.environ, WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
-    fast = ["debug=tiny", "logger=wandb", "matcher.outer_steps=1", "matcher.inner_steps=1", "matcher.init_candidates=1", "projector.topk=10",
-            "num_per_class=2", "batch_size=2", "real_per_class=4", "dataset.length=5", "progress=false", "threads=1"]
-    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import generate_main; generate_main()", "-m", "seed=0,1", *fast,
-                        f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=600, env=env, cwd=offline_wandb)
+    fast = [
+        "debug=tiny",
+        "logger=wandb",
+        "matcher.outer_steps=1",
+        "matcher.inner_steps=1",
+        "matcher.init_candidates=1",
+        "projector.topk=10",
+        "num_per_class=2",
+        "batch_size=2",
+        "real_per_class=4",
+        "dataset.length=5",
+        "progress=false",
+        "threads=1",
+    ]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from gmtext.cli import generate_main; generate_main()",
+            "-m",
+            "seed=0,1",
+            *fast,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=offline_wandb,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     seen = {}
     for job in ("0", "1"):
@@ -337,7 +388,9 @@ def test_a_new_tracker_is_a_class_plus_a_yaml_file(compose, tmp_path, monkeypatc
     assert len(steps) == len(local) == 2 * 3 and [c[1] for c in steps] == [r["step"] for r in local]
     assert steps[0][2]["outer_step"] == 0 and "best_discrete_loss" in steps[-1][2]
     (summ,) = [c for c in calls if c[0] == "summary"]
-    assert summ[1]["examples"] == s["examples"] == 8 and summ[1]["mean_match_loss"] == pytest.approx(s["mean_match_loss"])
+    assert summ[1]["examples"] == s["examples"] == 8 and summ[1]["mean_match_loss"] == pytest.approx(
+        s["mean_match_loss"]
+    )
     assert ("out", "release-demo", "release", ["privacy.json", "release.json", "targets.pt"]) in calls  # made here
     assert ("out", "synthetic-demo", "synthetic", ["generate.json", "synthetic.jsonl"]) in calls
 
@@ -352,8 +405,13 @@ def test_a_new_tracker_is_a_class_plus_a_yaml_file(compose, tmp_path, monkeypatc
     from gmtext.stages.select import run_select
 
     ToyTracker.calls.clear()
-    sel = run_select(compose(FAST + ["logger=none", f"logger._target_={__name__}.ToyTracker", f"pool={tmp_path / 'run'}"],
-                             config_name="select"), tmp_path / "sel")
+    sel = run_select(
+        compose(
+            FAST + ["logger=none", f"logger._target_={__name__}.ToyTracker", f"pool={tmp_path / 'run'}"],
+            config_name="select",
+        ),
+        tmp_path / "sel",
+    )
     calls = ToyTracker.calls
     assert calls[0][:2] == ("init", "select") and calls[-1] == ("close", 0)
     assert ("in", "synthetic-demo", "synthetic", ["generate.json", "synthetic.jsonl"]) in calls
@@ -392,8 +450,12 @@ def test_dp_release_run_is_not_watched(compose, offline_wandb):
     timing of it, and uploads only the release dir's three public files."""
     from gmtext.stages.release import run_release
 
-    s = run_release(compose(["debug=tiny", "privacy=dp", "progress=true", "logger=wandb", "logger.mode=offline"],
-                            config_name="release"), offline_wandb / "run")
+    s = run_release(
+        compose(
+            ["debug=tiny", "privacy=dp", "progress=true", "logger=wandb", "logger.mode=offline"], config_name="release"
+        ),
+        offline_wandb / "run",
+    )
     assert s["mechanism"] == "gaussian" and not s["reused"]
     (rd,) = offline_runs(offline_wandb / "run")
     recs = wait_for_exit_record(next(rd.glob("run-*.wandb")))
@@ -429,11 +491,39 @@ def test_pipeline_multirun_is_one_group_of_named_runs_linked_by_artifacts(offlin
 
     sweep = offline_wandb / "sweep"
     env = dict(os.environ, WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
-    fast = ["model=tiny_llama", "matcher.outer_steps=1", "matcher.inner_steps=1", "matcher.init_candidates=1", "projector.topk=10",
-            "num_per_class=2", "batch_size=2", "real_per_class=4", "dataset.length=5", "progress=false", "threads=1",
-            "finetuner.max_steps=1", "finetuner.batch_size=4", "finetune.eval_limit=4", "finetune.dev_size=0"]
-    r = subprocess.run([sys.executable, "-c", "from gmtext.cli import pipeline_main; pipeline_main()", "-m", "seed=0,1", *fast,
-                        f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=600, env=env, cwd=offline_wandb)
+    fast = [
+        "model=tiny_llama",
+        "matcher.outer_steps=1",
+        "matcher.inner_steps=1",
+        "matcher.init_candidates=1",
+        "projector.topk=10",
+        "num_per_class=2",
+        "batch_size=2",
+        "real_per_class=4",
+        "dataset.length=5",
+        "progress=false",
+        "threads=1",
+        "finetuner.max_steps=1",
+        "finetuner.batch_size=4",
+        "finetune.eval_limit=4",
+        "finetune.dev_size=0",
+    ]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from gmtext.cli import pipeline_main; pipeline_main()",
+            "-m",
+            "seed=0,1",
+            *fast,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=offline_wandb,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     groups, ids = set(), set()
     for job in ("0", "1"):

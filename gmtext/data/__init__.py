@@ -4,6 +4,7 @@
 and evaluation share the template and the verbalizer's first token exactly (the
 reference implementation differs by a space between the two: a silent bug).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -113,8 +114,14 @@ def _parse_rows(file: Path) -> list[dict]:
         if not is_csv and "parse_agent_traces" in JsonConfig.__dataclass_fields__:
             kwargs["parse_agent_traces"] = False  # else columns named type/message are read as agent traces
         try:
-            ds = datasets.load_dataset("csv" if is_csv else "json", data_files=str(file), split="train", streaming=True,
-                                       cache_dir=_datasets_cache_dir(), **kwargs)
+            ds = datasets.load_dataset(
+                "csv" if is_csv else "json",
+                data_files=str(file),
+                split="train",
+                streaming=True,
+                cache_dir=_datasets_cache_dir(),
+                **kwargs,
+            )
             rows = []
             for batch in ds.iter(batch_size=1 << 16):  # columns of python values: 3-4x faster than row by row
                 names = list(batch)
@@ -209,8 +216,14 @@ def load_split(
         file = next((f for f in files if f.exists()), None)
         if file is None:
             have = sorted(p.stem for p in folder.glob("*.jsonl")) + sorted(p.stem for p in folder.glob("*.csv"))
-            hint = "; to carve evaluation records out of one file set dataset.carve.eval_fraction (e.g. 0.1)" if have else ""
-            raise DataError(f"split {split!r} not found in {path} (expected {split}.jsonl or {split}.csv; found: {have or 'none'}){hint}")
+            hint = (
+                "; to carve evaluation records out of one file set dataset.carve.eval_fraction (e.g. 0.1)"
+                if have
+                else ""
+            )
+            raise DataError(
+                f"split {split!r} not found in {path} (expected {split}.jsonl or {split}.csv; found: {have or 'none'}){hint}"
+            )
         rows = _read_rows(file)
         where = str(file)
         keys_of = None if file.suffix == ".csv" else _json_keys(file)
@@ -246,7 +259,7 @@ def in_carved_eval(text: str, fraction: float) -> bool:
     if fraction <= 0:
         return False
     h = hashlib.sha256(b"gmtext-carve-eval\x00" + text.encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") / 2.0 ** 64 < fraction
+    return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
 
 
 def carve_fraction(ds) -> float:
@@ -254,8 +267,10 @@ def carve_fraction(ds) -> float:
     carve = getattr(ds, "carve", None)
     f = getattr(carve, "eval_fraction", 0.0) if carve is not None else 0.0
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
-        raise DataError(f"dataset.carve.eval_fraction={f!r}: must be in [0, 1) (the share of train records carved into "
-                        "the evaluation split; 0 = off, read dataset.eval_split)")
+        raise DataError(
+            f"dataset.carve.eval_fraction={f!r}: must be in [0, 1) (the share of train records carved into "
+            "the evaluation split; 0 = off, read dataset.eval_split)"
+        )
     return float(f)
 
 
@@ -267,31 +282,48 @@ def load_configured(ds, split: str) -> LabeledSplit:
     rest (its empty-text count stays with it): the two never share a record, so what a release
     reads from train never includes an evaluation record. A local folder or the builtin set
     that also has an {eval_split} file is refused: which one is evaluated on would be a guess."""
-    kw = dict(path=ds.path, hub_name=ds.hub_name, hub_config=ds.hub_config, text_field=ds.text_field,
-              label_field=ds.label_field, builtin=ds.builtin)
+    kw = dict(
+        path=ds.path,
+        hub_name=ds.hub_name,
+        hub_config=ds.hub_config,
+        text_field=ds.text_field,
+        label_field=ds.label_field,
+        builtin=ds.builtin,
+    )
     f = carve_fraction(ds)
     if not f or split not in (ds.train_split, ds.eval_split):
         return load_split(split, ds.label_names, **kw)
     if ds.eval_split == ds.train_split:
-        raise DataError(f"dataset.carve.eval_fraction={f}: dataset.eval_split and dataset.train_split are both "
-                        f"{split!r}; carving needs two names")
+        raise DataError(
+            f"dataset.carve.eval_fraction={f}: dataset.eval_split and dataset.train_split are both "
+            f"{split!r}; carving needs two names"
+        )
     folder = Path(ds.path) if ds.path else DEMO_DIR if ds.builtin else None
-    clash = [p for p in ((folder / f"{ds.eval_split}.jsonl"), (folder / f"{ds.eval_split}.csv")) if p.exists()] if folder else []
+    clash = (
+        [p for p in ((folder / f"{ds.eval_split}.jsonl"), (folder / f"{ds.eval_split}.csv")) if p.exists()]
+        if folder
+        else []
+    )
     if clash:
-        raise DataError(f"dataset.carve.eval_fraction={f}: {clash[0]} exists, and carving would leave it unread; "
-                        f"set dataset.carve.eval_fraction=0 to evaluate on it, or carve from a folder without it")
+        raise DataError(
+            f"dataset.carve.eval_fraction={f}: {clash[0]} exists, and carving would leave it unread; "
+            f"set dataset.carve.eval_fraction=0 to evaluate on it, or carve from a folder without it"
+        )
     whole = load_split(ds.train_split, ds.label_names, **kw)
     want_eval = split == ds.eval_split
-    part = LabeledSplit([e for e in whole.examples if in_carved_eval(e.text, f) == want_eval],
-                        0 if want_eval else whole.skipped_empty)
+    part = LabeledSplit(
+        [e for e in whole.examples if in_carved_eval(e.text, f) == want_eval], 0 if want_eval else whole.skipped_empty
+    )
     counts = [0] * len(ds.label_names)
     for e in part.examples:
         counts[e.label] += 1
     empty = [ds.label_names[c] for c, n in enumerate(counts) if n == 0]
     if empty:
         side = "carved evaluation split" if want_eval else "train split left after carving"
-        raise DataError(f"dataset.carve.eval_fraction={f}: the {side} of {ds.train_split!r} has no example of class(es) "
-                        f"{empty}; choose another fraction or add records")
+        raise DataError(
+            f"dataset.carve.eval_fraction={f}: the {side} of {ds.train_split!r} has no example of class(es) "
+            f"{empty}; choose another fraction or add records"
+        )
     return part
 
 
@@ -304,8 +336,13 @@ def carve_summary(ds, n_eval: int) -> dict | None:
     f = carve_fraction(ds)
     if not f:
         return None
-    return {"eval_fraction": f, "hash": CARVE_HASH, "from_split": ds.train_split, "n_eval": int(n_eval),
-            "n_train": "withheld (private: the train split's size)"}
+    return {
+        "eval_fraction": f,
+        "hash": CARVE_HASH,
+        "from_split": ds.train_split,
+        "n_eval": int(n_eval),
+        "n_train": "withheld (private: the train split's size)",
+    }
 
 
 def _to_examples(rows, where, label_names, text_field, label_field, keys_of=None) -> LabeledSplit:
@@ -318,7 +355,9 @@ def _to_examples(rows, where, label_names, text_field, label_field, keys_of=None
             have = keys_of(i) or have
         missing = [f for f in (text_field, label_field) if f not in have]
         if missing:
-            raise DataError(f"{where} row {i}: field {missing[0]!r} missing (row has: {have}); set dataset.text_field / dataset.label_field")
+            raise DataError(
+                f"{where} row {i}: field {missing[0]!r} missing (row has: {have}); set dataset.text_field / dataset.label_field"
+            )
         if isinstance(lab, float) and lab.is_integer():
             lab = int(lab)  # one float label makes the parser read the whole column as floats
         if isinstance(lab, str) and lab in names:
@@ -326,7 +365,9 @@ def _to_examples(rows, where, label_names, text_field, label_field, keys_of=None
         elif isinstance(lab, str) and lab.lstrip("-").isdigit():
             lab = int(lab)
         if not isinstance(lab, int) or isinstance(lab, bool) or not 0 <= lab < len(names):
-            raise DataError(f"{where} row {i}: label {lab!r} outside the declared labels {names} (ids 0..{len(names) - 1})")
+            raise DataError(
+                f"{where} row {i}: label {lab!r} outside the declared labels {names} (ids 0..{len(names) - 1})"
+            )
         if not isinstance(text, str) or not text.strip():
             skipped += 1
             continue
@@ -362,7 +403,7 @@ def dev_examples(split: LabeledSplit, size: int) -> list[Example]:
 def _keyed_uniform(text: str, key: int) -> float:
     """A uniform in [0, 1) that depends on this record's text and a public key only."""
     h = hashlib.sha256(f"{key}\x00{text}".encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") / 2.0 ** 64
+    return int.from_bytes(h[:8], "big") / 2.0**64
 
 
 def release_records(split: LabeledSplit, num_classes: int, sample_rate: float = 1.0, key: int = 0) -> list[list[str]]:
@@ -380,7 +421,9 @@ def release_records(split: LabeledSplit, num_classes: int, sample_rate: float = 
     return out
 
 
-def sample_per_class(split: LabeledSplit, num_classes: int, n: int, seed: int, exclude: set[str] | None = None) -> list[Example]:
+def sample_per_class(
+    split: LabeledSplit, num_classes: int, n: int, seed: int, exclude: set[str] | None = None
+) -> list[Example]:
     """A seeded, class-balanced random subset (n per class, fewer if a class is smaller).
 
     Which records it picks depends on all the others (random.sample over the pool): fine for
@@ -415,7 +458,9 @@ class Task:
         if self.template.count("{text}") != 1:
             raise ValueError(f"dataset.template={self.template!r} must contain '{{text}}' exactly once")
         if len(self.verbalizers) != len(self.label_names):
-            raise ValueError(f"dataset.verbalizers has {len(self.verbalizers)} words for {len(self.label_names)} labels {self.label_names}")
+            raise ValueError(
+                f"dataset.verbalizers has {len(self.verbalizers)} words for {len(self.label_names)} labels {self.label_names}"
+            )
         if len(self.label_names) < 2:
             raise ValueError(f"dataset.label_names={self.label_names}: need at least 2 classes")
         tok = self.tokenizer
@@ -430,7 +475,9 @@ class Task:
         self.start_ids = start
         self.prefix_ids = start + tok(pre, add_special_tokens=False).input_ids
         if not self.prefix_ids:
-            raise ValueError("the template has no prefix and the tokenizer adds no BOS; set model.start_token (e.g. '<|endoftext|>')")
+            raise ValueError(
+                "the template has no prefix and the tokenizer adds no BOS; set model.start_token (e.g. '<|endoftext|>')"
+            )
         self.suffix_ids = tok(suf, add_special_tokens=False).input_ids
         ids = []
         for word in self.verbalizers:
@@ -453,7 +500,7 @@ class Task:
         if not context:
             return list(self.prefix_ids)
         ctx = self.tokenizer(context, add_special_tokens=False).input_ids
-        return self.start_ids + ctx + self.prefix_ids[len(self.start_ids):]
+        return self.start_ids + ctx + self.prefix_ids[len(self.start_ids) :]
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids

@@ -3,6 +3,7 @@
 Shared by selection (needs the scores) and fine-tuning (needs text and label), so both
 accept the same paths and refuse bad files with the same one-line messages.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,18 @@ def synthetic_privacy(path: str | Path) -> dict | None:
         summary = rec.get("summary", rec)
         if summary.get("epsilon") is None:
             return None
-        return {"epsilon": float(summary["epsilon"]), "delta": float(summary.get("delta") or 0.0), "ledger": ledger_of(priv)}
+        return {
+            "epsilon": float(summary["epsilon"]),
+            "delta": float(summary.get("delta") or 0.0),
+            "ledger": ledger_of(priv),
+        }
     except (OSError, ValueError, TypeError):
         return None
 
 
-def read_synthetic_rows(path: str | Path, label_names: Sequence[str], required: Sequence[str] = ("text", "label")) -> list[dict]:
+def read_synthetic_rows(
+    path: str | Path, label_names: Sequence[str], required: Sequence[str] = ("text", "label")
+) -> list[dict]:
     """Rows with `label` normalised to a class index; empty texts dropped.
 
     Any bad row raises a one-line ValueError naming the file, the line and the field."""
@@ -66,14 +73,18 @@ def read_synthetic_rows(path: str | Path, label_names: Sequence[str], required: 
             raise ValueError(f"{file}:{i}: expected a JSON object with fields {list(required)}")
         missing = [f for f in required if f not in row]
         if missing:
-            raise ValueError(f"{file}:{i}: missing field(s) {missing} (a synthetic set needs {list(required)}; row has: {sorted(row)})")
+            raise ValueError(
+                f"{file}:{i}: missing field(s) {missing} (a synthetic set needs {list(required)}; row has: {sorted(row)})"
+            )
         text, lab = row["text"], row["label"]
         if not isinstance(text, str):
             raise ValueError(f"{file}:{i}: field 'text' must be a string, got {type(text).__name__}")
         if isinstance(lab, str) and lab in names:
             lab = names.index(lab)
         if not isinstance(lab, int) or isinstance(lab, bool) or not 0 <= lab < len(names):
-            raise ValueError(f"{file}:{i}: field 'label'={row['label']!r} is not a class index 0..{len(names) - 1} or one of {names}")
+            raise ValueError(
+                f"{file}:{i}: field 'label'={row['label']!r} is not a class index 0..{len(names) - 1} or one of {names}"
+            )
         if text.strip():
             out.append({**row, "label": lab})
     if not out:

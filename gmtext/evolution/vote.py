@@ -19,6 +19,7 @@ earlier noisy histograms (post-processing), so the adaptive composition is the p
 Nothing else computed from the records leaves this module: the noiseless histogram is a local
 of `VoteRelease.release` and is never returned (except by `release_with_details`, for tests).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,11 +44,13 @@ def nearest(records: torch.Tensor, population: torch.Tensor, chunk: int = 4096) 
     Ties go to the lowest index (argmax), a rule that does not look at other records."""
     if len(population) == 0:
         raise ValueError("nearest: empty population")
-    out = [(records[i:i + chunk] @ population.T).argmax(1) for i in range(0, len(records), chunk)]
+    out = [(records[i : i + chunk] @ population.T).argmax(1) for i in range(0, len(records), chunk)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def vote_histograms(records_by_class: Sequence[torch.Tensor], population_by_class: Sequence[torch.Tensor]) -> torch.Tensor:
+def vote_histograms(
+    records_by_class: Sequence[torch.Tensor], population_by_class: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """[C, P] float64 vote counts: records of class c vote among class c's P samples only."""
     if len(records_by_class) != len(population_by_class):
         raise ValueError(f"{len(records_by_class)} record classes vs {len(population_by_class)} population classes")

@@ -6,6 +6,7 @@ subset), `none` (zero-shot), `fewshot` (k real demonstrations per class, in cont
 `dpsgd` (DP-SGD on the private train split, gmtext/finetune/dpsgd.py; the only source
 besides `real` and `fewshot` that touches real training examples, and the only private one).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +40,7 @@ def _strip_article(desc: str) -> str:
     d = desc.strip()
     for a in ("a ", "an ", "A ", "An "):
         if d.startswith(a):
-            return d[len(a):]
+            return d[len(a) :]
     return d
 
 
@@ -62,10 +63,21 @@ def prompt_ids(tokenizer, instruction: str, use_chat: bool | None = None) -> lis
 
 
 @torch.no_grad()
-def prompted_examples(model, tokenizer, descriptions: Sequence[str], size: int, seed: int,
-                      prompt: str = "Write one short {description} sentence.", temperature: float = 1.0, top_p: float = 0.95,
-                      max_new_tokens: int = 40, use_chat: bool | None = None, batch_size: int = 16, max_tries: int = 5,
-                      progress: bool = False) -> tuple[list[Example], dict]:
+def prompted_examples(
+    model,
+    tokenizer,
+    descriptions: Sequence[str],
+    size: int,
+    seed: int,
+    prompt: str = "Write one short {description} sentence.",
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 40,
+    use_chat: bool | None = None,
+    batch_size: int = 16,
+    max_tries: int = 5,
+    progress: bool = False,
+) -> tuple[list[Example], dict]:
     """ZeroGen-style baseline: sample `size // C` texts per class from the LM prompted with
     the class description (chat template when the tokenizer has one). Seeded; empty
     generations are resampled. `progress`: a bar (stderr) over the kept texts."""
@@ -82,7 +94,14 @@ def prompted_examples(model, tokenizer, descriptions: Sequence[str], size: int, 
     model.eval()
     out, prompts = [], []
     bar = tqdm(total=per * c, desc="prompted", unit="text", disable=not progress)
-    eos = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None} if t is not None]
+    eos = [
+        t
+        for t in {
+            tokenizer.eos_token_id,
+            tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None,
+        }
+        if t is not None
+    ]
     for k, desc in enumerate(descriptions):
         instr = prompt.format(description=_strip_article(desc))
         prompts.append(instr)
@@ -95,18 +114,28 @@ def prompted_examples(model, tokenizer, descriptions: Sequence[str], size: int, 
             need = per - len(texts)
             for i in range(0, need, batch_size):
                 nb = min(batch_size, need - i)
-                gen = model.generate(ids.expand(nb, -1), attention_mask=torch.ones(nb, ids.shape[1], dtype=torch.long, device=dev),
-                                     do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None)
+                gen = model.generate(
+                    ids.expand(nb, -1),
+                    attention_mask=torch.ones(nb, ids.shape[1], dtype=torch.long, device=dev),
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=0,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=eos or None,
+                )
                 kept = len(texts)
-                for row in gen[:, ids.shape[1]:]:
+                for row in gen[:, ids.shape[1] :]:
                     t = _clean(tokenizer.decode(row.tolist(), skip_special_tokens=True))
                     if t:
                         texts.append(t)
                 bar.update(min(len(texts), per) - kept)
         if len(texts) < per:
             bar.close()
-            raise RuntimeError(f"prompted baseline: only {len(texts)}/{per} non-empty generations for class {k} after {max_tries} tries")
+            raise RuntimeError(
+                f"prompted baseline: only {len(texts)}/{per} non-empty generations for class {k} after {max_tries} tries"
+            )
         out += [Example(t, k) for t in texts[:per]]
     bar.close()
     model.train(was_training)

@@ -8,6 +8,7 @@ its share of every global batch, and evaluation shards the examples and gathers 
 predictions. Only the main process (rank 0) takes the run lock and writes into the run
 dir; the other ranks write nothing. See README.md, "Multi-GPU fine-tuning".
 """
+
 from __future__ import annotations
 
 import os
@@ -50,9 +51,11 @@ def get_accelerator():
     if launched_world_size() > 1 and acc.num_processes != launched_world_size():
         from ..errors import UserError
 
-        raise UserError(f"launched with WORLD_SIZE={launched_world_size()} but accelerate formed a group of {acc.num_processes}: "
-                           "every rank would write the same run dir; launch with accelerate launch --multi_gpu --num_processes N "
-                           "as in README.md")
+        raise UserError(
+            f"launched with WORLD_SIZE={launched_world_size()} but accelerate formed a group of {acc.num_processes}: "
+            "every rank would write the same run dir; launch with accelerate launch --multi_gpu --num_processes N "
+            "as in README.md"
+        )
     return acc
 
 

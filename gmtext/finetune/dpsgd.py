@@ -21,6 +21,7 @@ private batch (loss, batch size) leaves this module; only step and lr are report
 The number of records N enters q = 1 / ceil(N / batch_size) and is treated as public, as in
 standard DP-SGD practice (opacus derives q from the dataset length the same way).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,10 @@ from ..privacy import noise
 from .trainer import FineTuner, FitResult, VerbalizerClassifier
 
 ACCOUNTANTS = ("prv", "rdp")
-NUM_RECORDS_NOTE = ("the number of private records N sets the sample rate q = 1/ceil(N/batch_size) and the "
-                    "subsample rate of train.size; N is treated as public, as in standard DP-SGD practice")
+NUM_RECORDS_NOTE = (
+    "the number of private records N sets the sample rate q = 1/ceil(N/batch_size) and the "
+    "subsample rate of train.size; N is treated as public, as in standard DP-SGD practice"
+)
 
 
 # --------------------------------------------------------------------------- which records
@@ -113,14 +116,38 @@ class _SecurePrivacyEngine(PrivacyEngine):
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             super().__init__(accountant=accountant, secure_mode=False)
 
-    def _prepare_optimizer(self, *, optimizer, noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction="mean",
-                           distributed=False, clipping="flat", noise_generator=None, grad_sample_mode="hooks", **kwargs):
-        if distributed or clipping != "flat" or noise_generator is not None or grad_sample_mode not in ("hooks", "functorch"):
-            raise ValueError("dpsgd: only single-process flat clipping with hooks/functorch per-sample gradients is supported")
+    def _prepare_optimizer(
+        self,
+        *,
+        optimizer,
+        noise_multiplier,
+        max_grad_norm,
+        expected_batch_size,
+        loss_reduction="mean",
+        distributed=False,
+        clipping="flat",
+        noise_generator=None,
+        grad_sample_mode="hooks",
+        **kwargs,
+    ):
+        if (
+            distributed
+            or clipping != "flat"
+            or noise_generator is not None
+            or grad_sample_mode not in ("hooks", "functorch")
+        ):
+            raise ValueError(
+                "dpsgd: only single-process flat clipping with hooks/functorch per-sample gradients is supported"
+            )
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
-        return SecureDPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                 expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+        return SecureDPOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+        )
 
 
 # --------------------------------------------------------------------------- data
@@ -164,8 +191,18 @@ def check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch) -> None:
         raise ValueError(f"train.microbatch={microbatch!r}: accepted: an int >= 1 (examples per physical batch)")
 
 
-def dpsgd_fit(finetuner: FineTuner, model: nn.Module, task: Task, examples: Sequence[Example], epsilon: float, delta: float,
-              clip_norm: float, accountant: str = "prv", microbatch: int = 8, on_step: Callable[[dict], None] | None = None) -> FitResult:
+def dpsgd_fit(
+    finetuner: FineTuner,
+    model: nn.Module,
+    task: Task,
+    examples: Sequence[Example],
+    epsilon: float,
+    delta: float,
+    clip_norm: float,
+    accountant: str = "prv",
+    microbatch: int = 8,
+    on_step: Callable[[dict], None] | None = None,
+) -> FitResult:
     """(epsilon, delta)-DP fine-tuning of the finetuner's trainable parameters on `examples`.
 
     Logical (expected) batch: finetuner.batch_size, so q = 1 / ceil(N / batch_size);
@@ -190,13 +227,21 @@ def dpsgd_fit(finetuner: FineTuner, model: nn.Module, task: Task, examples: Sequ
     per_epoch = math.ceil(n / finetuner.batch_size)
     q = 1.0 / per_epoch
     total = finetuner.num_steps(n)
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=total, accountant=accountant)
+    sigma = get_noise_multiplier(
+        target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=total, accountant=accountant
+    )
     torch.manual_seed(finetuner.seed)
     sampler = SecurePoissonSampler(num_samples=n, sample_rate=q, steps=per_epoch)
     loader = DataLoader(records, batch_sampler=sampler, collate_fn=_collate(task, finetuner.max_text_tokens))
     engine = _SecurePrivacyEngine(accountant=accountant)
-    net, opt, loader = engine.make_private(module=VerbalizerClassifier(model, task.label_token_ids), optimizer=finetuner.optimizer(params),
-                                           data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip_norm, poisson_sampling=False)
+    net, opt, loader = engine.make_private(
+        module=VerbalizerClassifier(model, task.label_token_ids),
+        optimizer=finetuner.optimizer(params),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=clip_norm,
+        poisson_sampling=False,
+    )
     dev = params[0].device
     step = 0
     model.train()
@@ -229,8 +274,19 @@ def dpsgd_fit(finetuner: FineTuner, model: nn.Module, task: Task, examples: Sequ
             p.grad = None
     model.eval()
     spent = float(engine.get_epsilon(delta))
-    extra = {"epsilon": spent, "epsilon_target": float(epsilon), "delta": float(delta), "noise_multiplier": float(sigma),
-             "sample_rate": q, "expected_batch_size": q * n, "steps": step, "clip_norm": float(clip_norm), "accountant": accountant,
-             "adjacency": "add_remove", "noise_source": noise.SOURCE, "sampling_source": "os.urandom Poisson mask (gmtext.privacy.noise.uniform)",
-             "num_records_public_note": NUM_RECORDS_NOTE}
+    extra = {
+        "epsilon": spent,
+        "epsilon_target": float(epsilon),
+        "delta": float(delta),
+        "noise_multiplier": float(sigma),
+        "sample_rate": q,
+        "expected_batch_size": q * n,
+        "steps": step,
+        "clip_norm": float(clip_norm),
+        "accountant": accountant,
+        "adjacency": "add_remove",
+        "noise_source": noise.SOURCE,
+        "sampling_source": "os.urandom Poisson mask (gmtext.privacy.noise.uniform)",
+        "num_records_public_note": NUM_RECORDS_NOTE,
+    }
     return FitResult(model, [], step, time.perf_counter() - t0, sum(p.numel() for p in params), extra)

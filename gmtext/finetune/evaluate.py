@@ -5,6 +5,7 @@ not depend on the batch: right padding is invisible to a causal prefix). Few-sho
 in-context evaluation prepends k demonstrations per class, each formatted with the same
 template and verbalizer, and trains nothing.
 """
+
 from __future__ import annotations
 
 import random
@@ -27,8 +28,13 @@ class EvalResult:
     predictions: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self, prefix: str = "") -> dict:
-        return {f"{prefix}accuracy": self.accuracy, f"{prefix}macro_f1": self.macro_f1,
-                f"{prefix}per_class_accuracy": self.per_class_accuracy, f"{prefix}confusion": self.confusion, f"{prefix}n": self.n}
+        return {
+            f"{prefix}accuracy": self.accuracy,
+            f"{prefix}macro_f1": self.macro_f1,
+            f"{prefix}per_class_accuracy": self.per_class_accuracy,
+            f"{prefix}confusion": self.confusion,
+            f"{prefix}n": self.n,
+        }
 
 
 def classification_metrics(labels: Sequence[int], preds: Sequence[int], label_names: Sequence[str]) -> EvalResult:
@@ -61,8 +67,16 @@ def _pad(seqs: list[list[int]], pad_id: int):
 
 
 @torch.no_grad()
-def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_text_tokens: int | None = None,
-            context_ids: Sequence[int] | None = None, accelerator=None, desc: str | None = None) -> list[int]:
+def predict(
+    model,
+    task: Task,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    max_text_tokens: int | None = None,
+    context_ids: Sequence[int] | None = None,
+    accelerator=None,
+    desc: str | None = None,
+) -> list[int]:
     """Predicted class index per text. `context_ids` (few-shot demonstrations, already
     encoded) are inserted after the start token, before the template prefix.
 
@@ -81,8 +95,10 @@ def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_t
         rows, _ = gather_predictions(model, task, seqs, batch_size, accelerator, desc)
         model.train(was_training)
         if sorted(j for j, _ in rows) != list(range(len(seqs))):
-            raise RuntimeError(f"distributed evaluation gathered {len(rows)} predictions for {len(seqs)} examples "
-                               f"({len({j for j, _ in rows})} distinct): refusing to report metrics over a wrong set")
+            raise RuntimeError(
+                f"distributed evaluation gathered {len(rows)} predictions for {len(seqs)} examples "
+                f"({len({j for j, _ in rows})} distinct): refusing to report metrics over a wrong set"
+            )
         preds = [0] * len(seqs)
         for j, p in rows:
             preds[j] = p
@@ -91,7 +107,9 @@ def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_t
     preds = [0] * len(seqs)
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):  # desc: show a bar
+    for i in tqdm(
+        range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False
+    ):  # desc: show a bar
         idx = order[i : i + batch_size]
         ids, mask, last = _pad([seqs[j] for j in idx], task.tokenizer.pad_token_id)
         logits = verbalizer_logits(model, ids.to(dev), mask.to(dev), last.to(dev), task.label_token_ids)
@@ -102,8 +120,9 @@ def predict(model, task: Task, texts: Sequence[str], batch_size: int = 32, max_t
 
 
 @torch.no_grad()
-def gather_predictions(model, task: Task, seqs: list[list[int]], batch_size: int, accelerator,
-                       desc: str | None = None) -> tuple[list[list[int]], int]:
+def gather_predictions(
+    model, task: Task, seqs: list[list[int]], batch_size: int, accelerator, desc: str | None = None
+) -> tuple[list[list[int]], int]:
     """Data-parallel prediction of encoded sequences: a DataLoader over the length-sorted
     indices, sharded by the accelerator (rank r takes batches r, r+N, ...; the last ones
     are padded with repeated samples so every rank runs as many full batches), gathered per
@@ -115,7 +134,9 @@ def gather_predictions(model, task: Task, seqs: list[list[int]], batch_size: int
 
     dev = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    loader = accelerator.prepare_data_loader(DataLoader(order, batch_size=batch_size, shuffle=False), device_placement=False)
+    loader = accelerator.prepare_data_loader(
+        DataLoader(order, batch_size=batch_size, shuffle=False), device_placement=False
+    )
     got: list[torch.Tensor] = []
     seen = 0
     for idx in tqdm(loader, desc=desc, unit="batch", disable=desc is None, leave=False):
@@ -128,12 +149,22 @@ def gather_predictions(model, task: Task, seqs: list[list[int]], batch_size: int
     return (torch.cat(got).tolist() if got else []), seen
 
 
-def evaluate(model, task: Task, examples: Sequence[Example], batch_size: int = 32, max_text_tokens: int | None = None,
-             context_ids: Sequence[int] | None = None, accelerator=None, desc: str | None = None) -> EvalResult:
+def evaluate(
+    model,
+    task: Task,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    max_text_tokens: int | None = None,
+    context_ids: Sequence[int] | None = None,
+    accelerator=None,
+    desc: str | None = None,
+) -> EvalResult:
     """Metrics over `examples`; `desc` set: a progress bar of that name (one process)."""
     if not examples:
         raise ValueError("evaluate: no examples to evaluate on")
-    preds = predict(model, task, [e.text for e in examples], batch_size, max_text_tokens, context_ids, accelerator, desc)
+    preds = predict(
+        model, task, [e.text for e in examples], batch_size, max_text_tokens, context_ids, accelerator, desc
+    )
     return classification_metrics([e.label for e in examples], preds, task.label_names)
 
 
@@ -164,6 +195,13 @@ def fewshot_context(task: Task, demos: Sequence[Example], seed: int = 0, separat
     return ids
 
 
-def evaluate_fewshot(model, task: Task, demos: Sequence[Example], examples: Sequence[Example], batch_size: int = 32,
-                     max_text_tokens: int | None = None, seed: int = 0) -> EvalResult:
+def evaluate_fewshot(
+    model,
+    task: Task,
+    demos: Sequence[Example],
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    max_text_tokens: int | None = None,
+    seed: int = 0,
+) -> EvalResult:
     return evaluate(model, task, examples, batch_size, max_text_tokens, fewshot_context(task, demos, seed))

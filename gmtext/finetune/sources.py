@@ -13,6 +13,7 @@ itself, so the stage never branches on a source's name:
 * `private_fit`: the loss, run time and class counts of training are statistics of private
   records (DP-SGD) and are never logged or published.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,11 @@ class TrainingSet:
 
 
 def _non_private(name: str, split: str, what: str) -> dict:
-    return {"epsilon": math.inf, "delta": 0.0, "ledger": Ledger(0.0, [LedgerEntry(name, "non_private", split, note=what)])}
+    return {
+        "epsilon": math.inf,
+        "delta": 0.0,
+        "ledger": Ledger(0.0, [LedgerEntry(name, "non_private", split, note=what)]),
+    }
 
 
 class TrainingSource:
@@ -98,7 +103,9 @@ class SyntheticSource(TrainingSource):
             raise ValueError("train=synthetic needs train.path=<synthetic.jsonl | selected.jsonl | generate run dir>")
 
     def load(self, ctx: SourceContext) -> TrainingSet:
-        return TrainingSet(read_synthetic(self.path, ctx.task.label_names), info={"path": str(resolve_synthetic_path(self.path))})
+        return TrainingSet(
+            read_synthetic(self.path, ctx.task.label_names), info={"path": str(resolve_synthetic_path(self.path))}
+        )
 
     def privacy_parts(self, split, fit_extra):
         rec = synthetic_privacy(self.path)
@@ -156,22 +163,43 @@ class PromptedSource(TrainingSource):
 
     name = "prompted"
 
-    def __init__(self, size: int = TrainPromptedConfig.size, prompt: str = TrainPromptedConfig.prompt,
-                 temperature: float = TrainPromptedConfig.temperature, top_p: float = TrainPromptedConfig.top_p,
-                 max_new_tokens: int = TrainPromptedConfig.max_new_tokens, use_chat: Optional[bool] = TrainPromptedConfig.use_chat):
+    def __init__(
+        self,
+        size: int = TrainPromptedConfig.size,
+        prompt: str = TrainPromptedConfig.prompt,
+        temperature: float = TrainPromptedConfig.temperature,
+        top_p: float = TrainPromptedConfig.top_p,
+        max_new_tokens: int = TrainPromptedConfig.max_new_tokens,
+        use_chat: Optional[bool] = TrainPromptedConfig.use_chat,
+    ):
         self.size, self.prompt, self.temperature, self.top_p = size, prompt, temperature, top_p
         self.max_new_tokens, self.use_chat = max_new_tokens, use_chat
 
     def load(self, ctx: SourceContext) -> TrainingSet:
         t0 = time.perf_counter()
-        exs, info = prompted_examples(ctx.lm.model, ctx.lm.tokenizer, ctx.label_descriptions, self.size, ctx.seed, self.prompt,
-                                      self.temperature, self.top_p, self.max_new_tokens, self.use_chat, progress=ctx.progress)
+        exs, info = prompted_examples(
+            ctx.lm.model,
+            ctx.lm.tokenizer,
+            ctx.label_descriptions,
+            self.size,
+            ctx.seed,
+            self.prompt,
+            self.temperature,
+            self.top_p,
+            self.max_new_tokens,
+            self.use_chat,
+            progress=ctx.progress,
+        )
         info.update(generation_seconds=time.perf_counter() - t0)
-        return TrainingSet(broadcast(ctx.accelerator, exs), info=info)  # every rank trains on the main process's samples
+        return TrainingSet(
+            broadcast(ctx.accelerator, exs), info=info
+        )  # every rank trains on the main process's samples
 
     def write_outputs(self, run_dir, task, data) -> None:
-        write_jsonl(Path(run_dir) / "prompted.jsonl",
-                    [{"text": e.text, "label": e.label, "label_name": task.label_names[e.label]} for e in data.examples])
+        write_jsonl(
+            Path(run_dir) / "prompted.jsonl",
+            [{"text": e.text, "label": e.label, "label_name": task.label_names[e.label]} for e in data.examples],
+        )
 
 
 class DPSGDSource(TrainingSource):
@@ -180,9 +208,15 @@ class DPSGDSource(TrainingSource):
     name = "dpsgd"
     private_fit = True
 
-    def __init__(self, size: Optional[int] = TrainDPSGDConfig.size, epsilon: float = TrainDPSGDConfig.epsilon,
-                 delta: float = TrainDPSGDConfig.delta, clip_norm: float = TrainDPSGDConfig.clip_norm,
-                 accountant: str = TrainDPSGDConfig.accountant, microbatch: int = TrainDPSGDConfig.microbatch):
+    def __init__(
+        self,
+        size: Optional[int] = TrainDPSGDConfig.size,
+        epsilon: float = TrainDPSGDConfig.epsilon,
+        delta: float = TrainDPSGDConfig.delta,
+        clip_norm: float = TrainDPSGDConfig.clip_norm,
+        accountant: str = TrainDPSGDConfig.accountant,
+        microbatch: int = TrainDPSGDConfig.microbatch,
+    ):
         from .dpsgd import check_dpsgd_args  # opacus: seconds of import time, only for DP-SGD runs
 
         check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch)
@@ -191,11 +225,15 @@ class DPSGDSource(TrainingSource):
 
     def check(self, lrs, num_processes) -> None:
         if len(lrs) > 1:
-            raise ValueError("finetune.lrs: selecting the lr over several DP-SGD runs spends the privacy budget once per run, "
-                             "which is not accounted; give one lr (finetuner.lr) for train=dpsgd")
+            raise ValueError(
+                "finetune.lrs: selecting the lr over several DP-SGD runs spends the privacy budget once per run, "
+                "which is not accounted; give one lr (finetuner.lr) for train=dpsgd"
+            )
         if num_processes > 1:
-            raise ValueError(f"train=dpsgd runs on one process (its sampling and accounting are per process); "
-                             f"launched with {num_processes}: run plain gmtext-finetune")
+            raise ValueError(
+                f"train=dpsgd runs on one process (its sampling and accounting are per process); "
+                f"launched with {num_processes}: run plain gmtext-finetune"
+            )
 
     def load(self, ctx: SourceContext) -> TrainingSet:
         from .dpsgd import private_records
@@ -205,13 +243,38 @@ class DPSGDSource(TrainingSource):
     def fit(self, finetuner, model, task, examples, on_step, accelerator=None):
         from .dpsgd import dpsgd_fit
 
-        return dpsgd_fit(finetuner, model, task, examples, self.epsilon, self.delta, self.clip_norm, self.accountant, self.microbatch,
-                         on_step)
+        return dpsgd_fit(
+            finetuner,
+            model,
+            task,
+            examples,
+            self.epsilon,
+            self.delta,
+            self.clip_norm,
+            self.accountant,
+            self.microbatch,
+            on_step,
+        )
 
     def privacy_parts(self, split, fit_extra):
         dp = fit_extra
         m = float(dp["noise_multiplier"])
-        entry = LedgerEntry("dpsgd", "subsampled_gaussian", split, records="the DP-SGD training set", noise_multiplier=m,
-                            sensitivity=float(dp["clip_norm"]), sigma=m * float(dp["clip_norm"]), count=int(dp["steps"]),
-                            sample_rate=float(dp["sample_rate"]), adjacency=dp.get("adjacency", "add_remove"))
-        return [{"epsilon": float(dp["epsilon"]), "delta": float(dp["delta"]), "ledger": Ledger(float(dp["delta"]), [entry])}]
+        entry = LedgerEntry(
+            "dpsgd",
+            "subsampled_gaussian",
+            split,
+            records="the DP-SGD training set",
+            noise_multiplier=m,
+            sensitivity=float(dp["clip_norm"]),
+            sigma=m * float(dp["clip_norm"]),
+            count=int(dp["steps"]),
+            sample_rate=float(dp["sample_rate"]),
+            adjacency=dp.get("adjacency", "add_remove"),
+        )
+        return [
+            {
+                "epsilon": float(dp["epsilon"]),
+                "delta": float(dp["delta"]),
+                "ledger": Ledger(float(dp["delta"]), [entry]),
+            }
+        ]

@@ -6,6 +6,7 @@ only (logits at each row's last real token, restricted to `task.label_token_ids`
 class index), with ids built by `Task.batch`, so fine-tuning sees exactly the template and
 first-token verbalizers that generation matched.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,13 +24,17 @@ from ..data import Example, Task
 from ..gradients import block_prefixes, is_final_norm, last_token_logits
 
 
-def verbalizer_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, label_token_ids: Sequence[int]) -> torch.Tensor:
+def verbalizer_logits(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, label_token_ids: Sequence[int]
+) -> torch.Tensor:
     """[B, C] float32 logits of the verbalizer tokens at each row's last real position
     (gradients.last_token_logits: the same numbers generation and the release use)."""
     return last_token_logits(model, ids, mask, last, list(label_token_ids))
 
 
-def classification_loss(model, task: Task, examples: Sequence[Example], max_text_tokens: int | None, reduction: str = "mean") -> torch.Tensor:
+def classification_loss(
+    model, task: Task, examples: Sequence[Example], max_text_tokens: int | None, reduction: str = "mean"
+) -> torch.Tensor:
     dev = next(model.parameters()).device
     ids, mask, last = task.batch([e.text for e in examples], max_text_tokens)
     y = torch.tensor([e.label for e in examples], device=dev)
@@ -56,13 +61,23 @@ class FineTuner:
     run data-parallel under `accelerate launch` (see `fit`).
     """
 
-    def __init__(self, lr: float = FullFineTunerConfig.lr, epochs: int = FullFineTunerConfig.epochs, max_steps: int = FullFineTunerConfig.max_steps,
-                 batch_size: int = FullFineTunerConfig.batch_size, weight_decay: float = FullFineTunerConfig.weight_decay,
-                 warmup_ratio: float = FullFineTunerConfig.warmup_ratio, seed: int = FullFineTunerConfig.seed,
-                 grad_clip: float = FullFineTunerConfig.grad_clip, max_text_tokens: int = FullFineTunerConfig.max_text_tokens):
+    def __init__(
+        self,
+        lr: float = FullFineTunerConfig.lr,
+        epochs: int = FullFineTunerConfig.epochs,
+        max_steps: int = FullFineTunerConfig.max_steps,
+        batch_size: int = FullFineTunerConfig.batch_size,
+        weight_decay: float = FullFineTunerConfig.weight_decay,
+        warmup_ratio: float = FullFineTunerConfig.warmup_ratio,
+        seed: int = FullFineTunerConfig.seed,
+        grad_clip: float = FullFineTunerConfig.grad_clip,
+        max_text_tokens: int = FullFineTunerConfig.max_text_tokens,
+    ):
         if lr <= 0 or batch_size < 1 or epochs < 0 or max_steps < 0 or not 0 <= warmup_ratio < 1:
-            raise ValueError(f"finetuner: need lr > 0, batch_size >= 1, epochs >= 0, max_steps >= 0, 0 <= warmup_ratio < 1 "
-                             f"(got lr={lr}, batch_size={batch_size}, epochs={epochs}, max_steps={max_steps}, warmup_ratio={warmup_ratio})")
+            raise ValueError(
+                f"finetuner: need lr > 0, batch_size >= 1, epochs >= 0, max_steps >= 0, 0 <= warmup_ratio < 1 "
+                f"(got lr={lr}, batch_size={batch_size}, epochs={epochs}, max_steps={max_steps}, warmup_ratio={warmup_ratio})"
+            )
         self.lr, self.epochs, self.max_steps, self.batch_size = float(lr), int(epochs), int(max_steps), int(batch_size)
         self.weight_decay, self.warmup_ratio, self.seed = float(weight_decay), float(warmup_ratio), int(seed)
         self.grad_clip, self.max_text_tokens = float(grad_clip), max_text_tokens
@@ -116,8 +131,14 @@ class FineTuner:
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
 
     # ----- training --------------------------------------------------------------
-    def fit(self, model: nn.Module, task: Task, examples: Sequence[Example], on_step: Callable[[dict], None] | None = None,
-            accelerator=None) -> FitResult:
+    def fit(
+        self,
+        model: nn.Module,
+        task: Task,
+        examples: Sequence[Example],
+        on_step: Callable[[dict], None] | None = None,
+        accelerator=None,
+    ) -> FitResult:
         """Train `model` (as returned by `prepare`) on `examples`; deterministic given the seed.
 
         Runs through an `accelerate.Accelerator` (one is made when none is given). On one
@@ -156,8 +177,9 @@ class FineTuner:
             else:
                 mine = take[rank::world]
                 # a rank without a share (global batch < N) still joins the gradient all-reduce, with weight 0
-                part_sum = _classifier_loss(net, task, [examples[i] for i in mine] or [examples[take[0]]], self.max_text_tokens,
-                                            reduction="sum") * (1.0 if mine else 0.0)
+                part_sum = _classifier_loss(
+                    net, task, [examples[i] for i in mine] or [examples[take[0]]], self.max_text_tokens, reduction="sum"
+                ) * (1.0 if mine else 0.0)
                 opt.zero_grad(set_to_none=True)
                 acc.backward(part_sum * (world / len(take)))
                 value = float(acc.reduce(part_sum.detach(), "sum")) / len(take)
@@ -187,7 +209,9 @@ class VerbalizerClassifier(nn.Module):
         return verbalizer_logits(self.model, ids, mask, last, self.label_token_ids)
 
 
-def _classifier_loss(net, task: Task, examples: Sequence[Example], max_text_tokens: int | None, reduction: str = "mean") -> torch.Tensor:
+def _classifier_loss(
+    net, task: Task, examples: Sequence[Example], max_text_tokens: int | None, reduction: str = "mean"
+) -> torch.Tensor:
     """classification_loss through a (prepared) VerbalizerClassifier."""
     dev = next(net.parameters()).device
     ids, mask, last = task.batch([e.text for e in examples], max_text_tokens)
@@ -203,8 +227,15 @@ class FullFineTuner(FineTuner):
 class LoRAFineTuner(FineTuner):
     """peft LoRA adapters (default on the attention q/v projections); the base model stays frozen."""
 
-    def __init__(self, r: int = LoRAFineTunerConfig.r, alpha: int = LoRAFineTunerConfig.alpha, dropout: float = LoRAFineTunerConfig.dropout,
-                 target_modules: Sequence[str] = LORA_TARGET_MODULES, lr: float = LoRAFineTunerConfig.lr, **kw):
+    def __init__(
+        self,
+        r: int = LoRAFineTunerConfig.r,
+        alpha: int = LoRAFineTunerConfig.alpha,
+        dropout: float = LoRAFineTunerConfig.dropout,
+        target_modules: Sequence[str] = LORA_TARGET_MODULES,
+        lr: float = LoRAFineTunerConfig.lr,
+        **kw,
+    ):
         super().__init__(lr=lr, **kw)
         if r < 1:
             raise ValueError(f"finetuner.r={r}: LoRA rank must be >= 1")
@@ -216,8 +247,12 @@ class LoRAFineTuner(FineTuner):
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [t for t in self.target_modules if t not in names]
         if missing:
-            raise ValueError(f"finetuner.target_modules {missing} not found in the model (e.g. Llama: q_proj, v_proj; OPT: q_proj, v_proj; Phi: q_proj, v_proj)")
-        cfg = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules, bias="none")
+            raise ValueError(
+                f"finetuner.target_modules {missing} not found in the model (e.g. Llama: q_proj, v_proj; OPT: q_proj, v_proj; Phi: q_proj, v_proj)"
+            )
+        cfg = LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules, bias="none"
+        )
         return get_peft_model(model, cfg)
 
     def _select(self, model):
@@ -227,8 +262,12 @@ class LoRAFineTuner(FineTuner):
 class LastLayersFineTuner(FineTuner):
     """Only the last `num_layers` transformer blocks and the final norm are trained."""
 
-    def __init__(self, num_layers: int = LastLayersFineTunerConfig.num_layers,
-                 train_final_norm: bool = LastLayersFineTunerConfig.train_final_norm, **kw):
+    def __init__(
+        self,
+        num_layers: int = LastLayersFineTunerConfig.num_layers,
+        train_final_norm: bool = LastLayersFineTunerConfig.train_final_norm,
+        **kw,
+    ):
         super().__init__(**kw)
         if num_layers < 1:
             raise ValueError(f"finetuner.num_layers={num_layers}: must be >= 1")
@@ -239,7 +278,7 @@ class LastLayersFineTuner(FineTuner):
         blocks = block_prefixes(names)
         if self.num_layers > len(blocks):
             raise ValueError(f"finetuner.num_layers={self.num_layers}: the model has {len(blocks)} blocks")
-        pre = tuple(blocks[-self.num_layers:])
+        pre = tuple(blocks[-self.num_layers :])
         sel = {n: p for n, p in names.items() if n.startswith(pre)}
         if self.train_final_norm:
             sel.update({n: p for n, p in names.items() if is_final_norm(n) and not n.startswith(tuple(blocks))})

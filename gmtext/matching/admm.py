@@ -4,6 +4,7 @@ Per outer step: z = Proj(x + λ/ρ); a few Adam steps on D(x) + ρ/2·‖x − z
 (+ γ·LM cross-entropy of x predicting z); λ ← λ + ρ(x − z). Each class keeps the z
 with the best *discrete* matching distance seen, not the last one.
 """
+
 from __future__ import annotations
 
 import copy
@@ -119,7 +120,17 @@ class ADMMMatcher:
         return s if self.objective == "sequence" else d
 
     # -------- the ADMM loop --------
-    def run(self, obj: MatchingObjective, projector, ctx: ProjectionContext, num_classes: int, batch_size: int, length: int, gen: torch.Generator, on_step: Callable[[dict], None] | None = None) -> MatchResult:
+    def run(
+        self,
+        obj: MatchingObjective,
+        projector,
+        ctx: ProjectionContext,
+        num_classes: int,
+        batch_size: int,
+        length: int,
+        gen: torch.Generator,
+        on_step: Callable[[dict], None] | None = None,
+    ) -> MatchResult:
         """z-step (project x + λ/ρ to tokens, keep each sequence's best so far), x-step (Adam on
         the matching loss + the ρ-penalty), λ-step; one record per outer step, with the primal
         and dual residuals that tell whether the two copies of the text agree (docs/generation.md)."""
@@ -150,7 +161,11 @@ class ADMMMatcher:
                 best_tok[improved] = z[improved]
             timings["evaluate"] += time.perf_counter() - t
             if step == steps:
-                rec = {"outer_step": step, "discrete_loss": dz.mean().item(), "best_discrete_loss": best_loss.mean().item()}
+                rec = {
+                    "outer_step": step,
+                    "discrete_loss": dz.mean().item(),
+                    "best_discrete_loss": best_loss.mean().item(),
+                }
                 history.append(rec)
                 if on_step:
                     on_step(rec)
@@ -204,7 +219,9 @@ class ADMMMatcher:
         while True:
             for _ in range(inner):
                 opt.zero_grad()
-                d_cls, lm, _ = obj.losses(x, lm_tokens=z if (self.lm_weight > 0 and self.admm) else None, objective=self.objective)
+                d_cls, lm, _ = obj.losses(
+                    x, lm_tokens=z if (self.lm_weight > 0 and self.admm) else None, objective=self.objective
+                )
                 loss = d_cls.sum()
                 pen = torch.zeros(())
                 if self.admm:
@@ -221,8 +238,10 @@ class ADMMMatcher:
                 return d_cls, pen, retries
             lr = opt.param_groups[0]["lr"]
             if retries == self.nan_retries:
-                raise FloatingPointError(f"non-finite loss or gradient in the x-step of outer step {step}, still at lr {lr:.3g} "
-                                         f"after {retries} halvings (matcher.nan_retries); lower matcher.lr or check the release")
+                raise FloatingPointError(
+                    f"non-finite loss or gradient in the x-step of outer step {step}, still at lr {lr:.3g} "
+                    f"after {retries} halvings (matcher.nan_retries); lower matcher.lr or check the release"
+                )
             retries += 1
             with torch.no_grad():
                 x.copy_(saved[0])
@@ -234,11 +253,32 @@ class EmbeddingMatcher(ADMMMatcher):
     """Ablation: optimise continuous embeddings on D alone (no ADMM coupling), then project
     once at the end with the configured projector."""
 
-    def __init__(self, *, outer_steps: int = EmbeddingOnlyConfig.outer_steps, inner_steps: int = EmbeddingOnlyConfig.inner_steps,
-                 lr: float = EmbeddingOnlyConfig.lr, grad_clip: float = EmbeddingOnlyConfig.grad_clip,
-                 distance: str = EmbeddingOnlyConfig.distance, init: str = EmbeddingOnlyConfig.init,
-                 init_candidates: int = EmbeddingOnlyConfig.init_candidates, init_temperature: float = EmbeddingOnlyConfig.init_temperature,
-                 closed_form: bool = EmbeddingOnlyConfig.closed_form, objective: str = EmbeddingOnlyConfig.objective):
-        super().__init__(outer_steps=outer_steps, inner_steps=inner_steps, lr=lr, rho=0.0, grad_clip=grad_clip, distance=distance,
-                         lm_weight=0.0, init=init, init_candidates=init_candidates, init_temperature=init_temperature,
-                         closed_form=closed_form, admm=False, objective=objective)
+    def __init__(
+        self,
+        *,
+        outer_steps: int = EmbeddingOnlyConfig.outer_steps,
+        inner_steps: int = EmbeddingOnlyConfig.inner_steps,
+        lr: float = EmbeddingOnlyConfig.lr,
+        grad_clip: float = EmbeddingOnlyConfig.grad_clip,
+        distance: str = EmbeddingOnlyConfig.distance,
+        init: str = EmbeddingOnlyConfig.init,
+        init_candidates: int = EmbeddingOnlyConfig.init_candidates,
+        init_temperature: float = EmbeddingOnlyConfig.init_temperature,
+        closed_form: bool = EmbeddingOnlyConfig.closed_form,
+        objective: str = EmbeddingOnlyConfig.objective,
+    ):
+        super().__init__(
+            outer_steps=outer_steps,
+            inner_steps=inner_steps,
+            lr=lr,
+            rho=0.0,
+            grad_clip=grad_clip,
+            distance=distance,
+            lm_weight=0.0,
+            init=init,
+            init_candidates=init_candidates,
+            init_temperature=init_temperature,
+            closed_form=closed_form,
+            admm=False,
+            objective=objective,
+        )

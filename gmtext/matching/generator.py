@@ -4,6 +4,7 @@ A marker component: its settings are the matcher, projector, privacy and matched
 groups, which the generate stage reads as it always did. What other stages ask a generator
 (does it need a release first?) it answers here, so they never branch on its name.
 """
+
 from __future__ import annotations
 
 

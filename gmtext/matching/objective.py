@@ -13,6 +13,7 @@ sequences may compensate for each other) and `sequence` (each sequence's own gra
 matches the target: every synthetic example is a class-representative training example
 on its own, which is what selection and per-example scores look at).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -77,13 +78,22 @@ class MatchingObjective:
         """x: [N, L, d] free-slot embeddings → last-layer hidden states [N, P+L+S, d]."""
         n = x.shape[0]
         # x is kept in float32 by the matcher; run the decoder in the model's own dtype (bf16/fp16 models)
-        inp = torch.cat([self.prefix_emb.expand(n, -1, -1), x.to(self.prefix_emb.dtype), self.suffix_emb.expand(n, -1, -1)], dim=1)
+        inp = torch.cat(
+            [self.prefix_emb.expand(n, -1, -1), x.to(self.prefix_emb.dtype), self.suffix_emb.expand(n, -1, -1)], dim=1
+        )
         return self.decoder(inputs_embeds=inp).last_hidden_state
 
     def tokens_to_x(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed(tokens)
 
-    def losses(self, x: torch.Tensor, lm_tokens: torch.Tensor | None = None, per_sequence: bool = False, create_graph: bool = True, objective: str = "batch"):
+    def losses(
+        self,
+        x: torch.Tensor,
+        lm_tokens: torch.Tensor | None = None,
+        per_sequence: bool = False,
+        create_graph: bool = True,
+        objective: str = "batch",
+    ):
         """x: [C, B, L, d]. Returns (objective per class [C]: the batch-gradient distance, or with
         objective="sequence" the mean of per-sequence distances, differentiable; LM cross-entropy
         of x predicting lm_tokens per class [C] or None; per-sequence D [C, B] when asked)."""
@@ -96,11 +106,17 @@ class MatchingObjective:
         lm = None
         if lm_tokens is not None:
             logits = self.head(hid[:, self.n_prefix - 1 : self.n_prefix - 1 + length]).float()
-            lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lm_tokens.reshape(-1), reduction="none").view(c, b * length).mean(1)
+            lm = (
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lm_tokens.reshape(-1), reduction="none")
+                .view(c, b * length)
+                .mean(1)
+            )
         if self.closed_form:
             d_cls, d_seq = self._closed_form(h_last.view(c, b, d), per_sequence)
         else:
-            d_cls, d_seq = self._autograd(h_last.view(c, b, d), per_sequence, create_graph, seq_graph=objective == "sequence")
+            d_cls, d_seq = self._autograd(
+                h_last.view(c, b, d), per_sequence, create_graph, seq_graph=objective == "sequence"
+            )
         if objective == "sequence":
             d_cls = d_seq.mean(1)
         return d_cls, lm, d_seq
@@ -151,14 +167,21 @@ class MatchingObjective:
         return (norm2 - 2 * dot + g_norm2) / g_norm2.clamp_min(EPS)
 
     def _tensor_dist(self, gs, ts):
-        return torch.stack([self._dist((g.float() * t.float()).sum(), (g.float() ** 2).sum(), (t.float() ** 2).sum()) for g, t in zip(gs, ts)]).mean()
+        return torch.stack(
+            [
+                self._dist((g.float() * t.float()).sum(), (g.float() ** 2).sum(), (t.float() ** 2).sum())
+                for g, t in zip(gs, ts)
+            ]
+        ).mean()
 
     def _row_dist(self, gs, ts):
         """[B] distances of B stacked gradients (each g in gs is [B, *t.shape]) to the targets."""
         out = []
         for g, t in zip(gs, ts):
             g, t = g.float().flatten(1), t.float().flatten()
-            out.append(self._dist((g * t).sum(1), (g * g).sum(1), (t * t).sum()))  # not g @ t: gemv sums less accurately
+            out.append(
+                self._dist((g * t).sum(1), (g * g).sum(1), (t * t).sum())
+            )  # not g @ t: gemv sums less accurately
         return torch.stack(out).mean(0)
 
     def _autograd(self, h: torch.Tensor, per_sequence: bool, create_graph: bool, seq_graph: bool = False):
@@ -181,7 +204,14 @@ class MatchingObjective:
             if per_sequence:
                 # all B per-sequence gradients in one vmapped backward (one-hot grad_outputs)
                 onehot = torch.eye(b, device=ce.device, dtype=ce.dtype)
-                gi = torch.autograd.grad(ce[k], params, grad_outputs=onehot, is_grads_batched=True, retain_graph=True, create_graph=seq_graph and create_graph)
+                gi = torch.autograd.grad(
+                    ce[k],
+                    params,
+                    grad_outputs=onehot,
+                    is_grads_batched=True,
+                    retain_graph=True,
+                    create_graph=seq_graph and create_graph,
+                )
                 ds = self._row_dist(gi, self.targets[k])
                 d_seq.append(ds if seq_graph else ds.detach())
         if seq_graph:
@@ -213,7 +243,9 @@ class MatchingObjective:
             groups.setdefault(len(t), []).append(i)
         c = len(self.targets)
         for length, idx in groups.items():
-            tokens = torch.tensor([list(token_lists[i]) for i in idx], dtype=torch.long, device=self.device).view(len(idx), length)
+            tokens = torch.tensor([list(token_lists[i]) for i in idx], dtype=torch.long, device=self.device).view(
+                len(idx), length
+            )
             x = self.tokens_to_x(tokens).detach()
             with torch.set_grad_enabled(not self.closed_form):
                 h = self._hidden(x)[:, -1]
@@ -235,5 +267,7 @@ class MatchingObjective:
         prefix = torch.tensor(self.context_ids, device=t.device).expand(t.shape[0], -1)
         ids = torch.cat([prefix, t], 1)
         logits = self.model(input_ids=ids).logits[:, len(self.context_ids) - 1 : -1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="none").view(t.shape).mean(1)
+        nll = (
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="none").view(t.shape).mean(1)
+        )
         return nll.exp().view(shape[:-1])

@@ -5,6 +5,7 @@ the k tokens closest to its continuous embedding, and among those the LM picks t
 likely continuation of what was chosen so far. Decoding is batched over rows and uses a
 KV cache, so a projection costs about one single-token forward per position.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,9 @@ class ProjectionContext:
         input embeddings)."""
         head = self.model.get_output_embeddings()
         bias = getattr(head, "bias", None)
-        return head.weight.detach()[self.allowed_ids].float(), None if bias is None else bias.detach()[self.allowed_ids].float()
+        return head.weight.detach()[self.allowed_ids].float(), None if bias is None else bias.detach()[
+            self.allowed_ids
+        ].float()
 
 
 def candidate_ids(x: torch.Tensor, ctx: ProjectionContext, k: int, metric: str = "cos") -> torch.Tensor:
@@ -80,8 +83,13 @@ class NearestProjector:
 class LMTopKProjector:
     """LM-guided top-k projection, KV-cached and batched over rows."""
 
-    def __init__(self, topk: int = LMTopKConfig.topk, metric: str = LMTopKConfig.metric, sim_weight: float = LMTopKConfig.sim_weight,
-                 lm_candidates: int = LMTopKConfig.lm_candidates):
+    def __init__(
+        self,
+        topk: int = LMTopKConfig.topk,
+        metric: str = LMTopKConfig.metric,
+        sim_weight: float = LMTopKConfig.sim_weight,
+        lm_candidates: int = LMTopKConfig.lm_candidates,
+    ):
         """sim_weight > 0 trades LM likelihood against closeness to x: greedy LM choices
         among the k neighbours of every position can drift away from the sentence x
         encodes (each position's candidates were set for x's own prefix), which raises
@@ -151,7 +159,14 @@ class LMTopKProjector:
 
 
 @torch.no_grad()
-def lm_topk_reference(x: torch.Tensor, ctx: ProjectionContext, topk: int, metric: str = "cos", sim_weight: float = 0.0, lm_candidates: int = 0) -> torch.Tensor:
+def lm_topk_reference(
+    x: torch.Tensor,
+    ctx: ProjectionContext,
+    topk: int,
+    metric: str = "cos",
+    sim_weight: float = 0.0,
+    lm_candidates: int = 0,
+) -> torch.Tensor:
     """The reference implementation's structure: one row at a time, re-encoding the whole
     prefix for every position. Kept to test and benchmark the fast path against."""
     n, length, _ = x.shape
@@ -165,7 +180,10 @@ def lm_topk_reference(x: torch.Tensor, ctx: ProjectionContext, topk: int, metric
             c, cs = cand[r, i], cos[r, i]
             if lm_candidates:  # the LM's favourites among the allowed tokens, scored the same way
                 lm_top = ctx.allowed_ids[logits[ctx.allowed_ids].topk(lm_candidates).indices]
-                c, cs = torch.cat([c, lm_top]), torch.cat([cs, candidate_cosines(x[r, i, None, None], ctx, lm_top[None, None])[0, 0]])
+                c, cs = (
+                    torch.cat([c, lm_top]),
+                    torch.cat([cs, candidate_cosines(x[r, i, None, None], ctx, lm_top[None, None])[0, 0]]),
+                )
             pick = int(c[_scores(logits, c, cs, sim_weight).argmax()])
             chosen[r, i] = pick
             seq.append(pick)

@@ -11,6 +11,7 @@ fine-tuning sees the text (decoded, re-tokenised, inside the template).
 
 Uses only a release and synthetic text: post-processing, no privacy cost beyond the release's.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,15 +37,26 @@ def cosine_distance(grads: Sequence[torch.Tensor], target: Sequence[torch.Tensor
     return torch.stack(parts).mean(0).cpu()
 
 
-def label_fit(model, task, matched: MatchedParams, targets, texts: Sequence[str], match_loss: str = "verbalizer",
-              max_text_tokens: int | None = None, chunk: int = 8, progress: bool = False) -> torch.Tensor:
+def label_fit(
+    model,
+    task,
+    matched: MatchedParams,
+    targets,
+    texts: Sequence[str],
+    match_loss: str = "verbalizer",
+    max_text_tokens: int | None = None,
+    chunk: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
     """[N, C]: distance of text i's gradient *under label j* to class j's target.
     `progress`: a bar over the (label, chunk) steps, the slow part of margin selection."""
     from tqdm.auto import tqdm
 
     dev = next(model.parameters()).device
     out = torch.zeros(len(texts), len(targets))
-    bar = tqdm(total=len(targets) * math.ceil(len(texts) / chunk), desc="margin scores", unit="chunk", disable=not progress)
+    bar = tqdm(
+        total=len(targets) * math.ceil(len(texts) / chunk), desc="margin scores", unit="chunk", disable=not progress
+    )
     for j, tj in enumerate(targets):
         label, vocab = label_and_vocab(task, j, match_loss, dev)
         for s in range(0, len(texts), chunk):

@@ -4,6 +4,7 @@ Readable output needs a clean candidate set: no special/control tokens, no byte
 fragments that decode to U+FFFD, no whitespace-only pieces, and only ids the
 tokenizer really defines (some models pad the embedding matrix past the vocab).
 """
+
 from __future__ import annotations
 
 import unicodedata

@@ -39,6 +39,7 @@ Accountants (``ACCOUNTANTS``):
 
 All functions are pure; there is no module state besides constants.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,11 +100,7 @@ def _check_epsilon(epsilon: float) -> float:
 
 
 def _check_multiplier(noise_multiplier: float) -> float:
-    if not (
-        isinstance(noise_multiplier, (int, float))
-        and math.isfinite(noise_multiplier)
-        and noise_multiplier > 0.0
-    ):
+    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier > 0.0):
         raise ValueError(f"noise_multiplier must be a finite number > 0, got noise_multiplier={noise_multiplier!r}")
     return float(noise_multiplier)
 
@@ -128,8 +125,7 @@ def validate_budget(epsilon: float, delta: float, n: int | None = None) -> list[
         n = _check_count("n", n)
         if delta >= 1.0 / n:
             warns.append(
-                f"delta={delta:g} >= 1/n={1.0 / n:g}: such a delta allows leaking a whole "
-                f"record; use delta << 1/n"
+                f"delta={delta:g} >= 1/n={1.0 / n:g}: such a delta allows leaking a whole record; use delta << 1/n"
             )
     if epsilon > 10.0:
         warns.append(f"epsilon={epsilon:g} > 10 gives a very weak formal guarantee")
@@ -218,10 +214,7 @@ def _rdp_epsilon(pairs: Sequence[tuple[float, int]], delta: float) -> float:
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     orders = list(_RDP_ORDERS)
-    rdp = sum(
-        np.asarray(compute_rdp(q=1.0, noise_multiplier=m, steps=k, orders=orders), dtype=float)
-        for m, k in pairs
-    )
+    rdp = sum(np.asarray(compute_rdp(q=1.0, noise_multiplier=m, steps=k, orders=orders), dtype=float) for m, k in pairs)
     with warnings.catch_warnings():
         # "optimal order is the largest alpha" would only mean a looser (still valid) bound
         warnings.simplefilter("ignore", UserWarning)
@@ -278,9 +271,7 @@ def _prv_epsilon(pairs: Sequence[tuple[float, int]], delta: float) -> float:
     # mesh from Gopi et al. Thm 5.5, as in opacus.accountants.PRVAccountant._get_domain
     mesh = eps_error / math.sqrt(sum(counts) * math.log(12.0 / delta_error) / 2.0)
     domain = Domain.create_aligned(-length, length, mesh)
-    dprvs = [
-        discretize(TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max), domain) for p in prvs
-    ]
+    dprvs = [discretize(TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max), domain) for p in prvs]
     composed = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
     _, _, eps_upper = composed.compute_epsilon(delta, delta_error, eps_error)
     # the PRV upper bound is never below the exact value up to float noise; enforce it

@@ -20,6 +20,7 @@ audit.json / audit.md are computed from private data without noise: they are for
 owner, not for publication next to the synthetic set (they name real-example indices, not
 real text).
 """
+
 from __future__ import annotations
 
 import math
@@ -110,8 +111,13 @@ def nearest_real_cosine(synth: Sequence[Sequence[str]], real: Sequence[Sequence[
 def _dist(x: np.ndarray) -> dict:
     if len(x) == 0:
         return {}
-    return {"mean": float(x.mean()), "median": float(np.median(x)), "p90": float(np.quantile(x, 0.9)),
-            "p99": float(np.quantile(x, 0.99)), "max": float(x.max())}
+    return {
+        "mean": float(x.mean()),
+        "median": float(np.median(x)),
+        "p90": float(np.quantile(x, 0.9)),
+        "p99": float(np.quantile(x, 0.99)),
+        "max": float(x.max()),
+    }
 
 
 def audit_texts(synthetic: Sequence[str], real: Sequence[str], n: int = 8, top: int = 5) -> dict:
@@ -134,8 +140,15 @@ def audit_texts(synthetic: Sequence[str], real: Sequence[str], n: int = 8, top: 
         "share_with_real_ngram": sum(v >= n for v in lcn) / len(lcn),
         "similarity": "tfidf_cosine (word unigrams, smooth idf fitted on the real texts)",
         "nearest_real_cosine": _dist(cos),
-        "most_similar": [{"synthetic": synthetic[i], "real_index": int(idx[i]), "cosine": float(cos[i]),
-                          "longest_common_ngram": lcn[i]} for i in order],
+        "most_similar": [
+            {
+                "synthetic": synthetic[i],
+                "real_index": int(idx[i]),
+                "cosine": float(cos[i]),
+                "longest_common_ngram": lcn[i],
+            }
+            for i in order
+        ],
     }
 
 
@@ -151,7 +164,9 @@ def make_canaries(k: int, num_words: int, seed: int, prefix: str = CANARY_PREFIX
     return out
 
 
-def plant_canaries(texts_by_class: Sequence[Sequence[str]], canaries: Sequence[str]) -> tuple[list[list[str]], list[int]]:
+def plant_canaries(
+    texts_by_class: Sequence[Sequence[str]], canaries: Sequence[str]
+) -> tuple[list[list[str]], list[int]]:
     """Replace real examples by canaries, round robin over classes (counts unchanged: n stays the
     public constant). Returns the new texts and each canary's class."""
     out = [list(t) for t in texts_by_class]
@@ -187,7 +202,9 @@ def sentence_log_ppl(model, tokenizer, texts: Sequence[str], start_ids: Sequence
     return out
 
 
-def canary_exposure(model, tokenizer, canaries: Sequence[str], references: Sequence[str], start_ids: Sequence[int]) -> list[dict]:
+def canary_exposure(
+    model, tokenizer, canaries: Sequence[str], references: Sequence[str], start_ids: Sequence[int]
+) -> list[dict]:
     """Exposure of each canary among `references` (same format, never planted): rank 1 = the
     canary is the most likely sentence; exposure = log2(R + 1) - log2(rank), ~1 bit on average
     for a model that has not seen the canaries, log2(R + 1) when it is ranked first."""
@@ -196,6 +213,13 @@ def canary_exposure(model, tokenizer, canaries: Sequence[str], references: Seque
     res = []
     for can, v in zip(canaries, lc):
         rank = 1 + int((lr < v).sum())
-        res.append({"canary": can, "log_perplexity": v, "rank": rank, "references": len(references),
-                    "exposure_bits": math.log2(len(references) + 1) - math.log2(rank)})
+        res.append(
+            {
+                "canary": can,
+                "log_perplexity": v,
+                "rank": rank,
+                "references": len(references),
+                "exposure_bits": math.log2(len(references) + 1) - math.log2(rank),
+            }
+        )
     return res

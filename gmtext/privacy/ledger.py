@@ -19,6 +19,7 @@ The protected split is named by its public identity (``split_id``: dataset name,
 file lives, which split, which inclusion rule), never by a hash of its content: a content hash
 is a deterministic function of the private records and would itself be an un-noised release.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,14 @@ class LedgerEntry:
             raise ValueError(f"ledger entry {self.name!r}: sample_rate={self.sample_rate!r} must be in (0, 1]")
         if self.kind == "gaussian" and self.sample_rate != 1.0:
             raise ValueError(f"ledger entry {self.name!r}: a full-batch gaussian entry has sample_rate 1")
-        if self.sigma is not None and self.sensitivity is not None and not math.isclose(self.sigma, m * self.sensitivity, rel_tol=1e-9):
-            raise ValueError(f"ledger entry {self.name!r}: sigma={self.sigma!r} != noise_multiplier*sensitivity={m * self.sensitivity!r}")
+        if (
+            self.sigma is not None
+            and self.sensitivity is not None
+            and not math.isclose(self.sigma, m * self.sensitivity, rel_tol=1e-9)
+        ):
+            raise ValueError(
+                f"ledger entry {self.name!r}: sigma={self.sigma!r} != noise_multiplier*sensitivity={m * self.sensitivity!r}"
+            )
 
     def to_event(self):
         import dp_accounting as dpa
@@ -122,9 +129,14 @@ class Ledger:
 
     def to_dict(self) -> dict[str, Any]:
         eps = self.epsilon()
-        return {"epsilon": eps, "delta": self.delta, "accountant": ACCOUNTANT if self.private and self.entries else None,
-                "composition": "sequential over all entries", "protected_splits": self.splits(),
-                "entries": [{k: v for k, v in asdict(e).items() if v not in (None, "")} for e in self.entries]}
+        return {
+            "epsilon": eps,
+            "delta": self.delta,
+            "accountant": ACCOUNTANT if self.private and self.entries else None,
+            "composition": "sequential over all entries",
+            "protected_splits": self.splits(),
+            "entries": [{k: v for k, v in asdict(e).items() if v not in (None, "")} for e in self.entries],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Ledger":
@@ -172,5 +184,8 @@ def compose_records(parts: list[dict]) -> dict:
     but loose bound) with a note saying so."""
     if all(p.get("ledger") is not None for p in parts):
         return merge_all(p["ledger"] for p in parts).to_dict()  # has epsilon and delta
-    return {"epsilon": sum(float(p["epsilon"]) for p in parts), "delta": sum(float(p.get("delta") or 0.0) for p in parts),
-            "note": "basic composition (no ledger): a part was made before ledgers existed"}
+    return {
+        "epsilon": sum(float(p["epsilon"]) for p in parts),
+        "delta": sum(float(p.get("delta") or 0.0) for p in parts),
+        "note": "basic composition (no ledger): a part was made before ledgers existed",
+    }

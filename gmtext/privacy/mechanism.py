@@ -24,6 +24,7 @@ Per-example gradients, three paths that give the same numbers (tested):
 
 The noise itself comes from privacy/noise.py (the OS CSPRNG), never from a seeded generator.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -58,7 +59,9 @@ def _check_method(method: str, matched: MatchedParams) -> str:
             return "closed_form"
         return "sketch_hooks" if _all_sketch(matched) else "vmap"
     if method == "sketch_hooks" and not _all_sketch(matched):
-        raise ValueError(f"sketch_hooks per-example gradients need every matched param to come from a sketch: spec, got {matched.specs}")
+        raise ValueError(
+            f"sketch_hooks per-example gradients need every matched param to come from a sketch: spec, got {matched.specs}"
+        )
     if method == "closed_form" and not matched.head_only:
         raise ValueError(f"closed_form per-example gradients need matched params = lm_head only, got {matched.specs}")
     return method
@@ -105,8 +108,9 @@ def _head_chunk(model, matched, task, texts, label_id, max_text_tokens, vocab=No
     return e, h.float()
 
 
-def clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens=None, chunk=16, vocab=None,
-                            on_chunk=None) -> ClippedSum:
+def clipped_sum_closed_form(
+    model, task, matched, texts, label_id, clip_norm, max_text_tokens=None, chunk=16, vocab=None, on_chunk=None
+) -> ClippedSum:
     head, w_idx, b_idx = _head_parts(model, matched)
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
     norms = []
@@ -140,7 +144,9 @@ class _LastTokenLoss(nn.Module):
         return F.cross_entropy(last_token_logits(self.model, ids[None], None, last[None], self.vocab), label[None])
 
 
-def per_example_grads_vmap(model, task, matched, texts, label_id, max_text_tokens=None, vocab=None) -> list[torch.Tensor]:
+def per_example_grads_vmap(
+    model, task, matched, texts, label_id, max_text_tokens=None, vocab=None
+) -> list[torch.Tensor]:
     """Per-example gradients [N, *shape] for every matched tensor, vectorised with torch.func.
     `vocab` given: verbalizer-only cross-entropy and `label_id` is the class index."""
     from torch.func import functional_call, grad, vmap
@@ -162,13 +168,17 @@ def per_example_grads_vmap(model, task, matched, texts, label_id, max_text_token
     return [g[k].detach() for k in names]
 
 
-def per_example_grads_loop(model, task, matched, texts, label_id, max_text_tokens=None, vocab=None) -> list[torch.Tensor]:
+def per_example_grads_loop(
+    model, task, matched, texts, label_id, max_text_tokens=None, vocab=None
+) -> list[torch.Tensor]:
     """Reference: one forward/backward per example through the full model (last_token_loss)."""
     dev = next(model.parameters()).device
     out = [[] for _ in matched.params]
     for t in texts:
         ids, mask, last = task.batch([t], max_text_tokens)
-        loss = last_token_loss(model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([label_id], device=dev), vocab)[0]
+        loss = last_token_loss(
+            model, ids.to(dev), mask.to(dev), last.to(dev), torch.tensor([label_id], device=dev), vocab
+        )[0]
         for acc, g in zip(out, torch.autograd.grad(loss, matched.params)):
             acc.append(g.detach())
     return [torch.stack(a) for a in out]
@@ -181,8 +191,19 @@ def _clip_materialised(grads: list[torch.Tensor], clip_norm: float):
     return [(g.float() * s.view(n, *([1] * (g.dim() - 1)))).sum(0) for g in grads], nrm
 
 
-def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label_id: int, clip_norm: float,
-                max_text_tokens: int | None = None, chunk: int = 16, method: str = "auto", vocab=None, on_chunk=None) -> ClippedSum:
+def clipped_sum(
+    model,
+    task,
+    matched: MatchedParams,
+    texts: Sequence[str],
+    label_id: int,
+    clip_norm: float,
+    max_text_tokens: int | None = None,
+    chunk: int = 16,
+    method: str = "auto",
+    vocab=None,
+    on_chunk=None,
+) -> ClippedSum:
     """Sum of per-example gradients of `texts` (all labelled `label_id`), each clipped jointly
     over all matched tensors to L2 norm `clip_norm`. `vocab` (verbalizer token ids) switches to
     the verbalizer-only loss; `label_id` is then the class index (gradients.label_and_vocab).
@@ -192,7 +213,9 @@ def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label
     method = _check_method(method, matched)
     texts = list(texts)
     if method == "closed_form":
-        return clipped_sum_closed_form(model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk, vocab, on_chunk)
+        return clipped_sum_closed_form(
+            model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk, vocab, on_chunk
+        )
     if method == "sketch_hooks":
         from ..sketch import per_example_grads_hooks as f
     else:
@@ -205,7 +228,9 @@ def clipped_sum(model, task, matched: MatchedParams, texts: Sequence[str], label
     norms = torch.zeros(len(texts))
     for i in range(0, len(texts), step):
         idx = order[i : i + step]
-        cs, nrm = _clip_materialised(f(model, task, matched, [texts[j] for j in idx], label_id, max_text_tokens, vocab), clip_norm)
+        cs, nrm = _clip_materialised(
+            f(model, task, matched, [texts[j] for j in idx], label_id, max_text_tokens, vocab), clip_norm
+        )
         for acc, c in zip(sums, cs):
             acc += c
         norms[idx] = nrm.cpu()
@@ -231,8 +256,18 @@ class _Union:
     activate = MatchedParams.activate  # the same switch: only these tensors require grad
 
 
-def clipped_sums_parts(model, task, parts: Sequence[MatchedParams], texts: Sequence[str], label_id: int, clip_norm: float,
-                       max_text_tokens: int | None = None, chunk: int = 16, vocab=None, on_chunk=None) -> list[ClippedSum]:
+def clipped_sums_parts(
+    model,
+    task,
+    parts: Sequence[MatchedParams],
+    texts: Sequence[str],
+    label_id: int,
+    clip_norm: float,
+    max_text_tokens: int | None = None,
+    chunk: int = 16,
+    vocab=None,
+    on_chunk=None,
+) -> list[ClippedSum]:
     """`clipped_sum` for several all-sketch parameter sets from one forward/backward per chunk:
     part j's per-example gradient is clipped to `clip_norm` over part j's tensors alone, exactly
     as separate `clipped_sum` calls would (tested), so each part stays its own Gaussian mechanism

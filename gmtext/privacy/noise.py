@@ -16,6 +16,7 @@ and the clean value are added in float64, and only the float32 rounding of the s
 released (``add_noise``), which discards the 29 low-order bits those attacks read. This is
 not a proof: docs/privacy.md states the floating-point attack surface as out of scope.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ _CHUNK = 1 << 20  # normals per os.urandom call: bounds memory for tens of milli
 def _uniforms(n: int, entropy: Callable[[int], bytes]) -> np.ndarray:
     """n uniforms in (0, 1], from the top 53 bits of n fresh 64-bit words."""
     words = np.frombuffer(entropy(8 * n), dtype="<u8")
-    return ((words >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53
+    return ((words >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
 
 
 def uniform(n: int) -> np.ndarray:
@@ -54,7 +55,7 @@ def standard_normal(n: int, entropy: Callable[[int], bytes] | None = None) -> np
         r = np.sqrt(-2.0 * np.log(u[:half]))
         theta = (2.0 * math.pi) * u[half:]
         z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])
-        out[start:start + m] = z[:m]
+        out[start : start + m] = z[:m]
     return out
 
 

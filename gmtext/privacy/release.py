@@ -10,6 +10,7 @@ Every mechanism has the same surface, so the release stage never branches on its
 `name`, `sample_rate`, `publishes_wall_time`, `private`, `check_inclusion(real_per_class)`,
 `release(...)`, `release_joint(...)` and `check_reuse(release)`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,7 +64,9 @@ class Release:
     def load(cls, out_dir) -> "Release":
         out = Path(out_dir)
         if not (out / META_FILE).exists():
-            raise FileNotFoundError(f"release={str(out)!r}: no {META_FILE} there (not a release directory, or an unfinished one)")
+            raise FileNotFoundError(
+                f"release={str(out)!r}: no {META_FILE} there (not a release directory, or an unfinished one)"
+            )
         meta = read_json(out / META_FILE)
         if "counts" in meta:  # releases written before the DP release divided by a public constant
             meta["divisors"] = [float(n) for n in meta.pop("counts")]
@@ -72,19 +75,37 @@ class Release:
 
     def check(self, fingerprint: str, names: list[str]) -> None:
         if fingerprint != self.fingerprint:
-            raise ReleaseMismatch(f"release fingerprint {self.fingerprint} does not match this config ({fingerprint}): it was made for another model, dataset, template, verbalizers or matched parameters")
+            raise ReleaseMismatch(
+                f"release fingerprint {self.fingerprint} does not match this config ({fingerprint}): it was made for another model, dataset, template, verbalizers or matched parameters"
+            )
         if names != self.param_names:
-            raise ReleaseMismatch(f"release holds gradients for {self.param_names[:3]}..., this config matches {names[:3]}...")
+            raise ReleaseMismatch(
+                f"release holds gradients for {self.param_names[:3]}..., this config matches {names[:3]}..."
+            )
 
     @property
     def epsilon(self) -> float:
         return float(self.privacy.get("epsilon", math.inf))
 
 
-def release_fingerprint(model_fingerprint: str, dataset_name: str, task: Task, matched_names: list[str], match_loss: str = "full_vocab") -> str:
+def release_fingerprint(
+    model_fingerprint: str, dataset_name: str, task: Task, matched_names: list[str], match_loss: str = "full_vocab"
+) -> str:
     """What the targets depend on, public parts only: reusing a release with a different
     model/template/verbalizer/parameter set would match the wrong thing."""
-    key = json.dumps([model_fingerprint, dataset_name, task.template, task.label_names, task.label_token_ids, task.prefix_ids, task.suffix_ids, matched_names] + ([match_loss] if match_loss != "full_vocab" else []))
+    key = json.dumps(
+        [
+            model_fingerprint,
+            dataset_name,
+            task.template,
+            task.label_names,
+            task.label_token_ids,
+            task.prefix_ids,
+            task.suffix_ids,
+            matched_names,
+        ]
+        + ([match_loss] if match_loss != "full_vocab" else [])
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -112,33 +133,68 @@ def _release_id(targets) -> str:
     return h.hexdigest()[:16]
 
 
-def _clipped_sums(model, task: Task, matched: MatchedParams, texts_by_class, clip_norm: float, max_text_tokens: int,
-                  batch_size: int, method: str, match_loss: str, progress: bool = False):
+def _clipped_sums(
+    model,
+    task: Task,
+    matched: MatchedParams,
+    texts_by_class,
+    clip_norm: float,
+    max_text_tokens: int,
+    batch_size: int,
+    method: str,
+    match_loss: str,
+    progress: bool = False,
+):
     """Per class, the sum of per-example gradients clipped to clip_norm (what both the DP
     release and the noiseless clipped release start from), with the same loss as the plain means."""
     dev = next(model.parameters()).device
     bar = tqdm(total=sum(map(len, texts_by_class)), desc="release", unit="ex", disable=not progress)
     for c, texts in enumerate(texts_by_class):
         label, vocab = label_and_vocab(task, c, match_loss, dev)
-        yield clipped_sum(model, task, matched, texts, label, clip_norm, max_text_tokens, batch_size, method, vocab,
-                          on_chunk=bar.update)
+        yield clipped_sum(
+            model,
+            task,
+            matched,
+            texts,
+            label,
+            clip_norm,
+            max_text_tokens,
+            batch_size,
+            method,
+            vocab,
+            on_chunk=bar.update,
+        )
     bar.close()
 
 
-def _clipped_sums_parts(model, task: Task, parts: list[MatchedParams], texts_by_class, clip_norm: float, max_text_tokens: int,
-                        batch_size: int, match_loss: str, progress: bool = False):
+def _clipped_sums_parts(
+    model,
+    task: Task,
+    parts: list[MatchedParams],
+    texts_by_class,
+    clip_norm: float,
+    max_text_tokens: int,
+    batch_size: int,
+    match_loss: str,
+    progress: bool = False,
+):
     """`_clipped_sums` of several parameter sets from one pass over the records when every set is
     sketched (mechanism.clipped_sums_parts); None when they are not (the caller makes one pass
     per set). Returns [part][class] ClippedSums."""
     if not all(_all_sketch(mp) for mp in parts):
         return None
     dev = next(model.parameters()).device
-    bar = tqdm(total=sum(map(len, texts_by_class)), desc="release (one pass, all parts)", unit="ex", disable=not progress)
+    bar = tqdm(
+        total=sum(map(len, texts_by_class)), desc="release (one pass, all parts)", unit="ex", disable=not progress
+    )
     by_class = []
     for c, texts in enumerate(texts_by_class):
         label, vocab = label_and_vocab(task, c, match_loss, dev)
-        by_class.append(clipped_sums_parts(model, task, parts, texts, label, clip_norm, max_text_tokens, batch_size, vocab,
-                                           on_chunk=bar.update))
+        by_class.append(
+            clipped_sums_parts(
+                model, task, parts, texts, label, clip_norm, max_text_tokens, batch_size, vocab, on_chunk=bar.update
+            )
+        )
     bar.close()
     return [[cs[j] for cs in by_class] for j in range(len(parts))]
 
@@ -159,47 +215,111 @@ class NoPrivacy:
     private = False  # a run making this release may be tracked like any other
 
     def __init__(self, clip_norm: Optional[float] = PrivacyNoneConfig.clip_norm):
-        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0):
-            raise ValueError(f"privacy.clip_norm={clip_norm!r}: must be a finite number > 0, or null for unclipped means")
+        if clip_norm is not None and not (
+            isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0
+        ):
+            raise ValueError(
+                f"privacy.clip_norm={clip_norm!r}: must be a finite number > 0, or null for unclipped means"
+            )
         self.clip_norm = None if clip_norm is None else float(clip_norm)
 
     def check_inclusion(self, real_per_class: int | None) -> None:
         """Any inclusion rule is fine without a guarantee to keep."""
 
-    def release(self, model, task: Task, matched: MatchedParams, texts_by_class, inp: ReleaseInputs, name: str = "release",
-                sums=None) -> Release:
+    def release(
+        self,
+        model,
+        task: Task,
+        matched: MatchedParams,
+        texts_by_class,
+        inp: ReleaseInputs,
+        name: str = "release",
+        sums=None,
+    ) -> Release:
         """`sums`: this set's per-class ClippedSums when the caller computed them (release_joint)."""
         if self.clip_norm is None:
-            tg = class_target_gradients(model, task, matched, texts_by_class, inp.batch_size, inp.max_text_tokens, inp.match_loss)
-            privacy = _non_private_privacy(inp.split, inp.records, name, "non-private: targets are exact means of real-example gradients")
-            return Release(tg.grads, tg.names, list(task.label_names), [float(n) for n in tg.counts], inp.fingerprint, privacy)
+            tg = class_target_gradients(
+                model, task, matched, texts_by_class, inp.batch_size, inp.max_text_tokens, inp.match_loss
+            )
+            privacy = _non_private_privacy(
+                inp.split, inp.records, name, "non-private: targets are exact means of real-example gradients"
+            )
+            return Release(
+                tg.grads, tg.names, list(task.label_names), [float(n) for n in tg.counts], inp.fingerprint, privacy
+            )
         # With a C below every per-example norm the clipped mean weights examples equally: the plain
         # mean is dominated by the examples the model gets most wrong (the verbalizer-loss gradient
         # scales with 1 − p(label)), so for a class the model favours it describes its atypical members.
-        sums = sums or _clipped_sums(model, task, matched, texts_by_class, self.clip_norm, inp.max_text_tokens, inp.batch_size,
-                                     "auto", inp.match_loss)
-        targets = [[(t / len(texts)).to(p.dtype) for t, p in zip(cs.sums, matched.params)] for texts, cs in zip(texts_by_class, sums)]
-        privacy = _non_private_privacy(inp.split, inp.records, name, "non-private: targets are means of real-example gradients clipped "
-                                       "to clip_norm, no noise", clip_norm=self.clip_norm, match_loss=inp.match_loss)
-        return Release(targets, list(matched.names), list(task.label_names), [float(len(t)) for t in texts_by_class], inp.fingerprint,
-                       privacy)
+        sums = sums or _clipped_sums(
+            model,
+            task,
+            matched,
+            texts_by_class,
+            self.clip_norm,
+            inp.max_text_tokens,
+            inp.batch_size,
+            "auto",
+            inp.match_loss,
+        )
+        targets = [
+            [(t / len(texts)).to(p.dtype) for t, p in zip(cs.sums, matched.params)]
+            for texts, cs in zip(texts_by_class, sums)
+        ]
+        privacy = _non_private_privacy(
+            inp.split,
+            inp.records,
+            name,
+            "non-private: targets are means of real-example gradients clipped to clip_norm, no noise",
+            clip_norm=self.clip_norm,
+            match_loss=inp.match_loss,
+        )
+        return Release(
+            targets,
+            list(matched.names),
+            list(task.label_names),
+            [float(len(t)) for t in texts_by_class],
+            inp.fingerprint,
+            privacy,
+        )
 
-    def release_joint(self, model, task: Task, parts, texts_by_class, inp: ReleaseInputs, probe_share: float) -> list[Release]:
+    def release_joint(
+        self, model, task: Task, parts, texts_by_class, inp: ReleaseInputs, probe_share: float
+    ) -> list[Release]:
         """One release per (matched params, fingerprint) in `parts`, from the same records (one pass
         over them when every part is sketched and clipped)."""
         pre = None
         if self.clip_norm is not None:
-            pre = _clipped_sums_parts(model, task, [mp for mp, _ in parts], texts_by_class, self.clip_norm, inp.max_text_tokens,
-                                      inp.batch_size, inp.match_loss, inp.progress)
+            pre = _clipped_sums_parts(
+                model,
+                task,
+                [mp for mp, _ in parts],
+                texts_by_class,
+                self.clip_norm,
+                inp.max_text_tokens,
+                inp.batch_size,
+                inp.match_loss,
+                inp.progress,
+            )
         pre = pre or [None] * len(parts)
-        return [self.release(model, task, mp.activate(), texts_by_class, ReleaseInputs(**{**asdict(inp), "fingerprint": fp}), sums=sums)
-                for (mp, fp), sums in zip(parts, pre)]
+        return [
+            self.release(
+                model,
+                task,
+                mp.activate(),
+                texts_by_class,
+                ReleaseInputs(**{**asdict(inp), "fingerprint": fp}),
+                sums=sums,
+            )
+            for (mp, fp), sums in zip(parts, pre)
+        ]
 
     def check_reuse(self, rel: Release) -> None:
         """Refuse a non-private release made with a different clip_norm."""
         have = rel.privacy.get("clip_norm")
         if rel.privacy.get("mechanism") == "none" and self.clip_norm != (None if have is None else float(have)):
-            raise ReleaseMismatch(f"privacy.clip_norm={self.clip_norm}: the non-private release to reuse was made with clip_norm={have}")
+            raise ReleaseMismatch(
+                f"privacy.clip_norm={self.clip_norm}: the non-private release to reuse was made with clip_norm={have}"
+            )
 
 
 # --------------------------------------------------------------------------- privacy=dp
@@ -244,10 +364,16 @@ class GaussianRelease:
     publishes_wall_time = False  # the run time depends on the private records
     private = True  # a run making this release is not watched by a tracker (no console or system metrics)
 
-    def __init__(self, epsilon: float = PrivacyDPConfig.epsilon, delta: float = PrivacyDPConfig.delta,
-                 clip_norm: float = PrivacyDPConfig.clip_norm, accountant: str = PrivacyDPConfig.accountant,
-                 adjacency: str = PrivacyDPConfig.adjacency, sample_rate: float = PrivacyDPConfig.sample_rate,
-                 divisor: Optional[float] = PrivacyDPConfig.divisor):
+    def __init__(
+        self,
+        epsilon: float = PrivacyDPConfig.epsilon,
+        delta: float = PrivacyDPConfig.delta,
+        clip_norm: float = PrivacyDPConfig.clip_norm,
+        accountant: str = PrivacyDPConfig.accountant,
+        adjacency: str = PrivacyDPConfig.adjacency,
+        sample_rate: float = PrivacyDPConfig.sample_rate,
+        divisor: Optional[float] = PrivacyDPConfig.divisor,
+    ):
         # one-line errors for impossible settings, before any real data is read
         if not _finite_positive(epsilon):
             raise ValueError(f"privacy.epsilon={epsilon!r}: must be a finite number > 0")
@@ -260,21 +386,27 @@ class GaussianRelease:
         if adjacency not in ADJACENCIES:
             raise ValueError(f"privacy.adjacency={adjacency!r}: accepted {list(ADJACENCIES)}")
         if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
-            raise ValueError(f"privacy.sample_rate={sample_rate!r}: must be in (0, 1] (the share of records kept, each decided on its own)")
+            raise ValueError(
+                f"privacy.sample_rate={sample_rate!r}: must be in (0, 1] (the share of records kept, each decided on its own)"
+            )
         if divisor is not None and not _finite_positive(divisor):
             raise ValueError(f"privacy.divisor={divisor!r}: must be a finite number > 0, or null")
         if divisor is None and adjacency == "add_remove":
-            raise ValueError("privacy.adjacency=add_remove: the number of records is private under add/remove, so the divisor "
-                             "of the released sums cannot come from it; set privacy.divisor (any public constant > 0)")
+            raise ValueError(
+                "privacy.adjacency=add_remove: the number of records is private under add/remove, so the divisor "
+                "of the released sums cannot come from it; set privacy.divisor (any public constant > 0)"
+            )
         self.epsilon, self.delta, self.clip_norm = float(epsilon), float(delta), float(clip_norm)
         self.accountant, self.adjacency = str(accountant), str(adjacency)
         self.sample_rate, self.divisor = float(sample_rate), None if divisor is None else float(divisor)
 
     def check_inclusion(self, real_per_class: int | None) -> None:
         if real_per_class is not None:
-            raise ValueError(f"real_per_class={real_per_class}: privacy=dp releases from the whole private split "
-                             "(real_per_class=null) or a record-by-record subsample (privacy.sample_rate=q); a fixed number per "
-                             "class would make which records enter depend on the other records")
+            raise ValueError(
+                f"real_per_class={real_per_class}: privacy=dp releases from the whole private split "
+                "(real_per_class=null) or a record-by-record subsample (privacy.sample_rate=q); a fixed number per "
+                "class would make which records enter depend on the other records"
+            )
 
     @property
     def noise_multiplier(self) -> float:
@@ -289,12 +421,24 @@ class GaussianRelease:
             return self.divisor
         return max(1.0, num_rows * self.sample_rate / num_classes)
 
-    def release(self, model, task: Task, matched: MatchedParams, texts_by_class, inp: ReleaseInputs, name: str = "release") -> Release:
+    def release(
+        self, model, task: Task, matched: MatchedParams, texts_by_class, inp: ReleaseInputs, name: str = "release"
+    ) -> Release:
         return self.release_with_details(model, task, matched, texts_by_class, inp, name=name)[0]
 
-    def release_with_details(self, model, task: Task, matched: MatchedParams, texts_by_class, inp: ReleaseInputs, *,
-                             name: str = "release", method: str = "auto",
-                             noise_multiplier: float | None = None, sums=None) -> tuple[Release, DPDetails]:
+    def release_with_details(
+        self,
+        model,
+        task: Task,
+        matched: MatchedParams,
+        texts_by_class,
+        inp: ReleaseInputs,
+        *,
+        name: str = "release",
+        method: str = "auto",
+        noise_multiplier: float | None = None,
+        sums=None,
+    ) -> tuple[Release, DPDetails]:
         """The release and what it added (tests only). `noise_multiplier` given: a share of a
         budget split by the caller (the ledger composes it); `sums`: this set's per-class
         ClippedSums when the caller computed them (release_joint's one pass)."""
@@ -306,17 +450,41 @@ class GaussianRelease:
         sens = sum_sensitivity(self.clip_norm, self.adjacency)
         sigma = mult * sens
         divisor = self.public_divisor(inp.num_rows, num_classes)
-        sums = sums or list(_clipped_sums(model, task, matched, texts_by_class, self.clip_norm, inp.max_text_tokens, inp.batch_size,
-                                          method, inp.match_loss, inp.progress))
+        sums = sums or list(
+            _clipped_sums(
+                model,
+                task,
+                matched,
+                texts_by_class,
+                self.clip_norm,
+                inp.max_text_tokens,
+                inp.batch_size,
+                method,
+                inp.match_loss,
+                inp.progress,
+            )
+        )
         flat = [t for cs in sums for t in cs.sums]
         noisy, noise_flat = add_noise(flat, sigma)  # one draw per coordinate of the joint vector
         k = len(matched.params)
-        targets = [[(noisy[c * k + j] / divisor).to(p.dtype) for j, p in enumerate(matched.params)] for c in range(num_classes)]
+        targets = [
+            [(noisy[c * k + j] / divisor).to(p.dtype) for j, p in enumerate(matched.params)] for c in range(num_classes)
+        ]
         # the row count is the same for every replace-one neighbour, so it is public; under add/remove it is not
         public_rows = inp.num_rows if self.adjacency == "replace_one" else None
-        entry = LedgerEntry(name=name, kind="gaussian", split=inp.split, records=inp.records, noise_multiplier=mult, sensitivity=sens,
-                            sigma=sigma, adjacency=self.adjacency, release_id=_release_id(targets), noise_source=NOISE_SOURCE,
-                            num_records=public_rows)
+        entry = LedgerEntry(
+            name=name,
+            kind="gaussian",
+            split=inp.split,
+            records=inp.records,
+            noise_multiplier=mult,
+            sensitivity=sens,
+            sigma=sigma,
+            adjacency=self.adjacency,
+            release_id=_release_id(targets),
+            noise_source=NOISE_SOURCE,
+            num_records=public_rows,
+        )
         warns = validate_budget(self.epsilon, self.delta, public_rows)
         for w in warns:
             warnings.warn(f"privacy: {w}", stacklevel=2)
@@ -341,23 +509,48 @@ class GaussianRelease:
             "warnings": warns,
             "ledger": ledger_dict,
         }
-        rel = Release(targets, list(matched.names), list(task.label_names), [divisor] * num_classes, inp.fingerprint, privacy)
-        means_noise = [noise_flat[c * k:(c + 1) * k] for c in range(num_classes)]
-        return rel, DPDetails([cs.sums for cs in sums], means_noise, [cs.norms for cs in sums], sigma, mult, sens, divisor)
+        rel = Release(
+            targets, list(matched.names), list(task.label_names), [divisor] * num_classes, inp.fingerprint, privacy
+        )
+        means_noise = [noise_flat[c * k : (c + 1) * k] for c in range(num_classes)]
+        return rel, DPDetails(
+            [cs.sums for cs in sums], means_noise, [cs.norms for cs in sums], sigma, mult, sens, divisor
+        )
 
-    def release_joint(self, model, task: Task, parts, texts_by_class, inp: ReleaseInputs, probe_share: float) -> list[Release]:
+    def release_joint(
+        self, model, task: Task, parts, texts_by_class, inp: ReleaseInputs, probe_share: float
+    ) -> list[Release]:
         """Generator and probe releases ((matched params, fingerprint) in `parts`) from the same
         records under one budget: each gets its share of one (ε, δ) (split_multipliers) and both
         carry the joint ledger, so the pool, the probe and a selection that uses both all report
         the same ε, at the same δ."""
         mults = split_multipliers(self.noise_multiplier, probe_share)
-        pre = _clipped_sums_parts(model, task, [mp for mp, _ in parts], texts_by_class, self.clip_norm, inp.max_text_tokens,
-                                  inp.batch_size, inp.match_loss, inp.progress) or [None] * len(parts)
+        pre = _clipped_sums_parts(
+            model,
+            task,
+            [mp for mp, _ in parts],
+            texts_by_class,
+            self.clip_norm,
+            inp.max_text_tokens,
+            inp.batch_size,
+            inp.match_loss,
+            inp.progress,
+        ) or [None] * len(parts)
         rels = []
         for name, (mp, fp), mult, sums in zip(("release", "probe"), parts, mults, pre):
             mp.activate()
-            rels.append(self.release_with_details(model, task, mp, texts_by_class, ReleaseInputs(**{**asdict(inp), "fingerprint": fp}),
-                                                  name=name, noise_multiplier=mult, sums=sums)[0])
+            rels.append(
+                self.release_with_details(
+                    model,
+                    task,
+                    mp,
+                    texts_by_class,
+                    ReleaseInputs(**{**asdict(inp), "fingerprint": fp}),
+                    name=name,
+                    noise_multiplier=mult,
+                    sums=sums,
+                )[0]
+            )
         joint = Ledger(self.delta, [e for r in rels for e in Ledger.from_dict(r.privacy["ledger"]).entries]).to_dict()
         for r in rels:
             r.privacy.update(epsilon=joint["epsilon"], ledger=joint, probe_budget_share=float(probe_share))
@@ -367,10 +560,16 @@ class GaussianRelease:
         """Refuse to reuse a release that is non-private, spends more ε than configured, or was
         made under another adjacency."""
         if rel.privacy.get("mechanism") != "gaussian":
-            raise ReleaseMismatch("privacy=dp but the release to reuse is non-private (epsilon=inf); make a DP release first")
+            raise ReleaseMismatch(
+                "privacy=dp but the release to reuse is non-private (epsilon=inf); make a DP release first"
+            )
         if rel.epsilon > self.epsilon * (1 + 1e-6) or float(rel.privacy.get("delta", 1.0)) > self.delta:
-            raise ReleaseMismatch(f"privacy.epsilon={self.epsilon:g} / delta={self.delta:g}: the release to reuse spent "
-                                  f"epsilon={rel.epsilon:.4g}, delta={rel.privacy.get('delta')}")
+            raise ReleaseMismatch(
+                f"privacy.epsilon={self.epsilon:g} / delta={self.delta:g}: the release to reuse spent "
+                f"epsilon={rel.epsilon:.4g}, delta={rel.privacy.get('delta')}"
+            )
         if rel.privacy.get("adjacency") != self.adjacency:
-            raise ReleaseMismatch(f"privacy.adjacency={self.adjacency}: the release to reuse was made under "
-                                  f"adjacency={rel.privacy.get('adjacency')}, a different guarantee")
+            raise ReleaseMismatch(
+                f"privacy.adjacency={self.adjacency}: the release to reuse was made under "
+                f"adjacency={rel.privacy.get('adjacency')}, a different guarantee"
+            )

@@ -5,6 +5,7 @@ the release and the generate stage on it.
 Like pipeline.py this module composes another stage (generate); the two are the only
 modules under stages/ that do.
 """
+
 from __future__ import annotations
 
 import time
@@ -15,11 +16,20 @@ from omegaconf import OmegaConf
 from ..artifacts import read_jsonl, write_json, write_text
 from ..config import build
 from ..privacy.audit import audit_texts, canary_exposure, longest_common_ngrams, make_canaries, plant_canaries, words
-from ..runtime import build_task, dataset_split, load_generator_model, load_or_make_release, matched_params, privacy_mechanism
+from ..runtime import (
+    build_task,
+    dataset_split,
+    load_generator_model,
+    load_or_make_release,
+    matched_params,
+    privacy_mechanism,
+)
 from .generate import SYNTHETIC_FILE, run_generate
 
 
-def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None, references: int | None = None) -> dict:
+def canary_test(
+    cfg, run_dir, k: int | None = None, num_words: int | None = None, references: int | None = None
+) -> dict:
     """Plant k canaries into the private set, run the configured release (privacy=none or dp)
     and generation on it, and report leakage: canary n-grams in the output and exposure under
     the generator model. The generator's weights never change during GRADMM, so its exposure
@@ -27,8 +37,10 @@ def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None
     `canary_exposure` to measure leakage through training."""
     gen = cfg.get("generator") if hasattr(cfg, "get") else None
     if gen is not None and not getattr(build(gen, drop=("name",)), "uses_release", True):
-        raise ValueError(f"generator={gen.get('name')}: the canary audit plants its canaries into a gradient release; a "
-                         "generator without one (pe) would be audited on unplanted data; accepted: generator=gradmm")
+        raise ValueError(
+            f"generator={gen.get('name')}: the canary audit plants its canaries into a gradient release; a "
+            "generator without one (pe) would be audited on unplanted data; accepted: generator=gradmm"
+        )
     can_cfg = cfg.get("canaries", {}) if hasattr(cfg, "get") else {}
     k = k if k is not None else int(can_cfg.get("k", 4))
     num_words = num_words if num_words is not None else int(can_cfg.get("words", 8))
@@ -52,14 +64,23 @@ def canary_test(cfg, run_dir, k: int | None = None, num_words: int | None = None
     synth = [r["text"] for r in read_jsonl(run_dir / "generate" / SYNTHETIC_FILE)]
     st = [words(t) for t in synth]
     per = []
-    exp = canary_exposure(lm.model, lm.tokenizer, canaries, refs, task.prefix_ids[:1] or [lm.tokenizer.bos_token_id or 0])
+    exp = canary_exposure(
+        lm.model, lm.tokenizer, canaries, refs, task.prefix_ids[:1] or [lm.tokenizer.bos_token_id or 0]
+    )
     for can, e in zip(canaries, exp):
         cw = words(can)
         lcn = longest_common_ngrams([cw], st)[0] if st else 0
         per.append({**e, "longest_common_ngram_with_output": lcn, "ngram_in_output": lcn >= n})
-    return {"k": k, "ngram": n, "privacy": privacy_mechanism(cfg).name, "any_canary_ngram_in_output": any(p["ngram_in_output"] for p in per),
-            "max_exposure_bits": max(p["exposure_bits"] for p in per), "canaries": per,
-            "num_synthetic": len(synth), "seconds": time.perf_counter() - t0}
+    return {
+        "k": k,
+        "ngram": n,
+        "privacy": privacy_mechanism(cfg).name,
+        "any_canary_ngram_in_output": any(p["ngram_in_output"] for p in per),
+        "max_exposure_bits": max(p["exposure_bits"] for p in per),
+        "canaries": per,
+        "num_synthetic": len(synth),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # --------------------------------------------------------------------------- entry point
@@ -76,23 +97,41 @@ def _markdown(res: dict) -> str:
     a = res["overlap"]
     nr = a["nearest_real_cosine"]
     lines = [
-        "# Memorisation audit", "",
+        "# Memorisation audit",
+        "",
         f"Synthetic: `{res['synthetic']}` ({a['num_synthetic']} texts) vs real `{res['dataset']}` train split ({a['num_real']} texts).",
-        "Computed from private data without noise: for the data owner, not for publication.", "",
-        "| metric | value |", "|---|---:|",
+        "Computed from private data without noise: for the data owner, not for publication.",
+        "",
+        "| metric | value |",
+        "|---|---:|",
         f"| longest common word n-gram | {a['longest_common_ngram']} |",
         f"| synthetic texts sharing a real {a['ngram']}-gram | {a['share_with_real_ngram']:.2%} |",
         f"| nearest-real TF-IDF cosine: mean / median / p90 / p99 / max | {nr['mean']:.3f} / {nr['median']:.3f} / {nr['p90']:.3f} / {nr['p99']:.3f} / {nr['max']:.3f} |",
-        "", "Most similar synthetic texts (real example by index only):", "",
-        "| cosine | common n-gram | real index | synthetic |", "|---:|---:|---:|---|",
+        "",
+        "Most similar synthetic texts (real example by index only):",
+        "",
+        "| cosine | common n-gram | real index | synthetic |",
+        "|---:|---:|---:|---|",
     ]
-    lines += [f"| {m['cosine']:.3f} | {m['longest_common_ngram']} | {m['real_index']} | {m['synthetic'].replace('|', '/')} |" for m in a["most_similar"]]
+    lines += [
+        f"| {m['cosine']:.3f} | {m['longest_common_ngram']} | {m['real_index']} | {m['synthetic'].replace('|', '/')} |"
+        for m in a["most_similar"]
+    ]
     if res.get("canaries"):
         c = res["canaries"]
-        lines += ["", f"## Canaries ({c['k']}, privacy={c['privacy']})", "",
-                  f"Any canary {c['ngram']}-gram in the output: **{c['any_canary_ngram_in_output']}**; max exposure {c['max_exposure_bits']:.2f} bits.", "",
-                  "| canary | longest n-gram in output | rank | exposure (bits) |", "|---|---:|---:|---:|"]
-        lines += [f"| {p['canary']} | {p['longest_common_ngram_with_output']} | {p['rank']}/{p['references'] + 1} | {p['exposure_bits']:.2f} |" for p in c["canaries"]]
+        lines += [
+            "",
+            f"## Canaries ({c['k']}, privacy={c['privacy']})",
+            "",
+            f"Any canary {c['ngram']}-gram in the output: **{c['any_canary_ngram_in_output']}**; max exposure {c['max_exposure_bits']:.2f} bits.",
+            "",
+            "| canary | longest n-gram in output | rank | exposure (bits) |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {p['canary']} | {p['longest_common_ngram_with_output']} | {p['rank']}/{p['references'] + 1} | {p['exposure_bits']:.2f} |"
+            for p in c["canaries"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -115,6 +154,10 @@ def run_audit(cfg, run_dir) -> dict:
         res["canaries"] = canary_test(cfg, run_dir)
     write_json(run_dir / "audit.json", res)
     write_text(run_dir / "audit.md", _markdown(res))
-    return {"ngram": overlap["ngram"], "longest_common_ngram": overlap["longest_common_ngram"],
-            "share_with_real_ngram": overlap["share_with_real_ngram"], "nearest_real_cosine": overlap["nearest_real_cosine"],
-            "canaries": res.get("canaries")}
+    return {
+        "ngram": overlap["ngram"],
+        "longest_common_ngram": overlap["longest_common_ngram"],
+        "share_with_real_ngram": overlap["share_with_real_ngram"],
+        "nearest_real_cosine": overlap["nearest_real_cosine"],
+        "canaries": res.get("canaries"),
+    }

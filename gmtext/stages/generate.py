@@ -7,6 +7,7 @@ uninterrupted run. It resumes only under the config those batches were made with
 (generate.config.json, written before the release and the first batch): another config
 would keep old batches or mix seeds, so it is refused (artifacts.check_resume).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ..config import build
-from ..artifacts import (RESUME_FREE_KEYS, check_resume, config_record, read_json, read_jsonl, record_config, run_lock, write_json,
-                         write_jsonl)
+from ..artifacts import (
+    RESUME_FREE_KEYS,
+    check_resume,
+    config_record,
+    read_json,
+    read_jsonl,
+    record_config,
+    run_lock,
+    write_json,
+    write_jsonl,
+)
 from ..matching.objective import MatchingObjective
 from ..matching.projectors import ProjectionContext
 from ..matching.vocab import allowed_token_ids
@@ -31,8 +41,19 @@ from ..evolution.pe import IterationResult, Population, PrivateEvolution, noisy_
 from ..evolution.privacy import pe_budget, pe_privacy, pe_vote
 from ..privacy.accountant import epsilon_for
 from ..privacy.release import Release
-from ..runtime import (build_task, inclusion_rule, load_generator_model, load_or_make_release, makes_dp_release, matched_params,
-                       protected_split_id, release_artifact, select_real_examples, start, synthetic_artifact)
+from ..runtime import (
+    build_task,
+    inclusion_rule,
+    load_generator_model,
+    load_or_make_release,
+    makes_dp_release,
+    matched_params,
+    protected_split_id,
+    release_artifact,
+    select_real_examples,
+    start,
+    synthetic_artifact,
+)
 from ..tracking import make_tracker
 
 SYNTHETIC_FILE = "synthetic.jsonl"
@@ -58,11 +79,15 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     with run_lock(run_dir, "generate"):
         stored = check_generate_resume(run_dir, cfg, config)  # before the model: a refusal costs nothing
-        if stored is not None and cfg.num_per_class > int(stored["num_per_class"]):  # the record names the largest pool its batches hold
+        if stored is not None and cfg.num_per_class > int(
+            stored["num_per_class"]
+        ):  # the record names the largest pool its batches hold
             write_json(config_record(run_dir, "generate"), {**stored, "num_per_class": int(cfg.num_per_class)})
         release_dir = Path(cfg.release) if cfg.release else run_dir / "release"
         # before the model and the release: a failure in either ends the tracker's run as failed
-        with make_tracker(cfg.logger, run_dir, "generate", config, private=makes_dp_release(cfg, release_dir)) as tracker:
+        with make_tracker(
+            cfg.logger, run_dir, "generate", config, private=makes_dp_release(cfg, release_dir)
+        ) as tracker:
             t0 = time.perf_counter()
             start(cfg)
             lm = load_generator_model(cfg)
@@ -82,8 +107,21 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
                 (tracker.log_artifact if made else tracker.use_artifact)(art[0], "release", art[1], art[2])
             if release.privacy.get("mechanism") != "none":
                 t0 = time.perf_counter()  # a DP release's run time depends on the private records: not in the wall time
-            obj = MatchingObjective(model, matched, release.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids, distance=matcher.distance, closed_form=matcher.closed_form, context_ids=ctx.prefix_ids, match_loss=cfg.match_loss)
-            summary = _generate_batches(cfg, run_dir, _Matching(task, tok, obj, projector, matcher, ctx, length), tracker)
+            obj = MatchingObjective(
+                model,
+                matched,
+                release.targets,
+                task.label_token_ids,
+                task.prefix_ids,
+                task.suffix_ids,
+                distance=matcher.distance,
+                closed_form=matcher.closed_form,
+                context_ids=ctx.prefix_ids,
+                match_loss=cfg.match_loss,
+            )
+            summary = _generate_batches(
+                cfg, run_dir, _Matching(task, tok, obj, projector, matcher, ctx, length), tracker
+            )
             summary["epsilon"] = release.epsilon  # inf for a non-private release
             summary["delta"] = float(release.privacy.get("delta", 0.0))
             summary["wall_seconds"] = time.perf_counter() - t0
@@ -151,6 +189,7 @@ def _batch_file(bdir: Path, b: int, failed: bool = False) -> Path:
 @dataclass
 class _Matching:
     """What every batch of one run shares, built once per run from the model and the release."""
+
     task: Any
     tok: Any
     obj: MatchingObjective
@@ -183,11 +222,16 @@ def _generate_batches(cfg, run_dir: Path, m: _Matching, tracker) -> dict:
     failed = [b for b in mine if _batch_file(bdir, b, failed=True).exists()]
     rows = [r for b in mine if b not in failed for r in read_jsonl(_batch_file(bdir, b))]
     if not rows:
-        raise ValueError(f"every batch failed ({len(failed)}, see {bdir}/*.failed.json): non-finite matching loss or gradient; "
-                         "lower matcher.lr or check the release")
+        raise ValueError(
+            f"every batch failed ({len(failed)}, see {bdir}/*.failed.json): non-finite matching loss or gradient; "
+            "lower matcher.lr or check the release"
+        )
     write_jsonl(run_dir / SYNTHETIC_FILE, rows)
-    tracker.table("synthetic", ["text", "label_name", "match_loss", "perplexity", "batch"],  # one table: the whole set
-                  [[r["text"], r["label_name"], r["match_loss"], r["perplexity"], r["batch"]] for r in rows])
+    tracker.table(
+        "synthetic",
+        ["text", "label_name", "match_loss", "perplexity", "batch"],  # one table: the whole set
+        [[r["text"], r["label_name"], r["match_loss"], r["perplexity"], r["batch"]] for r in rows],
+    )
     return {
         "examples": len(rows),
         "batches": len(mine),
@@ -224,11 +268,19 @@ def _match_batch(cfg, m: _Matching, b: int, tracker, bar):
     for k in range(m.task.num_classes):
         for i in range(bsz):
             ids = res.tokens[k, i].tolist()
-            rows.append({
-                "text": m.tok.decode(ids, skip_special_tokens=True).strip(), "label": k, "label_name": m.task.label_names[k],
-                "match_loss": None, "token_match_loss": float(res.seq_loss[k, i]), "perplexity": float(res.perplexity[k, i]),
-                "batch": b, "class_batch_loss": float(res.class_loss[k]), "token_ids": ids,
-            })
+            rows.append(
+                {
+                    "text": m.tok.decode(ids, skip_special_tokens=True).strip(),
+                    "label": k,
+                    "label_name": m.task.label_names[k],
+                    "match_loss": None,
+                    "token_match_loss": float(res.seq_loss[k, i]),
+                    "perplexity": float(res.perplexity[k, i]),
+                    "batch": b,
+                    "class_batch_loss": float(res.class_loss[k]),
+                    "token_ids": ids,
+                }
+            )
     # match_loss is the distance of the text as written (decoded and tokenised again, as
     # fine-tuning and selection read it), not of the optimised ids it was decoded from
     text_loss = m.obj.text_losses([m.task.encode_text(r["text"]) for r in rows], [r["label"] for r in rows])
@@ -255,7 +307,9 @@ def run_private_evolution(cfg: DictConfig, run_dir: Path, pe: PrivateEvolution) 
     and noisy counts: published values only) under the config record, so a killed run resumes
     after its last finished iteration and another config is refused (check_resume)."""
     if cfg.shard.count != 1:
-        raise ValueError(f"shard.count={cfg.shard.count}: generator=pe runs as one job (every vote reads every record); accepted: 1")
+        raise ValueError(
+            f"shard.count={cfg.shard.count}: generator=pe runs as one job (every vote reads every record); accepted: 1"
+        )
     if cfg.num_per_class < 1:
         raise ValueError(f"num_per_class={cfg.num_per_class}: accepted: an int >= 1")
     pe.check(cfg.num_per_class)
@@ -276,20 +330,31 @@ def run_private_evolution(cfg: DictConfig, run_dir: Path, pe: PrivateEvolution) 
             vote, mult = pe_vote(pe, budget)
             record_config(run_dir, "generate", config)
             resumed = _pe_checkpoint(run_dir, pe.iterations)
-            final = _pe_iterations(cfg, run_dir, pe, lm, task, embedder.bind(lm), prompts, vote, mult, budget, resumed, tracker)
+            final = _pe_iterations(
+                cfg, run_dir, pe, lm, task, embedder.bind(lm), prompts, vote, mult, budget, resumed, tracker
+            )
             rows = _pe_rows(final, pe, cfg.num_per_class, task, lm.tokenizer)
             tracker.commit(run_dir / SYNTHETIC_FILE, run_dir / "generate.json")
             write_jsonl(run_dir / SYNTHETIC_FILE, rows)
             privacy = pe_privacy(pe, budget, mult, protected_split_id(cfg), inclusion_rule(cfg, pe), _rows_id(rows))
-            summary = {"examples": len(rows), "generator": "pe", "iterations": pe.iterations, "population": pe.population,
-                       "iterations_run_now": pe.iterations - (resumed.iteration if resumed else 0),
-                       "mean_match_loss": sum(r["match_loss"] for r in rows) / len(rows),
-                       "mean_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
-                       "epsilon": privacy["epsilon"], "delta": privacy["delta"]}
+            summary = {
+                "examples": len(rows),
+                "generator": "pe",
+                "iterations": pe.iterations,
+                "population": pe.population,
+                "iterations_run_now": pe.iterations - (resumed.iteration if resumed else 0),
+                "mean_match_loss": sum(r["match_loss"] for r in rows) / len(rows),
+                "mean_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
+                "epsilon": privacy["epsilon"],
+                "delta": privacy["delta"],
+            }
             if budget is None:  # the run time of a private mechanism depends on the records: not published
                 summary["wall_seconds"] = time.perf_counter() - t0
-            tracker.table("synthetic", ["text", "label_name", "noisy_votes", "perplexity"],
-                          [[r["text"], r["label_name"], r["noisy_votes"], r["perplexity"]] for r in rows])
+            tracker.table(
+                "synthetic",
+                ["text", "label_name", "noisy_votes", "perplexity"],
+                [[r["text"], r["label_name"], r["noisy_votes"], r["perplexity"]] for r in rows],
+            )
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             write_json(run_dir / "generate.json", {"config": config, "summary": summary, "privacy": privacy})
             tracker.commit()
@@ -297,19 +362,30 @@ def run_private_evolution(cfg: DictConfig, run_dir: Path, pe: PrivateEvolution) 
     return summary
 
 
-def _pe_iterations(cfg, run_dir, pe, lm, task, embedder, prompts, vote, mult, budget, resumed, tracker) -> IterationResult:
+def _pe_iterations(
+    cfg, run_dir, pe, lm, task, embedder, prompts, vote, mult, budget, resumed, tracker
+) -> IterationResult:
     """Embed the private records (kept in memory only) and run the iterations left after `resumed`."""
     if resumed is not None and resumed.iteration >= pe.iterations:
         return resumed
     texts, _ = select_real_examples(cfg.dataset, task.num_classes, cfg.real_per_class, cfg.seed)
-    bar = tqdm(total=pe.iterations, initial=resumed.iteration if resumed else 0, desc="pe", unit="iter", disable=not cfg.progress)
+    bar = tqdm(
+        total=pe.iterations,
+        initial=resumed.iteration if resumed else 0,
+        desc="pe",
+        unit="iter",
+        disable=not cfg.progress,
+    )
     emb = [embedder.embed(t) for t in texts]  # no bar over the records: its rate would time private work
     del texts
 
     def on_iteration(res: IterationResult) -> None:
         _write_pe_checkpoint(run_dir, res, tracker)
-        rec = {"iteration": res.iteration, "loss": noisy_share(res.noisy, cfg.num_per_class),
-               "perplexity": float(res.population.perplexity.mean())}
+        rec = {
+            "iteration": res.iteration,
+            "loss": noisy_share(res.noisy, cfg.num_per_class),
+            "perplexity": float(res.population.perplexity.mean()),
+        }
         if budget is not None:
             rec["epsilon"] = epsilon_for(mult, budget["delta"], res.iteration, budget["accountant"])
         tracker.log(rec, step=res.iteration)
@@ -317,8 +393,19 @@ def _pe_iterations(cfg, run_dir, pe, lm, task, embedder, prompts, vote, mult, bu
 
     allowed = allowed_token_ids(lm.tokenizer, lm.model.get_input_embeddings().weight.shape[0])
     with quiet_kv_cache_rename():  # transformers' past_key_values notice would cut through the bar
-        final = pe.run(lm, task, embedder, emb, prompts=prompts, length=cfg.dataset.length, allowed_ids=allowed, vote=vote,
-                       seed=cfg.seed, start=resumed, on_iteration=on_iteration)
+        final = pe.run(
+            lm,
+            task,
+            embedder,
+            emb,
+            prompts=prompts,
+            length=cfg.dataset.length,
+            allowed_ids=allowed,
+            vote=vote,
+            seed=cfg.seed,
+            start=resumed,
+            on_iteration=on_iteration,
+        )
     bar.close()
     return final
 
@@ -331,10 +418,20 @@ def _write_pe_checkpoint(run_dir: Path, res: IterationResult, tracker) -> None:
     """One finished iteration, atomically: the population voted on and its noisy counts."""
     c, p, _ = res.population.tokens.shape
     tracker.commit(_pe_file(run_dir, res.iteration))
-    write_jsonl(_pe_file(run_dir, res.iteration), [
-        {"label": k, "index": i, "token_ids": res.population.tokens[k, i].tolist(),
-         "perplexity": float(res.population.perplexity[k, i]), "noisy_votes": float(res.noisy[k, i])}
-        for k in range(c) for i in range(p)])
+    write_jsonl(
+        _pe_file(run_dir, res.iteration),
+        [
+            {
+                "label": k,
+                "index": i,
+                "token_ids": res.population.tokens[k, i].tolist(),
+                "perplexity": float(res.population.perplexity[k, i]),
+                "noisy_votes": float(res.noisy[k, i]),
+            }
+            for k in range(c)
+            for i in range(p)
+        ],
+    )
 
 
 def _pe_checkpoint(run_dir: Path, iterations: int) -> IterationResult | None:
@@ -360,9 +457,19 @@ def _pe_rows(final: IterationResult, pe: PrivateEvolution, n: int, task, tok) ->
     for k, idx in enumerate(top_per_class(final.noisy, n).tolist()):
         for i in idx:
             votes = float(final.noisy[k, i])
-            rows.append({"text": texts[k][i], "label": k, "label_name": task.label_names[k], "match_loss": -votes,
-                         "noisy_votes": votes, "perplexity": float(final.population.perplexity[k, i]), "batch": 0,
-                         "iteration": final.iteration, "token_ids": final.population.tokens[k, i].tolist()})
+            rows.append(
+                {
+                    "text": texts[k][i],
+                    "label": k,
+                    "label_name": task.label_names[k],
+                    "match_loss": -votes,
+                    "noisy_votes": votes,
+                    "perplexity": float(final.population.perplexity[k, i]),
+                    "batch": 0,
+                    "iteration": final.iteration,
+                    "token_ids": final.population.tokens[k, i].tolist(),
+                }
+            )
     return rows
 
 

@@ -16,6 +16,7 @@ unsharded run with the same seed writes), OUT_DIR/merge.json (shards, release,
 batches), and OUT_DIR/generate.json (config, summary with epsilon, privacy) so that
 gmtext-finetune and gmtext-report read the merged set like any generate run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,9 @@ def _release_dir(shard: Path, cfg: dict) -> Path:
     for c in cands:
         if (c / "release.json").exists():
             return c.resolve()
-    raise MergeError(f"{shard}: its release ({cfg.get('release') or shard / 'release'}) is not there; cannot check that all shards used the same release")
+    raise MergeError(
+        f"{shard}: its release ({cfg.get('release') or shard / 'release'}) is not there; cannot check that all shards used the same release"
+    )
 
 
 def release_identity(rdir: Path) -> dict:
@@ -78,14 +81,22 @@ def merge_shards(out_dir, shard_dirs) -> dict:
     first = shards[0]
     for s in shards[1:]:
         r0, r1 = first["release"], s["release"]
-        for k, what in (("fingerprint", "release fingerprint"), ("privacy", "privacy.json"), ("targets_sha256", "release targets")):
+        for k, what in (
+            ("fingerprint", "release fingerprint"),
+            ("privacy", "privacy.json"),
+            ("targets_sha256", "release targets"),
+        ):
             if not _same(r0[k], r1[k]):
-                raise MergeError(f"{s['dir']} used another release than {first['dir']} ({what} differs: "
-                                 f"{r1['path']} vs {r0['path']}); shards must share one release=<dir>")
+                raise MergeError(
+                    f"{s['dir']} used another release than {first['dir']} ({what} differs: "
+                    f"{r1['path']} vs {r0['path']}); shards must share one release=<dir>"
+                )
         diff = config_diff(first["config"], s["config"], FREE_KEYS)
         if diff:
             keys = ", ".join(f"config key {k!r} ({json.dumps(a)} vs {json.dumps(b)})" for k, a, b in diff[:4])
-            raise MergeError(f"{s['dir']} differs from {first['dir']} in {keys}; shards must share the generation config")
+            raise MergeError(
+                f"{s['dir']} differs from {first['dir']} in {keys}; shards must share the generation config"
+            )
     cfg = first["config"]
     count = int(cfg["shard"]["count"])
     counts = {int(s["config"]["shard"]["count"]) for s in shards}
@@ -106,8 +117,10 @@ def merge_shards(out_dir, shard_dirs) -> dict:
     failed = sorted({int(b) for s in shards for b in s["generate"].get("summary", {}).get("failed_batches", [])})
     missing = [b for b in range(nb) if b not in rows_by_batch and b not in failed]
     if missing:
-        raise MergeError(f"batches {missing} of {nb} are missing (shard.count={count}; shard indexes given: "
-                         f"{sorted({int(s['config']['shard']['index']) for s in shards})}); add the missing shards or finish them")
+        raise MergeError(
+            f"batches {missing} of {nb} are missing (shard.count={count}; shard indexes given: "
+            f"{sorted({int(s['config']['shard']['index']) for s in shards})}); add the missing shards or finish them"
+        )
     extra = sorted(b for b in rows_by_batch if b >= nb)
     if extra:
         raise MergeError(f"batches {extra} are beyond the run's {nb} batches (num_per_class/batch_size mismatch)")
@@ -116,17 +129,34 @@ def merge_shards(out_dir, shard_dirs) -> dict:
     write_jsonl(out / SYNTHETIC_FILE, rows)
     privacy = first["release"]["privacy"]
     summary = {
-        "examples": len(rows), "batches": nb, "failed_batches": failed,
+        "examples": len(rows),
+        "batches": nb,
+        "failed_batches": failed,
         "mean_match_loss": sum(r["match_loss"] for r in rows) / len(rows),
         "mean_class_batch_loss": sum(r["class_batch_loss"] for r in rows) / len(rows),
         "mean_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
-        "epsilon": float(privacy.get("epsilon", math.inf)), "delta": float(privacy.get("delta", 0.0)),
+        "epsilon": float(privacy.get("epsilon", math.inf)),
+        "delta": float(privacy.get("delta", 0.0)),
     }
-    info = {"shards": [{"dir": str(s["dir"]), "index": s["config"]["shard"]["index"], "batches": sorted(b for b, o in owner.items() if o == s["dir"])} for s in shards],
-            "shard_count": count, "release": first["release"], "summary": summary}
+    info = {
+        "shards": [
+            {
+                "dir": str(s["dir"]),
+                "index": s["config"]["shard"]["index"],
+                "batches": sorted(b for b, o in owner.items() if o == s["dir"]),
+            }
+            for s in shards
+        ],
+        "shard_count": count,
+        "release": first["release"],
+        "summary": summary,
+    }
     write_json(out / "merge.json", info)
     merged_cfg = {**cfg, "shard": {"index": 0, "count": 1}, "release": first["release"]["path"]}
-    write_json(out / "generate.json", {"config": merged_cfg, "summary": summary, "privacy": privacy, "merged_from": [str(s["dir"]) for s in shards]})
+    write_json(
+        out / "generate.json",
+        {"config": merged_cfg, "summary": summary, "privacy": privacy, "merged_from": [str(s["dir"]) for s in shards]},
+    )
     return info
 
 
@@ -134,7 +164,10 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="gmtext-merge", description="Merge generate shards (shard.index=0..N-1 of one release) into one synthetic.jsonl.")
+    ap = argparse.ArgumentParser(
+        prog="gmtext-merge",
+        description="Merge generate shards (shard.index=0..N-1 of one release) into one synthetic.jsonl.",
+    )
     ap.add_argument("out_dir", help="output folder for synthetic.jsonl, merge.json, generate.json")
     ap.add_argument("shard_dirs", nargs="+", help="generate run dirs of the shards")
     a = ap.parse_args(argv)
@@ -145,6 +178,8 @@ def main(argv=None) -> int:
         print(f"gmtext-merge: error: {msg}", file=sys.stderr)
         return 2
     s = info["summary"]
-    print(f"gmtext-merge: {len(info['shards'])} shards, {s['batches']} batches, {s['examples']} examples "
-          f"(epsilon={s['epsilon']:.4g}) → {a.out_dir}/synthetic.jsonl")
+    print(
+        f"gmtext-merge: {len(info['shards'])} shards, {s['batches']} batches, {s['examples']} examples "
+        f"(epsilon={s['epsilon']:.4g}) → {a.out_dir}/synthetic.jsonl"
+    )
     return 0

@@ -15,6 +15,7 @@ run dir whose output came from another config (generate's check, the strictest, 
 before the release stage), so a rerun with other settings stops with one line instead of
 mixing the two.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,15 +35,25 @@ def run_pipeline(cfg: DictConfig, run_dir) -> dict:
     run_dir = Path(run_dir)
     source = training_source(cfg).name
     if source != "synthetic":
-        raise ValueError(f"gmtext-pipeline fine-tunes on its own synthetic set; train={source!r} belongs to gmtext-finetune")
-    uses_release = getattr(build(cfg.generator, drop=("name",)), "uses_release", True) if cfg.get("generator") is not None else True
+        raise ValueError(
+            f"gmtext-pipeline fine-tunes on its own synthetic set; train={source!r} belongs to gmtext-finetune"
+        )
+    uses_release = (
+        getattr(build(cfg.generator, drop=("name",)), "uses_release", True)
+        if cfg.get("generator") is not None
+        else True
+    )
     if "release" in cfg.selector.keys() and not cfg.selector.release:  # selector=margin scoring its own probe
         if not uses_release:
-            raise ValueError(f"generator={cfg.generator.get('name')} makes no release, so there is no probe for selector=margin to "
-                             "score against; accepted: selector=best | none (or selector.release=<probe release dir>)")
+            raise ValueError(
+                f"generator={cfg.generator.get('name')} makes no release, so there is no probe for selector=margin to "
+                "score against; accepted: selector=best | none (or selector.release=<probe release dir>)"
+            )
         if not cfg.probe.matched_params:
-            raise ValueError("selector=margin in gmtext-pipeline needs probe.matched_params=[...] (a probe release made with "
-                             "the generator's, from the same budget) or selector.release=<probe release dir>")
+            raise ValueError(
+                "selector=margin in gmtext-pipeline needs probe.matched_params=[...] (a probe release made with "
+                "the generator's, from the same budget) or selector.release=<probe release dir>"
+            )
         cfg = cfg.copy()
         OmegaConf.update(cfg, "selector.release", str(run_dir / PROBE_DIR))
     check_generate_resume(run_dir, cfg, OmegaConf.to_container(cfg, resolve=True))  # before any stage writes
@@ -56,7 +67,9 @@ def run_pipeline(cfg: DictConfig, run_dir) -> dict:
     OmegaConf.update(ft_cfg, "train.path", str(run_dir / "selected.jsonl"))
     run_finetune(ft_cfg, run_dir)
     metrics = read_json(run_dir / "metrics.json")
-    metrics["generation"] = {k: gen[k] for k in ("examples", "mean_match_loss", "mean_perplexity", "epsilon", "delta") if k in gen}
+    metrics["generation"] = {
+        k: gen[k] for k in ("examples", "mean_match_loss", "mean_perplexity", "epsilon", "delta") if k in gen
+    }
     metrics["selection"] = {k: sel[k] for k in ("pool", "selected", "mean_match_loss", "mean_perplexity")}
     write_json(run_dir / "metrics.json", metrics)
     return metrics

@@ -4,6 +4,7 @@ It turns real data into per-class target gradients with the configured privacy m
 (gmtext/privacy/release.py: noisy and accounted under privacy=dp) and writes them with a
 privacy ledger to <run dir>/release. Everything downstream receives a `Release`.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,14 +14,36 @@ from omegaconf import OmegaConf
 
 from ..artifacts import RESUME_FREE_KEYS, check_resume, record_config, run_lock, write_json
 from ..privacy.release import META_FILE
-from ..runtime import (PROBE_DIR, build_task, load_generator_model, load_or_make_release, makes_dp_release, matched_params,
-                       privacy_mechanism, release_artifact, start)
+from ..runtime import (
+    PROBE_DIR,
+    build_task,
+    load_generator_model,
+    load_or_make_release,
+    makes_dp_release,
+    matched_params,
+    privacy_mechanism,
+    release_artifact,
+    start,
+)
 from ..tracking import make_tracker
 
 # Settings run_release does not read: a run dir's release is reused across them (a pipeline
 # resumed with a larger num_per_class grows its pool from the same release).
-NOT_READ_BY_RELEASE = frozenset({"matcher", "projector", "num_per_class", "batch_size", "selector", "pool", "finetuner", "train",
-                                 "finetune", "shard", "release"})
+NOT_READ_BY_RELEASE = frozenset(
+    {
+        "matcher",
+        "projector",
+        "num_per_class",
+        "batch_size",
+        "selector",
+        "pool",
+        "finetuner",
+        "train",
+        "finetune",
+        "shard",
+        "release",
+    }
+)
 
 
 def run_release(cfg, run_dir) -> dict:
@@ -45,12 +68,22 @@ def run_release(cfg, run_dir) -> dict:
             t_load = time.perf_counter() - t0
             rel, reused = load_or_make_release(cfg, out, lm, task, matched)
             record_config(run_dir, "release", config)
-            summary = {"release_dir": str(out), "reused": reused, "epsilon": rel.epsilon, "delta": rel.privacy.get("delta"),
-                       "mechanism": rel.privacy.get("mechanism"), "sigma": rel.privacy.get("sigma"), "divisors": rel.divisors,
-                       "num_params": sum(t.numel() for t in rel.targets[0]), "model_load_seconds": t_load}
+            summary = {
+                "release_dir": str(out),
+                "reused": reused,
+                "epsilon": rel.epsilon,
+                "delta": rel.privacy.get("delta"),
+                "mechanism": rel.privacy.get("mechanism"),
+                "sigma": rel.privacy.get("sigma"),
+                "divisors": rel.divisors,
+                "num_params": sum(t.numel() for t in rel.targets[0]),
+                "model_load_seconds": t_load,
+            }
             if (run_dir / PROBE_DIR / META_FILE).exists():
                 summary["probe_dir"] = str(run_dir / PROBE_DIR)
-            if rel.privacy.get("mechanism") == "none":  # a DP release's run time depends on the private records: not published
+            if (
+                rel.privacy.get("mechanism") == "none"
+            ):  # a DP release's run time depends on the private records: not published
                 summary["wall_seconds"] = time.perf_counter() - t0
             write_json(run_dir / "release_summary.json", summary)
             tracker.summary({k: v for k, v in summary.items() if k not in ("release_dir", "probe_dir")})

@@ -19,6 +19,7 @@ no-matching twin (`matcher=none`) when there is one: the table gives the mean ±
 per-seed differences. Seeds vary the real sample, the LM starts and the fine-tuning together,
 so the paired difference is much less noisy than the difference of two means.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,16 @@ SKIP_DIRS = {"wandb", ".hydra", "release", "batches", "__pycache__", ".submitit"
 # Keys that differ between runs without defining an experimental condition.
 IGNORED = ("seed", "finetuner.seed", "train.path", "release", "progress", "threads", "stage_dir", "shard.index")
 IGNORED_PREFIXES = ("logger.", "hydra.")
-METRICS = ("accuracy", "macro_f1", "dev_accuracy", "n_train", "epsilon", "mean_match_loss", "mean_perplexity", "examples")
+METRICS = (
+    "accuracy",
+    "macro_f1",
+    "dev_accuracy",
+    "n_train",
+    "epsilon",
+    "mean_match_loss",
+    "mean_perplexity",
+    "examples",
+)
 PLOTS = ("accuracy_vs_examples.png", "accuracy_vs_epsilon.png", "admm_curves.png")
 X_EXAMPLE_KEYS = ("num_per_class", "train.size", "n_train")
 PAIRED_METRICS = ("accuracy", "macro_f1", "mean_perplexity")
@@ -158,8 +168,12 @@ def config_frame(runs) -> pd.DataFrame:
 
 def metric_frame(runs) -> pd.DataFrame:
     """One row per run, one float column per metric in METRICS (NaN: missing or not a number)."""
-    return pd.DataFrame([[float(r.metrics[m]) if _isnum(r.metrics.get(m)) else np.nan for m in METRICS] for r in runs],
-                        columns=list(METRICS), index=range(len(runs)), dtype=float)
+    return pd.DataFrame(
+        [[float(r.metrics[m]) if _isnum(r.metrics.get(m)) else np.nan for m in METRICS] for r in runs],
+        columns=list(METRICS),
+        index=range(len(runs)),
+        dtype=float,
+    )
 
 
 def runs_frame(runs, keys) -> pd.DataFrame:
@@ -167,7 +181,9 @@ def runs_frame(runs, keys) -> pd.DataFrame:
     an explicit None), seed, path and the metrics. The table is this frame grouped by `keys`;
     a paired comparison of two conditions would merge their rows on `seed`."""
     cfg = config_frame(runs).reindex(columns=list(keys)).fillna(_enc(None))
-    ident = pd.DataFrame({"seed": [r.seed for r in runs], "path": [str(r.path) for r in runs], "run": range(len(runs))}, dtype=object)
+    ident = pd.DataFrame(
+        {"seed": [r.seed for r in runs], "path": [str(r.path) for r in runs], "run": range(len(runs))}, dtype=object
+    )
     return pd.concat([cfg, ident, metric_frame(runs)], axis=1)
 
 
@@ -179,8 +195,11 @@ def varying_keys(runs, ignore=(), group_by=()) -> list[str]:
     ablation) can differ only in `train.path`, and must not be averaged together."""
     cfg = config_frame(runs)
     skip = (set(IGNORED) | set(ignore)) - set(group_by)
-    return [k for k in sorted(cfg.columns)
-            if not (k in skip or (k.startswith(IGNORED_PREFIXES) and k not in group_by)) and cfg[k].nunique(dropna=True) > 1]
+    return [
+        k
+        for k in sorted(cfg.columns)
+        if not (k in skip or (k.startswith(IGNORED_PREFIXES) and k not in group_by)) and cfg[k].nunique(dropna=True) > 1
+    ]
 
 
 def stage_sections(runs, ignore=(), group_by=()) -> list[tuple[str, list[str], list["Group"]]]:
@@ -225,7 +244,11 @@ def group_runs(runs, keys) -> list[Group]:
     for enc, row in table.iterrows():
         enc = enc if isinstance(enc, tuple) else (enc,)
         key = tuple((k, json.loads(v)) for k, v in zip(keys, enc))
-        stats = {m: (float(row[f"{m}\tmean"]), float(row[f"{m}\tstd"]), int(row[f"{m}\tn"])) for m in METRICS if row[f"{m}\tn"] > 0}
+        stats = {
+            m: (float(row[f"{m}\tmean"]), float(row[f"{m}\tstd"]), int(row[f"{m}\tn"]))
+            for m in METRICS
+            if row[f"{m}\tn"] > 0
+        }
         groups.append(Group(key, [runs[i] for i in row["run"]], stats))
     return sorted(groups, key=lambda g: _order(g.key))
 
@@ -245,9 +268,12 @@ def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
     context = [k for k in keys if k not in inner]
     df = runs_frame(runs, keys)
     rows = []
-    for ctx, part in (df.groupby(context, sort=False, dropna=False) if context else [((), df)]):
+    for ctx, part in df.groupby(context, sort=False, dropna=False) if context else [((), df)]:
         ctx = ctx if isinstance(ctx, tuple) else (ctx,)
-        conds = sorted({tuple(r) for r in part[inner].itertuples(index=False)}, key=lambda c: _order(tuple(zip(inner, map(json.loads, c)))))
+        conds = sorted(
+            {tuple(r) for r in part[inner].itertuples(index=False)},
+            key=lambda c: _order(tuple(zip(inner, map(json.loads, c)))),
+        )
         if len(conds) < 2:
             continue
         twin = [c for c in conds if _enc(TWIN_TARGET) in c]
@@ -265,10 +291,16 @@ def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
             seeds = [sd for sd in other.index if sd in base.index]
             if not seeds:
                 continue
-            row = {"stage": stage, "context": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(context, ctx) if json.loads(v) is not None),
-                   "condition": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(inner, cond)),
-                   "reference": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(inner, ref)),
-                   "seeds": " ".join(str(sd) for sd in sorted(seeds, key=str)), "pairs": len(seeds)}
+            row = {
+                "stage": stage,
+                "context": ", ".join(
+                    f"{k}={_fmt(json.loads(v))}" for k, v in zip(context, ctx) if json.loads(v) is not None
+                ),
+                "condition": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(inner, cond)),
+                "reference": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(inner, ref)),
+                "seeds": " ".join(str(sd) for sd in sorted(seeds, key=str)),
+                "pairs": len(seeds),
+            }
             for m in PAIRED_METRICS:
                 d = (other.loc[seeds, m].astype(float) - base.loc[seeds, m].astype(float)).dropna()
                 row[f"d_{m}_mean"], row[f"d_{m}_std"] = (_mean(d), _std(d)) if len(d) else (None, None)
@@ -281,8 +313,13 @@ def paired_markdown(rows, group: str) -> list[str]:
         return []
     ms = [m for m in PAIRED_METRICS if any(r[f"d_{m}_mean"] is not None for r in rows)]
     head = ["stage", "context", "condition", "reference", "seeds"] + [f"Δ {m}" for m in ms]
-    lines = ["", f"## Paired by seed (conditions differing in {group}.*; condition − reference, mean ± std over paired seeds)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        "",
+        f"## Paired by seed (conditions differing in {group}.*; condition − reference, mean ± std over paired seeds)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         cells = [r["stage"], r["context"] or "–", r["condition"], r["reference"], r["seeds"]]
         for m in ms:
@@ -322,13 +359,22 @@ def write_csv(path, rows, keys) -> None:
 def markdown(sections, plots, sources, paired=(), group="matcher") -> str:
     """One table per stage: `sections` = [(stage, keys, rows)]; then the seed-paired differences."""
     n = sum(r["runs"] for _, _, rows in sections for r in rows)
-    lines = ["# gmtext report", "", f"{n} runs from {', '.join(map(str, sources))}; one table per stage, grouped by "
-             "the settings that vary within it; mean ± std over seeds."]
+    lines = [
+        "# gmtext report",
+        "",
+        f"{n} runs from {', '.join(map(str, sources))}; one table per stage, grouped by "
+        "the settings that vary within it; mean ± std over seeds.",
+    ]
     for stage, keys, rows in sections:
         ms = present_metrics(rows)
         head = list(keys) + ["runs"] + ms
-        lines += ["", f"## {stage} ({sum(r['runs'] for r in rows)} runs; grouped by {', '.join(keys) or 'nothing (one condition)'})", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [
+            "",
+            f"## {stage} ({sum(r['runs'] for r in rows)} runs; grouped by {', '.join(keys) or 'nothing (one condition)'})",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for r in rows:
             cells = [_fmt(r.get(k)) for k in keys] + [str(r["runs"])]
             for m in ms:
@@ -428,7 +474,9 @@ def _draw_all(ax, data, log: bool, xmap=lambda x: x):
             x.append(px * (1 + off) if log else px + off * span)
             y.append(py)
             e.append(pe)
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label, color=f"C{i % 10}", ls="-" if len(pts) > 1 else "none")
+        ax.errorbar(
+            x, y, yerr=e, marker="o", capsize=3, label=label, color=f"C{i % 10}", ls="-" if len(pts) > 1 else "none"
+        )
 
 
 def _finish(fig, ax, path):
@@ -496,8 +544,11 @@ def _null_locator():
     return NullLocator()
 
 
-ADMM_PANELS = (("best_discrete_loss", "best matching loss so far"), ("discrete_loss", "matching loss of the projected text"),
-               ("perplexity", "perplexity of the projected text"))
+ADMM_PANELS = (
+    ("best_discrete_loss", "best matching loss so far"),
+    ("discrete_loss", "matching loss of the projected text"),
+    ("perplexity", "perplexity of the projected text"),
+)
 
 
 def admm_curves(groups) -> dict:
@@ -559,7 +610,9 @@ def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=(), 
     "figures": {file: matplotlib Figure}, "out_dir"}."""
     dirs = find_run_dirs(paths)
     if not dirs:
-        raise FileNotFoundError(f"no run dirs (folders with {' or '.join(RUN_FILES)}) under {', '.join(map(str, paths))}")
+        raise FileNotFoundError(
+            f"no run dirs (folders with {' or '.join(RUN_FILES)}) under {', '.join(map(str, paths))}"
+        )
     runs = [load_run(d) for d in dirs]
     unknown = sorted(set(group_by) - {k for r in runs for k in r.config})
     if unknown:
@@ -576,7 +629,11 @@ def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=(), 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots, figures = {}, {}
-    plotters = (partial(plot_accuracy_vs_examples, plot_ignore=plot_ignore), partial(plot_accuracy_vs_epsilon, plot_ignore=plot_ignore), plot_admm)
+    plotters = (
+        partial(plot_accuracy_vs_examples, plot_ignore=plot_ignore),
+        partial(plot_accuracy_vs_epsilon, plot_ignore=plot_ignore),
+        plot_admm,
+    )
     for name, fn in zip(PLOTS, plotters):
         drawn = fn(groups, out / name)
         if drawn is not None:
@@ -589,30 +646,58 @@ def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=(), 
     elif (out / "paired.csv").exists():
         (out / "paired.csv").unlink()  # stale table from an earlier report into the same dir
     (out / "report.md").write_text(markdown(sections, list(plots), paths, pairs, paired), encoding="utf-8")
-    return {"runs": runs, "keys": keys, "rows": rows, "groups": groups, "paired": pairs, "plots": plots, "figures": figures,
-            "out_dir": out}
+    return {
+        "runs": runs,
+        "keys": keys,
+        "rows": rows,
+        "groups": groups,
+        "paired": pairs,
+        "plots": plots,
+        "figures": figures,
+        "out_dir": out,
+    }
 
 
 def main(argv=None) -> int:
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="gmtext-report", description="Tables and plots across gmtext run dirs and multirun dirs.")
+    ap = argparse.ArgumentParser(
+        prog="gmtext-report", description="Tables and plots across gmtext run dirs and multirun dirs."
+    )
     ap.add_argument("dirs", nargs="+", help="run dirs or folders above them (searched recursively)")
     ap.add_argument("-o", "--out", default="report", help="output folder (default ./report)")
-    ap.add_argument("--ignore", action="append", default=[], metavar="KEY", help="config key not to group by (repeatable)")
-    ap.add_argument("--group-by", action="append", default=[], metavar="KEY",
-                    help="also group by a key skipped by default, e.g. train.path (repeatable)")
-    ap.add_argument("--plot-ignore", action="append", default=[], metavar="KEY",
-                    help="keep KEY in the tables but join runs differing in it into one plot curve (repeatable)")
-    ap.add_argument("--paired", default="matcher", metavar="GROUP",
-                    help="compare conditions differing only in GROUP.* seed by seed (default matcher: GRADMM vs its matcher=none twin; '' for none)")
+    ap.add_argument(
+        "--ignore", action="append", default=[], metavar="KEY", help="config key not to group by (repeatable)"
+    )
+    ap.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="also group by a key skipped by default, e.g. train.path (repeatable)",
+    )
+    ap.add_argument(
+        "--plot-ignore",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="keep KEY in the tables but join runs differing in it into one plot curve (repeatable)",
+    )
+    ap.add_argument(
+        "--paired",
+        default="matcher",
+        metavar="GROUP",
+        help="compare conditions differing only in GROUP.* seed by seed (default matcher: GRADMM vs its matcher=none twin; '' for none)",
+    )
     a = ap.parse_args(argv)
     try:
         r = run_report(a.dirs, a.out, a.ignore, a.group_by, a.plot_ignore, a.paired)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"gmtext-report: error: {e}", file=sys.stderr)
         return 2
-    print(f"gmtext-report: {len(r['runs'])} runs in {len(r['rows'])} groups (by {', '.join(r['keys']) or 'nothing'}) → "
-          f"{r['out_dir']}/report.md, report.csv" + "".join(f", {p}" for p in r["plots"]))
+    print(
+        f"gmtext-report: {len(r['runs'])} runs in {len(r['rows'])} groups (by {', '.join(r['keys']) or 'nothing'}) → "
+        f"{r['out_dir']}/report.md, report.csv" + "".join(f", {p}" for p in r["plots"])
+    )
     return 0

@@ -3,6 +3,7 @@
 Uses only what generation wrote (match_loss, perplexity, text), all of it derived from the
 release, so selection is post-processing and spends no privacy budget.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,12 +38,21 @@ class BestMatchSelector:
     uses_probe = False  # True: the pool is scored against a probe release first (label_margin)
     probe_release: str | None = None  # that release; None: the pool's own <pool run dir>/probe
 
-    def __init__(self, per_class: int = BestMatchSelectorConfig.per_class,
-                 perplexity_weight: float = BestMatchSelectorConfig.perplexity_weight,
-                 dedupe: bool = BestMatchSelectorConfig.dedupe, balance: bool = BestMatchSelectorConfig.balance):
+    def __init__(
+        self,
+        per_class: int = BestMatchSelectorConfig.per_class,
+        perplexity_weight: float = BestMatchSelectorConfig.perplexity_weight,
+        dedupe: bool = BestMatchSelectorConfig.dedupe,
+        balance: bool = BestMatchSelectorConfig.balance,
+    ):
         if per_class < 0:
             raise ValueError(f"selector.per_class={per_class} must be >= 0 (0 = keep all)")
-        self.per_class, self.perplexity_weight, self.dedupe, self.balance = per_class, perplexity_weight, dedupe, balance
+        self.per_class, self.perplexity_weight, self.dedupe, self.balance = (
+            per_class,
+            perplexity_weight,
+            dedupe,
+            balance,
+        )
 
     def score(self, row: dict) -> float:
         return row["match_loss"] + self.perplexity_weight * math.log(max(row["perplexity"], 1.0))
@@ -76,9 +86,14 @@ class LabelMarginSelector(BestMatchSelector):
     required = ("text", "label")  # scores any pool of labelled text (e.g. train=prompted's prompted.jsonl)
     uses_probe = True
 
-    def __init__(self, release: str | None = LabelMarginSelectorConfig.release, per_class: int = LabelMarginSelectorConfig.per_class,
-                 dedupe: bool = LabelMarginSelectorConfig.dedupe, balance: bool = LabelMarginSelectorConfig.balance,
-                 chunk: int = LabelMarginSelectorConfig.chunk):
+    def __init__(
+        self,
+        release: str | None = LabelMarginSelectorConfig.release,
+        per_class: int = LabelMarginSelectorConfig.per_class,
+        dedupe: bool = LabelMarginSelectorConfig.dedupe,
+        balance: bool = LabelMarginSelectorConfig.balance,
+        chunk: int = LabelMarginSelectorConfig.chunk,
+    ):
         if chunk < 1:
             raise ValueError(f"selector.chunk={chunk} must be >= 1")
         super().__init__(per_class=per_class, dedupe=dedupe, balance=balance)
@@ -114,12 +129,26 @@ def add_label_margins(cfg: DictConfig, rows: list[dict], release_dir: str, chunk
     fps = {m: release_fingerprint(lm.fingerprint, cfg.dataset.name, task, matched.names, m) for m in MATCH_LOSSES}
     match_loss = next((m for m, fp in fps.items() if fp == rel.fingerprint), cfg.match_loss)
     rel.check(fps.get(match_loss, ""), matched.names)  # an unknown match_loss fits no release
-    fit = label_fit(lm.model, task, matched, rel.targets, [r["text"] for r in rows], match_loss, cfg.dataset.max_text_tokens, chunk,
-                    progress=bool(cfg.progress))
+    fit = label_fit(
+        lm.model,
+        task,
+        matched,
+        rel.targets,
+        [r["text"] for r in rows],
+        match_loss,
+        cfg.dataset.max_text_tokens,
+        chunk,
+        progress=bool(cfg.progress),
+    )
     for r, m in zip(rows, label_margin(fit, [r["label"] for r in rows]).tolist()):
         r["label_margin"] = m
-    return {"release": str(release_dir), "epsilon": rel.epsilon, "delta": float(rel.privacy.get("delta", 0.0)),
-            "param_names": len(rel.param_names), "ledger": ledger_of(rel.privacy)}
+    return {
+        "release": str(release_dir),
+        "epsilon": rel.epsilon,
+        "delta": float(rel.privacy.get("delta", 0.0)),
+        "param_names": len(rel.param_names),
+        "ledger": ledger_of(rel.privacy),
+    }
 
 
 def load_synthetic(path, label_names, required=BestMatchSelector.required) -> list[dict]:
@@ -148,9 +177,11 @@ def _pool_probe(source: Path) -> str:
     scoring targets of selector=margin: same records, same budget, same run dir."""
     probe = source.parent / PROBE_DIR
     if not (probe / META_FILE).exists():
-        raise ValueError(f"selector=margin: no selector.release given and the pool's run dir has no probe release ({probe}); "
-                         "generate with probe.matched_params=[...] (the default: [middle_blocks]), give "
-                         "selector.release=DIR, or use selector=best")
+        raise ValueError(
+            f"selector=margin: no selector.release given and the pool's run dir has no probe release ({probe}); "
+            "generate with probe.matched_params=[...] (the default: [middle_blocks]), give "
+            "selector.release=DIR, or use selector=best"
+        )
     return str(probe)
 
 
@@ -181,9 +212,14 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
             counts = {}
             for r in chosen:
                 counts[r["label"]] = counts.get(r["label"], 0) + 1
-            summary = {"pool": len(rows), "selected": len(chosen), "per_class": counts,
-                       "mean_match_loss": _mean(chosen, "match_loss"), "mean_perplexity": _mean(chosen, "perplexity"),
-                       "source": str(source)}
+            summary = {
+                "pool": len(rows),
+                "selected": len(chosen),
+                "per_class": counts,
+                "mean_match_loss": _mean(chosen, "match_loss"),
+                "mean_perplexity": _mean(chosen, "perplexity"),
+                "source": str(source),
+            }
             parts = [pool_privacy] if pool_privacy else []
             if probe_privacy is not None:
                 summary["mean_label_margin"] = _mean(chosen, "label_margin")
@@ -193,8 +229,12 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
             if privacy:
                 summary.update(epsilon=privacy["epsilon"], delta=privacy["delta"])
             write_json(run_dir / "select.json", {**summary, "privacy": privacy})
-            tracker.summary({**{k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                             "per_class": {cfg.dataset.label_names[k]: n for k, n in sorted(counts.items())}})
+            tracker.summary(
+                {
+                    **{k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                    "per_class": {cfg.dataset.label_names[k]: n for k, n in sorted(counts.items())},
+                }
+            )
             tracker.commit()
             tracker.log_artifact(*synthetic_artifact(cfg, run_dir / "selected.jsonl"))
     return summary
