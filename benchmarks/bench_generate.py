@@ -400,7 +400,8 @@ def bench_end_to_end(
     if ref_outer_measured < outer:
         ex = (
             f"reference ran {ref_outer_measured} of {outer} outer steps (mean {t_outer:.2f} s each, scaled x{outer}); "
-            f"its init is the init row's reference time ({init_ref_s:.1f} s, itself {'extrapolated' if b.args.init_ref_measured < 500 else 'measured'}); "
+            f"its init is the init row's reference time ({init_ref_s:.1f} s, itself "
+            f"{'extrapolated' if b.args.init_ref_measured < 500 else 'measured'}); "
             f"target gradients measured in full ({t_tg_r:.1f} s)"
         ) + (f"; {fast_ex}" if fast_ex else "")
     b.row(
@@ -472,7 +473,8 @@ def demo_rss(args) -> dict:
     else:
         out["stdout_tail"] = p.stdout.strip().splitlines()[-1:] if p.stdout.strip() else []
     print(
-        f"  demo gmtext-generate: rc={p.returncode}, {wall:.1f} s, peak RSS {peak:.2f} GiB (target < {DEMO_RSS_TARGET_GIB})",
+        f"  demo gmtext-generate: rc={p.returncode}, {wall:.1f} s, "
+        f"peak RSS {peak:.2f} GiB (target < {DEMO_RSS_TARGET_GIB})",
         flush=True,
     )
     return out
@@ -682,7 +684,8 @@ def print_table(result):
     print(f"peak RSS (bench process): {result['peak_rss_gib']:.2f} GiB")
     if result["demo"]:
         print(
-            f"peak RSS (gmtext-generate demo): {result['demo_peak_rss_gib']:.2f} GiB (target < {DEMO_RSS_TARGET_GIB} GiB)"
+            f"peak RSS (gmtext-generate demo): {result['demo_peak_rss_gib']:.2f} GiB "
+            f"(target < {DEMO_RSS_TARGET_GIB} GiB)"
         )
     print("* = reference side partly extrapolated (see the row's 'extrapolated' field)")
 

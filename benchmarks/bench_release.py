@@ -77,7 +77,8 @@ def main(argv=None) -> dict:
         a.n, a.vmap_n, a.loop_n, a.chunk = 8, 4, 2, 4
     if min(a.n, a.vmap_n, a.loop_n, a.chunk) < 0 or a.n < 1 or a.chunk < 1:
         raise SystemExit(
-            f"bench_release: --n {a.n} and --chunk {a.chunk} must be >= 1, --vmap-n {a.vmap_n} and --loop-n {a.loop_n} >= 0"
+            f"bench_release: --n {a.n} and --chunk {a.chunk} must be >= 1, "
+            f"--vmap-n {a.vmap_n} and --loop-n {a.loop_n} >= 0"
         )
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -115,7 +116,8 @@ def main(argv=None) -> dict:
         }
         rows.append(r)
         print(
-            f"{name:44s} k={r['k']:>9d} {r['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {r['split_minutes_extrapolated']:>7.1f} min "
+            f"{name:44s} k={r['k']:>9d} {r['ms_per_example']:>8.0f} ms/ex  "
+            f"all {SPLIT}: {r['split_minutes_extrapolated']:>7.1f} min "
             f"(extrapolated from {len(tx)}; from CPU time/threads: {r['split_minutes_from_cpu']:.1f} min)",
             flush=True,
         )
@@ -145,7 +147,8 @@ def main(argv=None) -> dict:
         }
     )
     print(
-        f"{'forward only (no grad)':44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
+        f"{'forward only (no grad)':44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  "
+        f"all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
         f"(from CPU time/threads: {rows[-1]['split_minutes_from_cpu']:.1f} min)",
         flush=True,
     )
@@ -185,7 +188,8 @@ def main(argv=None) -> dict:
         }
     )
     print(
-        f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
+        f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  "
+        f"all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
         f"(two passes: {two / len(texts) * SPLIT / 60:.1f} min; {two / dt:.2f}x)",
         flush=True,
     )

@@ -180,7 +180,8 @@ def main(argv=None) -> int:
             rows.append(row)
             e1, e4 = row["eps1"], row["eps4"]
             print(
-                f"{set_name:16s} k/mat {k * k:5d} k {dim:7d} | clean acc {acc_clean:.3f} | alpha {alphas[0]:.3f}/{alphas[1]:.3f} | "
+                f"{set_name:16s} k/mat {k * k:5d} k {dim:7d} | clean acc {acc_clean:.3f} | "
+                f"alpha {alphas[0]:.3f}/{alphas[1]:.3f} | "
                 f"eps1 cos {e1['cos_joint'][0]:.3f}/{e1['cos_joint'][1]:.3f} acc {e1['accuracy']:.3f} | "
                 f"eps4 cos {e4['cos_joint'][0]:.3f}/{e4['cos_joint'][1]:.3f} acc {e4['accuracy']:.3f}",
                 flush=True,

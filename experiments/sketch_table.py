@@ -18,7 +18,10 @@ def noise_table(path: str) -> str:
         f"reviews; noisy targets: the clipped sum of all {n} reviews per class (estimated as {n} × the clipped mean of "
         f"the sample, C = 1 with every example clipped) + N(0, (z·2C)² I), mean of the noise draws.",
         "",
-        "| layers | matrices | k per matrix | k | clean acc | α (neg/pos) | ε=1: cos(noisy, clean) | ε=1: acc | ε=4: cos(noisy, clean) | ε=4: acc |",
+        (
+            "| layers | matrices | k per matrix | k | clean acc | α (neg/pos) | "
+            "ε=1: cos(noisy, clean) | ε=1: acc | ε=4: cos(noisy, clean) | ε=4: acc |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in d["rows"]:
@@ -26,14 +29,18 @@ def noise_table(path: str) -> str:
         c = lambda e: "/".join(f"{v:.3f}" for v in e["cos_joint"])
         out.append(
             f"| {r['layers']} | {r['matrices']} | {r['k_per_matrix']} | {r['k']:,} | {r['clean_accuracy']:.3f} | "
-            f"{r['alpha'][0]:.3f}/{r['alpha'][1]:.3f} | {c(e1)} | {e1['accuracy']:.3f} | {c(e4)} | {e4['accuracy']:.3f} |"
+            f"{r['alpha'][0]:.3f}/{r['alpha'][1]:.3f} | {c(e1)} | {e1['accuracy']:.3f} | "
+            f"{c(e4)} | {e4['accuracy']:.3f} |"
         )
     return "\n".join(out)
 
 
 def bench_table(paths) -> str:
     out = [
-        "| path | k | texts timed | wall ms/text | all 8,530: wall, extrapolated | all 8,530: CPU time / 2 threads | load avg (1 min) at end |",
+        (
+            "| path | k | texts timed | wall ms/text | all 8,530: wall, extrapolated | "
+            "all 8,530: CPU time / 2 threads | load avg (1 min) at end |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in paths:
@@ -41,7 +48,8 @@ def bench_table(paths) -> str:
         for r in d["rows"]:
             out.append(
                 f"| {r['path']} | {r['k']:,} | {r['texts_timed']} | {r['ms_per_example']:.0f} | "
-                f"{r['split_minutes_extrapolated']:.0f} min | {r.get('split_minutes_from_cpu', math.nan):.0f} min | {d['load_average_end'][0]:.1f} |"
+                f"{r['split_minutes_extrapolated']:.0f} min | {r.get('split_minutes_from_cpu', math.nan):.0f} min | "
+                f"{d['load_average_end'][0]:.1f} |"
             )
     return "\n".join(out)
 

@@ -26,7 +26,8 @@ from gmtext.privacy.release import Release  # noqa: E402
 def cosines(noisy: Release, clean: Release) -> list[float]:
     if noisy.param_names != clean.param_names:
         raise SystemExit(
-            f"target_cosine: the releases match different parameters ({noisy.param_names[:1]} vs {clean.param_names[:1]})"
+            "target_cosine: the releases match different parameters "
+            f"({noisy.param_names[:1]} vs {clean.param_names[:1]})"
         )
     flat = lambda tc: torch.cat([t.reshape(-1).double() for t in tc])  # noqa: E731
     return [

@@ -203,8 +203,10 @@ def audit_main(cfg: DictConfig) -> float:
 
     s = _run("audit", run_audit, cfg)
     print(
-        f"gmtext-audit: longest common n-gram {s['longest_common_ngram']} | {s['share_with_real_ngram']:.1%} share a real "
-        f"{s['ngram']}-gram | median nearest-real cosine {s['nearest_real_cosine']['median']:.3f} → {HydraConfig.get().runtime.output_dir}/audit.md"
+        f"gmtext-audit: longest common n-gram {s['longest_common_ngram']} | "
+        f"{s['share_with_real_ngram']:.1%} share a real {s['ngram']}-gram | "
+        f"median nearest-real cosine {s['nearest_real_cosine']['median']:.3f} "
+        f"→ {HydraConfig.get().runtime.output_dir}/audit.md"
     )
     return s["share_with_real_ngram"]
 
@@ -219,8 +221,10 @@ def finetune_main(cfg: DictConfig) -> float:
     eps = f" | epsilon {m['epsilon']:.3g}" if m.get("epsilon") is not None else ""
     dev = f" | dev acc {m['dev_accuracy']:.1%}" if m.get("dev_accuracy") is not None else ""
     print(
-        f"gmtext-finetune: {m['train_source']} (n={m['n_train']}) | {m['splits']['accuracy']} accuracy {m['accuracy']:.1%} | "
-        f"macro-F1 {m['macro_f1']:.3f}{dev}{eps} | {m['wall_seconds']:.0f} s → {HydraConfig.get().runtime.output_dir}/metrics.json"
+        f"gmtext-finetune: {m['train_source']} (n={m['n_train']}) | "
+        f"{m['splits']['accuracy']} accuracy {m['accuracy']:.1%} | "
+        f"macro-F1 {m['macro_f1']:.3f}{dev}{eps} | {m['wall_seconds']:.0f} s "
+        f"→ {HydraConfig.get().runtime.output_dir}/metrics.json"
     )
     return m["accuracy"]
 
@@ -245,7 +249,8 @@ def select_main(cfg: DictConfig) -> int:
 
     s = _run("select", run_select, cfg)
     print(
-        f"gmtext-select: {s['selected']} of {s['pool']} examples → {HydraConfig.get().runtime.output_dir}/selected.jsonl "
+        f"gmtext-select: {s['selected']} of {s['pool']} examples "
+        f"→ {HydraConfig.get().runtime.output_dir}/selected.jsonl "
         f"| per class {s['per_class']} | mean match loss {s['mean_match_loss']:.4f}"
         + (
             f" | mean label margin {s['mean_label_margin']:.4f} | epsilon {s.get('epsilon', 'unknown')}"
@@ -263,6 +268,7 @@ def pipeline_main(cfg: DictConfig) -> float:
     m = _run("pipeline", run_pipeline, cfg)
     print(
         f"gmtext-pipeline: accuracy {m['accuracy']:.4f} on {m.get('splits', {}).get('accuracy', 'eval')} "
-        f"| {m['selection']['selected']} synthetic examples | epsilon {m['generation'].get('epsilon')} → {HydraConfig.get().runtime.output_dir}/metrics.json"
+        f"| {m['selection']['selected']} synthetic examples | epsilon {m['generation'].get('epsilon')} "
+        f"→ {HydraConfig.get().runtime.output_dir}/metrics.json"
     )
     return m["accuracy"]

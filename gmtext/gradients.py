@@ -39,7 +39,8 @@ class MatchedParams:
     def __init__(self, model: nn.Module, specs: Sequence[str]):
         if not specs:
             raise ValueError(
-                "matcher.params is empty; accepted entries: lm_head, final_norm, last_blocks:K, middle_blocks, re:<regex>"
+                "matcher.params is empty; accepted entries: "
+                "lm_head, final_norm, last_blocks:K, middle_blocks, re:<regex>"
             )
         self.model = model
         self.specs = list(specs)
@@ -84,7 +85,8 @@ class MatchedParams:
                 sel = {n: all_names[n] for n in sketch_sel[s]}
             else:
                 raise ValueError(
-                    f"matcher.params entry {s!r} unknown; accepted: lm_head, final_norm, last_blocks:K, middle_blocks, re:<regex>, sketch:<K_IN>x<K_OUT>:<SEED>:<regex>"
+                    f"matcher.params entry {s!r} unknown; accepted: lm_head, final_norm, last_blocks:K, middle_blocks, "
+                    "re:<regex>, sketch:<K_IN>x<K_OUT>:<SEED>:<regex>"
                 )
             if not sel:
                 raise ValueError(f"matcher.params entry {s!r} matches no parameter of this model")
@@ -122,7 +124,8 @@ def block_regex(pattern: str, param_names) -> str:
         k = pattern.split(":", 1)[1]
         if not (k.isdigit() and 1 <= int(k) <= len(blocks)):
             raise ValueError(
-                f"matched_params entry sketch:{pattern!r}: model has {len(blocks)} blocks; use last_blocks:1..{len(blocks)}"
+                f"matched_params entry sketch:{pattern!r}: model has {len(blocks)} blocks; "
+                f"use last_blocks:1..{len(blocks)}"
             )
         pre = blocks[-int(k) :]
     if not pre:

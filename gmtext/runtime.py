@@ -112,7 +112,10 @@ def _inclusion_rule(cfg: DictConfig, mech) -> str:
     if cfg.real_per_class is not None:
         return f"random.sample of {cfg.real_per_class} per class (seed {cfg.seed}), dev hash bucket excluded"
     if mech.sample_rate < 1:
-        return f"each non-empty record outside the dev hash bucket, kept iff sha256(key={cfg.seed}, text) < {mech.sample_rate}"
+        return (
+            "each non-empty record outside the dev hash bucket, "
+            f"kept iff sha256(key={cfg.seed}, text) < {mech.sample_rate}"
+        )
     return "every non-empty record outside the dev hash bucket"
 
 

@@ -172,7 +172,8 @@ def parse_spec(spec: str):
     if not m:
         raise ValueError(
             f"matched_params entry {spec!r}: the short form sketch:<regex> must be expanded with the "
-            f"config's sketch.k_in/k_out/seed (gmtext.sketch.expand_specs), or write sketch:<K_IN>x<K_OUT>:<SEED>:<regex>"
+            "config's sketch.k_in/k_out/seed (gmtext.sketch.expand_specs), "
+            "or write sketch:<K_IN>x<K_OUT>:<SEED>:<regex>"
         )
     return int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
 

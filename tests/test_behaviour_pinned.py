@@ -153,23 +153,71 @@ def test_training_sources_are_pinned(compose, tmp_path, source):
 # recorded from the pre-refactor code (GMTEXT_RECORD_PINNED=1); json keeps inf as Infinity
 EXPECTED = {
     'none': json.loads(
-        '{"release": {"reused": false, "epsilon": Infinity, "delta": 0.0, "mechanism": "none", "sigma": null, "divisors": [4.0, 4.0], "num_params": 3145728}, "privacy": {"mechanism": "none", "epsilon": Infinity, "delta": 0.0, "note": "non-private: targets are exact means of real-example gradients"}, "ledger_epsilon": Infinity, "synthetic": [["Linda requirements Comparativect oversee", 0, 0.1470710039138794], ["Mithestial Belarus vulnerability tailor", 0, 0.09468048810958862], ["aggressivelyprisesorphousightedsolving", 1, 0.11264270544052124], ["holidayiti graduating Humans dining", 1, 0.10676980018615723], ["ened outstandingCAT simulate Kab", 0, 0.08734208345413208], ["estrogengrowngt Saturn Imperial", 0, 0.26490479707717896], ["Yomswigfaiss Comparison blow Well", 1, 0.2896345257759094], ["PueblofounderNot enum concern", 1, 0.07532453536987305]], "selected": ["ened outstandingCAT simulate Kab", "Mithestial Belarus vulnerability tailor", "Linda requirements Comparativect oversee", "PueblofounderNot enum concern", "holidayiti graduating Humans dining", "aggressivelyprisesorphousightedsolving"], "metrics": {"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "n_train": 6, "train_per_class": [3, 3], "epsilon": Infinity, "delta": 0.0, "lr": 1e-05, "steps": 2, "final_loss": 0.87939, "generation": {"examples": 8, "mean_match_loss": 0.147296, "mean_perplexity": 40192.6, "epsilon": Infinity, "delta": 0.0}, "selection": {"pool": 8, "selected": 6, "mean_match_loss": 0.103972, "mean_perplexity": 40387.5}}}'
+        '{"release": {"reused": false, "epsilon": Infinity, "delta": 0.0, "mechanism": "none", "sigma": null, '
+        '"divisors": [4.0, 4.0], "num_params": 3145728}, "privacy": {"mechanism": "none", "epsilon": Infinity, '
+        '"delta": 0.0, "note": "non-private: targets are exact means of real-example gradients"}, '
+        '"ledger_epsilon": Infinity, '
+        '"synthetic": [["Linda requirements Comparativect oversee", 0, 0.1470710039138794], '
+        '["Mithestial Belarus vulnerability tailor", 0, 0.09468048810958862], '
+        '["aggressivelyprisesorphousightedsolving", 1, 0.11264270544052124], '
+        '["holidayiti graduating Humans dining", 1, 0.10676980018615723], '
+        '["ened outstandingCAT simulate Kab", 0, 0.08734208345413208], '
+        '["estrogengrowngt Saturn Imperial", 0, 0.26490479707717896], '
+        '["Yomswigfaiss Comparison blow Well", 1, 0.2896345257759094], '
+        '["PueblofounderNot enum concern", 1, 0.07532453536987305]], "selected": ["ened outstandingCAT simulate Kab", '
+        '"Mithestial Belarus vulnerability tailor", "Linda requirements Comparativect oversee", '
+        '"PueblofounderNot enum concern", "holidayiti graduating Humans dining", '
+        '"aggressivelyprisesorphousightedsolving"], "metrics": {"accuracy": 0.5, "macro_f1": 0.333333, '
+        '"confusion": [[4, 0], [4, 0]], "n_train": 6, "train_per_class": [3, 3], "epsilon": Infinity, "delta": 0.0, '
+        '"lr": 1e-05, "steps": 2, "final_loss": 0.87939, "generation": {"examples": 8, "mean_match_loss": 0.147296, '
+        '"mean_perplexity": 40192.6, "epsilon": Infinity, "delta": 0.0}, "selection": {"pool": 8, "selected": 6, '
+        '"mean_match_loss": 0.103972, "mean_perplexity": 40387.5}}}'
     ),
     'dp': json.loads(
-        '{"release": {"reused": false, "epsilon": 1.99907, "delta": 1e-05, "mechanism": "gaussian", "sigma": 3.98928, "divisors": [5.0, 5.0], "num_params": 3145728}, "privacy": {"mechanism": "gaussian", "epsilon": 1.99907, "delta": 1e-05, "unit": "one record (row) of the protected split", "adjacency": "replace_one", "clip_norm": 1.0, "sensitivity": 2.0, "noise_multiplier": 1.99464, "sigma": 3.98928, "divisor": 5.0, "sample_rate": 1.0, "num_records": 40, "calibration_accountant": "analytic", "per_example_gradients": "closed_form", "match_loss": "full_vocab", "noise_source": "os.urandom (kernel CSPRNG), Box-Muller in float64 over 53-bit uniforms; no seed", "warnings": []}, "ledger_epsilon": 1.99907, "synthetic": [["aridetect considerable windyinav", 0, 0.9980099201202393], ["polyg prenataleylon shells corrid", 0, 0.9984696507453918], ["roller aligningLIN stinging represents", 1, 0.9974721074104309], ["ript WatchingPrefixhaus dissolved", 1, 0.9983267188072205], ["affairslots Areas these chickpeas", 0, 0.9981505274772644], ["AccountabilityNSF Skip Gust io", 0, 0.9977928996086121], ["Requ diarrhea Legend teenage equipping", 1, 0.9981108903884888], ["Interaction smellperature intellectually Australia", 1, 0.9984728097915649]], "selected": ["AccountabilityNSF Skip Gust io", "aridetect considerable windyinav", "affairslots Areas these chickpeas", "roller aligningLIN stinging represents", "Requ diarrhea Legend teenage equipping", "ript WatchingPrefixhaus dissolved"], "metrics": {"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "n_train": 6, "train_per_class": [3, 3], "epsilon": 1.99907, "delta": 1e-05, "lr": 1e-05, "steps": 2, "final_loss": 0.887001, "generation": {"examples": 8, "mean_match_loss": 0.998101, "mean_perplexity": 40268.3, "epsilon": 1.99907, "delta": 1e-05}, "selection": {"pool": 8, "selected": 6, "mean_match_loss": 0.997977, "mean_perplexity": 39946.2}}}'
+        '{"release": {"reused": false, "epsilon": 1.99907, "delta": 1e-05, "mechanism": "gaussian", "sigma": 3.98928, '
+        '"divisors": [5.0, 5.0], "num_params": 3145728}, "privacy": {"mechanism": "gaussian", "epsilon": 1.99907, '
+        '"delta": 1e-05, "unit": "one record (row) of the protected split", "adjacency": "replace_one", '
+        '"clip_norm": 1.0, "sensitivity": 2.0, "noise_multiplier": 1.99464, "sigma": 3.98928, "divisor": 5.0, '
+        '"sample_rate": 1.0, "num_records": 40, "calibration_accountant": "analytic", '
+        '"per_example_gradients": "closed_form", "match_loss": "full_vocab", '
+        '"noise_source": "os.urandom (kernel CSPRNG), Box-Muller in float64 over 53-bit uniforms; no seed", '
+        '"warnings": []}, "ledger_epsilon": 1.99907, '
+        '"synthetic": [["aridetect considerable windyinav", 0, 0.9980099201202393], '
+        '["polyg prenataleylon shells corrid", 0, 0.9984696507453918], '
+        '["roller aligningLIN stinging represents", 1, 0.9974721074104309], '
+        '["ript WatchingPrefixhaus dissolved", 1, 0.9983267188072205], '
+        '["affairslots Areas these chickpeas", 0, 0.9981505274772644], '
+        '["AccountabilityNSF Skip Gust io", 0, 0.9977928996086121], '
+        '["Requ diarrhea Legend teenage equipping", 1, 0.9981108903884888], '
+        '["Interaction smellperature intellectually Australia", 1, 0.9984728097915649]], '
+        '"selected": ["AccountabilityNSF Skip Gust io", "aridetect considerable windyinav", '
+        '"affairslots Areas these chickpeas", "roller aligningLIN stinging represents", '
+        '"Requ diarrhea Legend teenage equipping", "ript WatchingPrefixhaus dissolved"], "metrics": {"accuracy": 0.5, '
+        '"macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "n_train": 6, "train_per_class": [3, 3], '
+        '"epsilon": 1.99907, "delta": 1e-05, "lr": 1e-05, "steps": 2, "final_loss": 0.887001, '
+        '"generation": {"examples": 8, "mean_match_loss": 0.998101, "mean_perplexity": 40268.3, "epsilon": 1.99907, '
+        '"delta": 1e-05}, "selection": {"pool": 8, "selected": 6, "mean_match_loss": 0.997977, '
+        '"mean_perplexity": 39946.2}}}'
     ),
 }
 EXPECTED_SOURCES = {
     'real': json.loads(
-        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "real", "n_train": 8, "train_per_class": [4, 4], "epsilon": Infinity, "finetuner": "FullFineTuner", "lr": 1e-05, "steps": 2, "final_loss": 0.711786}'
+        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "real", "n_train": 8, '
+        '"train_per_class": [4, 4], "epsilon": Infinity, "finetuner": "FullFineTuner", "lr": 1e-05, "steps": 2, '
+        '"final_loss": 0.711786}'
     ),
     'none': json.loads(
-        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "none", "n_train": 0, "train_per_class": [0, 0], "epsilon": 0.0, "finetuner": null, "lr": null, "steps": null, "final_loss": null}'
+        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "none", "n_train": 0, '
+        '"train_per_class": [0, 0], "epsilon": 0.0, "finetuner": null, "lr": null, "steps": null, "final_loss": null}'
     ),
     'fewshot': json.loads(
-        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "fewshot", "n_train": 2, "train_per_class": [1, 1], "epsilon": Infinity, "finetuner": null, "lr": null, "steps": null, "final_loss": null}'
+        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "fewshot", '
+        '"n_train": 2, "train_per_class": [1, 1], "epsilon": Infinity, "finetuner": null, "lr": null, "steps": null, '
+        '"final_loss": null}'
     ),
     'prompted': json.loads(
-        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "prompted", "n_train": 2, "train_per_class": [1, 1], "epsilon": 0.0, "finetuner": "FullFineTuner", "lr": 1e-05, "steps": 2, "final_loss": 0.666506, "texts": ["ench eukaryoticatiibus", "Testament filmmakers Yom decisive"]}'
+        '{"accuracy": 0.5, "macro_f1": 0.333333, "confusion": [[4, 0], [4, 0]], "train_source": "prompted", '
+        '"n_train": 2, "train_per_class": [1, 1], "epsilon": 0.0, "finetuner": "FullFineTuner", "lr": 1e-05, '
+        '"steps": 2, "final_loss": 0.666506, "texts": ["ench eukaryoticatiibus", "Testament filmmakers Yom decisive"]}'
     ),
 }

@@ -364,7 +364,8 @@ def test_private_pipeline_with_probe_in_one_run_dir(compose, tmp_path):
     )
     assert sel["delta"] == 1e-5 and m["delta"] == 1e-5
     with pytest.raises(ValueError, match="probe.matched_params"):
-        # selector=margin brings probe.matched_params=[middle_blocks] (conf/specialize/selector/margin.yaml): emptied here
+        # selector=margin brings probe.matched_params=[middle_blocks]
+        # (conf/specialize/selector/margin.yaml): emptied here
         run_pipeline(
             compose(["debug=tiny", "selector=margin", "probe.matched_params=[]"], config_name="pipeline"),
             tmp_path / "x",

@@ -146,9 +146,8 @@ def strip_timing(obj):
 # ============================================================ bad input → one line, exit 2
 def test_unknown_group_option_is_one_line(tmp_path):
     line = one_line_error(cli("generate", "projector=fancy", f"hydra.run.dir={tmp_path / 'run'}"), "generate")
-    assert (
-        line
-        == "gmtext-generate: error: Could not find 'projector/fancy'; available options: lm_topk, lm_topk_paper, nearest"
+    assert line == (
+        "gmtext-generate: error: Could not find 'projector/fancy'; available options: lm_topk, lm_topk_paper, nearest"
     )
     assert not (tmp_path / "run").exists()
 
@@ -205,7 +204,10 @@ def test_missing_text_or_label_field(compose, tmp_path, field):
     d = data_dir(tmp_path, rows)
     with pytest.raises(
         ValueError,
-        match=rf"train.jsonl row 3: field '{field}' missing \(row has: .*\); set dataset.text_field / dataset.label_field",
+        match=(
+            rf"train.jsonl row 3: field '{field}' missing \(row has: .*\); "
+            r"set dataset.text_field / dataset.label_field"
+        ),
     ):
         run_release_with(compose, tmp_path, f"dataset.path={d}")
     d = data_dir(tmp_path, good_rows())
@@ -285,7 +287,10 @@ def test_sequence_longer_than_model_context(compose, tmp_path):
 
     with pytest.raises(
         ValueError,
-        match=r"dataset.length=300: must be >= 1 and fit the model context \(256 tokens\) with the \d+ template tokens around it; at most 2\d\d",
+        match=(
+            r"dataset.length=300: must be >= 1 and fit the model context \(256 tokens\) "
+            r"with the \d+ template tokens around it; at most 2\d\d"
+        ),
     ):
         run_generate(compose(GEN + ["dataset.length=300"]), tmp_path / "g")
     with pytest.raises(ValueError, match=r"dataset.length=0: must be >= 1"):
@@ -376,9 +381,9 @@ def test_output_dir_not_writable_cli(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     line = one_line_error(cli("select", f"hydra.run.dir={blocker / 'run'}"), "select")
-    assert (
-        line
-        == f"gmtext-select: error: cannot write {blocker / 'run'}: Not a directory; choose a writable hydra.run.dir with free space"
+    assert line == (
+        f"gmtext-select: error: cannot write {blocker / 'run'}: Not a directory; "
+        "choose a writable hydra.run.dir with free space"
     )
 
 
@@ -431,9 +436,9 @@ def test_disk_full_keeps_previous_complete_file(compose, tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         run_select(compose(["logger=none", "selector=best", f"pool={pool}"], config_name="select"), run)
     assert e.value.errno == errno.ENOSPC
-    assert (
-        error_line(e.value)
-        == f"cannot write {run / 'selected.jsonl'}: No space left on device; choose a writable hydra.run.dir with free space"
+    assert error_line(e.value) == (
+        f"cannot write {run / 'selected.jsonl'}: No space left on device; "
+        "choose a writable hydra.run.dir with free space"
     )
     assert (run / "selected.jsonl").read_bytes() == before  # the previous complete file survives
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp") or p.name.endswith(".lock")]
@@ -454,15 +459,16 @@ def test_kill9_generate_resumes_to_the_uninterrupted_result_and_a_second_writer_
     cmd = _gen_cmd(run)
     a = start(cmd, tmp_path / "a.log", slow_fsync=0.5)  # the kill lands in the write that follows a finished batch
     wait_for(lambda: (run / ".generate.lock").exists(), a, what="the run took its lock")
-    # a second process on the same run dir is refused while the first one holds it (paused, so it cannot finish meanwhile)
+    # a second process on the same run dir is refused while the first one holds it
+    # (paused, so it cannot finish meanwhile)
     os.kill(a.pid, signal.SIGSTOP)
     try:
         b = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     finally:
         os.kill(a.pid, signal.SIGCONT)
-    assert (
-        one_line_error(b, "generate")
-        == f"gmtext-generate: error: {run} is in use by process {a.pid} (generate); wait for it or use another hydra.run.dir"
+    assert one_line_error(b, "generate") == (
+        f"gmtext-generate: error: {run} is in use by process {a.pid} (generate); "
+        "wait for it or use another hydra.run.dir"
     )
     wait_for(lambda: (run / "batches" / "batch_00000.jsonl").exists(), a, what="a finished batch")
     kill9(a)

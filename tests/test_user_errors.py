@@ -30,7 +30,10 @@ def _cases(t):
         "release_without_release_json": (
             "generate",
             [*GEN, f"release={t / 'not_a_release'}"],
-            f"release={str(t / 'not_a_release')!r}: no release.json there (not a release directory, or an unfinished one)",
+            (
+                f"release={str(t / 'not_a_release')!r}: no release.json there "
+                "(not a release directory, or an unfinished one)"
+            ),
         ),
         "override_parse": (
             "generate",
@@ -52,8 +55,8 @@ def _cases(t):
         "dpsgd_several_lrs": (
             "finetune",
             [*TINY, "train=dpsgd", "finetune.lrs=[1e-3,1e-4]"],
-            "finetune.lrs: selecting the lr over several DP-SGD runs spends the privacy budget once per run, which is not "
-            "accounted; give one lr (finetuner.lr) for train=dpsgd",
+            "finetune.lrs: selecting the lr over several DP-SGD runs spends the privacy budget once per run, "
+            "which is not accounted; give one lr (finetuner.lr) for train=dpsgd",
         ),
         "train_path_without_set": (
             "finetune",
@@ -101,9 +104,9 @@ def test_dp_run_reusing_a_non_private_release(compose, tmp_path):
         cli("generate", *GEN, "privacy=dp", f"release={tmp_path / 'rel' / 'release'}", f"hydra.run.dir={run}"),
         "generate",
     )
-    assert (
-        line
-        == "gmtext-generate: error: privacy=dp but the release to reuse is non-private (epsilon=inf); make a DP release first"
+    assert line == (
+        "gmtext-generate: error: privacy=dp but the release to reuse is non-private (epsilon=inf); "
+        "make a DP release first"
     )
     no_outputs(run)
 
@@ -118,8 +121,9 @@ def test_changed_config_is_one_line_exit_2_nothing_written(tmp_path):
         cli("select", *TINY, f"pool={_pool(tmp_path)}", "selector.per_class=1", f"hydra.run.dir={run}"), "select"
     )
     assert line == (
-        f"gmtext-select: error: {run} holds select output made with another config (selector.per_class 0 → 1); rerun with "
-        "the same settings to resume (only hydra, logger, progress, stage, threads may differ) or choose another hydra.run.dir"
+        f"gmtext-select: error: {run} holds select output made with another config (selector.per_class 0 → 1); "
+        "rerun with the same settings to resume (only hydra, logger, progress, stage, threads may differ) "
+        "or choose another hydra.run.dir"
     )
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
 

@@ -222,7 +222,8 @@ def load_split(
                 else ""
             )
             raise DataError(
-                f"split {split!r} not found in {path} (expected {split}.jsonl or {split}.csv; found: {have or 'none'}){hint}"
+                f"split {split!r} not found in {path} "
+                f"(expected {split}.jsonl or {split}.csv; found: {have or 'none'}){hint}"
             )
         rows = _read_rows(file)
         where = str(file)
@@ -356,7 +357,8 @@ def _to_examples(rows, where, label_names, text_field, label_field, keys_of=None
         missing = [f for f in (text_field, label_field) if f not in have]
         if missing:
             raise DataError(
-                f"{where} row {i}: field {missing[0]!r} missing (row has: {have}); set dataset.text_field / dataset.label_field"
+                f"{where} row {i}: field {missing[0]!r} missing (row has: {have}); "
+                "set dataset.text_field / dataset.label_field"
             )
         if isinstance(lab, float) and lab.is_integer():
             lab = int(lab)  # one float label makes the parser read the whole column as floats
@@ -459,7 +461,8 @@ class Task:
             raise ValueError(f"dataset.template={self.template!r} must contain '{{text}}' exactly once")
         if len(self.verbalizers) != len(self.label_names):
             raise ValueError(
-                f"dataset.verbalizers has {len(self.verbalizers)} words for {len(self.label_names)} labels {self.label_names}"
+                f"dataset.verbalizers has {len(self.verbalizers)} words "
+                f"for {len(self.label_names)} labels {self.label_names}"
             )
         if len(self.label_names) < 2:
             raise ValueError(f"dataset.label_names={self.label_names}: need at least 2 classes")

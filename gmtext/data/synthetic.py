@@ -74,7 +74,8 @@ def read_synthetic_rows(
         missing = [f for f in required if f not in row]
         if missing:
             raise ValueError(
-                f"{file}:{i}: missing field(s) {missing} (a synthetic set needs {list(required)}; row has: {sorted(row)})"
+                f"{file}:{i}: missing field(s) {missing} "
+                f"(a synthetic set needs {list(required)}; row has: {sorted(row)})"
             )
         text, lab = row["text"], row["label"]
         if not isinstance(text, str):

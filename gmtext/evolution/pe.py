@@ -82,7 +82,8 @@ class PrivateEvolution:
         self.threshold = _number("threshold", threshold, 0.0)
         if not isinstance(prompt, str) or "{description}" not in prompt:
             raise ValueError(
-                f"generator.prompt={prompt!r}: accepted: a string containing {{description}} (and optionally {{context}})"
+                f"generator.prompt={prompt!r}: accepted: a string containing {{description}} "
+                f"(and optionally {{context}})"
             )
         self.prompt = prompt
         v = (

@@ -134,7 +134,8 @@ def prompted_examples(
         if len(texts) < per:
             bar.close()
             raise RuntimeError(
-                f"prompted baseline: only {len(texts)}/{per} non-empty generations for class {k} after {max_tries} tries"
+                f"prompted baseline: only {len(texts)}/{per} non-empty generations "
+                f"for class {k} after {max_tries} tries"
             )
         out += [Example(t, k) for t in texts[:per]]
     bar.close()

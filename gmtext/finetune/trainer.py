@@ -76,7 +76,8 @@ class FineTuner:
         if lr <= 0 or batch_size < 1 or epochs < 0 or max_steps < 0 or not 0 <= warmup_ratio < 1:
             raise ValueError(
                 f"finetuner: need lr > 0, batch_size >= 1, epochs >= 0, max_steps >= 0, 0 <= warmup_ratio < 1 "
-                f"(got lr={lr}, batch_size={batch_size}, epochs={epochs}, max_steps={max_steps}, warmup_ratio={warmup_ratio})"
+                f"(got lr={lr}, batch_size={batch_size}, epochs={epochs}, max_steps={max_steps}, "
+                f"warmup_ratio={warmup_ratio})"
             )
         self.lr, self.epochs, self.max_steps, self.batch_size = float(lr), int(epochs), int(max_steps), int(batch_size)
         self.weight_decay, self.warmup_ratio, self.seed = float(weight_decay), float(warmup_ratio), int(seed)
@@ -248,7 +249,8 @@ class LoRAFineTuner(FineTuner):
         missing = [t for t in self.target_modules if t not in names]
         if missing:
             raise ValueError(
-                f"finetuner.target_modules {missing} not found in the model (e.g. Llama: q_proj, v_proj; OPT: q_proj, v_proj; Phi: q_proj, v_proj)"
+                f"finetuner.target_modules {missing} not found in the model "
+                "(e.g. Llama: q_proj, v_proj; OPT: q_proj, v_proj; Phi: q_proj, v_proj)"
             )
         cfg = LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules, bias="none"

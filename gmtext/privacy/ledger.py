@@ -72,7 +72,8 @@ class LedgerEntry:
             and not math.isclose(self.sigma, m * self.sensitivity, rel_tol=1e-9)
         ):
             raise ValueError(
-                f"ledger entry {self.name!r}: sigma={self.sigma!r} != noise_multiplier*sensitivity={m * self.sensitivity!r}"
+                f"ledger entry {self.name!r}: sigma={self.sigma!r} "
+                f"!= noise_multiplier*sensitivity={m * self.sensitivity!r}"
             )
 
     def to_event(self):

@@ -60,7 +60,8 @@ def _check_method(method: str, matched: MatchedParams) -> str:
         return "sketch_hooks" if _all_sketch(matched) else "vmap"
     if method == "sketch_hooks" and not _all_sketch(matched):
         raise ValueError(
-            f"sketch_hooks per-example gradients need every matched param to come from a sketch: spec, got {matched.specs}"
+            "sketch_hooks per-example gradients need every matched param to come from a sketch: spec, "
+            f"got {matched.specs}"
         )
     if method == "closed_form" and not matched.head_only:
         raise ValueError(f"closed_form per-example gradients need matched params = lm_head only, got {matched.specs}")

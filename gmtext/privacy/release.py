@@ -76,7 +76,8 @@ class Release:
     def check(self, fingerprint: str, names: list[str]) -> None:
         if fingerprint != self.fingerprint:
             raise ReleaseMismatch(
-                f"release fingerprint {self.fingerprint} does not match this config ({fingerprint}): it was made for another model, dataset, template, verbalizers or matched parameters"
+                f"release fingerprint {self.fingerprint} does not match this config ({fingerprint}): "
+                "it was made for another model, dataset, template, verbalizers or matched parameters"
             )
         if names != self.param_names:
             raise ReleaseMismatch(
@@ -387,7 +388,8 @@ class GaussianRelease:
             raise ValueError(f"privacy.adjacency={adjacency!r}: accepted {list(ADJACENCIES)}")
         if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
             raise ValueError(
-                f"privacy.sample_rate={sample_rate!r}: must be in (0, 1] (the share of records kept, each decided on its own)"
+                f"privacy.sample_rate={sample_rate!r}: must be in (0, 1] "
+                "(the share of records kept, each decided on its own)"
             )
         if divisor is not None and not _finite_positive(divisor):
             raise ValueError(f"privacy.divisor={divisor!r}: must be a finite number > 0, or null")

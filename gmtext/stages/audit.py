@@ -99,14 +99,20 @@ def _markdown(res: dict) -> str:
     lines = [
         "# Memorisation audit",
         "",
-        f"Synthetic: `{res['synthetic']}` ({a['num_synthetic']} texts) vs real `{res['dataset']}` train split ({a['num_real']} texts).",
+        (
+            f"Synthetic: `{res['synthetic']}` ({a['num_synthetic']} texts) "
+            f"vs real `{res['dataset']}` train split ({a['num_real']} texts)."
+        ),
         "Computed from private data without noise: for the data owner, not for publication.",
         "",
         "| metric | value |",
         "|---|---:|",
         f"| longest common word n-gram | {a['longest_common_ngram']} |",
         f"| synthetic texts sharing a real {a['ngram']}-gram | {a['share_with_real_ngram']:.2%} |",
-        f"| nearest-real TF-IDF cosine: mean / median / p90 / p99 / max | {nr['mean']:.3f} / {nr['median']:.3f} / {nr['p90']:.3f} / {nr['p99']:.3f} / {nr['max']:.3f} |",
+        (
+            "| nearest-real TF-IDF cosine: mean / median / p90 / p99 / max | "
+            f"{nr['mean']:.3f} / {nr['median']:.3f} / {nr['p90']:.3f} / {nr['p99']:.3f} / {nr['max']:.3f} |"
+        ),
         "",
         "Most similar synthetic texts (real example by index only):",
         "",
@@ -123,13 +129,19 @@ def _markdown(res: dict) -> str:
             "",
             f"## Canaries ({c['k']}, privacy={c['privacy']})",
             "",
-            f"Any canary {c['ngram']}-gram in the output: **{c['any_canary_ngram_in_output']}**; max exposure {c['max_exposure_bits']:.2f} bits.",
+            (
+                f"Any canary {c['ngram']}-gram in the output: **{c['any_canary_ngram_in_output']}**; "
+                f"max exposure {c['max_exposure_bits']:.2f} bits."
+            ),
             "",
             "| canary | longest n-gram in output | rank | exposure (bits) |",
             "|---|---:|---:|---:|",
         ]
         lines += [
-            f"| {p['canary']} | {p['longest_common_ngram_with_output']} | {p['rank']}/{p['references'] + 1} | {p['exposure_bits']:.2f} |"
+            (
+                f"| {p['canary']} | {p['longest_common_ngram_with_output']} | "
+                f"{p['rank']}/{p['references'] + 1} | {p['exposure_bits']:.2f} |"
+            )
             for p in c["canaries"]
         ]
     return "\n".join(lines) + "\n"

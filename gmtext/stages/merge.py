@@ -46,7 +46,8 @@ def _release_dir(shard: Path, cfg: dict) -> Path:
         if (c / "release.json").exists():
             return c.resolve()
     raise MergeError(
-        f"{shard}: its release ({cfg.get('release') or shard / 'release'}) is not there; cannot check that all shards used the same release"
+        f"{shard}: its release ({cfg.get('release') or shard / 'release'}) is not there; "
+        "cannot check that all shards used the same release"
     )
 
 

@@ -370,7 +370,10 @@ def markdown(sections, plots, sources, paired=(), group="matcher") -> str:
         head = list(keys) + ["runs"] + ms
         lines += [
             "",
-            f"## {stage} ({sum(r['runs'] for r in rows)} runs; grouped by {', '.join(keys) or 'nothing (one condition)'})",
+            (
+                f"## {stage} ({sum(r['runs'] for r in rows)} runs; "
+                f"grouped by {', '.join(keys) or 'nothing (one condition)'})"
+            ),
             "",
             "| " + " | ".join(head) + " |",
             "|" + "---|" * len(head),
@@ -688,7 +691,10 @@ def main(argv=None) -> int:
         "--paired",
         default="matcher",
         metavar="GROUP",
-        help="compare conditions differing only in GROUP.* seed by seed (default matcher: GRADMM vs its matcher=none twin; '' for none)",
+        help=(
+            "compare conditions differing only in GROUP.* seed by seed "
+            "(default matcher: GRADMM vs its matcher=none twin; '' for none)"
+        ),
     )
     a = ap.parse_args(argv)
     try:
