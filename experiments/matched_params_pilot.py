@@ -1,7 +1,7 @@
 """Pilot: how class-discriminative is the per-sequence matching distance for a matched-parameter set?
 
 python experiments/matched_params_pilot.py NAME [overrides...]
-  e.g. python experiments/matched_params_pilot.py lastblock_verb "matched_params=[final_norm,last_blocks:1]"
+  e.g. python experiments/matched_params_pilot.py lastblock_verb "matched_params=[final_norm,last_blocks:1]" \\
        match_loss=verbalizer
 
 Makes (or reuses) a non-private rotten-tomatoes release under experiments/results/matched_params_pilot/NAME/release
