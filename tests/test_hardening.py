@@ -319,10 +319,10 @@ def test_topk_out_of_range(compose, tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("privacy.epsilon=0", "privacy.epsilon=0.0: must be a finite number > 0"),
-        ("privacy.epsilon=-1", "privacy.epsilon=-1.0: must be a finite number > 0"),
-        ("privacy.delta=0", "privacy.delta=0.0: must be in (0, 1)"),
-        ("privacy.delta=1", "privacy.delta=1.0: must be in (0, 1)"),
+        ("privacy.epsilon=0", "privacy.epsilon=0.0: accepted: a finite number > 0"),
+        ("privacy.epsilon=-1", "privacy.epsilon=-1.0: accepted: a finite number > 0"),
+        ("privacy.delta=0", "privacy.delta=0.0: accepted: a number in (0, 1), well below 1/N"),
+        ("privacy.delta=1", "privacy.delta=1.0: accepted: a number in (0, 1), well below 1/N"),
         ("privacy.clip_norm=0", "privacy.clip_norm=0.0: must be a finite number > 0"),
     ],
 )
@@ -337,7 +337,7 @@ def test_dp_parameter_cli(tmp_path):
     line = one_line_error(
         cli("release", *TINY, "privacy=dp", "privacy.delta=1.5", f"hydra.run.dir={tmp_path / 'run'}"), "release"
     )
-    assert line == "gmtext-release: error: privacy.delta=1.5: must be in (0, 1)"
+    assert line == "gmtext-release: error: privacy.delta=1.5: accepted: a number in (0, 1), well below 1/N"
     no_outputs(tmp_path / "run")
 
 

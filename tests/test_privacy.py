@@ -379,7 +379,7 @@ def test_release_cli_bad_epsilon_one_line_error(tmp_path):
     )
     assert r.returncode == 2, r.stderr
     assert (
-        r.stderr.strip().splitlines()[-1] == "gmtext-release: error: privacy.epsilon=0.0: must be a finite number > 0"
+        r.stderr.strip().splitlines()[-1] == "gmtext-release: error: privacy.epsilon=0.0: accepted: a finite number > 0"
     )
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..privacy import noise
-from ..privacy.accountant import ACCOUNTANTS, calibrate_noise_multiplier, validate_budget
+from ..privacy.accountant import calibrate_noise_multiplier, check_budget_args, validate_budget
 from ..privacy.ledger import Ledger, LedgerEntry
 from .pe import PrivateEvolution
 from .vote import VoteRelease, vote_sensitivity
@@ -25,12 +25,7 @@ def pe_budget(cfg: DictConfig) -> dict | None:
     if p.get("epsilon") is None:
         return None
     eps, delta = p.epsilon, p.delta
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"privacy.epsilon={eps!r}: accepted: a finite number > 0")
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise ValueError(f"privacy.delta={delta!r}: accepted: a number in (0, 1)")
-    if str(p.get("accountant", "analytic")) not in ACCOUNTANTS:
-        raise ValueError(f"privacy.accountant={p.get('accountant')!r}: accepted: {', '.join(ACCOUNTANTS)}")
+    check_budget_args("privacy", eps, delta, str(p.get("accountant", "analytic")))
     if float(p.get("sample_rate", 1.0)) != 1.0:
         raise ValueError(
             f"privacy.sample_rate={p.get('sample_rate')!r}: generator=pe votes with every record (no subsampling "

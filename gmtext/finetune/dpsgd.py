@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import Example, LabeledSplit, Task, _keyed_uniform, is_dev
 from ..privacy import noise
+from ..privacy.accountant import check_budget_args
 from .trainer import FineTuner, FitResult, VerbalizerClassifier
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -179,14 +180,9 @@ def _collate(task: Task, max_text_tokens: int | None):
 # --------------------------------------------------------------------------- training
 def check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch) -> None:
     """One-line errors naming the bad value and what is accepted."""
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"train.epsilon={epsilon!r}: accepted: a finite number > 0")
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise ValueError(f"train.delta={delta!r}: accepted: a number in (0, 1), well below 1/N")
+    check_budget_args("train", epsilon, delta, accountant, ACCOUNTANTS)
     if not (isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"train.clip_norm={clip_norm!r}: accepted: a finite number > 0")
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"train.accountant={accountant!r}: accepted: {', '.join(ACCOUNTANTS)}")
     if isinstance(microbatch, bool) or not isinstance(microbatch, int) or microbatch < 1:
         raise ValueError(f"train.microbatch={microbatch!r}: accepted: an int >= 1 (examples per physical batch)")
 

@@ -111,6 +111,20 @@ def _check_count(name: str, value: int) -> int:
     return int(value)
 
 
+def check_budget_args(
+    prefix: str, epsilon, delta, accountant: str | None = None, accountants: Sequence[str] = ACCOUNTANTS
+) -> None:
+    """One-line errors for a budget as the user typed it under `prefix` (privacy, train), naming
+    the bad value and what is accepted. The one check every private mechanism (the gradient
+    release, PE's votes, DP-SGD) runs in its constructor, before any private data is read."""
+    if isinstance(epsilon, bool) or not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"{prefix}.epsilon={epsilon!r}: accepted: a finite number > 0")
+    if isinstance(delta, bool) or not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"{prefix}.delta={delta!r}: accepted: a number in (0, 1), well below 1/N")
+    if accountant is not None and accountant not in accountants:
+        raise ValueError(f"{prefix}.accountant={accountant!r}: accepted: {', '.join(accountants)}")
+
+
 def validate_budget(epsilon: float, delta: float, n: int | None = None) -> list[str]:
     """Reject impossible budgets, and return warnings for legal-but-weak ones.
 

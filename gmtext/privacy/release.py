@@ -29,7 +29,7 @@ from ..artifacts import read_json, save_torch, write_json
 from ..config import PrivacyDPConfig, PrivacyNoneConfig
 from ..data import Task
 from ..gradients import MatchedParams, class_target_gradients, label_and_vocab
-from .accountant import ACCOUNTANTS, ADJACENCIES, calibrate_noise_multiplier, sum_sensitivity, validate_budget
+from .accountant import ADJACENCIES, calibrate_noise_multiplier, check_budget_args, sum_sensitivity, validate_budget
 from .ledger import Ledger, LedgerEntry
 from .mechanism import _all_sketch, _check_method, clipped_sum, clipped_sums_parts
 from .noise import SOURCE as NOISE_SOURCE
@@ -376,14 +376,9 @@ class GaussianRelease:
         divisor: Optional[float] = PrivacyDPConfig.divisor,
     ):
         # one-line errors for impossible settings, before any real data is read
-        if not _finite_positive(epsilon):
-            raise ValueError(f"privacy.epsilon={epsilon!r}: must be a finite number > 0")
-        if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-            raise ValueError(f"privacy.delta={delta!r}: must be in (0, 1)")
+        check_budget_args("privacy", epsilon, delta, accountant)
         if not _finite_positive(clip_norm):
             raise ValueError(f"privacy.clip_norm={clip_norm!r}: must be a finite number > 0")
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"privacy.accountant={accountant!r}: accepted {list(ACCOUNTANTS)}")
         if adjacency not in ADJACENCIES:
             raise ValueError(f"privacy.adjacency={adjacency!r}: accepted {list(ADJACENCIES)}")
         if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
