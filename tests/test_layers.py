@@ -20,6 +20,7 @@ LAYERS = {
     "models": 1,
     "gradients": 1,
     "sketch": 1,
+    "readability": 1,
     "config": 1,
     "artifacts": 1,
     "tracking": 1,

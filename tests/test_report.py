@@ -338,6 +338,11 @@ def test_report_on_pipeline_single_run_and_multirun_dirs(report, compose, tmp_pa
     (row,) = r["rows"]
     assert row["stage"] == "pipeline" and row["accuracy_mean"] == pytest.approx(m["accuracy"])
     assert row["mean_match_loss_mean"] == pytest.approx(m["generation"]["mean_match_loss"])
+    kept = [json.loads(l)["perplexity"] for l in (pipe / "selected.jsonl").read_text().splitlines()]
+    med, p90 = np.percentile(kept, [50, 90])  # the kept set's readability: select.json, metrics.json and the report
+    sel = m["selection"]
+    assert (sel["median_perplexity"], sel["p90_perplexity"]) == pytest.approx((med, p90))
+    assert (row["kept_median_perplexity_mean"], row["kept_p90_perplexity_mean"]) == pytest.approx((med, p90))
     (curve,) = r["plots"]["admm_curves.png"].values()
     assert curve["outer_step"] == [0, 1, 2]
     root, _, _ = report

@@ -70,6 +70,10 @@ def run_pipeline(cfg: DictConfig, run_dir) -> dict:
     metrics["generation"] = {
         k: gen[k] for k in ("examples", "mean_match_loss", "mean_perplexity", "epsilon", "delta") if k in gen
     }
-    metrics["selection"] = {k: sel[k] for k in ("pool", "selected", "mean_match_loss", "mean_perplexity")}
+    metrics["selection"] = {
+        k: sel[k]
+        for k in ("pool", "selected", "mean_match_loss", "mean_perplexity", "median_perplexity", "p90_perplexity")
+        if k in sel
+    }
     write_json(run_dir / "metrics.json", metrics)
     return metrics

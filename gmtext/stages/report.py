@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..readability import kept_perplexity
+
 RUN_FILES = ("metrics.json", "generate.json")
 SKIP_DIRS = {"wandb", ".hydra", "release", "batches", "__pycache__", ".submitit"}
 # Keys that differ between runs without defining an experimental condition.
@@ -45,11 +47,13 @@ METRICS = (
     "epsilon",
     "mean_match_loss",
     "mean_perplexity",
+    "kept_median_perplexity",
+    "kept_p90_perplexity",
     "examples",
 )
 PLOTS = ("accuracy_vs_examples.png", "accuracy_vs_epsilon.png", "admm_curves.png")
 X_EXAMPLE_KEYS = ("num_per_class", "train.size", "n_train")
-PAIRED_METRICS = ("accuracy", "macro_f1", "mean_perplexity")
+PAIRED_METRICS = ("accuracy", "macro_f1", "mean_perplexity", "kept_median_perplexity")
 TWIN_TARGET = "gmtext.matching.lm_samples.LMSampleMatcher"  # matcher=none: the reference of a paired comparison
 
 
@@ -115,6 +119,7 @@ def load_run(d: Path) -> Run:
         priv = d / "release" / "privacy.json"
         metrics["epsilon"] = float(json.loads(priv.read_text()).get("epsilon", math.inf)) if priv.exists() else math.inf
     metrics["epsilon"] = float(metrics["epsilon"])
+    metrics.update({f"kept_{k}": v for k, v in kept_perplexity(d).items()})  # the fine-tuned set's readability
     flat = {k: _run_relative(v, d) for k, v in flatten(cfg).items()}
     if "n_train" not in metrics and "accuracy" in metrics:
         metrics["n_train"] = examples_of(flat)
