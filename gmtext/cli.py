@@ -216,17 +216,22 @@ def finetune_main(cfg: DictConfig) -> float:
     from .stages.finetune import run_finetune
 
     m = _run("finetune", run_finetune, cfg)
-    if not _is_main_rank():
-        return m["accuracy"]
+    if _is_main_rank():
+        print(finetune_line(m, HydraConfig.get().runtime.output_dir))
+    return m["accuracy"]
+
+
+def finetune_line(m: dict, out_dir) -> str:
+    """gmtext-finetune's summary line. DP-SGD publishes no run time (it depends on the Poisson
+    batch sizes of the private records), so a metrics.json without wall_seconds says so."""
     eps = f" | epsilon {m['epsilon']:.3g}" if m.get("epsilon") is not None else ""
     dev = f" | dev acc {m['dev_accuracy']:.1%}" if m.get("dev_accuracy") is not None else ""
-    print(
+    took = f"{m['wall_seconds']:.0f} s" if "wall_seconds" in m else "wall time withheld (DP-SGD)"
+    return (
         f"gmtext-finetune: {m['train_source']} (n={m['n_train']}) | "
         f"{m['splits']['accuracy']} accuracy {m['accuracy']:.1%} | "
-        f"macro-F1 {m['macro_f1']:.3f}{dev}{eps} | {m['wall_seconds']:.0f} s "
-        f"→ {HydraConfig.get().runtime.output_dir}/metrics.json"
+        f"macro-F1 {m['macro_f1']:.3f}{dev}{eps} | {took} → {out_dir}/metrics.json"
     )
-    return m["accuracy"]
 
 
 def report_main() -> None:

@@ -218,6 +218,9 @@ def test_run_finetune_dpsgd_logs_nothing_from_private_batches(compose, tmp_path)
     )
     assert saved["delta"] == 1e-5 and saved["train_per_class"] is None and saved["dp"]["noise_source"] == noise.SOURCE
     assert "train_seconds" not in saved and "wall_seconds" not in saved  # run time depends on the Poisson batch sizes
+    from gmtext.cli import finetune_line  # the console summary of such a run (it raised KeyError 'wall_seconds')
+
+    assert finetune_line(saved, "RUN").endswith("| wall time withheld (DP-SGD) → RUN/metrics.json")
     assert saved["n_train"] == len(
         [e for e in load_split("train", NAMES, builtin="demo").examples if not is_dev(e.text)]
     )
