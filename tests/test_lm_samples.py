@@ -1,5 +1,6 @@
 """matcher=none, the no-matching twin: GRADMM's own LM starts, written unmatched."""
 
+import pytest
 import torch
 
 from gmtext.matching.admm import ADMMMatcher
@@ -20,8 +21,14 @@ def test_twin_is_gradmms_start_and_matching_never_does_worse_per_sequence(tiny):
     c, s = obj.discrete(t.tokens, per_sequence=True)
     assert torch.allclose(t.seq_loss, s) and torch.allclose(t.class_loss, c)
     assert [r["outer_step"] for r in steps] == [0] and twin.outer_steps == 0
-    g = gradmm.run(obj, LMTopKProjector(topk=20), ctx, 2, 3, 6, torch.Generator().manual_seed(5))
+    # its step record measures what GRADMM's do (the per-sequence loss under objective=sequence,
+    # not the class-batch loss), so both sit on one curve in gmtext-report's ADMM plot
+    assert steps[0]["best_discrete_loss"] == pytest.approx(s.mean().item()) != pytest.approx(c.mean().item())
+    assert steps[0]["perplexity"] == pytest.approx(t.perplexity.mean().item())
+    g_steps = []
+    g = gradmm.run(obj, LMTopKProjector(topk=20), ctx, 2, 3, 6, torch.Generator().manual_seed(5), g_steps.append)
     assert (g.seq_loss <= t.seq_loss + 1e-6).all()  # GRADMM keeps each sequence's best, its start included
+    assert g_steps[-1]["best_discrete_loss"] <= steps[0]["best_discrete_loss"] + 1e-6
 
 
 def test_matcher_none_composes_and_builds(compose):

@@ -418,3 +418,57 @@ def test_paths_inside_each_run_dir_are_not_a_condition(tmp_path):
     r = run_report([tmp_path / "runs"], tmp_path / "rep")
     assert "selector.release" in r["keys"]
     assert {x["selector.release"] for x in r["rows"]} == {"{run}/probe", "/releases/a", "/releases/b"}
+
+
+def test_legend_names_methods_not_config_keys(tmp_path):
+    """One report over GRADMM, its matcher=none twin, PE and DP-SGD: the ε plot's legend names
+    each series by its method, plus only the setting that tells two series of one method apart
+    (the private_compare plot used to list every differing class path)."""
+    from gmtext.stages.report import method_of
+
+    adm, twin = "gmtext.matching.admm.ADMMMatcher", "gmtext.matching.lm_samples.LMSampleMatcher"
+    margin, best = "gmtext.stages.select.LabelMarginSelector", "gmtext.stages.select.BestMatchSelector"
+    runs = [  # (stage, generator.name, matcher, selector, ε, accuracy per seed)
+        ("pipeline", "gradmm", adm, margin, 1.0, [0.79, 0.80]),
+        ("pipeline", "gradmm", adm, margin, 4.0, [0.80]),
+        ("pipeline", "gradmm", adm, best, 1.0, [0.60]),
+        ("pipeline", "gradmm", twin, margin, 1.0, [0.79, 0.80]),
+        ("pipeline", "pe", adm, best, 1.0, [0.70, 0.75]),
+        ("pipeline", "pe", adm, best, 4.0, [0.72]),
+    ]
+    i = 0
+    for stage, gen, matcher, sel, eps, accs in runs:
+        for seed, acc in enumerate(accs):
+            cfg = {
+                "stage": stage,
+                "seed": seed,
+                "generator": {"name": gen, "_target_": f"gmtext.x.{gen.upper()}"},
+                "matcher": {"_target_": matcher},
+                "selector": {"_target_": sel},
+                "privacy": {"name": "dp", "epsilon": eps},
+                "train": {"source": "synthetic"},
+            }
+            (tmp_path / "runs" / str(i)).mkdir(parents=True)
+            m = {"accuracy": acc, "n_train": 100, "epsilon": eps, "config": cfg}
+            (tmp_path / "runs" / str(i) / "metrics.json").write_text(json.dumps(m))
+            i += 1
+    dp = {"stage": "finetune", "seed": 0, "train": {"source": "dpsgd", "epsilon": 4.0}}
+    (tmp_path / "runs" / "dp").mkdir()
+    (tmp_path / "runs" / "dp" / "metrics.json").write_text(
+        json.dumps({"accuracy": 0.81, "n_train": 7695, "epsilon": 3.98, "config": dp})
+    )
+    r = run_report([tmp_path / "runs"], tmp_path / "rep", paired="")
+    eps = r["plots"]["accuracy_vs_epsilon.png"]
+    assert set(eps) == {
+        "GRADMM: selector._target_=BestMatchSelector",
+        "GRADMM: selector._target_=LabelMarginSelector",
+        "LM samples (no matching)",
+        "PE",
+        "DP-SGD",
+    }
+    assert [p[0] for p in eps["GRADMM: selector._target_=LabelMarginSelector"]] == [1.0, 4.0]
+    assert eps["DP-SGD"] == [(3.98, 0.81, 0.0)]
+    (ax,) = r["figures"]["accuracy_vs_epsilon.png"].axes
+    _check_series_axes(ax, eps)
+    assert method_of({"stage": "finetune", "train.source": "none"}) == "zero-shot"
+    assert method_of({"stage": "finetune", "train.source": "real"}) == "real"

@@ -43,11 +43,10 @@ class LMSampleMatcher(ADMMMatcher):
         tokens = self.initial_tokens(obj, ctx, num_classes, batch_size, length, gen)
         class_loss, seq_loss = obj.discrete(tokens, per_sequence=True)
         ppl = obj.perplexity(tokens)
-        rec = {
-            "outer_step": 0,
-            "discrete_loss": class_loss.mean().item(),
-            "best_discrete_loss": class_loss.mean().item(),
-        }
+        # the loss GRADMM's step records use (per sequence under objective=sequence), so the twin's
+        # point sits on GRADMM's curves in gmtext-report's ADMM plot
+        score = (seq_loss if self.objective == "sequence" else class_loss).mean().item()
+        rec = {"outer_step": 0, "discrete_loss": score, "best_discrete_loss": score, "perplexity": ppl.mean().item()}
         if on_step:
             on_step(rec)
         return MatchResult(

@@ -22,9 +22,12 @@ so the paired difference is much less noisy than the difference of two means.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -74,10 +77,6 @@ class Group:
     key: tuple  # ((config key, value), ...) over the varying keys
     runs: list  # ordered by (seed, path)
     stats: dict = field(default_factory=dict)  # metric → (mean, std, n) over the runs that have it
-
-    @property
-    def label(self) -> str:
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in self.key if v is not None) or "all runs"
 
     def stat(self, metric: str):
         return self.stats.get(metric)
@@ -426,13 +425,61 @@ def _short(v):
     return Path(v).name if isinstance(v, str) and "/" in v else v
 
 
-def _cond_label(key, drop, shorten: bool) -> str:
-    return ", ".join(f"{k}={_fmt(_short(v) if shorten else v)}" for k, v in key if k not in drop and v is not None)
+def _cond(key, drop, shorten: bool) -> tuple:
+    return tuple((k, _short(v) if shorten else v) for k, v in key if k not in drop and v is not None)
+
+
+def _cond_label(cond) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in cond)
+
+
+METHOD_NAMES = {"dpsgd": "DP-SGD", "none": "zero-shot"}  # train.source → legend name, where it differs
+METHOD_MATCHERS = {"ADMMMatcher": "GRADMM", "LMSampleMatcher": "LM samples (no matching)"}
+
+
+def method_of(cfg: dict) -> str:
+    """The method a run stands for, as a legend reader names it: a fine-tune run by its training
+    source (real, zero-shot, DP-SGD, synthetic), a generating run by its generator (PE) or matcher
+    (GRADMM, its matcher=none twin). Derived from config keys, so it never splits a group."""
+    src = cfg.get("train.source")
+    if cfg.get("stage") == "finetune" or (cfg.get("stage") is None and src is not None):
+        return METHOD_NAMES.get(src, str(src))
+    if cfg.get("generator.name") not in (None, "gradmm"):
+        return "PE" if cfg["generator.name"] == "pe" else str(cfg["generator.name"])
+    matcher = str(cfg.get("matcher._target_", "")).rsplit(".", 1)[-1]
+    return METHOD_MATCHERS.get(matcher, matcher or "run")
+
+
+def _brief(v):
+    """A class path by its class name (gmtext.matching.admm.ADMMMatcher → ADMMMatcher)."""
+    m = re.fullmatch(r"(?:[a-z_]\w*\.)+([A-Z]\w*)", v) if isinstance(v, str) else None
+    return m.group(1) if m else v
+
+
+def _legend_labels(conds: dict, default: str) -> dict:
+    """{cond: legend label}. Each series is named by its method and only the settings that tell
+    it apart from the other series of the same method, so a legend over GRADMM, PE and DP-SGD
+    reads "GRADMM", "PE", "DP-SGD" rather than every config key the three differ in. Falls back
+    to the full key=value list if two series would share a name."""
+    by_method: dict = {}
+    for c, method in conds.items():
+        by_method.setdefault(method, []).append(dict(c))
+    labels = {}
+    for c, method in conds.items():
+        mine = by_method[method]
+        keys = [k for k, _ in c if len({json.dumps(d.get(k), default=str) for d in mine}) > 1]
+        rest = ", ".join(f"{k}={_fmt(_brief(v))}" for k, v in c if k in keys or len(by_method) == 1)
+        # one method only: its name tells the series nothing apart (and the metric is the default)
+        labels[c] = rest or default if len(by_method) == 1 else f"{method}: {rest}" if rest else method
+    if len(set(labels.values())) < len(labels):
+        labels = {c: _cond_label(c) or default for c in conds}
+    return labels
 
 
 def _series(groups, metric, xfn, x_keys, plot_ignore=()) -> dict:
     """{series label: [(x, mean, std), ...]}: one point per group; a series is one condition,
-    i.e. the group's key without the x-axis keys (and the --plot-ignore keys).
+    i.e. the group's key without the x-axis keys (and the --plot-ignore keys), labelled by
+    _legend_labels.
 
     Joining groups over a --plot-ignore key only makes sense when they sit at different x:
     two synthetic sets at the same x are two conditions, and one line through both would
@@ -446,20 +493,23 @@ def _series(groups, metric, xfn, x_keys, plot_ignore=()) -> dict:
     drop = set(x_keys) | set(plot_ignore)
     by: dict = {}
     for g, p in pts:
-        by.setdefault(_cond_label(g.key, drop, True), []).append((g, p))
-    data: dict = {}
-    for label, members in by.items():
+        by.setdefault(_cond(g.key, drop, True), []).append((g, p))
+    data, method = {}, {}
+    for c, members in by.items():
         xs = [p[0] for _, p in members]
-        if len(set(xs)) == len(xs):
-            data[label or metric] = [p for _, p in members]
-            continue
-        for g, p in members:  # colliding x: every group of this series is its own condition
-            data.setdefault(_cond_label(g.key, set(x_keys), True) or metric, []).append(p)
+        split = len(set(xs)) != len(xs)  # colliding x: every group of this series is its own condition
+        for g, p in members:
+            cond = _cond(g.key, set(x_keys), True) if split else c
+            data.setdefault(cond, []).append(p)
+            method[cond] = method_of(g.runs[0].config)
     if any(len({p[0] for p in v}) < len(v) for v in data.values()):  # short path names collided too
-        data = {}
+        data, method = {}, {}
         for g, p in pts:
-            data.setdefault(_cond_label(g.key, set(x_keys), False) or metric, []).append(p)
-    return {k: sorted(v) for k, v in sorted(data.items())}
+            cond = _cond(g.key, set(x_keys), False)
+            data.setdefault(cond, []).append(p)
+            method[cond] = method_of(g.runs[0].config)
+    labels = _legend_labels(method, metric)
+    return {labels[c]: sorted(v) for c, v in sorted(data.items(), key=lambda cv: labels[cv[0]])}
 
 
 def _draw_all(ax, data, log: bool, xmap=lambda x: x):
@@ -563,11 +613,11 @@ def admm_curves(groups) -> dict:
     """{group label: {"outer_step": [...], "best_discrete_loss": [...], "discrete_loss": [...],
     "perplexity": [...]}}: per outer step, the mean over batches and seeds. Only step records
     of the ADMM loop count (a pipeline run's metrics.jsonl also holds fine-tuning steps)."""
+    curved = [g for g in groups if any("outer_step" in s for r in g.runs for s in r.steps)]
+    labels = _legend_labels({_cond(g.key, (), True): method_of(g.runs[0].config) for g in curved}, "all runs")
     out = {}
-    for g in groups:
+    for g in curved:
         recs = [s for r in g.runs for s in r.steps if "outer_step" in s]
-        if not recs:
-            continue
         steps = sorted({int(s["outer_step"]) for s in recs})
         cur = {"outer_step": steps}
         for m, _ in ADMM_PANELS:
@@ -576,7 +626,7 @@ def admm_curves(groups) -> dict:
                 v = [s[m] for s in recs if s["outer_step"] == st and _isnum(s.get(m))]
                 vals.append(float(np.mean(v)) if v else float("nan"))
             cur[m] = vals
-        out[g.label] = cur
+        out[labels[_cond(g.key, (), True)]] = cur
     return out
 
 
@@ -599,7 +649,12 @@ def plot_admm(groups, path):
         ax.set_ylabel("perplexity" if m == "perplexity" else "matching loss")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    # one legend for all panels: a curve missing from the last panel (a twin has no perplexity
+    # trace) must still be named
+    handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
+    labels = [lab for lab in data if lab in handles]
+    where = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    axes[-1].legend([handles[lab] for lab in labels], labels, **where)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     return data, fig
@@ -667,9 +722,6 @@ def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=(), 
 
 
 def main(argv=None) -> int:
-    import argparse
-    import sys
-
     ap = argparse.ArgumentParser(
         prog="gmtext-report", description="Tables and plots across gmtext run dirs and multirun dirs."
     )
