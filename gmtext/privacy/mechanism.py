@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..gradients import MatchedParams, last_hidden, last_token_logits, last_token_loss
+from ..sketch import is_sketch_name, per_example_grads_hooks
 
 METHODS = ("auto", "closed_form", "vmap", "loop", "sketch_hooks")
 
@@ -69,8 +70,6 @@ def _check_method(method: str, matched: MatchedParams) -> str:
 
 
 def _all_sketch(matched: MatchedParams) -> bool:
-    from ..sketch import is_sketch_name
-
     return all(is_sketch_name(n) for n in matched.names)
 
 
@@ -217,10 +216,8 @@ def clipped_sum(
         return clipped_sum_closed_form(
             model, task, matched, texts, label_id, clip_norm, max_text_tokens, chunk, vocab, on_chunk
         )
-    if method == "sketch_hooks":
-        from ..sketch import per_example_grads_hooks as f
-    else:
-        f = per_example_grads_vmap if method == "vmap" else per_example_grads_loop
+    paths = {"sketch_hooks": per_example_grads_hooks, "vmap": per_example_grads_vmap, "loop": per_example_grads_loop}
+    f = paths[method]
     step = 1 if method == "loop" else chunk
     order = list(range(len(texts)))
     if method == "sketch_hooks":  # chunks of similar token length: less padding (the sum does not depend on the order)
@@ -277,8 +274,6 @@ def clipped_sums_parts(
         raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
     for mp in parts:
         _check_method("sketch_hooks", mp)
-    from ..sketch import per_example_grads_hooks
-
     union = _Union(parts).activate()
     where = {n: i for i, n in enumerate(union.names)}
     index = [[where[n] for n in mp.names] for mp in parts]

@@ -19,12 +19,15 @@ gmtext-finetune and gmtext-report read the merged set like any generate run.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 from ..artifacts import RESUME_FREE_KEYS, config_diff, read_json, read_jsonl, write_json, write_jsonl
+from ..privacy.release import META_FILE, PRIVACY_FILE, RELEASE_FILE
 
 SYNTHETIC_FILE = "synthetic.jsonl"
 # Config keys allowed to differ between shards: those a resume ignores, plus the shard's own
@@ -52,8 +55,6 @@ def _release_dir(shard: Path, cfg: dict) -> Path:
 
 
 def release_identity(rdir: Path) -> dict:
-    from ..privacy.release import META_FILE, PRIVACY_FILE, RELEASE_FILE  # here: gmtext-merge starts without torch
-
     meta = read_json(rdir / META_FILE)
     privacy = read_json(rdir / PRIVACY_FILE)
     targets = hashlib.sha256((rdir / RELEASE_FILE).read_bytes()).hexdigest()
@@ -162,9 +163,6 @@ def merge_shards(out_dir, shard_dirs) -> dict:
 
 
 def main(argv=None) -> int:
-    import argparse
-    import sys
-
     ap = argparse.ArgumentParser(
         prog="gmtext-merge",
         description="Merge generate shards (shard.index=0..N-1 of one release) into one synthetic.jsonl.",
