@@ -43,6 +43,20 @@ def test_every_experiment_composes_under_every_entry_point(compose, primary):
         assert cfg.stage
 
 
+@pytest.mark.parametrize("primary", PRIMARY)
+def test_debug_presets_compose_with_every_option(compose, primary):
+    """debug=tiny and debug=fast are the tests' base: each must compose under every entry point and
+    with every option of the groups they do not set (a preset that sets a key of one projector
+    used to break projector=nearest)."""
+    for debug in sorted(p.stem for p in (CONF / "debug").glob("*.yaml")):
+        assert compose([f"debug={debug}"], config_name=primary).model.name
+        for group in ("projector", "privacy", "matcher", "selector"):
+            for opt in sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.endswith("_schema")):
+                compose([f"debug={debug}", f"{group}={opt}"], config_name=primary)
+    fast = compose(["debug=fast"], config_name=primary)
+    assert fast.matcher.init_candidates == 1 and fast.finetuner.max_steps == 2 and fast.model.name == "tiny-llama"
+
+
 def test_defaults(compose):
     cfg = compose()
     assert cfg.model.name == "embedded:smollm2-135m"

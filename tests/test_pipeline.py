@@ -8,21 +8,12 @@ from gmtext.artifacts import ConfigChanged
 from gmtext.stages.pipeline import run_pipeline
 
 TINY = [
-    "debug=tiny",
-    "progress=false",
+    "debug=fast",
     "matcher.outer_steps=1",
     "matcher.inner_steps=2",
-    "matcher.init_candidates=1",
     "projector.topk=10",
-    "num_per_class=4",
-    "batch_size=2",
     "real_per_class=4",
-    "dataset.length=5",
     "selector.per_class=3",
-    "finetuner.max_steps=2",
-    "finetuner.batch_size=4",
-    "finetune.eval_limit=8",
-    "finetune.dev_size=0",
 ]
 
 

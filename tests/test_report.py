@@ -305,21 +305,13 @@ def test_epsilon_plot_needs_a_private_run(tmp_path):
 
 # ---------------------------------------------------------------- dir kinds
 PIPE = [
-    "debug=tiny",
-    "progress=false",
+    "debug=fast",
     "matcher.outer_steps=2",
     "matcher.inner_steps=2",
-    "matcher.init_candidates=1",
-    "projector.topk=10",
     "num_per_class=2",
-    "batch_size=2",
+    "projector.topk=10",
     "real_per_class=4",
-    "dataset.length=5",
     "selector.per_class=2",
-    "finetuner.max_steps=2",
-    "finetuner.batch_size=4",
-    "finetune.eval_limit=8",
-    "finetune.dev_size=0",
 ]
 
 
