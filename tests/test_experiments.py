@@ -221,6 +221,7 @@ PRIVATE_RUNS = [
     ("rt_private_n100", "rt_private_n100/eps1", 2),
     ("rt_private_n100_eps4", "rt_private_n100/eps4", 0),
     ("rt_private_n100_twin", "rt_private_n100/twin", 0),
+    ("rt_private_n100_twin", "rt_private_n100/twin", 2),
     ("rt_pe100", "rt_pe100/eps1", 0),
     ("rt_pe100_eps4", "rt_pe100/eps4", 0),
 ]
