@@ -129,6 +129,13 @@ def wait_for(cond, proc: subprocess.Popen, timeout=240, what=""):
         time.sleep(0.005)
 
 
+def _text(path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
 def kill9(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -458,7 +465,9 @@ def test_kill9_generate_resumes_to_the_uninterrupted_result_and_a_second_writer_
     run = tmp_path / "killed"
     cmd = _gen_cmd(run)
     a = start(cmd, tmp_path / "a.log", slow_fsync=0.5)  # the kill lands in the write that follows a finished batch
-    wait_for(lambda: (run / ".generate.lock").exists(), a, what="the run took its lock")
+    # the lock file exists a moment before it names its holder (flock first, then the pid): wait for both
+    lock = run / ".generate.lock"
+    wait_for(lambda: _text(lock) == str(a.pid), a, what="the run took its lock")
     # a second process on the same run dir is refused while the first one holds it
     # (paused, so it cannot finish meanwhile)
     os.kill(a.pid, signal.SIGSTOP)
