@@ -14,8 +14,9 @@ OUT=${OUT:-experiments/results/rt_canaries}
 POOLS=${POOLS:-experiments/results/rt_main_cpu}
 export WANDB_MODE=disabled
 [ -d "$DATA" ] || { echo "rt_canaries.sh: $DATA not found (see ../shared/data/README)" >&2; exit 2; }
+EPS=(${EPS_LIST:-inf 4 1})
 declare -A EXP=([inf]=rt_canaries [4]=rt_canaries_eps4 [1]=rt_canaries_eps1)  # conf/experiment/: every setting
-for e in ${EPS_LIST:-inf 4 1}; do
+for e in "${EPS[@]}"; do
   pool=$(printf "${POOL_PATTERN:-$POOLS/gen_eps%s}" $e)
   [ -f $OUT/eps$e/audit.json ] || gmtext-audit experiment=${EXP[$e]} logger=none threads=${THREADS:-2} synthetic=$pool hydra.run.dir=$OUT/eps$e
 done
@@ -27,7 +28,7 @@ with open(sys.argv[2], 'w') as f: f.writelines(json.dumps({'text': r['text'], 'l
     $DATA/validation.jsonl $OUT/heldout40.jsonl
   gmtext-audit experiment=rt_main_cpu logger=none synthetic=$OUT/heldout40.jsonl hydra.run.dir=$OUT/reference_heldout
 fi
-python - "$OUT" ${EPS_LIST:-inf 4 1} <<'EOF'
+python - "$OUT" "${EPS[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmtext.artifacts import read_jsonl, run_lock, write_jsonl
+from gmtext.artifacts import _owner, read_jsonl, run_lock, write_jsonl
 from gmtext.cli import error_line
 
 TINY = ["debug=tiny", "progress=false", "threads=1"]
@@ -127,13 +127,6 @@ def wait_for(cond, proc: subprocess.Popen, timeout=240, what=""):
             proc.kill()
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.005)
-
-
-def _text(path) -> str | None:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None
 
 
 def kill9(proc: subprocess.Popen) -> None:
@@ -465,9 +458,9 @@ def test_kill9_generate_resumes_to_the_uninterrupted_result_and_a_second_writer_
     run = tmp_path / "killed"
     cmd = _gen_cmd(run)
     a = start(cmd, tmp_path / "a.log", slow_fsync=0.5)  # the kill lands in the write that follows a finished batch
-    # the lock file exists a moment before it names its holder (flock first, then the pid): wait for both
-    lock = run / ".generate.lock"
-    wait_for(lambda: _text(lock) == str(a.pid), a, what="the run took its lock")
+    # the lock file exists a moment before it names its holder (flock first, then the pid): wait until
+    # it reads as the refusal below will read it
+    wait_for(lambda: _owner(run / ".generate.lock") == a.pid, a, what="the run took its lock")
     # a second process on the same run dir is refused while the first one holds it
     # (paused, so it cannot finish meanwhile)
     os.kill(a.pid, signal.SIGSTOP)
