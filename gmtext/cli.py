@@ -199,7 +199,7 @@ def release_main(cfg: DictConfig) -> float:
 
 @_main("audit")
 def audit_main(cfg: DictConfig) -> float:
-    from .stages.audit import run_audit
+    from .workflows.audit import run_audit
 
     s = _run("audit", run_audit, cfg)
     print(
@@ -268,7 +268,7 @@ def select_main(cfg: DictConfig) -> int:
 
 @_main("pipeline")
 def pipeline_main(cfg: DictConfig) -> float:
-    from .stages.pipeline import run_pipeline
+    from .workflows.pipeline import run_pipeline
 
     m = _run("pipeline", run_pipeline, cfg)
     print(

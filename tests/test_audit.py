@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gmtext.privacy import audit as A
-from gmtext.stages import audit as stage_audit
+from gmtext.workflows import audit as stage_audit
 
 
 def test_longest_common_ngram_and_share():

@@ -14,7 +14,7 @@ import pytest
 
 from gmtext.privacy import noise
 from gmtext.stages.finetune import run_finetune
-from gmtext.stages.pipeline import run_pipeline
+from gmtext.workflows.pipeline import run_pipeline
 from gmtext.stages.release import run_release
 
 # debug=fast (debug=tiny cut to seconds): the recipe these values were recorded with (the tiny model,

@@ -328,7 +328,7 @@ def test_private_pipeline_with_probe_in_one_run_dir(compose, tmp_path):
     """gmtext-pipeline privacy=dp selector=margin probe.matched_params=[...]: generator and
     probe releases from one (ε, δ), the margin selection scores against the probe, and every
     artifact down to metrics.json reports that one ε (not ε_gen + ε_probe)."""
-    from gmtext.stages.pipeline import run_pipeline
+    from gmtext.workflows.pipeline import run_pipeline
 
     cfg = compose(
         [

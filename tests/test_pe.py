@@ -22,7 +22,7 @@ from gmtext.evolution.vote import VoteRelease, vote_histograms, vote_sensitivity
 from gmtext.privacy import noise
 from gmtext.privacy.ledger import Ledger, ledger_of
 from gmtext.stages.generate import run_generate
-from gmtext.stages.pipeline import run_pipeline
+from gmtext.workflows.pipeline import run_pipeline
 from gmtext.stages.select import BestMatchSelector
 
 NAMES = ["negative", "positive"]
@@ -332,7 +332,7 @@ def test_bad_stage_settings_fail_with_one_line_before_the_model(compose, tmp_pat
 def test_the_canary_audit_refuses_pe(compose, tmp_path):
     """Its canaries are planted into a gradient release; PE reads the split itself, so an audit
     of it would report on data without the canaries."""
-    from gmtext.stages.audit import canary_test
+    from gmtext.workflows.audit import canary_test
 
     with pytest.raises(ValueError, match="generator=pe") as e:
         canary_test(compose(TINY + ["canaries.enabled=true"], config_name="audit"), tmp_path)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gmtext.artifacts import ConfigChanged
-from gmtext.stages.pipeline import run_pipeline
+from gmtext.workflows.pipeline import run_pipeline
 
 TINY = [
     "debug=fast",

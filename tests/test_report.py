@@ -319,7 +319,7 @@ def test_report_on_pipeline_single_run_and_multirun_dirs(report, compose, tmp_pa
     """gmtext-report over a gmtext-pipeline run dir (its metrics.jsonl mixes ADMM and
     fine-tuning step records: used to raise KeyError 'outer_step'), a single-stage run dir
     and a multirun sweep dir."""
-    from gmtext.stages.pipeline import run_pipeline
+    from gmtext.workflows.pipeline import run_pipeline
 
     pipe = tmp_path / "pipe"
     m = run_pipeline(compose(PIPE, config_name="pipeline"), pipe)

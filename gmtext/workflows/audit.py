@@ -24,7 +24,7 @@ from ..runtime import (
     matched_params,
     privacy_mechanism,
 )
-from .generate import SYNTHETIC_FILE, run_generate
+from ..stages.generate import SYNTHETIC_FILE, run_generate
 
 
 def canary_test(

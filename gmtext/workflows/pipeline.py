@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..artifacts import read_json, write_json
 from ..config import build
 from ..runtime import PROBE_DIR, training_source
-from .finetune import run_finetune
-from .generate import check_generate_resume, run_generate
-from .release import run_release
-from .select import run_select
+from ..stages.finetune import run_finetune
+from ..stages.generate import check_generate_resume, run_generate
+from ..stages.release import run_release
+from ..stages.select import run_select
 
 
 def run_pipeline(cfg: DictConfig, run_dir) -> dict:
