@@ -1,7 +1,7 @@
 """Benchmark the release's per-example clipped sums: sketch hooks vs vmap (sketch and raw params).
 
     python benchmarks/bench_release.py [--quick] [--threads 2] [--model embedded:smollm2-135m|tiny-llama]
-                                       [--layers REGEX] [--k 16] [--n 64] [--vmap-n 8] [--out PATH]
+                                       [--layers REGEX] [--k 16] [--n 64] [--stride 1] [--vmap-n 8] [--out PATH]
 
 Rows (same texts, same run, after one warm-up chunk):
 * sketch_hooks: clipped_sum(method="sketch_hooks") on sketch:KxK:0:<layers>, --n texts;
@@ -11,6 +11,8 @@ Rows (same texts, same run, after one warm-up chunk):
 * generator + probe, two passes vs one pass: the private recipe's two sketched releases
   (--gen-layers, --layers) made one after the other, then from one hook pass
   (mechanism.clipped_sums_parts), --n texts each.
+--stride S times every S-th train review (then the first --n of those): the release sorts
+records by length, so a stride covers short and long reviews alike where the first --n do not.
 --vmap-n 0 / --loop-n 0 skip those rows.
 Each row gives ms per example and the wall time for all 8,530 rotten-tomatoes train reviews,
 *extrapolated* linearly from the texts it timed (said so in the row). The sketch rows also
@@ -70,14 +72,15 @@ def main(argv=None) -> dict:
         "--gen-layers", default="last_blocks:1", help="the generator's sketched blocks (the probe's: --layers)"
     )
     ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--stride", type=int, default=1, help="time every S-th train review")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.quick:
         a.n, a.vmap_n, a.loop_n, a.chunk = 8, 4, 2, 4
-    if min(a.n, a.vmap_n, a.loop_n, a.chunk) < 0 or a.n < 1 or a.chunk < 1:
+    if min(a.n, a.vmap_n, a.loop_n, a.chunk) < 0 or min(a.n, a.chunk, a.stride) < 1:
         raise SystemExit(
-            f"bench_release: --n {a.n} and --chunk {a.chunk} must be >= 1, "
+            f"bench_release: --n {a.n}, --chunk {a.chunk} and --stride {a.stride} must be >= 1, "
             f"--vmap-n {a.vmap_n} and --loop-n {a.loop_n} >= 0"
         )
     if a.threads:
@@ -88,8 +91,8 @@ def main(argv=None) -> dict:
         lm.tokenizer, "{text} It was", ["neg", "pos"], [" bad", " great"], start_token="<|endoftext|>"
     )  # conf/dataset/rotten_tomatoes.yaml
     if (RT / "train.jsonl").exists():
-        texts = [e.text for e in load_split("train", ["neg", "pos"], path=str(RT)).examples[: a.n]]
-        src = "rotten_tomatoes train"
+        texts = [e.text for e in load_split("train", ["neg", "pos"], path=str(RT)).examples[:: a.stride][: a.n]]
+        src = f"rotten_tomatoes train, every {a.stride}. review" if a.stride > 1 else "rotten_tomatoes train"
     else:
         texts, src = FALLBACK[: a.n], "built-in sentences"
     vocab = torch.tensor(task.label_token_ids)

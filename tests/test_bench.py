@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/bench_generate.py on the tiny random Llama (keys + projection equivalence)."""
+"""Smoke tests of benchmarks/bench_generate.py and bench_release.py on the tiny random Llama (keys, and each
+timed fast path computes what its reference computes)."""
 
 import json
 import subprocess
@@ -45,3 +46,25 @@ def test_bench_smoke(tmp_path):
     assert e2e["extrapolated"]  # the reference side says what it scaled
     assert res["settings"]["quick"] is True and res["peak_rss_gib"] > 0
     assert not (ROOT / "benchmarks" / "results" / "latest.json").exists() or res["settings"]["model"] == "tiny-llama"
+
+
+def test_bench_release_smoke(tmp_path):
+    """benchmarks/bench_release.py on the tiny model: every row, and each slower path it times
+    computes the clipped sums of the hook path (the comparison is fair)."""
+    out = tmp_path / "release.json"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_release.py"), "--model", "tiny-llama", "--quick"]
+        + ["--threads", "1", "--stride", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {"none", "sketch_hooks", "vmap", "loop", "sketch_hooks (parts)"} == {r["method"] for r in rows}
+    checked = [r for r in rows if "max_rel_err_vs_hooks" in r]
+    assert {r["method"] for r in checked} == {"vmap", "loop"}
+    assert all(r["max_rel_err_vs_hooks"] < 1e-4 for r in checked), checked
+    assert next(r for r in rows if r["method"] == "sketch_hooks (parts)")["speedup_vs_two_passes"] > 0
+    assert all(r["split_minutes_extrapolated"] > 0 for r in rows)
