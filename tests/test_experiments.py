@@ -220,6 +220,8 @@ PRIVATE_RUNS = [
     ("rt_private_n100", "rt_private_n100/eps1", 1),
     ("rt_private_n100", "rt_private_n100/eps1", 2),
     ("rt_private_n100_eps4", "rt_private_n100/eps4", 0),
+    ("rt_private_n100_eps4", "rt_private_n100/eps4", 1),
+    ("rt_private_n100_eps4", "rt_private_n100/eps4", 2),
     ("rt_private_n100_twin", "rt_private_n100/twin", 0),
     ("rt_private_n100_twin", "rt_private_n100/twin", 2),
     ("rt_pe100", "rt_pe100/eps1", 0),
