@@ -2,8 +2,8 @@
 real train split, and the canary audit, which plants canaries into the private set and runs
 the release and the generate stage on it.
 
-Like pipeline.py this module composes another stage (generate); the two are the only
-modules under stages/ that do.
+Like pipeline.py it chains stages (release, then generate), which is why both live in
+workflows/, one layer above the stages, and no stage imports another.
 """
 
 from __future__ import annotations
