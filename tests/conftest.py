@@ -24,16 +24,17 @@ def tiny():
 
 @pytest.fixture
 def compose():
-    """compose(overrides, config_name='generate') → cfg, as the console scripts would see it."""
+    """compose(overrides, config_name='generate', return_hydra_config=False) → cfg, as the console
+    scripts would see it (with its `hydra:` node, e.g. a sweep's params, when asked)."""
     from hydra import compose as _compose, initialize_config_module
 
     from gmtext.config import register_configs
 
     register_configs()
 
-    def _c(overrides=(), config_name="generate"):
+    def _c(overrides=(), config_name="generate", return_hydra_config=False):
         with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
-            return _compose(config_name=config_name, overrides=list(overrides))
+            return _compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
     return _c
 

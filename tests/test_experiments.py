@@ -314,17 +314,11 @@ def test_no_script_packs_its_default_seeds_into_one_word():
         assert not re.search(r'"\$\{@:-[^}]* [^}]*\}"', script.read_text()), script.name
 
 
-def test_eps_sweep_is_the_private_row_at_five_budgets():
+def test_eps_sweep_is_the_private_row_at_five_budgets(compose):
     """experiment=eps_sweep -m gives the accuracy-vs-ε plot of the private N = 100 row: the same
     composed run as rt_private_n100 at each ε, nothing else changed."""
-    from hydra import compose as _compose, initialize_config_module
-
-    from gmtext.config import register_configs
-
-    register_configs()
-    with initialize_config_module(version_base="1.3", config_module="gmtext.conf"):
-        sweep = _compose("pipeline", ["experiment=eps_sweep"], return_hydra_config=True)
-        row = _compose("pipeline", ["experiment=rt_private_n100"])
+    sweep = compose(["experiment=eps_sweep"], config_name="pipeline", return_hydra_config=True)
+    row = compose(["experiment=rt_private_n100"], config_name="pipeline")
     assert sweep.hydra.sweeper.params == {"privacy.epsilon": "0.5,1,2,4,8"}
     plain = OmegaConf.to_container(sweep, resolve=False)
     plain.pop("hydra")
