@@ -10,7 +10,9 @@ Rows (same texts, same run, after one warm-up chunk):
 * loop (sketch): one backward per example on the sketch parameters, --loop-n texts;
 * generator + probe, two passes vs one pass: the private recipe's two sketched releases
   (--gen-layers, --layers) made one after the other, then from one hook pass
-  (mechanism.clipped_sums_parts), --n texts each.
+  (mechanism.clipped_sums_parts), --n texts each;
+* the same one pass under bf16 autocast (target_precision=bfloat16): its speed-up over the
+  float32 pass and the cosine of its clipped sums to float32's, per part.
 --stride S times every S-th train review (then the first --n of those): the release sorts
 records by length, so a stride covers short and long reviews alike where the first --n do not.
 --vmap-n 0 / --loop-n 0 skip those rows.
@@ -35,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RT = HERE.parent.parent / "shared" / "data" / "rotten_tomatoes"
@@ -171,7 +174,7 @@ def main(argv=None) -> dict:
     row(f"generator alone: sketch_hooks {a.gen_layers}", gen, "sketch_hooks", texts)
     mp.activate()
     t0, c0 = time.perf_counter(), time.process_time()
-    M.clipped_sums_parts(model, task, [gen, mp], texts, 0, 1.0, 64, a.chunk, vocab)
+    ref = M.clipped_sums_parts(model, task, [gen, mp], texts, 0, 1.0, 64, a.chunk, vocab)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     probe_alone = next(r for r in rows if r["path"] == f"sketch_hooks {a.k}x{a.k} {a.layers}")
     two = rows[-1]["seconds"] + probe_alone["seconds"]
@@ -194,6 +197,34 @@ def main(argv=None) -> dict:
         f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  "
         f"all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
         f"(two passes: {two / len(texts) * SPLIT / 60:.1f} min; {two / dt:.2f}x)",
+        flush=True,
+    )
+    # target_precision=bfloat16: the same one pass under bf16 autocast, right after the float32 one
+    t0, c0 = time.perf_counter(), time.process_time()
+    low = M.clipped_sums_parts(model, task, [gen, mp], texts, 0, 1.0, 64, a.chunk, vocab, precision="bfloat16")
+    dt16, cpu16 = time.perf_counter() - t0, time.process_time() - c0
+    flat = lambda cs: torch.cat([t.flatten() for t in cs.sums])
+    rows.append(
+        {
+            "path": f"generator + probe, one pass, bf16 autocast ({a.gen_layers} + {a.layers})",
+            "method": "sketch_hooks (parts, target_precision=bfloat16)",
+            "k": gen.numel() + mp.numel(),
+            "texts_timed": len(texts),
+            "seconds": dt16,
+            "cpu_seconds": cpu16,
+            "split_minutes_from_cpu": cpu16 / max(a.threads, 1) / len(texts) * SPLIT / 60,
+            "ms_per_example": 1e3 * dt16 / len(texts),
+            "split_minutes_extrapolated": dt16 / len(texts) * SPLIT / 60,
+            "speedup_vs_float32_one_pass": dt / dt16,
+            # per part (generator, probe): how far bf16's clipped sums are from float32's
+            "cosine_to_float32": [float(F.cosine_similarity(flat(x), flat(y), 0)) for x, y in zip(low, ref)],
+            "rel_err_to_float32": [float((flat(x) - flat(y)).norm() / flat(y).norm()) for x, y in zip(low, ref)],
+        }
+    )
+    print(
+        f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  "
+        f"all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min ({dt / dt16:.2f}x float32's one pass; "
+        f"cosine to it {min(rows[-1]['cosine_to_float32']):.5f})",
         flush=True,
     )
     S.detach(model)

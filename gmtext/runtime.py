@@ -21,7 +21,7 @@ from .gradients import MatchedParams
 from .models import check_fits_context, load_model
 from .privacy.ledger import split_id
 from .privacy.release import META_FILE, PRIVACY_FILE, RELEASE_FILE, Release, ReleaseInputs, release_fingerprint
-from .sketch import expand_specs
+from .sketch import PREFIX, expand_specs, is_sketch_name
 from .tracking import artifact_name
 
 PROBE_DIR = "probe"  # beside run_dir/release: the probe release made with the generator's
@@ -173,6 +173,18 @@ def _probe_specs(cfg: DictConfig) -> list[str]:
     return specs
 
 
+def _check_target_precision(precision: str, matched: MatchedParams, probe_specs: list[str]) -> None:
+    """bf16 runs only on the hook path, so every released tensor must be a sketch (checked before any data)."""
+    if precision == "float32":
+        return
+    raw = [n for n in matched.names if not is_sketch_name(n)] + [s for s in probe_specs if not s.startswith(PREFIX)]
+    if raw:
+        raise ValueError(
+            f"target_precision={precision}: every matched tensor must be sketched (sketch:... entries), "
+            f"but {raw[:3]} are not; use target_precision=float32"
+        )
+
+
 def load_or_make_release(
     cfg: DictConfig,
     release_dir: Path,
@@ -202,6 +214,7 @@ def load_or_make_release(
         return load(existing), True
     mech.check_inclusion(cfg.real_per_class)
     probe_specs = _probe_specs(cfg)
+    _check_target_precision(str(cfg.target_precision), matched, probe_specs)
     release_dir = Path(release_dir)
     with run_lock(release_dir.parent, f"{release_dir.name}-making"):  # beside it: a failed start leaves no empty dir
         if (release_dir / META_FILE).exists():
@@ -226,6 +239,7 @@ def load_or_make_release(
             protected_split_id(cfg),
             inclusion_rule(cfg, mech),
             bool(cfg.progress),
+            str(cfg.target_precision),
         )
         if not probe_specs:
             rel = mech.release(lm.model, task, matched, texts, inp)

@@ -47,6 +47,9 @@ from torch import nn
 VERSION = "v1"
 BRANCH = "gm_sketch"
 PREFIX = "sketch:"
+# the per-example gradient passes' compute precision (root key target_precision): float32, or the
+# forward and backward under bf16 autocast with the per-example sums, clipping and noise in float32
+PRECISIONS = ("float32", "bfloat16")
 _FULL = re.compile(r"^sketch:(\d+)x(\d+):(\d+):(.*)$")
 _PARAM = re.compile(r"^(?P<module>.+)\." + BRANCH + r"\.G_" + VERSION + r"_(?P<ki>\d+)x(?P<ko>\d+)_s(?P<seed>\d+)$")
 
@@ -218,7 +221,7 @@ def sketch_branches_for(matched) -> list[SketchBranch]:
 
 
 def per_example_grads_hooks(
-    model, task, matched, texts, label_id, max_text_tokens=None, vocab=None
+    model, task, matched, texts, label_id, max_text_tokens=None, vocab=None, precision="float32"
 ) -> list[torch.Tensor]:
     """Per-example ∂L_i/∂G [N, k_out, k_in] for every matched G, from ONE batched forward and a
     backward that stops at the earliest sketched layer.
@@ -227,9 +230,15 @@ def per_example_grads_hooks(
     token belongs to exactly one example (rows interact only through attention, and the
     attention mask keeps them apart), so G_i = Σ_t (∂L/∂z_{i,t}) a_{i,t}ᵀ, summed over the
     real tokens of row i only (padding is masked; right padding cannot reach the last real
-    token of a causal LM anyway)."""
+    token of a causal LM anyway).
+
+    precision="bfloat16" runs the forward and the backward to the branches under bf16 autocast
+    (about 2x faster on CPUs with bf16 matmul); the per-token products, their sums over tokens
+    and everything the caller does with them (clipping, noise) stay float32."""
     from .gradients import last_token_loss_fast
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not valid; accepted: {', '.join(PRECISIONS)}")
     brs = sketch_branches_for(matched)
     dev = next(model.parameters()).device
     ids, mask, last = task.batch(list(texts), max_text_tokens)
@@ -238,7 +247,7 @@ def per_example_grads_hooks(
     for b, c in zip(brs, caps):
         b.capture = c
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bfloat16"):
             labels = torch.full((len(texts),), label_id, device=dev)
             loss = last_token_loss_fast(model, ids, mask, last, labels, vocab)
             zs = [c[0][1] for c in caps]

@@ -75,6 +75,7 @@ NOT_USED_BY = {
         "matched_params",
         "match_loss",
         "target_batch_size",
+        "target_precision",
         "real_per_class",
         "batch_size",
     ),

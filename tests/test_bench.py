@@ -62,7 +62,11 @@ def test_bench_release_smoke(tmp_path):
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {"none", "sketch_hooks", "vmap", "loop", "sketch_hooks (parts)"} == {r["method"] for r in rows}
+    bf16 = "sketch_hooks (parts, target_precision=bfloat16)"
+    assert {"none", "sketch_hooks", "vmap", "loop", "sketch_hooks (parts)", bf16} == {r["method"] for r in rows}
+    low = next(r for r in rows if r["method"] == bf16)
+    assert len(low["cosine_to_float32"]) == 2 and min(low["cosine_to_float32"]) > 0.99, low
+    assert 0 < max(low["rel_err_to_float32"]) < 0.1 and low["speedup_vs_float32_one_pass"] > 0
     checked = [r for r in rows if "max_rel_err_vs_hooks" in r]
     assert {r["method"] for r in checked} == {"vmap", "loop"}
     assert all(r["max_rel_err_vs_hooks"] < 1e-4 for r in checked), checked

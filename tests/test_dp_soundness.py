@@ -12,6 +12,7 @@ import torch
 
 from gmtext.data import Example, LabeledSplit, is_dev, load_split, release_records
 from gmtext.gradients import MatchedParams
+from gmtext.models import load_model
 from gmtext.privacy import mechanism as M
 from gmtext.privacy.accountant import calibrate_noise_multiplier, composed_epsilon, sum_sensitivity
 from gmtext.privacy.ledger import Ledger, LedgerEntry, compose_records
@@ -89,20 +90,29 @@ TEXTS = [
 ]
 
 
-def _joint_sums(lm, task, mp, by_class, clip):
+def _joint_sums(lm, task, mp, by_class, clip, precision="float32"):
     out = []
     for c, texts in enumerate(by_class):
-        out += M.clipped_sum(lm.model, task, mp, texts, task.label_token_ids[c], clip).sums
+        out += M.clipped_sum(lm.model, task, mp, texts, task.label_token_ids[c], clip, precision=precision).sums
     return torch.cat([t.flatten().double() for t in out])
 
 
-@pytest.mark.parametrize("specs", [["lm_head"], ["final_norm", "last_blocks:1"]])
-def test_neighbouring_datasets_move_the_sums_by_at_most_the_charged_sensitivity(tiny, specs):
+@pytest.mark.parametrize(
+    "specs,precision",
+    [
+        (["lm_head"], "float32"),
+        (["final_norm", "last_blocks:1"], "float32"),
+        ([r"sketch:6x5:3:layers\.1\."], "bfloat16"),  # target_precision=bfloat16: only the passes change
+    ],
+)
+def test_neighbouring_datasets_move_the_sums_by_at_most_the_charged_sensitivity(tiny, specs, precision):
     lm, task = tiny
+    if precision != "float32":  # sketch branches attach in place: a model of its own
+        lm = load_model("tiny-llama")
     mp = MatchedParams(lm.model, specs)
     clip = 0.05  # below every per-example norm on this model: the bound is tight
     base = [TEXTS[:3], TEXTS[3:]]
-    s0 = _joint_sums(lm, task, mp, base, clip)
+    s0 = _joint_sums(lm, task, mp, base, clip, precision)
     cases = {
         "replace_one": [
             [TEXTS[:2] + ["Completely different words here."], TEXTS[3:]],  # same class
@@ -113,7 +123,7 @@ def test_neighbouring_datasets_move_the_sums_by_at_most_the_charged_sensitivity(
     for adjacency, neighbours in cases.items():
         bound = sum_sensitivity(clip, adjacency)
         for nb in neighbours:
-            d = float((s0 - _joint_sums(lm, task, mp, nb, clip)).norm())
+            d = float((s0 - _joint_sums(lm, task, mp, nb, clip, precision)).norm())
             assert 0 < d <= bound * (1 + 1e-5), (adjacency, d, bound)
     assert sum_sensitivity(1.0, "replace_one") == 2.0 and sum_sensitivity(1.0, "add_remove") == 1.0
 
@@ -413,17 +423,16 @@ def test_probe_in_a_sketch_space(compose, tmp_path):
 def test_sketched_generator_and_probe_in_one_pass(compose, tmp_path, monkeypatch):
     """Both parts sketched: the joint release reads every record once (one hook pass per chunk,
     not one per part), and its clipped targets equal the ones two separate releases make."""
-    import gmtext.sketch as S
-
     calls = []
-    real = S.per_example_grads_hooks
-    monkeypatch.setattr(S, "per_example_grads_hooks", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    real = M.per_example_grads_hooks  # the name the mechanism calls (patching gmtext.sketch's would count nothing)
+    monkeypatch.setattr(M, "per_example_grads_hooks", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
     common = ["debug=tiny", "progress=false", "privacy.clip_norm=1e-3", "sketch.k_in=4", "sketch.k_out=2"]
     gen_spec, probe_spec = "matched_params=[sketch:last_blocks:1]", "sketch:middle_blocks"
     R.run_release(
         compose(common + [gen_spec, f"probe.matched_params=[{probe_spec}]"], config_name="release"), tmp_path / "joint"
     )
     one_pass = sum(calls)
+    assert one_pass > 0
     R.run_release(compose(common + [gen_spec], config_name="release"), tmp_path / "gen")
     R.run_release(compose(common + [f"matched_params=[{probe_spec}]"], config_name="release"), tmp_path / "probe")
     assert sum(calls) - one_pass == 2 * one_pass  # two separate releases read every record twice, the joint one once
@@ -445,3 +454,28 @@ def test_sketched_generator_and_probe_in_one_pass(compose, tmp_path, monkeypatch
         tmp_path / "dp",
     )
     assert sum(calls) == one_pass and P.Release.load(tmp_path / "dp" / "probe").privacy["probe_budget_share"] == 0.5
+
+
+def test_bf16_release_runs_the_passes_in_bf16_and_changes_nothing_else(compose, tmp_path, monkeypatch):
+    """target_precision=bfloat16 reaches the hook passes of both parts; the ledger is the float32
+    run's; raw (unsketched) parameters are refused before any record is read, leaving no release."""
+    seen = []
+    real = M.per_example_grads_hooks
+    monkeypatch.setattr(M, "per_example_grads_hooks", lambda *a, **k: seen.append(a[7:] or k) or real(*a, **k))
+    common = ["debug=tiny", "progress=false", "privacy=dp", "sketch.k_in=4", "sketch.k_out=2"]
+    parts = ["matched_params=[sketch:last_blocks:1]", "probe.matched_params=[sketch:middle_blocks]"]
+    bf = R.run_release(compose(common + parts + ["target_precision=bfloat16"], config_name="release"), tmp_path / "bf")
+    assert seen and all(s == ("bfloat16",) for s in seen)
+    fp = R.run_release(compose(common + parts, config_name="release"), tmp_path / "fp")
+    assert bf["epsilon"] == fp["epsilon"]
+    a, b = (P.Release.load(tmp_path / d / "probe") for d in ("bf", "fp"))
+    keep = ("name", "kind", "noise_multiplier", "sigma", "sensitivity", "num_records", "records")
+    entries = [[{k: e.get(k) for k in keep} for e in r.privacy["ledger"]["entries"]] for r in (a, b)]
+    assert entries[0] == entries[1] and len(entries[0]) == 2 and a.param_names == b.param_names
+
+    import gmtext.runtime as RT
+
+    monkeypatch.setattr(RT, "select_real_examples", lambda *a, **k: pytest.fail("read the data"))
+    with pytest.raises(ValueError, match=r"target_precision=bfloat16: every matched tensor must be sketched"):
+        R.run_release(compose(common + ["target_precision=bfloat16"], config_name="release"), tmp_path / "raw")
+    assert not (tmp_path / "raw" / "release").exists()

@@ -84,6 +84,38 @@ def test_hooks_equal_vmap_and_loop_per_example(fresh, match_loss):
         assert rel_err(a, b) < 1e-4
 
 
+def test_bf16_autocast_sums_stay_close_and_every_clipped_row_within_C(fresh):
+    """target_precision=bfloat16: the clipped sums match float32's to bf16 rounding, and each
+    record's clipped contribution (what the sensitivity 2C rests on) is still at most C."""
+    model, task = fresh
+    mp = MatchedParams(model, [SPEC, "sketch:6x5:3:^lm_head$"])
+    vocab = torch.tensor(task.label_token_ids)
+    lo = S.per_example_grads_hooks(model, task, mp, TEXTS, 1, vocab=vocab, precision="bfloat16")
+    hi = S.per_example_grads_hooks(model, task, mp, TEXTS, 1, vocab=vocab)
+    assert all(g.dtype == torch.float32 for g in lo)  # the per-example products are float32
+    assert 0 < max(rel_err(a, b) for a, b in zip(lo, hi)) < 0.05  # bf16 did run, and stayed close
+    clip = 1e-3  # below every per-example norm: every row is scaled
+    cs, norms = M._clip_materialised(lo, clip)
+    flat = torch.cat([g.reshape(len(TEXTS), -1) for g in lo], 1) * M.clip_factors(norms, clip)[:, None]
+    assert (flat.norm(dim=1) <= clip * (1 + 1e-6)).all()
+    fast = M.clipped_sum(model, task, mp, TEXTS, 1, clip, chunk=3, vocab=vocab, precision="bfloat16")
+    ref = M.clipped_sum(model, task, mp, TEXTS, 1, clip, chunk=3, vocab=vocab)
+    for a, b in zip(fast.sums, ref.sums):
+        assert rel_err(a, b) < 0.05
+    parts = M.clipped_sums_parts(model, task, [mp], TEXTS, 1, clip, chunk=3, vocab=vocab, precision="bfloat16")
+    for a, b in zip(parts[0].sums, fast.sums):
+        assert rel_err(a, b) < 1e-5  # one pass or per set: the same bf16 computation
+
+
+def test_bf16_needs_the_hook_path(fresh):
+    model, task = fresh
+    mp = MatchedParams(model, [SPEC])
+    with pytest.raises(ValueError, match="target_precision='bfloat16' needs every matched tensor sketched"):
+        M.clipped_sum(model, task, mp, TEXTS, 0, 1.0, method="vmap", precision="bfloat16")
+    with pytest.raises(ValueError, match="target_precision='float16' is not valid; accepted: float32, bfloat16"):
+        M.clipped_sum(model, task, mp, TEXTS, 0, 1.0, precision="float16")
+
+
 def test_hooks_refuse_raw_params(fresh):
     model, task = fresh
     mp = MatchedParams(model, [SPEC, "final_norm"])

@@ -27,6 +27,7 @@ The noise itself comes from privacy/noise.py (the OS CSPRNG), never from a seede
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..gradients import MatchedParams, last_hidden, last_token_logits, last_token_loss
-from ..sketch import is_sketch_name, per_example_grads_hooks
+from ..sketch import PRECISIONS, is_sketch_name, per_example_grads_hooks
 
 METHODS = ("auto", "closed_form", "vmap", "loop", "sketch_hooks")
 
@@ -184,6 +185,16 @@ def per_example_grads_loop(
     return [torch.stack(a) for a in out]
 
 
+def _check_precision(precision: str, method: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"target_precision={precision!r} is not valid; accepted: {', '.join(PRECISIONS)}")
+    if precision != "float32" and method != "sketch_hooks":
+        raise ValueError(
+            f"target_precision={precision!r} needs every matched tensor sketched (sketch:... entries, the "
+            f"hook path); the {method} path runs in float32 only"
+        )
+
+
 def _clip_materialised(grads: list[torch.Tensor], clip_norm: float):
     n = grads[0].shape[0]
     nrm = torch.sqrt(sum(g.reshape(n, -1).float().pow(2).sum(1) for g in grads))
@@ -203,6 +214,7 @@ def clipped_sum(
     method: str = "auto",
     vocab=None,
     on_chunk=None,
+    precision: str = "float32",
 ) -> ClippedSum:
     """Sum of per-example gradients of `texts` (all labelled `label_id`), each clipped jointly
     over all matched tensors to L2 norm `clip_norm`. `vocab` (verbalizer token ids) switches to
@@ -211,6 +223,7 @@ def clipped_sum(
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
     method = _check_method(method, matched)
+    _check_precision(precision, method)
     texts = list(texts)
     if method == "closed_form":
         return clipped_sum_closed_form(
@@ -218,6 +231,8 @@ def clipped_sum(
         )
     paths = {"sketch_hooks": per_example_grads_hooks, "vmap": per_example_grads_vmap, "loop": per_example_grads_loop}
     f = paths[method]
+    if method == "sketch_hooks":
+        f = functools.partial(f, precision=precision)
     step = 1 if method == "loop" else chunk
     order = list(range(len(texts)))
     if method == "sketch_hooks":  # chunks of similar token length: less padding (the sum does not depend on the order)
@@ -265,6 +280,7 @@ def clipped_sums_parts(
     chunk: int = 16,
     vocab=None,
     on_chunk=None,
+    precision: str = "float32",
 ) -> list[ClippedSum]:
     """`clipped_sum` for several all-sketch parameter sets from one forward/backward per chunk:
     part j's per-example gradient is clipped to `clip_norm` over part j's tensors alone, exactly
@@ -274,6 +290,7 @@ def clipped_sums_parts(
         raise ValueError(f"clip_norm must be > 0, got clip_norm={clip_norm!r}")
     for mp in parts:
         _check_method("sketch_hooks", mp)
+    _check_precision(precision, "sketch_hooks")
     union = _Union(parts).activate()
     where = {n: i for i, n in enumerate(union.names)}
     index = [[where[n] for n in mp.names] for mp in parts]
@@ -283,7 +300,9 @@ def clipped_sums_parts(
     norms = [torch.zeros(len(texts)) for _ in parts]
     for i in range(0, len(texts), chunk):
         idx = order[i : i + chunk]
-        grads = per_example_grads_hooks(model, task, union, [texts[j] for j in idx], label_id, max_text_tokens, vocab)
+        grads = per_example_grads_hooks(
+            model, task, union, [texts[j] for j in idx], label_id, max_text_tokens, vocab, precision
+        )
         for acc, nr, ix in zip(sums, norms, index):
             cs, nrm = _clip_materialised([grads[k] for k in ix], clip_norm)
             for a, c in zip(acc, cs):

@@ -123,6 +123,7 @@ class ReleaseInputs:
     split: str = "unknown"
     records: str = ""
     progress: bool = False
+    precision: str = "float32"  # of the per-example gradient passes (sketch.PRECISIONS)
 
 
 def _release_id(targets) -> str:
@@ -145,6 +146,7 @@ def _clipped_sums(
     method: str,
     match_loss: str,
     progress: bool = False,
+    precision: str = "float32",
 ):
     """Per class, the sum of per-example gradients clipped to clip_norm (what both the DP
     release and the noiseless clipped release start from), with the same loss as the plain means."""
@@ -164,6 +166,7 @@ def _clipped_sums(
             method,
             vocab,
             on_chunk=bar.update,
+            precision=precision,
         )
     bar.close()
 
@@ -178,6 +181,7 @@ def _clipped_sums_parts(
     batch_size: int,
     match_loss: str,
     progress: bool = False,
+    precision: str = "float32",
 ):
     """`_clipped_sums` of several parameter sets from one pass over the records when every set is
     sketched (mechanism.clipped_sums_parts); None when they are not (the caller makes one pass
@@ -193,7 +197,17 @@ def _clipped_sums_parts(
         label, vocab = label_and_vocab(task, c, match_loss, dev)
         by_class.append(
             clipped_sums_parts(
-                model, task, parts, texts, label, clip_norm, max_text_tokens, batch_size, vocab, on_chunk=bar.update
+                model,
+                task,
+                parts,
+                texts,
+                label,
+                clip_norm,
+                max_text_tokens,
+                batch_size,
+                vocab,
+                on_chunk=bar.update,
+                precision=precision,
             )
         )
     bar.close()
@@ -239,6 +253,11 @@ class NoPrivacy:
     ) -> Release:
         """`sums`: this set's per-class ClippedSums when the caller computed them (release_joint)."""
         if self.clip_norm is None:
+            if inp.precision != "float32":
+                raise ValueError(
+                    f"target_precision={inp.precision!r} applies to the clipped per-example passes; with "
+                    "privacy.clip_norm=null the exact means run in float32 only (set target_precision=float32)"
+                )
             tg = class_target_gradients(
                 model, task, matched, texts_by_class, inp.batch_size, inp.max_text_tokens, inp.match_loss
             )
@@ -261,6 +280,8 @@ class NoPrivacy:
             inp.batch_size,
             "auto",
             inp.match_loss,
+            inp.progress,
+            inp.precision,
         )
         targets = [
             [(t / len(texts)).to(p.dtype) for t, p in zip(cs.sums, matched.params)]
@@ -300,6 +321,7 @@ class NoPrivacy:
                 inp.batch_size,
                 inp.match_loss,
                 inp.progress,
+                inp.precision,
             )
         pre = pre or [None] * len(parts)
         return [
@@ -459,6 +481,7 @@ class GaussianRelease:
                 method,
                 inp.match_loss,
                 inp.progress,
+                inp.precision,
             )
         )
         flat = [t for cs in sums for t in cs.sums]
@@ -532,6 +555,7 @@ class GaussianRelease:
             inp.batch_size,
             inp.match_loss,
             inp.progress,
+            inp.precision,
         ) or [None] * len(parts)
         rels = []
         for name, (mp, fp), mult, sums in zip(("release", "probe"), parts, mults, pre):
