@@ -12,7 +12,9 @@ Rows (same texts, same run, after one warm-up chunk):
   (--gen-layers, --layers) made one after the other, then from one hook pass
   (mechanism.clipped_sums_parts), --n texts each;
 * the same one pass under bf16 autocast (target_precision=bfloat16): its speed-up over the
-  float32 pass and the cosine of its clipped sums to float32's, per part.
+  float32 pass and the cosine of its clipped sums to float32's, per part;
+* chunk-mate dependence (--invariance R records): how much one record's computed gradient
+  changes when the other records of its chunk change, in float32 and bf16 (exact math: 0).
 --stride S times every S-th train review (then the first --n of those): the release sorts
 records by length, so a stride covers short and long reviews alike where the first --n do not.
 --vmap-n 0 / --loop-n 0 skip those rows.
@@ -76,11 +78,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--stride", type=int, default=1, help="time every S-th train review")
+    ap.add_argument("--invariance", type=int, default=6, help="records checked for chunk-mate dependence (0: skip)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.quick:
-        a.n, a.vmap_n, a.loop_n, a.chunk = 8, 4, 2, 4
+        a.n, a.vmap_n, a.loop_n, a.chunk, a.invariance = 8, 4, 2, 4, 2
     if min(a.n, a.vmap_n, a.loop_n, a.chunk) < 0 or min(a.n, a.chunk, a.stride) < 1:
         raise SystemExit(
             f"bench_release: --n {a.n}, --chunk {a.chunk} and --stride {a.stride} must be >= 1, "
@@ -227,6 +230,32 @@ def main(argv=None) -> dict:
         f"cosine to it {min(rows[-1]['cosine_to_float32']):.5f})",
         flush=True,
     )
+    # does a record's computed gradient depend on the other records of its chunk (rounding only)?
+    # exact math says no; what the kernels do is measured here, per precision (docs/privacy.md)
+    both = MatchedParams(model, [f"sketch:{a.k}x{a.k}:0:{a.gen_layers}", spec])
+    dep = {}
+    for prec in ("float32", "bfloat16"):
+        worst = {"other_mates": 0.0, "longest_mates": 0.0, "alone": 0.0}
+        for j in range(1, len(order) - 1, max(1, len(order) // max(a.invariance, 1)))[: a.invariance]:
+            ctx = {
+                "similar": [t for t in order[j - 1 : j + a.chunk] if t is not order[j]][: a.chunk - 1],
+                "other_mates": [t for t in order[:: max(1, len(order) // a.chunk)] if t is not order[j]][: a.chunk - 1],
+                "longest_mates": [t for t in order[-a.chunk :] if t is not order[j]][: a.chunk - 1],
+                "alone": [],
+            }
+            g = {
+                c: torch.cat(
+                    [
+                        x[0].flatten()
+                        for x in S.per_example_grads_hooks(model, task, both, [order[j]] + m, 0, 64, vocab, prec)
+                    ]
+                )
+                for c, m in ctx.items()
+            }
+            for c in worst:
+                worst[c] = max(worst[c], float((g[c] - g["similar"]).norm() / g["similar"].norm()))
+        dep[prec] = worst
+        print(f"one record's gradient, {prec}: worst relative change vs similar-length chunk-mates {worst}", flush=True)
     S.detach(model)
     if a.vmap_n:
         row(
@@ -246,6 +275,9 @@ def main(argv=None) -> dict:
         "load_average_end": os.getloadavg(),
         "split_size": SPLIT,
         "rows": rows,
+        # per precision, over --invariance records: the largest relative change of one record's
+        # per-example gradient when its chunk-mates change (other, longest = more padding, none)
+        "record_gradient_vs_chunk_mates": dep,
     }
     res_dir = HERE / "results"
     res_dir.mkdir(exist_ok=True)

@@ -67,6 +67,8 @@ def test_bench_release_smoke(tmp_path):
     low = next(r for r in rows if r["method"] == bf16)
     assert len(low["cosine_to_float32"]) == 2 and min(low["cosine_to_float32"]) > 0.99, low
     assert 0 < max(low["rel_err_to_float32"]) < 0.1 and low["speedup_vs_float32_one_pass"] > 0
+    dep = json.loads(out.read_text())["record_gradient_vs_chunk_mates"]
+    assert set(dep) == {"float32", "bfloat16"} and all(0 <= v < 0.1 for d in dep.values() for v in d.values()), dep
     checked = [r for r in rows if "max_rel_err_vs_hooks" in r]
     assert {r["method"] for r in checked} == {"vmap", "loop"}
     assert all(r["max_rel_err_vs_hooks"] < 1e-4 for r in checked), checked

@@ -472,6 +472,7 @@ def test_bf16_release_runs_the_passes_in_bf16_and_changes_nothing_else(compose, 
     keep = ("name", "kind", "noise_multiplier", "sigma", "sensitivity", "num_records", "records")
     entries = [[{k: e.get(k) for k in keep} for e in r.privacy["ledger"]["entries"]] for r in (a, b)]
     assert entries[0] == entries[1] and len(entries[0]) == 2 and a.param_names == b.param_names
+    assert a.privacy["gradient_precision"] == "bfloat16" and "gradient_precision" not in b.privacy
 
     import gmtext.runtime as RT
 

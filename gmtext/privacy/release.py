@@ -524,6 +524,8 @@ class GaussianRelease:
             "num_records": public_rows if public_rows is not None else "withheld (private under add_remove)",
             "calibration_accountant": self.accountant,
             "per_example_gradients": method,
+            # absent: float32 (every release made before the key existed)
+            **({"gradient_precision": inp.precision} if inp.precision != "float32" else {}),
             "match_loss": inp.match_loss,
             "noise_source": NOISE_SOURCE,
             "warnings": warns,
