@@ -173,10 +173,16 @@ def _probe_specs(cfg: DictConfig) -> list[str]:
     return specs
 
 
-def _check_target_precision(precision: str, matched: MatchedParams, probe_specs: list[str]) -> None:
-    """bf16 runs only on the hook path, so every released tensor must be a sketch (checked before any data)."""
+def _check_target_precision(precision: str, matched: MatchedParams, probe_specs: list[str], mech) -> None:
+    """bf16 runs only on the clipped hook path: every released tensor a sketch, a clip norm set
+    (checked before any record is read)."""
     if precision == "float32":
         return
+    if getattr(mech, "clip_norm", None) is None:
+        raise ValueError(
+            f"target_precision={precision}: only clipped per-example passes run in bf16, and privacy.clip_norm "
+            "is null; set privacy.clip_norm or target_precision=float32"
+        )
     raw = [n for n in matched.names if not is_sketch_name(n)] + [s for s in probe_specs if not s.startswith(PREFIX)]
     if raw:
         raise ValueError(
@@ -214,7 +220,7 @@ def load_or_make_release(
         return load(existing), True
     mech.check_inclusion(cfg.real_per_class)
     probe_specs = _probe_specs(cfg)
-    _check_target_precision(str(cfg.target_precision), matched, probe_specs)
+    _check_target_precision(str(cfg.target_precision), matched, probe_specs, mech)
     release_dir = Path(release_dir)
     with run_lock(release_dir.parent, f"{release_dir.name}-making"):  # beside it: a failed start leaves no empty dir
         if (release_dir / META_FILE).exists():

@@ -480,3 +480,8 @@ def test_bf16_release_runs_the_passes_in_bf16_and_changes_nothing_else(compose, 
     with pytest.raises(ValueError, match=r"target_precision=bfloat16: every matched tensor must be sketched"):
         R.run_release(compose(common + ["target_precision=bfloat16"], config_name="release"), tmp_path / "raw")
     assert not (tmp_path / "raw" / "release").exists()
+    with pytest.raises(ValueError, match=r"target_precision=bfloat16: only clipped per-example passes run in bf16"):
+        R.run_release(
+            compose(["debug=tiny", "progress=false", *parts, "target_precision=bfloat16"], config_name="release"),
+            tmp_path / "unclipped",
+        )
