@@ -14,7 +14,8 @@ Rows (same texts, same run, after one warm-up chunk):
 * the same one pass under bf16 autocast (target_precision=bfloat16): its speed-up over the
   float32 pass and the cosine of its clipped sums to float32's, per part;
 * chunk-mate dependence (--invariance R records): how much one record's computed gradient
-  changes when the other records of its chunk change, in float32 and bf16 (exact math: 0).
+  changes when the other records of its chunk change, or when it runs alone (as a batch of one,
+  and as a chunk filled with copies of itself), in float32 and bf16 (exact math: 0).
 --stride S times every S-th train review (then the first --n of those): the release sorts
 records by length, so a stride covers short and long reviews alike where the first --n do not.
 --vmap-n 0 / --loop-n 0 skip those rows.
@@ -235,19 +236,30 @@ def main(argv=None) -> dict:
     both = MatchedParams(model, [f"sketch:{a.k}x{a.k}:0:{a.gen_layers}", spec])
     dep = {}
     for prec in ("float32", "bfloat16"):
-        worst = {"other_mates": 0.0, "longest_mates": 0.0, "alone": 0.0}
+        worst = {"other_mates": 0.0, "longest_mates": 0.0, "alone": 0.0, "alone_filled": 0.0}
         for j in range(1, len(order) - 1, max(1, len(order) // max(a.invariance, 1)))[: a.invariance]:
             ctx = {
                 "similar": [t for t in order[j - 1 : j + a.chunk] if t is not order[j]][: a.chunk - 1],
                 "other_mates": [t for t in order[:: max(1, len(order) // a.chunk)] if t is not order[j]][: a.chunk - 1],
                 "longest_mates": [t for t in order[-a.chunk :] if t is not order[j]][: a.chunk - 1],
                 "alone": [],
+                "alone_filled": [],  # alone, run as a full chunk of filler rows (what the release does in bf16)
             }
             g = {
                 c: torch.cat(
                     [
                         x[0].flatten()
-                        for x in S.per_example_grads_hooks(model, task, both, [order[j]] + m, 0, 64, vocab, prec)
+                        for x in S.per_example_grads_hooks(
+                            model,
+                            task,
+                            both,
+                            [order[j]] + m,
+                            0,
+                            64,
+                            vocab,
+                            prec,
+                            a.chunk if c == "alone_filled" else None,
+                        )
                     ]
                 )
                 for c, m in ctx.items()
