@@ -105,6 +105,21 @@ def main(argv=None) -> dict:
     vocab = torch.tensor(task.label_token_ids)
     rows = []
 
+    def timing(path, method, k, n, dt, cpu, **extra):
+        # cpu_seconds / threads: what the wall time would be with the cores to ourselves (shared machines)
+        return {
+            "path": path,
+            "method": method,
+            "k": k,
+            "texts_timed": n,
+            "seconds": dt,
+            "cpu_seconds": cpu,
+            "split_minutes_from_cpu": cpu / max(a.threads, 1) / n * SPLIT / 60,
+            "ms_per_example": 1e3 * dt / n,
+            "split_minutes_extrapolated": dt / n * SPLIT / 60,
+            **extra,
+        }
+
     def row(name, mp, method, tx):
         M.clipped_sum(
             model, task, mp, tx[: a.chunk if method != "vmap" else 2], 0, 1.0, 64, a.chunk, method, vocab
@@ -112,18 +127,7 @@ def main(argv=None) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         cs = M.clipped_sum(model, task, mp, tx, 0, 1.0, 64, a.chunk, method, vocab)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        # cpu_seconds / threads: what the wall time would be with the cores to ourselves (shared machines)
-        r = {
-            "path": name,
-            "method": method,
-            "k": mp.numel(),
-            "texts_timed": len(tx),
-            "seconds": dt,
-            "cpu_seconds": cpu,
-            "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(tx) * SPLIT / 60,
-            "ms_per_example": 1e3 * dt / len(tx),
-            "split_minutes_extrapolated": dt / len(tx) * SPLIT / 60,
-        }
+        r = timing(name, method, mp.numel(), len(tx), dt, cpu)
         rows.append(r)
         print(
             f"{name:44s} k={r['k']:>9d} {r['ms_per_example']:>8.0f} ms/ex  "
@@ -143,19 +147,7 @@ def main(argv=None) -> dict:
             ids, mask, last = task.batch(order[i : i + a.chunk], 64)
             last_token_loss_fast(model, ids, mask, last, torch.zeros(len(ids), dtype=torch.long), vocab)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    rows.append(
-        {
-            "path": "forward only (no grad), the floor",
-            "method": "none",
-            "k": 0,
-            "texts_timed": len(texts),
-            "seconds": dt,
-            "cpu_seconds": cpu,
-            "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(texts) * SPLIT / 60,
-            "ms_per_example": 1e3 * dt / len(texts),
-            "split_minutes_extrapolated": dt / len(texts) * SPLIT / 60,
-        }
-    )
+    rows.append(timing("forward only (no grad), the floor", "none", 0, len(texts), dt, cpu))
     print(
         f"{'forward only (no grad)':44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  "
         f"all {SPLIT}: {rows[-1]['split_minutes_extrapolated']:.1f} min "
@@ -182,20 +174,19 @@ def main(argv=None) -> dict:
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     probe_alone = next(r for r in rows if r["path"] == f"sketch_hooks {a.k}x{a.k} {a.layers}")
     two = rows[-1]["seconds"] + probe_alone["seconds"]
+    k_both = gen.numel() + mp.numel()
+    path = f"generator + probe, one pass ({a.gen_layers} + {a.layers})"
     rows.append(
-        {
-            "path": f"generator + probe, one pass ({a.gen_layers} + {a.layers})",
-            "method": "sketch_hooks (parts)",
-            "k": gen.numel() + mp.numel(),
-            "texts_timed": len(texts),
-            "seconds": dt,
-            "cpu_seconds": cpu,
-            "split_minutes_from_cpu": cpu / max(a.threads, 1) / len(texts) * SPLIT / 60,
-            "ms_per_example": 1e3 * dt / len(texts),
-            "split_minutes_extrapolated": dt / len(texts) * SPLIT / 60,
-            "two_passes_seconds": two,
-            "speedup_vs_two_passes": two / dt,
-        }
+        timing(
+            path,
+            "sketch_hooks (parts)",
+            k_both,
+            len(texts),
+            dt,
+            cpu,
+            two_passes_seconds=two,
+            speedup_vs_two_passes=two / dt,
+        )
     )
     print(
         f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  "
@@ -209,21 +200,18 @@ def main(argv=None) -> dict:
     dt16, cpu16 = time.perf_counter() - t0, time.process_time() - c0
     flat = lambda cs: torch.cat([t.flatten() for t in cs.sums])
     rows.append(
-        {
-            "path": f"generator + probe, one pass, bf16 autocast ({a.gen_layers} + {a.layers})",
-            "method": "sketch_hooks (parts, target_precision=bfloat16)",
-            "k": gen.numel() + mp.numel(),
-            "texts_timed": len(texts),
-            "seconds": dt16,
-            "cpu_seconds": cpu16,
-            "split_minutes_from_cpu": cpu16 / max(a.threads, 1) / len(texts) * SPLIT / 60,
-            "ms_per_example": 1e3 * dt16 / len(texts),
-            "split_minutes_extrapolated": dt16 / len(texts) * SPLIT / 60,
-            "speedup_vs_float32_one_pass": dt / dt16,
+        timing(
+            f"generator + probe, one pass, bf16 autocast ({a.gen_layers} + {a.layers})",
+            "sketch_hooks (parts, target_precision=bfloat16)",
+            k_both,
+            len(texts),
+            dt16,
+            cpu16,
+            speedup_vs_float32_one_pass=dt / dt16,
             # per part (generator, probe): how far bf16's clipped sums are from float32's
-            "cosine_to_float32": [float(F.cosine_similarity(flat(x), flat(y), 0)) for x, y in zip(low, ref)],
-            "rel_err_to_float32": [float((flat(x) - flat(y)).norm() / flat(y).norm()) for x, y in zip(low, ref)],
-        }
+            cosine_to_float32=[float(F.cosine_similarity(flat(x), flat(y), 0)) for x, y in zip(low, ref)],
+            rel_err_to_float32=[float((flat(x) - flat(y)).norm() / flat(y).norm()) for x, y in zip(low, ref)],
+        )
     )
     print(
         f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex  "

@@ -21,4 +21,4 @@ for s in "${SEEDS[@]}"; do
     [ -f $OUT/$d/twin20_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20_twin seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/twin20_s$s
   done
 done
-for d in $DATASETS; do gmtext-report $OUT/$d -o $OUT/$d/report; done
+for d in $DATASETS; do gmtext-report $OUT/$d -o $OUT/$d/report --ignore selector.release; done  # runs made before {run}/probe recorded absolute probe paths
