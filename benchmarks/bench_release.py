@@ -14,8 +14,8 @@ Rows (same texts, same run, after one warm-up chunk):
 * the same one pass under bf16 autocast (target_precision=bfloat16): its speed-up over the
   float32 pass and the cosine of its clipped sums to float32's, per part;
 * chunk-mate dependence (--invariance R records): how much one record's computed gradient
-  changes when the other records of its chunk change, or when it runs alone (as a batch of one,
-  and as a chunk filled with copies of itself), in float32 and bf16 (exact math: 0).
+  changes when the other records of its chunk change, or when it runs alone, in float32 and bf16
+  (exact math: 0). --invariance-only skips the timed rows.
 --stride S times every S-th train review (then the first --n of those): the release sorts
 records by length, so a stride covers short and long reviews alike where the first --n do not.
 --vmap-n 0 / --loop-n 0 skip those rows.
@@ -55,6 +55,42 @@ FALLBACK = [
 ] * 20
 
 
+def chunk_mates(model, task, vocab, order, specs, chunk, records) -> dict:
+    """Does a record's computed gradient depend on the other records of its chunk? Exact math
+    says no; what the kernels do is measured here per precision (docs/privacy.md): for `records`
+    texts of `order` (sorted by length), the largest relative change of the record's gradient,
+    against similar-length chunk-mates, with other mates, with the longest texts (more padding)
+    and alone."""
+    from gmtext import sketch as S
+    from gmtext.gradients import MatchedParams
+
+    both = MatchedParams(model, specs)
+    dep = {}
+    for prec in ("float32", "bfloat16"):
+        worst = {"other_mates": 0.0, "longest_mates": 0.0, "alone": 0.0}
+        for j in range(1, len(order) - 1, max(1, len(order) // max(records, 1)))[:records]:
+            ctx = {
+                "similar": [t for t in order[j - 1 : j + chunk] if t is not order[j]][: chunk - 1],
+                "other_mates": [t for t in order[:: max(1, len(order) // chunk)] if t is not order[j]][: chunk - 1],
+                "longest_mates": [t for t in order[-chunk:] if t is not order[j]][: chunk - 1],
+                "alone": [],  # no padding at all (in bf16 the pass still adds its one masked column)
+            }
+            g = {
+                c: torch.cat(
+                    [
+                        x[0].flatten()
+                        for x in S.per_example_grads_hooks(model, task, both, [order[j]] + m, 0, 64, vocab, prec)
+                    ]
+                )
+                for c, m in ctx.items()
+            }
+            for c in worst:
+                worst[c] = max(worst[c], float((g[c] - g["similar"]).norm() / g["similar"].norm()))
+        dep[prec] = worst
+        print(f"one record's gradient, {prec}: worst relative change vs similar-length chunk-mates {worst}", flush=True)
+    return dep
+
+
 def main(argv=None) -> dict:
     from gmtext import sketch as S
     from gmtext.data import Task, load_split
@@ -80,6 +116,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--stride", type=int, default=1, help="time every S-th train review")
     ap.add_argument("--invariance", type=int, default=6, help="records checked for chunk-mate dependence (0: skip)")
+    ap.add_argument("--invariance-only", action="store_true", help="only the chunk-mate check, no timed rows")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -137,10 +174,17 @@ def main(argv=None) -> dict:
         )
         return cs
 
+    order = sorted(texts, key=lambda t: len(task.encode_text(t)))
+    spec = f"sketch:{a.k}x{a.k}:0:{a.layers}"
+    if a.invariance_only:
+        dep = chunk_mates(
+            model, task, vocab, order, [f"sketch:{a.k}x{a.k}:0:{a.gen_layers}", spec], a.chunk, a.invariance
+        )
+        S.detach(model)
+        return _write(a, src, rows, dep)
     # the floor: a no-grad forward of the same texts (every per-example path needs at least this)
     from gmtext.gradients import last_token_loss_fast
 
-    order = sorted(texts, key=lambda t: len(task.encode_text(t)))
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for i in range(0, len(order), a.chunk):
@@ -154,7 +198,6 @@ def main(argv=None) -> dict:
         f"(from CPU time/threads: {rows[-1]['split_minutes_from_cpu']:.1f} min)",
         flush=True,
     )
-    spec = f"sketch:{a.k}x{a.k}:0:{a.layers}"
     mp = MatchedParams(model, [spec])
     row(f"sketch_hooks {a.k}x{a.k} {a.layers}", mp, "sketch_hooks", texts)
     for method, n in (("vmap", a.vmap_n), ("loop", a.loop_n)):
@@ -219,43 +262,7 @@ def main(argv=None) -> dict:
         f"cosine to it {min(rows[-1]['cosine_to_float32']):.5f})",
         flush=True,
     )
-    # does a record's computed gradient depend on the other records of its chunk (rounding only)?
-    # exact math says no; what the kernels do is measured here, per precision (docs/privacy.md)
-    both = MatchedParams(model, [f"sketch:{a.k}x{a.k}:0:{a.gen_layers}", spec])
-    dep = {}
-    for prec in ("float32", "bfloat16"):
-        worst = {"other_mates": 0.0, "longest_mates": 0.0, "alone": 0.0, "alone_filled": 0.0}
-        for j in range(1, len(order) - 1, max(1, len(order) // max(a.invariance, 1)))[: a.invariance]:
-            ctx = {
-                "similar": [t for t in order[j - 1 : j + a.chunk] if t is not order[j]][: a.chunk - 1],
-                "other_mates": [t for t in order[:: max(1, len(order) // a.chunk)] if t is not order[j]][: a.chunk - 1],
-                "longest_mates": [t for t in order[-a.chunk :] if t is not order[j]][: a.chunk - 1],
-                "alone": [],
-                "alone_filled": [],  # alone, run as a full chunk of filler rows (what the release does in bf16)
-            }
-            g = {
-                c: torch.cat(
-                    [
-                        x[0].flatten()
-                        for x in S.per_example_grads_hooks(
-                            model,
-                            task,
-                            both,
-                            [order[j]] + m,
-                            0,
-                            64,
-                            vocab,
-                            prec,
-                            a.chunk if c == "alone_filled" else None,
-                        )
-                    ]
-                )
-                for c, m in ctx.items()
-            }
-            for c in worst:
-                worst[c] = max(worst[c], float((g[c] - g["similar"]).norm() / g["similar"].norm()))
-        dep[prec] = worst
-        print(f"one record's gradient, {prec}: worst relative change vs similar-length chunk-mates {worst}", flush=True)
+    dep = chunk_mates(model, task, vocab, order, [f"sketch:{a.k}x{a.k}:0:{a.gen_layers}", spec], a.chunk, a.invariance)
     S.detach(model)
     if a.vmap_n:
         row(
@@ -264,6 +271,10 @@ def main(argv=None) -> dict:
             "vmap",
             texts[: a.vmap_n],
         )
+    return _write(a, src, rows, dep)
+
+
+def _write(a, src, rows, dep) -> dict:
     result = {
         "benchmark": "release_clipped_sums",
         "model": a.model,

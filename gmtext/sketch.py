@@ -221,7 +221,7 @@ def sketch_branches_for(matched) -> list[SketchBranch]:
 
 
 def per_example_grads_hooks(
-    model, task, matched, texts, label_id, max_text_tokens=None, vocab=None, precision="float32", rows=None
+    model, task, matched, texts, label_id, max_text_tokens=None, vocab=None, precision="float32"
 ) -> list[torch.Tensor]:
     """Per-example ∂L_i/∂G [N, k_out, k_in] for every matched G, from ONE batched forward and a
     backward that stops at the earliest sketched layer.
@@ -236,19 +236,20 @@ def per_example_grads_hooks(
     (about 2x faster on CPUs with bf16 matmul); the per-token products, their sums over tokens
     and everything the caller does with them (clipping, noise) stay float32.
 
-    rows=R runs a short batch as R rows (the first text repeated, its copies' outputs dropped).
-    On this CPU a bf16 record's gradient came out bit-identical whatever its chunk-mates or
-    padding, but moved by ~1e-3 in a batch of one (docs/privacy.md): full chunks keep a record's
-    value from depending on how many other records share its chunk."""
+    In bf16 every row gets at least one padding token (one masked column more): measured on
+    SmolLM2, a bf16 record's gradient was bit-identical under any amount of padding but moved by
+    up to 5e-3 when it had none, i.e. when it was the longest of its chunk, which depends on the
+    other records (docs/privacy.md)."""
     from .gradients import last_token_loss_fast
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not valid; accepted: {', '.join(PRECISIONS)}")
     brs = sketch_branches_for(matched)
     dev = next(model.parameters()).device
-    n = len(texts)
-    texts = list(texts) + list(texts[:1]) * max(0, (rows or 0) - n)
-    ids, mask, last = task.batch(texts, max_text_tokens)
+    ids, mask, last = task.batch(list(texts), max_text_tokens)
+    if precision == "bfloat16":  # no row unpadded: one masked column (right padding never reaches a real token)
+        ids = torch.cat([ids, torch.full_like(ids[:, -1:], task.tokenizer.pad_token_id)], 1)
+        mask = torch.cat([mask, torch.zeros_like(mask[:, -1:])], 1)
     ids, mask, last = ids.to(dev), mask.to(dev), last.to(dev)
     caps = [[] for _ in brs]
     for b, c in zip(brs, caps):
@@ -269,10 +270,10 @@ def per_example_grads_hooks(
             raise RuntimeError(f"sketch branch of {b.module_name} ran {len(c)} times in one forward; expected once")
         a = c[0][0]
         if dz is None:  # this layer does not reach the loss (e.g. after the last used position)
-            out.append(torch.zeros(n, b.k_out, b.k_in, device=dev))
+            out.append(torch.zeros(len(texts), b.k_out, b.k_in, device=dev))
             continue
         if a.dim() == 2:  # a Linear run on one position per row (the head in last_token_loss_fast)
-            out.append(torch.einsum("bk,bj->bkj", dz[:n].float(), a[:n].detach().float()))
+            out.append(torch.einsum("bk,bj->bkj", dz.float(), a.detach().float()))
         else:
-            out.append(torch.einsum("btk,btj->bkj", dz[:n].float() * m[:n, :, None], a[:n].detach().float()))
+            out.append(torch.einsum("btk,btj->bkj", dz.float() * m[..., None], a.detach().float()))
     return out

@@ -102,8 +102,6 @@ def test_bf16_autocast_sums_stay_close_and_every_clipped_row_within_C(fresh):
     ref = M.clipped_sum(model, task, mp, TEXTS, 1, clip, chunk=3, vocab=vocab)
     for a, b in zip(fast.sums, ref.sums):
         assert rel_err(a, b) < 0.05
-    short = S.per_example_grads_hooks(model, task, mp, TEXTS[:1], 1, vocab=vocab, precision="bfloat16", rows=3)
-    assert [tuple(g.shape) for g in short] == [(1, *p.shape) for p in mp.params]  # filler rows dropped
     parts = M.clipped_sums_parts(model, task, [mp], TEXTS, 1, clip, chunk=3, vocab=vocab, precision="bfloat16")
     for a, b in zip(parts[0].sums, fast.sums):
         assert rel_err(a, b) < 1e-5  # one pass or per set: the same bf16 computation

@@ -195,12 +195,6 @@ def _check_precision(precision: str, method: str) -> None:
         )
 
 
-def _rows(precision: str, chunk: int) -> int | None:
-    """bf16 passes run every chunk full (a short last chunk gets filler rows): on this CPU a
-    bf16 record's gradient moved by ~1e-3 in a smaller batch, never with other chunk-mates."""
-    return chunk if precision == "bfloat16" else None
-
-
 def _clip_materialised(grads: list[torch.Tensor], clip_norm: float):
     n = grads[0].shape[0]
     nrm = torch.sqrt(sum(g.reshape(n, -1).float().pow(2).sum(1) for g in grads))
@@ -238,7 +232,7 @@ def clipped_sum(
     paths = {"sketch_hooks": per_example_grads_hooks, "vmap": per_example_grads_vmap, "loop": per_example_grads_loop}
     f = paths[method]
     if method == "sketch_hooks":
-        f = functools.partial(f, precision=precision, rows=_rows(precision, chunk))
+        f = functools.partial(f, precision=precision)
     step = 1 if method == "loop" else chunk
     order = list(range(len(texts)))
     if method == "sketch_hooks":  # chunks of similar token length: less padding (the sum does not depend on the order)
@@ -315,7 +309,6 @@ def clipped_sums_parts(
             max_text_tokens,
             vocab,
             precision,
-            _rows(precision, chunk),
         )
         for acc, nr, ix in zip(sums, norms, index):
             cs, nrm = _clip_materialised([grads[k] for k in ix], clip_norm)
