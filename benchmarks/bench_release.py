@@ -73,7 +73,7 @@ def chunk_mates(model, task, vocab, order, specs, chunk, records) -> dict:
                 "similar": [t for t in order[j - 1 : j + chunk] if t is not order[j]][: chunk - 1],
                 "other_mates": [t for t in order[:: max(1, len(order) // chunk)] if t is not order[j]][: chunk - 1],
                 "longest_mates": [t for t in order[-chunk:] if t is not order[j]][: chunk - 1],
-                "alone": [],  # no padding at all (in bf16 the pass still adds its one masked column)
+                "alone": [],  # no padding at all, the narrowest chunk
             }
             g = {
                 c: torch.cat(
