@@ -13,6 +13,9 @@ Rows (same texts, same run, after one warm-up chunk):
   (mechanism.clipped_sums_parts), --n texts each;
 * the same one pass under bf16 autocast (target_precision=bfloat16): its speed-up over the
   float32 pass and the cosine of its clipped sums to float32's, per part;
+* the one pass again with the previous chunk layout (one length-sorted list cut every --chunk
+  records, so a neighbouring dataset shifts every chunk after the changed record), in float32
+  and bf16: what grouping chunks by each record's own width (mechanism.chunk_plan) costs;
 * chunk-mate dependence (--invariance R records): how much one record's computed gradient
   changes when the other records of its chunk change, or when it runs alone, in float32 and bf16
   (exact math: 0). --invariance-only skips the timed rows.
@@ -53,6 +56,13 @@ FALLBACK = [
     "I loved every minute of it",
     "wonderful cast, smart and funny",
 ] * 20
+
+
+def sorted_plan(task, texts, max_text_tokens, chunk, min_width=0):
+    """The layout before mechanism.chunk_plan, timed against it: one length-sorted list cut every
+    `chunk` (chunks then depend on the whole split)."""
+    order = sorted(range(len(texts)), key=lambda j: len(task.encode_text(texts[j])))
+    return [order[i : i + chunk] for i in range(0, len(texts), chunk)]
 
 
 def chunk_mates(model, task, vocab, order, specs, chunk, records) -> dict:
@@ -262,6 +272,52 @@ def main(argv=None) -> dict:
         f"cosine to it {min(rows[-1]['cosine_to_float32']):.5f})",
         flush=True,
     )
+    # the previous chunk layout, same texts, both precisions: what the record-stable plan costs.
+    # A sample of --n texts spreads over nearly as many widths as the split, so it has far more
+    # partly filled chunks than the split; the split's own chunk counts scale the cost up.
+    plan = M.chunk_plan
+    split = None
+    if (RT / "train.jsonl").exists():
+        ex = load_split("train", ["neg", "pos"], path=str(RT)).examples
+        split = [[e.text for e in ex if e.label == c] for c in (0, 1)]  # the release chunks each class apart
+    for prec, t_new, same in (("float32", dt, ref), ("bfloat16", dt16, low)):
+        M.chunk_plan = sorted_plan  # swapped for this timing only (the mechanism looks it up per call)
+        try:
+            t0, c0 = time.perf_counter(), time.process_time()
+            prev = M.clipped_sums_parts(model, task, [gen, mp], texts, 0, 1.0, 64, a.chunk, vocab, precision=prec)
+            dto, cpuo = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            M.chunk_plan = plan
+        rows.append(
+            timing(
+                f"generator + probe, one pass, {prec}, length-sorted chunks (previous layout)",
+                f"sketch_hooks (parts, {prec}, sorted_plan)",
+                k_both,
+                len(texts),
+                dto,
+                cpuo,
+                chunks=len(sorted_plan(task, texts, 64, a.chunk)),
+                chunks_width_plan=len(plan(task, texts, 64, a.chunk, M.min_width_for(prec))),
+                width_plan_seconds=t_new,
+                width_plan_cost=t_new / dto,
+                **_split_cost(task, split, a.chunk, M.min_width_for(prec), plan, t_new, dto, texts),
+                # the same sums either way, up to summation order and (bf16) the padding to min width
+                max_rel_err_vs_width_plan=max(
+                    float((flat(x) - flat(y)).norm() / flat(y).norm()) for x, y in zip(prev, same)
+                ),
+            )
+        )
+        print(
+            f"{rows[-1]['path']:44s} {rows[-1]['ms_per_example']:>8.0f} ms/ex; chunks by own width take "
+            f"{t_new / dto:.2f}x as long ({rows[-1]['chunks_width_plan']} vs {rows[-1]['chunks']} chunks)"
+            + (
+                f"; whole split: {rows[-1]['split_chunks_width_plan']} vs {rows[-1]['split_chunks_previous']} "
+                f"chunks, about {rows[-1]['split_extra_minutes_modelled']:+.2f} min (modelled)"
+                if "split_chunks_previous" in rows[-1]
+                else ""
+            ),
+            flush=True,
+        )
     dep = chunk_mates(model, task, vocab, order, [f"sketch:{a.k}x{a.k}:0:{a.gen_layers}", spec], a.chunk, a.invariance)
     S.detach(model)
     if a.vmap_n:
@@ -272,6 +328,23 @@ def main(argv=None) -> dict:
             texts[: a.vmap_n],
         )
     return _write(a, src, rows, dep)
+
+
+def _split_cost(task, split, chunk, min_width, plan, t_new, t_old, texts) -> dict:
+    """Whole-split chunk counts of both layouts, and the extra minutes the width plan costs
+    there if each extra chunk costs what it cost in the sample (a linear model: said so)."""
+    if split is None:
+        return {}
+    extra = len(plan(task, texts, 64, chunk, min_width)) - len(sorted_plan(task, texts, 64, chunk))
+    new = sum(len(plan(task, t, 64, chunk, min_width)) for t in split)
+    old = sum(len(sorted_plan(task, t, 64, chunk)) for t in split)
+    per_chunk = (t_new - t_old) / extra if extra > 0 else 0.0
+    return {
+        "split_chunks_width_plan": new,
+        "split_chunks_previous": old,
+        "seconds_per_extra_chunk": per_chunk,
+        "split_extra_minutes_modelled": per_chunk * (new - old) / 60,
+    }
 
 
 def _write(a, src, rows, dep) -> dict:

@@ -221,7 +221,7 @@ def sketch_branches_for(matched) -> list[SketchBranch]:
 
 
 def per_example_grads_hooks(
-    model, task, matched, texts, label_id, max_text_tokens=None, vocab=None, precision="float32"
+    model, task, matched, texts, label_id, max_text_tokens=None, vocab=None, precision="float32", min_width=0
 ) -> list[torch.Tensor]:
     """Per-example ∂L_i/∂G [N, k_out, k_in] for every matched G, from ONE batched forward and a
     backward that stops at the earliest sketched layer.
@@ -238,14 +238,16 @@ def per_example_grads_hooks(
 
     Rounding can make a record's value depend on its chunk's shape. Measured on SmolLM2 (8
     records): in bf16 bit-identical with any chunk-mates in chunks 23+ tokens wide, up to 5e-3
-    apart in a 12-token chunk; in float32 ~1e-6 apart in any context (docs/privacy.md)."""
+    apart in a 12-token chunk; in float32 ~1e-6 apart in any context (docs/privacy.md). So the
+    release runs each record in a chunk of its own width (mechanism.chunk_plan), padded to at
+    least `min_width`."""
     from .gradients import last_token_loss_fast
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not valid; accepted: {', '.join(PRECISIONS)}")
     brs = sketch_branches_for(matched)
     dev = next(model.parameters()).device
-    ids, mask, last = task.batch(list(texts), max_text_tokens)
+    ids, mask, last = task.batch(list(texts), max_text_tokens, min_width=min_width)
     ids, mask, last = ids.to(dev), mask.to(dev), last.to(dev)
     caps = [[] for _ in brs]
     for b, c in zip(brs, caps):

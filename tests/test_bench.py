@@ -63,7 +63,11 @@ def test_bench_release_smoke(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
     bf16 = "sketch_hooks (parts, target_precision=bfloat16)"
-    assert {"none", "sketch_hooks", "vmap", "loop", "sketch_hooks (parts)", bf16} == {r["method"] for r in rows}
+    prev = {f"sketch_hooks (parts, {p}, sorted_plan)" for p in ("float32", "bfloat16")}
+    assert {"none", "sketch_hooks", "vmap", "loop", "sketch_hooks (parts)", bf16} | prev == {r["method"] for r in rows}
+    for r in (r for r in rows if r["method"] in prev):  # the previous chunk layout: timed, and the same sums
+        assert r["width_plan_cost"] > 0 and r["chunks"] >= 1 and r["chunks_width_plan"] >= 1, r
+        assert r["max_rel_err_vs_width_plan"] < (1e-5 if "float32" in r["method"] else 0.1), r
     low = next(r for r in rows if r["method"] == bf16)
     assert len(low["cosine_to_float32"]) == 2 and min(low["cosine_to_float32"]) > 0.99, low
     assert 0 < max(low["rel_err_to_float32"]) < 0.1 and low["speedup_vs_float32_one_pass"] > 0

@@ -128,6 +128,44 @@ def test_neighbouring_datasets_move_the_sums_by_at_most_the_charged_sensitivity(
     assert sum_sensitivity(1.0, "replace_one") == 2.0 and sum_sensitivity(1.0, "add_remove") == 1.0
 
 
+def _mates(plan):
+    return {j: frozenset(c) - {j} for c in plan for j in c}
+
+
+@pytest.mark.parametrize("min_width", [0, M.BF16_MIN_WIDTH])
+def test_a_records_chunk_does_not_depend_on_other_widths(tiny, min_width):
+    """Rounding may tie a record's computed gradient to its batch, so the batch must not follow
+    from the whole split: every chunk is as wide as each member's own row (or min_width), and
+    replacing one record changes the chunk-mates only of records of its old or new width. The
+    old plan (one length-sorted list cut every 16) fails this: one record shifts every chunk after it."""
+    _, task = tiny
+    rng = random.Random(0)
+    words = "good bad film plot actor scene long dull great fun".split()
+    texts = [" ".join(rng.choices(words, k=rng.randint(1, 30))) for _ in range(300)]
+    width = lambda t: max(len(task.encode(t, 20)), min_width)  # max_text_tokens truncates: 20 + template
+    plan = M.chunk_plan(task, texts, 20, 16, min_width)
+    assert sorted(j for c in plan for j in c) == list(range(len(texts))) and max(map(len, plan)) <= 16
+    for c in plan:
+        assert len({width(texts[j]) for j in c}) == 1
+        ids, _, _ = task.batch([texts[j] for j in c], 20, min_width=min_width)
+        assert ids.shape[1] == width(texts[c[0]])  # padded to no one else's length
+    for r in rng.sample(range(len(texts)), 10):
+        nb = texts[:r] + [" ".join(rng.choices(words, k=rng.randint(1, 30)))] + texts[r + 1 :]
+        touched = {width(texts[r]), width(nb[r])}
+        a, b = _mates(plan), _mates(M.chunk_plan(task, nb, 20, 16, min_width))
+        moved = [j for j in a if j != r and a[j] != b[j]]
+        assert all(width(texts[j]) in touched for j in moved), (r, touched)
+
+    def old(ts):
+        order = sorted(range(len(ts)), key=lambda j: len(task.encode_text(ts[j])))
+        return [order[i : i + 16] for i in range(0, len(ts), 16)]
+
+    shortest = min(range(len(texts)), key=lambda j: len(task.encode(texts[j], 20)))
+    nb = texts[:shortest] + [" ".join(words * 3)] + texts[shortest + 1 :]
+    a, b = _mates(old(texts)), _mates(old(nb))
+    assert sum(a[j] != b[j] for j in a if j != shortest) > 100  # the old plan: most records regrouped
+
+
 # --------------------------------------------------------------------------- the ledger
 def _gauss_ledger(eps, name, split="rt/train@x#1", release_id=None):
     m = calibrate_noise_multiplier(eps, 1e-5, 1, "analytic")
@@ -465,7 +503,7 @@ def test_bf16_release_runs_the_passes_in_bf16_and_changes_nothing_else(compose, 
     common = ["debug=tiny", "progress=false", "privacy=dp", "sketch.k_in=4", "sketch.k_out=2"]
     parts = ["matched_params=[sketch:last_blocks:1]", "probe.matched_params=[sketch:middle_blocks]"]
     bf = R.run_release(compose(common + parts + ["target_precision=bfloat16"], config_name="release"), tmp_path / "bf")
-    assert seen and all(s == ("bfloat16",) for s in seen)
+    assert seen and all(s == ("bfloat16", M.BF16_MIN_WIDTH) for s in seen)  # and chunks at least 24 wide
     fp = R.run_release(compose(common + parts, config_name="release"), tmp_path / "fp")
     assert bf["epsilon"] == fp["epsilon"]
     a, b = (P.Release.load(tmp_path / d / "probe") for d in ("bf", "fp"))

@@ -153,13 +153,26 @@ def test_top_per_class_keeps_the_most_voted():
     assert top_per_class(noisy, 2).tolist() == [[1, 3], [2, 3]]
 
 
-def test_lm_embedding_ignores_padding(tiny):
+def test_a_texts_embedding_does_not_depend_on_the_other_texts(tiny, monkeypatch):
+    """The vote's sensitivity assumes each private record's vote depends on that record alone:
+    its batch holds only texts of its own token width (never padded to another's), the rows come
+    back in input order, and adding texts of other widths leaves it bit-identical."""
     lm, _ = tiny
-    emb = LMEmbedder(batch_size=4).bind(lm)
-    alone = emb.embed(["short one"])
-    padded = emb.embed(["short one", "a much longer sentence that forces padding of the first row"])
-    torch.testing.assert_close(padded[0], alone[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(padded.norm(dim=-1), torch.ones(2))
+    emb = LMEmbedder(batch_size=2).bind(lm)
+    texts = ["short one", "a much longer sentence that would have padded the first row", "short two", "tiny"]
+    alone = emb.embed(texts[:1])
+    widths = [len(i) for i in lm.tokenizer(texts).input_ids]
+    seen = []
+    real = emb._hidden
+    monkeypatch.setattr(emb, "_hidden", lambda enc: seen.append(enc["attention_mask"]) or real(enc))
+    mixed = emb.embed(texts)
+    assert all(bool(m.all()) for m in seen) and sum(len(m) for m in seen) == 4  # no padding anywhere
+    assert mixed.shape == (4, emb.dim)
+    unique = [j for j in range(4) if widths.count(widths[j]) == 1]
+    assert unique and all(torch.equal(mixed[j], emb.embed(texts[j : j + 1])[0]) for j in unique)  # same batch as alone
+    torch.testing.assert_close(mixed[0], alone[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[1], emb.embed(texts[1:2])[0], rtol=1e-4, atol=1e-5)  # input order kept
+    torch.testing.assert_close(mixed.norm(dim=-1), torch.ones(4))
     h = torch.tensor([[[1.0], [3.0], [100.0]]])
     assert mean_pool(h, torch.tensor([[1, 1, 0]])).item() == 2.0
 

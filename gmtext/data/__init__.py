@@ -514,10 +514,13 @@ class Task:
             t = t[:max_text_tokens]
         return self.prefix_ids + t + self.suffix_ids
 
-    def batch(self, texts: Sequence[str], max_text_tokens: int | None = None, pad_id: int | None = None):
-        """Right-padded ids, attention mask and the index of the last real token per row."""
+    def batch(
+        self, texts: Sequence[str], max_text_tokens: int | None = None, pad_id: int | None = None, min_width: int = 0
+    ):
+        """Right-padded ids, attention mask and the index of the last real token per row; the
+        batch is at least `min_width` wide (see mechanism.chunk_plan)."""
         seqs = [self.encode(t, max_text_tokens) for t in texts]
-        width = max(len(s) for s in seqs)
+        width = max(max(len(s) for s in seqs), min_width)
         pad = self.tokenizer.pad_token_id if pad_id is None else pad_id
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)

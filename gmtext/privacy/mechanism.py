@@ -53,6 +53,40 @@ class ClippedSum:
     count: int
 
 
+# bf16 kernels on this CPU take another path for very narrow batches, which rounded one short
+# record differently (measured 5e-3 relative at 12 tokens, bit-identical at 23+: docs/privacy.md)
+BF16_MIN_WIDTH = 24
+
+
+def min_width_for(precision: str) -> int:
+    return BF16_MIN_WIDTH if precision == "bfloat16" else 0
+
+
+def width_chunks(widths: Sequence[int], chunk: int) -> list[list[int]]:
+    """Indices grouped by width (in their given order within a width), each group cut into
+    chunks of at most `chunk`."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be >= 1")
+    groups: dict[int, list[int]] = {}
+    for j, w in enumerate(widths):
+        groups.setdefault(w, []).append(j)
+    return [g[i : i + chunk] for w in sorted(groups) for g in (groups[w],) for i in range(0, len(g), chunk)]
+
+
+def chunk_plan(
+    task, texts: Sequence[str], max_text_tokens: int | None, chunk: int, min_width: int = 0
+) -> list[list[int]]:
+    """Indices of `texts` cut into chunks of at most `chunk` records of one padded width each.
+
+    Why: rounding can make a record's computed gradient depend on the batch it runs in. Cutting
+    one length-sorted list lets a neighbouring dataset shift every chunk boundary after the
+    changed record, so every other record's term could move by rounding. Here a record's chunk
+    has its own width, max(its token count, `min_width`) (so it is never padded beyond that),
+    and its chunk-mates are the records of that same width in dataset order: replacing one
+    record regroups only the records of its old and new widths (tested)."""
+    return width_chunks([max(len(task.encode(t, max_text_tokens)), min_width) for t in texts], chunk)
+
+
 def _check_method(method: str, matched: MatchedParams) -> str:
     if method not in METHODS:
         raise ValueError(f"per-example gradient method {method!r} unknown; accepted: {METHODS}")
@@ -114,9 +148,9 @@ def clipped_sum_closed_form(
 ) -> ClippedSum:
     head, w_idx, b_idx = _head_parts(model, matched)
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
-    norms = []
-    for i in range(0, len(texts), chunk):
-        e, h = _head_chunk(model, matched, task, texts[i : i + chunk], label_id, max_text_tokens, vocab)
+    norms = torch.zeros(len(texts))
+    for idx in chunk_plan(task, texts, max_text_tokens, chunk):
+        e, h = _head_chunk(model, matched, task, [texts[j] for j in idx], label_id, max_text_tokens, vocab)
         e2 = (e * e).sum(-1)
         n2 = e2 * (h * h).sum(-1)
         if b_idx is not None:
@@ -126,10 +160,10 @@ def clipped_sum_closed_form(
         sums[w_idx] += (e * s[:, None]).T @ h  # E^T diag(s) H
         if b_idx is not None:
             sums[b_idx] += (e * s[:, None]).sum(0)
-        norms.append(nrm)
+        norms[idx] = nrm.cpu()
         if on_chunk:
             on_chunk(len(e))
-    return ClippedSum(sums, torch.cat(norms) if norms else torch.zeros(0), len(texts))
+    return ClippedSum(sums, norms, len(texts))
 
 
 # --------------------------------------------------------------------------- vmap
@@ -231,16 +265,12 @@ def clipped_sum(
         )
     paths = {"sketch_hooks": per_example_grads_hooks, "vmap": per_example_grads_vmap, "loop": per_example_grads_loop}
     f = paths[method]
+    mw = min_width_for(precision)
     if method == "sketch_hooks":
-        f = functools.partial(f, precision=precision)
-    step = 1 if method == "loop" else chunk
-    order = list(range(len(texts)))
-    if method == "sketch_hooks":  # chunks of similar token length: less padding (the sum does not depend on the order)
-        order.sort(key=lambda j: len(task.encode_text(texts[j])))
+        f = functools.partial(f, precision=precision, min_width=mw)
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in matched.params]
     norms = torch.zeros(len(texts))
-    for i in range(0, len(texts), step):
-        idx = order[i : i + step]
+    for idx in chunk_plan(task, texts, max_text_tokens, 1 if method == "loop" else chunk, mw):
         cs, nrm = _clip_materialised(
             f(model, task, matched, [texts[j] for j in idx], label_id, max_text_tokens, vocab), clip_norm
         )
@@ -295,11 +325,10 @@ def clipped_sums_parts(
     where = {n: i for i, n in enumerate(union.names)}
     index = [[where[n] for n in mp.names] for mp in parts]
     texts = list(texts)
-    order = sorted(range(len(texts)), key=lambda j: len(task.encode_text(texts[j])))  # similar lengths: less padding
+    mw = min_width_for(precision)
     sums = [[torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in mp.params] for mp in parts]
     norms = [torch.zeros(len(texts)) for _ in parts]
-    for i in range(0, len(texts), chunk):
-        idx = order[i : i + chunk]
+    for idx in chunk_plan(task, texts, max_text_tokens, chunk, mw):
         grads = per_example_grads_hooks(
             model,
             task,
@@ -309,6 +338,7 @@ def clipped_sums_parts(
             max_text_tokens,
             vocab,
             precision,
+            mw,
         )
         for acc, nr, ix in zip(sums, norms, index):
             cs, nrm = _clip_materialised([grads[k] for k in ix], clip_norm)
