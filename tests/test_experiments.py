@@ -323,3 +323,13 @@ def test_eps_sweep_is_the_private_row_at_five_budgets(compose):
     plain = OmegaConf.to_container(sweep, resolve=False)
     plain.pop("hydra")
     assert plain == OmegaConf.to_container(row, resolve=False)
+
+
+def test_budget_share_sweep_changes_only_the_split(compose):
+    """experiment=budget_share_sweep -m: the private twin row at three probe shares of one budget."""
+    sweep = compose(["experiment=budget_share_sweep"], config_name="pipeline", return_hydra_config=True)
+    row = compose(["experiment=rt_private_n100_twin"], config_name="pipeline")
+    assert sweep.hydra.sweeper.params == {"probe.budget_share": "0.25,0.5,0.75"}
+    plain = OmegaConf.to_container(sweep, resolve=False)
+    plain.pop("hydra")
+    assert plain == OmegaConf.to_container(row, resolve=False) and row.probe.budget_share == 0.5
