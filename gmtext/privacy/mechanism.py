@@ -53,8 +53,8 @@ class ClippedSum:
     count: int
 
 
-# bf16 kernels on this CPU take another path for very narrow batches, which rounded one short
-# record differently (measured 5e-3 relative at 12 tokens, bit-identical at 23+: docs/privacy.md)
+# bf16 kernels on this CPU take another path for very narrow batches, which rounded a short
+# record differently (up to 1.3e-2 relative below 23 tokens, bit-identical at 23+: docs/privacy.md)
 BF16_MIN_WIDTH = 24
 
 
