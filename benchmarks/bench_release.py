@@ -15,7 +15,8 @@ Rows (same texts, same run, after one warm-up chunk):
   float32 pass and the cosine of its clipped sums to float32's, per part;
 * the one pass again with the previous chunk layout (one length-sorted list cut every --chunk
   records, so a neighbouring dataset shifts every chunk after the changed record), in float32
-  and bf16: what grouping chunks by each record's own width (mechanism.chunk_plan) costs;
+  and bf16: what grouping chunks by each record's own width (mechanism.chunk_plan) costs (under
+  bf16 both layouts pad to the 24-token minimum, so the row measures the grouping alone);
 * chunk-mate dependence (--invariance R records): how much one record's computed gradient
   changes when the other records of its chunk change, or when it runs alone, in float32 and bf16
   (exact math: 0). --invariance-only skips the timed rows.
