@@ -297,11 +297,11 @@ def main(argv=None) -> dict:
                 len(texts),
                 dto,
                 cpuo,
-                chunks=len(sorted_plan(task, texts, 64, a.chunk)),
-                chunks_width_plan=len(plan(task, texts, 64, a.chunk, M.min_width_for(prec))),
+                chunks=(n_old := len(sorted_plan(task, texts, 64, a.chunk))),
+                chunks_width_plan=(n_new := len(plan(task, texts, 64, a.chunk, M.min_width_for(prec)))),
                 width_plan_seconds=t_new,
                 width_plan_cost=t_new / dto,
-                **_split_cost(task, split, a.chunk, M.min_width_for(prec), plan, t_new, dto, texts),
+                **_split_cost(task, split, a.chunk, M.min_width_for(prec), plan, t_new, dto, n_new - n_old),
                 # the same sums either way, up to summation order and (bf16) the padding to min width
                 max_rel_err_vs_width_plan=max(
                     float((flat(x) - flat(y)).norm() / flat(y).norm()) for x, y in zip(prev, same)
@@ -331,12 +331,11 @@ def main(argv=None) -> dict:
     return _write(a, src, rows, dep)
 
 
-def _split_cost(task, split, chunk, min_width, plan, t_new, t_old, texts) -> dict:
+def _split_cost(task, split, chunk, min_width, plan, t_new, t_old, extra) -> dict:
     """Whole-split chunk counts of both layouts, and the extra minutes the width plan costs
-    there if each extra chunk costs what it cost in the sample (a linear model: said so)."""
+    there if each of the sample's `extra` chunks costs what it cost (a linear model: said so)."""
     if split is None:
         return {}
-    extra = len(plan(task, texts, 64, chunk, min_width)) - len(sorted_plan(task, texts, 64, chunk))
     new = sum(len(plan(task, t, 64, chunk, min_width)) for t in split)
     old = sum(len(sorted_plan(task, t, 64, chunk)) for t in split)
     per_chunk = (t_new - t_old) / extra if extra > 0 else 0.0
