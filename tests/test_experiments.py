@@ -215,38 +215,33 @@ def test_experiment_composes_the_settings_that_made_its_row(compose, experiment,
         assert now["probe.matched_params"] == []
 
 
-PRIVATE_RUNS = [
-    ("rt_private_n100", "rt_private_n100/eps1", 0),
-    ("rt_private_n100", "rt_private_n100/eps1", 1),
-    ("rt_private_n100", "rt_private_n100/eps1", 2),
-    ("rt_private_n100_eps4", "rt_private_n100/eps4", 0),
-    ("rt_private_n100_eps4", "rt_private_n100/eps4", 1),
-    ("rt_private_n100_eps4", "rt_private_n100/eps4", 2),
-    ("rt_private_n100_twin", "rt_private_n100/twin", 0),
-    ("rt_private_n100_twin", "rt_private_n100/twin", 2),
-    ("rt_pe100", "rt_pe100/eps1", 0),
-    ("rt_pe100_eps4", "rt_pe100/eps4", 0),
+PRIVATE_RUNS = [  # (the command's overrides, run dir under experiments/results)
+    *[(f"experiment=rt_private_n100 seed={s}", f"rt_private_n100/eps1_s{s}") for s in (0, 1, 2)],
+    *[(f"experiment=rt_private_n100_eps4 seed={s}", f"rt_private_n100/eps4_s{s}") for s in (0, 1, 2)],
+    ("experiment=rt_private_n100_epsinf seed=0", "rt_private_n100/epsinf_s0"),
+    ("experiment=eps_sweep privacy.epsilon=0.5 seed=0", "rt_private_n100/eps0.5_s0_h200"),
+    *[(f"experiment=rt_private_n100_twin seed={s}", f"rt_private_n100/twin_s{s}") for s in (0, 2)],
+    ("experiment=budget_share_sweep probe.budget_share=0.75 seed=0", "rt_private_n100/share0.75_s0"),
+    ("experiment=rt_pe100 seed=0", "rt_pe100/eps1_s0"),
+    ("experiment=rt_pe100_eps4 seed=0", "rt_pe100/eps4_s0"),
 ]
 
 
-@pytest.mark.parametrize("experiment,run,seed", PRIVATE_RUNS)
-def test_private_row_is_one_pipeline_command(compose, experiment, run, seed):
-    """The private rows were made by `gmtext-pipeline experiment=<row> seed=S` itself (the loop
-    of experiments/rt_private.sh, or -m seed=...): today's composition equals the recorded config
-    on every key but bookkeeping."""
-    d = ROOT / "experiments" / "results" / f"{run}_s{seed}"
+@pytest.mark.parametrize("command,run", PRIVATE_RUNS)
+def test_private_row_is_one_pipeline_command(compose, command, run):
+    """The private rows were made by `gmtext-pipeline <command>` itself (the loop of
+    experiments/rt_private.sh, or -m seed=...): today's composition equals the recorded config
+    on every key but bookkeeping. The ε = ∞ row reads the same whole split without noise."""
+    d = ROOT / "experiments" / "results" / run
     if not (d / "metrics.json").exists():
         pytest.skip(f"{d} not in this checkout (or unfinished)")
-    now = _flat(
-        OmegaConf.to_container(
-            compose([f"experiment={experiment}", f"seed={seed}"], config_name="pipeline"), resolve=True
-        )
-    )
+    now = _flat(OmegaConf.to_container(compose(command.split(), config_name="pipeline"), resolve=True))
     rec = _flat(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=True))
     skip = ("logger.", "threads", "progress", "hydra.")
     keys = [k for k in rec if not k.startswith(skip)]
     assert {k: now.get(k) for k in keys} == {k: rec[k] for k in keys}
-    assert now["privacy._target_"].endswith("GaussianRelease") and now["real_per_class"] is None
+    release = "NoPrivacy" if "epsinf" in command else "GaussianRelease"
+    assert now["privacy._target_"].endswith(release) and now["real_per_class"] is None
 
 
 @pytest.mark.parametrize(
