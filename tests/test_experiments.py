@@ -221,7 +221,14 @@ PRIVATE_RUNS = [  # (the command's overrides, run dir under experiments/results)
     ("experiment=rt_private_n100_epsinf seed=0", "rt_private_n100/epsinf_s0"),
     ("experiment=eps_sweep privacy.epsilon=0.5 seed=0", "rt_private_n100/eps0.5_s0_h200"),
     *[(f"experiment=rt_private_n100_twin seed={s}", f"rt_private_n100/twin_s{s}") for s in (0, 2)],
-    ("experiment=budget_share_sweep probe.budget_share=0.75 seed=0", "rt_private_n100/share0.75_s0"),
+    *[
+        (f"experiment=budget_share_sweep probe.budget_share={b} seed=0", f"rt_private_n100/share{b}_s0")
+        for b in (0.25, 0.75)
+    ],
+    *[
+        (f"experiment=rt_private_n100_twin target_precision=bfloat16 seed={s}", f"rt_private_n100/twin_bf16_s{s}")
+        for s in (0, 1)
+    ],
     ("experiment=rt_pe100 seed=0", "rt_pe100/eps1_s0"),
     ("experiment=rt_pe100_eps4 seed=0", "rt_pe100/eps4_s0"),
 ]
