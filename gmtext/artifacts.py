@@ -161,6 +161,8 @@ LEGACY_DEFAULTS = {
     "generator": {"_target_": "gmtext.matching.generator.GRADMMGenerator", "name": "gradmm"},
     "embedder": None,
 }
+# The same for keys inside a group: ADMM's residual balancing, off before it existed.
+LEGACY_NESTED_DEFAULTS = {"matcher.rho_balance": 0.0, "matcher.rho_factor": 2.0}
 
 
 class ConfigChanged(ValueError):
@@ -190,7 +192,7 @@ def config_diff(stored: dict, config: dict, free=RESUME_FREE_KEYS) -> list[tuple
             for k in sorted(set(a) | set(b), key=str):
                 if not prefix and k in free:
                     continue
-                walk(a.get(k, missing), b.get(k, missing), f"{prefix}{k}.")
+                walk(a.get(k, LEGACY_NESTED_DEFAULTS.get(f"{prefix}{k}", missing)), b.get(k, missing), f"{prefix}{k}.")
             return
         if a != b:
             out.append((prefix[:-1], None if a is missing else a, None if b is missing else b))

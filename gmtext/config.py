@@ -113,6 +113,8 @@ class ADMMConfig:
     objective: Objective = (
         Objective.sequence
     )  # sequence: every sequence's own gradient matches; batch: the batch mean (paper)
+    rho_balance: float = 0.0  # μ of residual balancing (Boyd et al. §3.4.1, typically 10); 0: fixed ρ
+    rho_factor: float = 2.0  # τ: how much ρ grows or shrinks per balanced step
 
 
 @dataclass

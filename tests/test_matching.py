@@ -323,3 +323,32 @@ def test_admm_logs_primal_and_dual_residuals(tiny):
     assert all(0 <= h["tokens_changed"] <= 1 for h in steps)
     changed = [h for h in steps[1:] if h["tokens_changed"] > 0]
     assert all(h["dual_residual"] > 0 for h in changed)
+
+
+def test_residual_balancing_adapts_rho_by_the_recorded_residuals(tiny):
+    """rho_balance = μ: after each outer step ρ grows ×τ when primal > μ·dual, shrinks ÷τ when
+    dual > μ·primal, else stays (no change at the first step, whose dual residual is NaN); the
+    ρ recorded per step is the one that step used, and off (0) keeps it fixed."""
+    lm, task = tiny
+    obj, ctx = _objective(lm, task, True), _ctx(lm, task)
+    kw = dict(outer_steps=5, inner_steps=4, init_candidates=1, init="random", lr=0.5, rho=2.0)
+
+    def steps(m):
+        hist = m.run(obj, NearestProjector("l2"), ctx, 2, 2, 5, torch.Generator().manual_seed(0)).history
+        return [h for h in hist if "continuous_loss" in h]
+
+    fixed = steps(ADMMMatcher(**kw))
+    assert [h["rho"] for h in fixed] == [2.0] * 5
+    mu, tau = 1.5, 3.0
+    bal = steps(ADMMMatcher(**kw, rho_balance=mu, rho_factor=tau))
+    assert bal[0]["rho"] == 2.0 and bal[1]["rho"] == 2.0  # step 0's dual residual is undefined
+    for h, nxt in zip(bal[1:], bal[2:]):
+        r, s = h["primal_residual"], h["dual_residual"]
+        want = h["rho"] * tau if r > mu * s else h["rho"] / tau if s > mu * r else h["rho"]
+        assert nxt["rho"] == pytest.approx(want)
+    assert len({h["rho"] for h in bal}) > 1, "the test must exercise a change of ρ"
+    first = next(i for i, h in enumerate(bal) if h["rho"] != 2.0)
+    assert bal[first]["continuous_loss"] != fixed[first]["continuous_loss"]  # the new ρ is used
+    for bad in (dict(rho_balance=-1.0), dict(rho_balance=10.0, rho_factor=1.0)):
+        with pytest.raises(ValueError, match="rho_balance"):
+            ADMMMatcher(**kw, **bad)

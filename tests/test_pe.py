@@ -280,6 +280,20 @@ def test_a_run_dir_recorded_before_the_generator_key_still_resumes_as_gradmm(com
     assert {k for k, _, _ in config_diff(old, pe)} >= {"generator.name", "embedder"}
 
 
+def test_a_run_dir_recorded_before_residual_balancing_resumes_with_fixed_rho(compose):
+    """matcher.rho_balance/rho_factor came later: absent from a stored record they read as fixed
+    ρ (what the run did), so it resumes; under balancing it is a change."""
+    from omegaconf import OmegaConf
+
+    from gmtext.artifacts import config_diff
+
+    now = OmegaConf.to_container(compose(["debug=tiny"]), resolve=True)
+    old = {**now, "matcher": {k: v for k, v in now["matcher"].items() if not k.startswith("rho_")}}
+    assert "rho_balance" in now["matcher"] and config_diff(old, now) == []
+    bal = OmegaConf.to_container(compose(["debug=tiny", "matcher.rho_balance=10"]), resolve=True)
+    assert [(k, a, b) for k, a, b in config_diff(old, bal)] == [("matcher.rho_balance", 0.0, 10.0)]
+
+
 def test_config_composes_and_the_default_stays_gradmm(compose):
     cfg = compose(["generator=pe", "debug=tiny"])
     assert cfg.generator._target_ == "gmtext.evolution.pe.PrivateEvolution" and cfg.generator.iterations == 5

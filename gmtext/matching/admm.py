@@ -8,6 +8,7 @@ with the best *discrete* matching distance seen, not the last one.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -56,10 +57,17 @@ class ADMMMatcher:
         admm: bool = ADMMConfig.admm,
         nan_retries: int = ADMMConfig.nan_retries,
         objective: str = ADMMConfig.objective,
+        rho_balance: float = ADMMConfig.rho_balance,
+        rho_factor: float = ADMMConfig.rho_factor,
     ):
         """objective: `batch` matches each class batch's mean gradient (the paper) and keeps the
         best batch; `sequence` matches every sequence's own gradient and keeps the best
-        iterate of every sequence separately."""
+        iterate of every sequence separately.
+
+        rho_balance = μ > 0 adapts ρ by residual balancing (Boyd et al. 2011, §3.4.1): after an
+        outer step whose primal residual exceeds μ × the dual one, ρ grows by `rho_factor`;
+        when the dual exceeds μ × the primal, it shrinks by it. λ is the unscaled dual, so
+        it needs no rescaling. 0 keeps ρ fixed (the paper)."""
         for name, v in (("outer_steps", outer_steps), ("inner_steps", inner_steps)):
             if v < 1:
                 raise ValueError(f"matcher.{name}={v} must be >= 1")
@@ -69,6 +77,11 @@ class ADMMMatcher:
             raise ValueError(f"matcher.init={init!r} unknown; accepted: lm_sample, random")
         if init_candidates < 1:
             raise ValueError(f"matcher.init_candidates={init_candidates} must be >= 1")
+        if rho_balance < 0 or (rho_balance > 0 and rho_factor <= 1):
+            raise ValueError(
+                f"matcher.rho_balance={rho_balance} must be >= 0 (0: fixed ρ) and matcher.rho_factor={rho_factor} > 1"
+            )
+        self.rho_balance, self.rho_factor = rho_balance, rho_factor
         if nan_retries < 0:
             raise ValueError(f"matcher.nan_retries={nan_retries} must be >= 0")
         self.nan_retries = nan_retries
@@ -147,11 +160,12 @@ class ADMMMatcher:
         history = []
         steps = self.outer_steps if self.admm else 1
         z, z_prev, z_emb_prev = tok0, tok0, None  # z: the tokens of the last z-step (the LM start before the first)
+        rho = self.rho  # changes between outer steps only under rho_balance
         for step in range(steps + 1):
             # z-step
             t = time.perf_counter()
             if self.admm or step == steps:
-                z = projector((x + lam / max(self.rho, 1e-12)).detach().view(c * b, length, -1), ctx).view(c, b, length)
+                z = projector((x + lam / max(rho, 1e-12)).detach().view(c * b, length, -1), ctx).view(c, b, length)
             timings["project"] += time.perf_counter() - t
             t = time.perf_counter()
             if self.admm or step == steps:
@@ -172,7 +186,7 @@ class ADMMMatcher:
                 break
             t = time.perf_counter()
             z_emb = obj.tokens_to_x(z).detach().float() if self.admm else None
-            d_cls, pen, retries = self._x_step(obj, x, z, z_emb, lam, opt, step)
+            d_cls, pen, retries = self._x_step(obj, x, z, z_emb, lam, opt, step, rho)
             timings["x_step"] += time.perf_counter() - t
             rec = {
                 "outer_step": step,
@@ -183,9 +197,10 @@ class ADMMMatcher:
             }
             if self.admm:
                 with torch.no_grad():
-                    lam += self.rho * (x - z_emb)  # λ-step
+                    lam += rho * (x - z_emb)  # λ-step
                 rec["perplexity"] = obj.perplexity(z).mean().item()
-                rec.update(self._residuals(x, z, z_emb, z_prev, z_emb_prev))
+                rec.update(self._residuals(x, z, z_emb, z_prev, z_emb_prev, rho), rho=rho)
+                rho = self._balanced_rho(rho, rec["primal_residual"], rec["dual_residual"])
                 z_prev, z_emb_prev = z, z_emb
             if retries:
                 rec.update(x_step_retries=retries, lr=opt.param_groups[0]["lr"])
@@ -199,7 +214,18 @@ class ADMMMatcher:
         timings["total"] = time.perf_counter() - t0
         return MatchResult(best_tok, class_loss, seq_loss, ppl, history, timings)
 
-    def _residuals(self, x, z, z_emb, z_prev, z_emb_prev) -> dict:
+    def _balanced_rho(self, rho: float, primal: float, dual: float) -> float:
+        """The next outer step's ρ (residual balancing; unchanged when off or the dual residual
+        is not defined yet, at the first step)."""
+        if self.rho_balance <= 0 or math.isnan(dual):
+            return rho
+        if primal > self.rho_balance * dual:
+            return rho * self.rho_factor
+        if dual > self.rho_balance * primal:
+            return rho / self.rho_factor
+        return rho
+
+    def _residuals(self, x, z, z_emb, z_prev, z_emb_prev, rho) -> dict:
         """ADMM's convergence measures, per token (RMS over positions, so lengths compare):
         primal ‖x − z‖ (the continuous text still disagrees with its tokens) and dual
         ρ‖z − z_prev‖ (the tokens still move); `tokens_changed` is the share of positions whose
@@ -207,10 +233,10 @@ class ADMMMatcher:
         with torch.no_grad():
             per_tok = lambda v: v.pow(2).sum(-1).mean().sqrt().item()  # noqa: E731
             out = {"primal_residual": per_tok(x - z_emb), "tokens_changed": (z != z_prev).float().mean().item()}
-            out["dual_residual"] = self.rho * per_tok(z_emb - z_emb_prev) if z_emb_prev is not None else float("nan")
+            out["dual_residual"] = rho * per_tok(z_emb - z_emb_prev) if z_emb_prev is not None else float("nan")
         return out
 
-    def _x_step(self, obj: MatchingObjective, x, z, z_emb, lam, opt, step: int):
+    def _x_step(self, obj: MatchingObjective, x, z, z_emb, lam, opt, step: int, rho: float):
         """`inner_steps` Adam steps on x (the matching loss plus, under ADMM, the ρ-penalty to
         z − λ/ρ); a non-finite loss or gradient undoes the whole x-step and retries it with half
         the step size, at most `nan_retries` times. Returns (class losses, penalty, retries)."""
@@ -225,7 +251,7 @@ class ADMMMatcher:
                 loss = d_cls.sum()
                 pen = torch.zeros(())
                 if self.admm:
-                    pen = self.rho / 2 * ((x - z_emb + lam / self.rho) ** 2).sum(-1).mean((1, 2))  # [C]
+                    pen = rho / 2 * ((x - z_emb + lam / rho) ** 2).sum(-1).mean((1, 2))  # [C]
                     loss = loss + pen.sum()
                 if lm is not None:
                     loss = loss + self.lm_weight * lm.sum()
