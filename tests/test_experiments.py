@@ -218,7 +218,7 @@ def test_experiment_composes_the_settings_that_made_its_row(compose, experiment,
 PRIVATE_RUNS = [  # (the command's overrides, run dir under experiments/results)
     *[(f"experiment=rt_private_n100 seed={s}", f"rt_private_n100/eps1_s{s}") for s in (0, 1, 2)],
     *[(f"experiment=rt_private_n100_eps4 seed={s}", f"rt_private_n100/eps4_s{s}") for s in (0, 1, 2)],
-    ("experiment=rt_private_n100_epsinf seed=0", "rt_private_n100/epsinf_s0"),
+    *[(f"experiment=rt_private_n100_epsinf seed={s}", f"rt_private_n100/epsinf_s{s}") for s in (0, 1, 2)],
     ("experiment=eps_sweep privacy.epsilon=0.5 seed=0", "rt_private_n100/eps0.5_s0_h200"),
     *[(f"experiment=rt_private_n100_twin seed={s}", f"rt_private_n100/twin_s{s}") for s in (0, 2)],
     *[
