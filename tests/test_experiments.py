@@ -288,7 +288,7 @@ def test_scripts_only_loop(script):
         assert keys <= SCRIPT_KEYS, (script, keys - SCRIPT_KEYS)
 
 
-@pytest.mark.parametrize("script,stage,per_seed", [("rt_private.sh", "pipeline", 3), ("rt_dpsgd.sh", "finetune", 4)])
+@pytest.mark.parametrize("script,stage,per_seed", [("rt_private.sh", "pipeline", 4), ("rt_dpsgd.sh", "finetune", 4)])
 def test_scripts_default_to_three_seeds(tmp_path, script, stage, per_seed):
     """With no argument a loop runs seeds 0, 1 and 2, each as its own job. (`"${@:-0 1 2}"`
     expanded to the one word "0 1 2" and handed Hydra `seed=0 1 2`.) The gmtext commands are
