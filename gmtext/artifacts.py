@@ -155,14 +155,15 @@ def _owner(lock: Path) -> int:
 RESUME_FREE_KEYS = frozenset({"progress", "logger", "threads", "hydra", "stage"})
 
 
-# Top-level keys added after run dirs already existed, with the value that reproduces what those
-# runs did: a stored config without the key reads as having it (an old GRADMM run dir resumes).
+# Keys (dotted paths) added after run dirs already existed, with the value that reproduces what
+# those runs did: a stored config without the key reads as having it, so an old GRADMM run dir
+# (no generator choice, fixed ADMM ρ) resumes.
 LEGACY_DEFAULTS = {
     "generator": {"_target_": "gmtext.matching.generator.GRADMMGenerator", "name": "gradmm"},
     "embedder": None,
+    "matcher.rho_balance": 0.0,
+    "matcher.rho_factor": 2.0,
 }
-# The same for keys inside a group: ADMM's residual balancing, off before it existed.
-LEGACY_NESTED_DEFAULTS = {"matcher.rho_balance": 0.0, "matcher.rho_factor": 2.0}
 
 
 class ConfigChanged(ValueError):
@@ -192,15 +193,12 @@ def config_diff(stored: dict, config: dict, free=RESUME_FREE_KEYS) -> list[tuple
             for k in sorted(set(a) | set(b), key=str):
                 if not prefix and k in free:
                     continue
-                walk(a.get(k, LEGACY_NESTED_DEFAULTS.get(f"{prefix}{k}", missing)), b.get(k, missing), f"{prefix}{k}.")
+                walk(a.get(k, LEGACY_DEFAULTS.get(f"{prefix}{k}", missing)), b.get(k, missing), f"{prefix}{k}.")
             return
         if a != b:
             out.append((prefix[:-1], None if a is missing else a, None if b is missing else b))
 
-    stored = _plain(stored)
-    if isinstance(stored, dict) and "model" in stored:  # a whole-run config (not a sub-record)
-        stored = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in stored}, **stored}
-    walk(stored, _plain(config), "")
+    walk(_plain(stored), _plain(config), "")
     return out
 
 
