@@ -369,8 +369,9 @@ class TrainDPSGDConfig:
     epsilon: float = 8.0
     delta: float = 1e-5
     clip_norm: float = 0.1
-    accountant: SGDAccountant = SGDAccountant.prv
+    accountant: SGDAccountant = SGDAccountant.prv  # calibrates under add_remove; replace_one uses the ledger's PLD
     microbatch: int = 8  # physical batch (memory only): examples per forward/backward
+    adjacency: Adjacency = Adjacency.replace_one  # the relation ε is promised under, as for privacy=dp
 
 
 @dataclass

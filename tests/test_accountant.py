@@ -209,3 +209,89 @@ def test_validate_budget() -> None:
     ]:
         with pytest.raises(ValueError, match=frag):
             validate_budget(eps, delta)
+
+
+def _dpsgd_entry(m: float, q: float, steps: int = 1) -> LedgerEntry:
+    kw = dict(noise_multiplier=m, count=steps, sample_rate=q, adjacency="add_remove")
+    return LedgerEntry("dpsgd", "subsampled_gaussian", "rt/train@x", **kw)
+
+
+def _substitution_delta(eps: float, m: float, q: float) -> float:
+    """δ(ε) of one Poisson-subsampled Gaussian step under replace-one, integrated directly: the
+    replaced record's clipped gradient g or g' (norm ≤ 1, noise std m) enters the sum when its
+    slot is sampled, so the outputs are q·N(g) + (1−q)·N(0) against q·N(g') + (1−q)·N(0); the
+    worst pair is g' = −g on a line."""
+    from scipy import integrate, stats
+
+    def gap(x):
+        p = q * stats.norm.pdf(x, -1, m) + (1 - q) * stats.norm.pdf(x, 0, m)
+        r = q * stats.norm.pdf(x, 1, m) + (1 - q) * stats.norm.pdf(x, 0, m)
+        return max(0.0, p - math.exp(eps) * r)
+
+    return integrate.quad(gap, -40 * m, 40 * m, points=[-1, 0, 1], limit=400, epsabs=1e-13)[0]
+
+
+@pytest.mark.parametrize("m,q", [(1.0, 0.1), (2.0, 0.03), (0.8, 1.0)])
+def test_add_remove_entry_read_under_replace_one_matches_the_substitution_pair(m, q) -> None:
+    """An add/remove entry (DP-SGD) in a replace-one ledger: its ε is the one of the substitution
+    pair, derived here by integration, not the add/remove ε relabelled."""
+    led = Ledger(1e-5, [_dpsgd_entry(m, q)], "replace_one")
+    eps = led.epsilon()
+    assert _substitution_delta(eps, m, q) <= 1e-5 * 1.001  # the ledger's ε is an upper bound...
+    assert _substitution_delta(0.97 * eps, m, q) > 1e-5  # ...and a tight one
+    assert eps > Ledger(1e-5, [_dpsgd_entry(m, q)]).epsilon()  # more than the add/remove reading
+    if q == 1.0:  # a full-batch add/remove Gaussian is, under replace-one, one with twice the sensitivity
+        assert eps == pytest.approx(_ledger([m / 2]).epsilon(), rel=1e-6)
+
+
+def test_replace_one_dpsgd_is_within_group_privacy_of_its_add_remove_epsilon() -> None:
+    """Replacing = removing + adding: (ε, δ) under add/remove gives (2ε, (1 + e^ε)δ) under
+    replace-one. The ledger's replace-one reading of 93 DP-SGD steps lies between the two."""
+    entry = _dpsgd_entry(1.5234375, 1 / 31, 93)  # the rotten tomatoes LoRA run at "ε = 1" (add/remove)
+    ar = Ledger(1e-5, [entry]).epsilon()
+    ro = Ledger(1e-5, [entry], "replace_one").epsilon()
+    assert ar == pytest.approx(0.982, abs=0.002) and Ledger(1e-5, [entry]).relation == "add_remove"
+    assert ar < ro
+    assert Ledger((1 + math.exp(ar)) * 1e-5, [entry], "replace_one").epsilon() <= 2 * ar
+    assert ro == pytest.approx(1.632, abs=0.005)
+    d = Ledger(1e-5, [entry]).to_dict()
+    assert d["adjacency"] == "add_remove" and d["epsilon_replace_one"] == pytest.approx(ro, rel=1e-9)
+
+
+def test_a_mixed_ledger_is_stated_under_replace_one() -> None:
+    """A GRADMM release (replace-one) merged with DP-SGD steps (add/remove): one relation, the
+    DP-SGD entry converted, never the release's multiplier read as add/remove."""
+    release, dpsgd = _ledger([8.0]), Ledger(1e-5, [_dpsgd_entry(1.5, 1 / 31, 93)])
+    both = release.merged(dpsgd)
+    assert both.relation == "replace_one" and both.to_dict()["adjacency"] == "replace_one"
+    assert "epsilon_replace_one" not in both.to_dict()
+    alone = Ledger(2e-5, list(dpsgd.entries), "replace_one").epsilon()
+    assert both.epsilon() > alone > dpsgd.epsilon()
+    with pytest.raises(ValueError, match="no add_remove epsilon"):
+        release.epsilon("add_remove")
+    restored = Ledger.from_dict(json.loads(json.dumps(Ledger(1e-5, list(dpsgd.entries), "replace_one").to_dict())))
+    assert restored.adjacency == "replace_one" and restored.epsilon() == pytest.approx(
+        Ledger(1e-5, list(dpsgd.entries), "replace_one").epsilon(), rel=1e-12
+    )
+
+
+def test_ledger_adjacency_values_are_checked() -> None:
+    with pytest.raises(ValueError, match="adjacency='swap'"):
+        Ledger(1e-5, [], "swap")
+    with pytest.raises(ValueError, match="adjacency='swap'"):
+        LedgerEntry("x", "gaussian", "s", noise_multiplier=1.0, adjacency="swap")
+    with pytest.raises(ValueError, match="subsampled entry states its multiplier under add_remove"):
+        LedgerEntry("x", "subsampled_gaussian", "s", noise_multiplier=1.0, sample_rate=0.1, adjacency="replace_one")
+
+
+@pytest.mark.parametrize("eps", [1.0, 4.0])
+def test_subsampled_calibration_under_replace_one(eps) -> None:
+    """DP-SGD at a replace-one budget: the multiplier the ledger itself reads at ≤ ε, within
+    0.1 % of the smallest such, and above the add/remove one for the same (q, steps)."""
+    from gmtext.privacy.ledger import subsampled_noise_multiplier
+
+    q, steps = 1 / 31, 20
+    m = subsampled_noise_multiplier(eps, 1e-5, q, steps, "replace_one")
+    assert Ledger(1e-5, [_dpsgd_entry(m, q, steps)], "replace_one").epsilon() <= eps
+    assert Ledger(1e-5, [_dpsgd_entry(m / 1.002, q, steps)], "replace_one").epsilon() > eps
+    assert m > subsampled_noise_multiplier(eps, 1e-5, q, steps, "add_remove")

@@ -85,7 +85,11 @@ def test_dpsgd_fit_each_finetuner(tiny, demo, kind, monkeypatch):
     assert all(set(s) == {"step", "lr"} for s in steps) and fit.losses == []  # nothing computed from a private batch
     assert 0 < x["epsilon"] <= x["epsilon_target"] + 0.01 and x["epsilon_target"] == 4.0 and x["noise_multiplier"] > 0
     assert x["sample_rate"] == pytest.approx(1 / per_epoch) and x["delta"] == 1e-3 and x["clip_norm"] == 0.5
-    assert x["adjacency"] == "add_remove" and x["accountant"] == "prv" and x["noise_source"] == noise.SOURCE
+    # calibrated under replace-one (the default), read back by the ledger's PLD; the same steps
+    # read under add/remove by opacus' accountant spend less
+    assert x["relation"] == "replace_one" and x["accountant"] == "dp_accounting PLD (replace_one)"
+    assert 0 < x["epsilon_add_remove"] < x["epsilon"]
+    assert x["adjacency"] == "add_remove" and x["noise_source"] == noise.SOURCE  # σ is stated per record clip
     assert "public" in x["num_records_public_note"]
     # every coordinate of every trainable tensor got fresh gmtext noise at every step
     assert sum(drawn) == per_epoch * fit.trainable_params
@@ -95,6 +99,24 @@ def test_dpsgd_fit_each_finetuner(tiny, demo, kind, monkeypatch):
     assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in model.parameters())
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert torch.isfinite(classification_loss(model, task, exs[:3], None))
+
+
+def test_add_remove_dpsgd_is_calibrated_by_opacus_with_less_noise(tiny, demo):
+    """train.adjacency=add_remove: opacus' accountant calibrates σ and reports ε, as in standard
+    DP-SGD; the same budget under replace-one (the default) needs a larger multiplier."""
+    lm, task = tiny
+    exs = private_records(demo, None, 0)
+    fits = {}
+    for adj in ("add_remove", "replace_one"):
+        ft = FINETUNERS["last_layers"](lr=1e-2, epochs=1, batch_size=16)
+        model = ft.prepare(copy.deepcopy(lm.model))
+        fits[adj] = dpsgd_fit(ft, model, task, exs, 2.0, 1e-3, 0.5, microbatch=8, adjacency=adj).extra
+    ar, ro = fits["add_remove"], fits["replace_one"]
+    assert ar["relation"] == "add_remove" and ar["accountant"] == "prv"
+    assert ar["epsilon"] == ar["epsilon_add_remove"] <= 2.0 + 0.01 and ro["epsilon"] <= 2.0
+    assert ro["noise_multiplier"] > ar["noise_multiplier"] and ro["epsilon_add_remove"] < ar["epsilon_add_remove"]
+    with pytest.raises(ValueError, match="^train.adjacency='swap': accepted: replace_one, add_remove$"):
+        dpsgd_fit(ft, model, task, exs, 2.0, 1e-3, 0.5, adjacency="swap")
 
 
 def test_optimizer_noise_is_gmtext_noise_not_torch_rng(monkeypatch):
@@ -210,6 +232,8 @@ def test_run_finetune_dpsgd_logs_nothing_from_private_batches(compose, tmp_path)
     assert all(set(r) == {"kind", "step", "train/lr", "lr_run", "lr_value"} for r in steps)  # no batch size either
     # opacus' accountant and the ledger (dp_accounting PLD, re-accounting the same steps) both certify <= the target
     assert 0 < saved["dp"]["epsilon"] <= 3.01 and 0 < saved["epsilon"] == m["epsilon"] <= 3.01
+    assert saved["privacy"]["adjacency"] == "replace_one" == saved["dp"]["relation"]  # the default promise
+    assert saved["privacy"]["epsilon"] == pytest.approx(saved["dp"]["epsilon"], rel=1e-9)
     [entry] = saved["privacy"]["entries"]
     assert (
         entry["kind"] == "subsampled_gaussian"
@@ -226,11 +250,12 @@ def test_run_finetune_dpsgd_logs_nothing_from_private_batches(compose, tmp_path)
     )
 
 
-def test_unknown_dpsgd_accountant_is_refused_when_composing(compose):
+@pytest.mark.parametrize("override", ["train.accountant=gdp", "train.adjacency=swap"])
+def test_unknown_dpsgd_choice_is_refused_when_composing(compose, override):
     from hydra.errors import ConfigCompositionException
 
-    with pytest.raises(ConfigCompositionException, match="train.accountant=gdp"):
-        compose(["debug=tiny", "train=dpsgd", "train.accountant=gdp"], config_name="finetune")
+    with pytest.raises(ConfigCompositionException, match=override):
+        compose(["debug=tiny", "train=dpsgd", override], config_name="finetune")
 
 
 @pytest.mark.parametrize(

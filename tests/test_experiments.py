@@ -3,6 +3,7 @@ configs, the committed run dirs that produced the rows, and the scripts cannot d
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -267,6 +268,7 @@ def test_dpsgd_rows_train_on_the_whole_split_with_the_fixed_recipe(compose, expe
     cfg = compose([f"experiment={experiment}"], config_name="finetune")
     assert cfg.train._target_.endswith("DPSGDSource") and cfg.train.size is None
     assert (cfg.train.epsilon, cfg.train.delta, cfg.train.clip_norm) == (epsilon, 1e-5, 0.1)
+    assert cfg.train.adjacency == "replace_one"  # the promise of the GRADMM and PE rows they sit beside
     assert cfg.finetuner._target_.endswith(finetuner)
     assert (cfg.finetuner.batch_size, cfg.finetuner.epochs, cfg.finetuner.lr) == (256, 3, 5e-4)
     assert (cfg.dataset.name, cfg.finetune.eval_limit) == ("rotten_tomatoes", 500)
@@ -335,3 +337,23 @@ def test_budget_share_sweep_changes_only_the_split(compose):
     plain = OmegaConf.to_container(sweep, resolve=False)
     plain.pop("hydra")
     assert plain == OmegaConf.to_container(row, resolve=False) and row.probe.budget_share == 0.5
+
+
+def test_every_committed_ledger_re_accounts_to_its_recorded_epsilon():
+    """An auditor's check on the shipped artifacts: each ledger under experiments/results,
+    composed again by today's code, gives the ε the artifact states (to 1e-12), so a change to
+    the accountant cannot silently re-price published rows."""
+    from gmtext.privacy.ledger import ledger_of
+
+    names = ("metrics.json", "release_summary.json", "generate.json", "select.json")
+    files = [f for n in names for f in (ROOT / "experiments" / "results").rglob(n)]
+    checked = 0
+    for f in files:
+        priv = json.loads(f.read_text()).get("privacy")
+        led = ledger_of(priv) if isinstance(priv, dict) else None
+        if led is None or not led.entries or not led.private:
+            continue
+        assert led.epsilon() == pytest.approx(priv["epsilon"], rel=1e-12, abs=1e-12), f
+        checked += 1
+    if not checked:
+        pytest.skip("no private artifact under experiments/results in this checkout")

@@ -303,6 +303,31 @@ def test_epsilon_plot_needs_a_private_run(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["20"]
 
 
+def test_add_remove_dpsgd_runs_are_placed_by_their_replace_one_epsilon(tmp_path):
+    """A DP-SGD run calibrated by opacus (add/remove, ε 0.98) next to a replace-one GRADMM run
+    at ε 1: the table gives its replace-one ε too, and the ε plot places it there (1.63), so
+    the two budgets compare as one promise."""
+    from gmtext.privacy.ledger import Ledger, LedgerEntry
+
+    kw = dict(noise_multiplier=1.5234375, count=93, sample_rate=1 / 31, adjacency="add_remove")
+    dpsgd = Ledger(1e-5, [LedgerEntry("dpsgd", "subsampled_gaussian", "rt/train", **kw)]).to_dict()
+    rel = LedgerEntry("release", "gaussian", "rt/train", noise_multiplier=5.0, adjacency="replace_one")
+    runs = [("dpsgd", dpsgd, 0.81), ("synthetic", Ledger(1e-5, [rel]).to_dict(), 0.79)]
+    for i, (src, led, acc) in enumerate(runs):
+        d = tmp_path / "runs" / str(i)
+        d.mkdir(parents=True)
+        cfg = {"stage": "finetune", "seed": 0, "train": {"source": src}, "privacy": {"name": "dp"}}
+        out = {"accuracy": acc, "n_train": 100, "epsilon": led["epsilon"], "privacy": led, "config": cfg}
+        (d / "metrics.json").write_text(json.dumps(out))
+    r = run_report([tmp_path / "runs"], tmp_path / "rep")
+    rows = {row["train.source"]: row for row in csv.DictReader(open(tmp_path / "rep" / "report.csv"))}
+    assert float(rows["dpsgd"]["epsilon_mean"]) == pytest.approx(0.982, abs=0.002)
+    assert float(rows["dpsgd"]["epsilon_replace_one_mean"]) == pytest.approx(1.632, abs=0.005)
+    assert rows["synthetic"]["epsilon_replace_one_mean"] in ("", "nan")  # its ε already is replace-one
+    xs = sorted(p[0] for v in r["plots"]["accuracy_vs_epsilon.png"].values() for p in v)
+    assert xs[0] == pytest.approx(Ledger(1e-5, [rel]).epsilon()) and xs[1] == pytest.approx(1.632, abs=0.005)
+
+
 # ---------------------------------------------------------------- dir kinds
 PIPE = [
     "debug=fast",

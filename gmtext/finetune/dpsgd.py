@@ -4,9 +4,15 @@ Mechanism: the subsampled Gaussian mechanism of Abadi et al. (2016), composed ov
 training steps. Each step Poisson-samples the private records with rate q, clips every
 per-example gradient (jointly over all trainable tensors) to L2 norm `clip_norm`, sums, adds
 N(0, (sigma * clip_norm)^2) per coordinate and divides by the expected batch size; the
-optimizer step is post-processing. sigma is calibrated by opacus' accountant (PRV or RDP)
-for (q, steps, epsilon, delta); the spent epsilon is read back from the accountant that
-followed the run. Adjacency: add/remove one record.
+optimizer step is post-processing.
+
+Adjacency (`train.adjacency`): the budget is a promise about neighbouring datasets, and a
+comparison of ε between methods only means something under one relation. Under replace_one
+(the default, as for GRADMM's releases and PE) sigma is calibrated on the ledger's PLD of the
+subsampled Gaussian under substitution (gmtext.privacy.ledger.subsampled_noise_multiplier);
+opacus' accountants know only add/remove. Under add_remove, opacus' accountant (PRV or RDP)
+calibrates sigma and reports the spent ε, as in standard DP-SGD; the same run is about 1.6×
+that ε under replace-one at ε = 1 (docs/privacy.md).
 
 What opacus does here: per-example gradients (GradSampleModule hooks; layers it has no
 rule for, e.g. transformers' LlamaRMSNorm, fall back to its functorch path), clipping,
@@ -40,7 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import Example, LabeledSplit, Task, _keyed_uniform, is_dev
 from ..privacy import noise
-from ..privacy.accountant import check_budget_args
+from ..privacy.accountant import ADJACENCIES, check_budget_args
+from ..privacy.ledger import Ledger, LedgerEntry, subsampled_noise_multiplier
 from .trainer import FineTuner, FitResult, VerbalizerClassifier
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -178,9 +185,11 @@ def _collate(task: Task, max_text_tokens: int | None):
 
 
 # --------------------------------------------------------------------------- training
-def check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch) -> None:
+def check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch, adjacency="replace_one") -> None:
     """One-line errors naming the bad value and what is accepted."""
     check_budget_args("train", epsilon, delta, accountant, ACCOUNTANTS)
+    if adjacency not in ADJACENCIES:
+        raise ValueError(f"train.adjacency={adjacency!r}: accepted: {', '.join(ADJACENCIES)}")
     if not (isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"train.clip_norm={clip_norm!r}: accepted: a finite number > 0")
     if isinstance(microbatch, bool) or not isinstance(microbatch, int) or microbatch < 1:
@@ -198,6 +207,7 @@ def dpsgd_fit(
     accountant: str = "prv",
     microbatch: int = 8,
     on_step: Callable[[dict], None] | None = None,
+    adjacency: str = "replace_one",
 ) -> FitResult:
     """(epsilon, delta)-DP fine-tuning of the finetuner's trainable parameters on `examples`.
 
@@ -208,10 +218,11 @@ def dpsgd_fit(
     (opacus' make_private_with_epsilon converts epochs to steps with int(epochs / q), which
     rounds down for some q and would undercount by one step). FitResult.losses stays empty
     and on_step gets only step and lr: the loss of a private batch is not released.
+    `adjacency` picks the relation sigma is calibrated under (module docstring).
     """
     from opacus.accountants.utils import get_noise_multiplier
 
-    check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch)
+    check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch, adjacency)
     t0 = time.perf_counter()
     records = _Records(examples)
     n = len(records)
@@ -223,9 +234,12 @@ def dpsgd_fit(
     per_epoch = math.ceil(n / finetuner.batch_size)
     q = 1.0 / per_epoch
     total = finetuner.num_steps(n)
-    sigma = get_noise_multiplier(
-        target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=total, accountant=accountant
-    )
+    if adjacency == "replace_one":
+        sigma = subsampled_noise_multiplier(epsilon, delta, q, total, "replace_one")
+    else:
+        sigma = get_noise_multiplier(
+            target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=total, accountant=accountant
+        )
     torch.manual_seed(finetuner.seed)
     sampler = SecurePoissonSampler(num_samples=n, sample_rate=q, steps=per_epoch)
     loader = DataLoader(records, batch_sampler=sampler, collate_fn=_collate(task, finetuner.max_text_tokens))
@@ -269,9 +283,23 @@ def dpsgd_fit(
                     delattr(p, attr)
             p.grad = None
     model.eval()
-    spent = float(engine.get_epsilon(delta))
+    spent_add_remove = float(engine.get_epsilon(delta))  # opacus' accountant, which followed the run
+    spent = spent_add_remove
+    if adjacency == "replace_one":
+        entry = LedgerEntry(
+            "dpsgd",
+            "subsampled_gaussian",
+            "-",
+            noise_multiplier=float(sigma),
+            count=step,
+            sample_rate=q,
+            adjacency="add_remove",
+        )
+        spent = Ledger(float(delta), [entry], "replace_one").epsilon()
     extra = {
         "epsilon": spent,
+        "epsilon_add_remove": spent_add_remove,
+        "relation": adjacency,
         "epsilon_target": float(epsilon),
         "delta": float(delta),
         "noise_multiplier": float(sigma),
@@ -279,8 +307,8 @@ def dpsgd_fit(
         "expected_batch_size": q * n,
         "steps": step,
         "clip_norm": float(clip_norm),
-        "accountant": accountant,
-        "adjacency": "add_remove",
+        "accountant": accountant if adjacency == "add_remove" else "dp_accounting PLD (replace_one)",
+        "adjacency": "add_remove",  # the multiplier's reference: σ / per-record clip
         "noise_source": noise.SOURCE,
         "sampling_source": "os.urandom Poisson mask (gmtext.privacy.noise.uniform)",
         "num_records_public_note": NUM_RECORDS_NOTE,

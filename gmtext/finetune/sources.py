@@ -216,12 +216,13 @@ class DPSGDSource(TrainingSource):
         clip_norm: float = TrainDPSGDConfig.clip_norm,
         accountant: str = TrainDPSGDConfig.accountant,
         microbatch: int = TrainDPSGDConfig.microbatch,
+        adjacency: str = TrainDPSGDConfig.adjacency,
     ):
         from .dpsgd import check_dpsgd_args  # opacus: seconds of import time, only for DP-SGD runs
 
-        check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch)
+        check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch, str(adjacency))
         self.size, self.epsilon, self.delta, self.clip_norm = size, epsilon, delta, clip_norm
-        self.accountant, self.microbatch = str(accountant), microbatch
+        self.accountant, self.microbatch, self.adjacency = str(accountant), microbatch, str(adjacency)
 
     def check(self, lrs, num_processes) -> None:
         if len(lrs) > 1:
@@ -254,6 +255,7 @@ class DPSGDSource(TrainingSource):
             self.accountant,
             self.microbatch,
             on_step,
+            self.adjacency,
         )
 
     def privacy_parts(self, split, fit_extra):
@@ -275,6 +277,6 @@ class DPSGDSource(TrainingSource):
             {
                 "epsilon": float(dp["epsilon"]),
                 "delta": float(dp["delta"]),
-                "ledger": Ledger(float(dp["delta"]), [entry]),
+                "ledger": Ledger(float(dp["delta"]), [entry], dp.get("relation", "add_remove")),
             }
         ]

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..privacy.ledger import ledger_of
 from ..readability import kept_perplexity
 
 RUN_FILES = ("metrics.json", "generate.json")
@@ -48,6 +49,7 @@ METRICS = (
     "dev_accuracy",
     "n_train",
     "epsilon",
+    "epsilon_replace_one",  # only for add/remove ledgers (DP-SGD calibrated by opacus): the ε that compares
     "mean_match_loss",
     "mean_perplexity",
     "kept_median_perplexity",
@@ -118,6 +120,9 @@ def load_run(d: Path) -> Run:
         priv = d / "release" / "privacy.json"
         metrics["epsilon"] = float(json.loads(priv.read_text()).get("epsilon", math.inf)) if priv.exists() else math.inf
     metrics["epsilon"] = float(metrics["epsilon"])
+    led = ledger_of(json.loads(fin.read_text()).get("privacy")) if fin.exists() else None
+    if led is not None and led.entries and led.private and led.relation == "add_remove":
+        metrics["epsilon_replace_one"] = led.epsilon("replace_one")
     metrics.update({f"kept_{k}": v for k, v in kept_perplexity(d).items()})  # the fine-tuned set's readability
     flat = {k: _run_relative(v, d) for k, v in flatten(cfg).items()}
     if "n_train" not in metrics and "accuracy" in metrics:
@@ -568,7 +573,13 @@ def plot_accuracy_vs_epsilon(groups, path, plot_ignore=()):
     largest finite ε. Returns (plotted data, Figure), or None when no run is private: with
     only ε = ∞ there is no ε axis to draw (the table and accuracy_vs_examples show them)."""
     eps_keys = ("privacy.epsilon", "train.epsilon", "privacy.name", "privacy.delta", "train.delta")
-    data = _series(groups, "accuracy", lambda g: (g.stat("epsilon") or (None,))[0], eps_keys, plot_ignore)
+    data = _series(
+        groups,
+        "accuracy",
+        lambda g: (g.stat("epsilon_replace_one") or g.stat("epsilon") or (None,))[0],
+        eps_keys,
+        plot_ignore,
+    )
     finite = sorted({p[0] for v in data.values() for p in v if math.isfinite(p[0])})
     if not finite:
         return None
@@ -590,7 +601,7 @@ def plot_accuracy_vs_epsilon(groups, path, plot_ignore=()):
         nominal, labels = nominal + [x_inf], labels + ["∞"]
     ax.set_xticks(nominal, labels)
     ax.xaxis.set_minor_locator(_null_locator())
-    ax.set_xlabel("ε (δ per run; ∞ = non-private)")
+    ax.set_xlabel("ε under replace-one (δ per run; ∞ = non-private)")
     ax.set_ylabel("accuracy")
     _finish(fig, ax, path)
     return data, fig
