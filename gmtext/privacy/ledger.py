@@ -43,7 +43,7 @@ from typing import Any, Iterable
 from .accountant import ADJACENCIES
 
 KINDS = ("gaussian", "subsampled_gaussian", "non_private")
-ACCOUNTANT = "dp_accounting.pld.PLDAccountant"
+ACCOUNTANT = "dp_accounting.pld (privacy-loss distributions)"
 PLD_INTERVAL = 1e-4  # the PLD's value discretisation: PLDAccountant's default
 
 
