@@ -221,6 +221,7 @@ PRIVATE_RUNS = [  # (the command's overrides, run dir under experiments/results)
     *[(f"experiment=rt_private_n100_eps4 seed={s}", f"rt_private_n100/eps4_s{s}") for s in (0, 1, 2)],
     *[(f"experiment=rt_private_n100_epsinf seed={s}", f"rt_private_n100/epsinf_s{s}") for s in (0, 1, 2)],
     ("experiment=eps_sweep privacy.epsilon=0.5 seed=0", "rt_private_n100/eps0.5_s0_h200"),
+    *[(f"experiment=eps_sweep privacy.epsilon={e} seed=0", f"rt_private_n100/eps{e}_s0") for e in (2, 8)],
     *[(f"experiment=rt_private_n100_twin seed={s}", f"rt_private_n100/twin_s{s}") for s in (0, 2)],
     *[
         (f"experiment=budget_share_sweep probe.budget_share={b} seed=0", f"rt_private_n100/share{b}_s0")
