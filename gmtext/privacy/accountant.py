@@ -51,8 +51,9 @@ import numpy as np
 from scipy import optimize
 from scipy.special import log_ndtr, ndtr
 
+from .ledger import ADJACENCIES  # defined in the ledger, the lower layer
+
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp", "analytic")
-ADJACENCIES: tuple[str, ...] = ("replace_one", "add_remove")
 
 #: Upper end of the noise-multiplier search.  Anything above it means the
 #: release is essentially pure noise; a budget that needs more is reported as

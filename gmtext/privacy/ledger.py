@@ -40,9 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .accountant import ADJACENCIES
-
 KINDS = ("gaussian", "subsampled_gaussian", "non_private")
+ADJACENCIES = ("replace_one", "add_remove")  # the neighbour relations (privacy.accountant re-exports them)
 ACCOUNTANT = "dp_accounting.pld (privacy-loss distributions)"
 PLD_INTERVAL = 1e-4  # the PLD's value discretisation: PLDAccountant's default
 
