@@ -224,8 +224,8 @@ PRIVATE_RUNS = [  # (the command's overrides, run dir under experiments/results)
     *[(f"experiment=eps_sweep privacy.epsilon={e} seed=0", f"rt_private_n100/eps{e}_s0") for e in (2, 8)],
     *[(f"experiment=rt_private_n100_twin seed={s}", f"rt_private_n100/twin_s{s}") for s in (0, 2)],
     *[
-        (f"experiment=budget_share_sweep probe.budget_share={b} seed=0", f"rt_private_n100/share{b}_s0")
-        for b in (0.25, 0.75)
+        (f"experiment=budget_share_sweep probe.budget_share={b} seed={s}", f"rt_private_n100/share{b}_s{s}")
+        for b, s in ((0.25, 0), (0.75, 0), (0.25, 1))
     ],
     *[
         (f"experiment=rt_private_n100_twin target_precision=bfloat16 seed={s}", f"rt_private_n100/twin_bf16_s{s}")
