@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import Example, LabeledSplit, Task, _keyed_uniform, is_dev
 from ..privacy import noise
 from ..privacy.accountant import ADJACENCIES, check_budget_args
-from ..privacy.ledger import Ledger, LedgerEntry, subsampled_noise_multiplier
+from ..privacy.ledger import subsampled_epsilon, subsampled_noise_multiplier
 from .trainer import FineTuner, FitResult, VerbalizerClassifier
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -286,16 +286,7 @@ def dpsgd_fit(
     spent_add_remove = float(engine.get_epsilon(delta))  # opacus' accountant, which followed the run
     spent = spent_add_remove
     if adjacency == "replace_one":
-        entry = LedgerEntry(
-            "dpsgd",
-            "subsampled_gaussian",
-            "-",
-            noise_multiplier=float(sigma),
-            count=step,
-            sample_rate=q,
-            adjacency="add_remove",
-        )
-        spent = Ledger(float(delta), [entry], "replace_one").epsilon()
+        spent = subsampled_epsilon(float(sigma), float(delta), q, step, "replace_one")
     extra = {
         "epsilon": spent,
         "epsilon_add_remove": spent_add_remove,

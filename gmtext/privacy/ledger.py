@@ -253,6 +253,13 @@ def compose_records(parts: list[dict]) -> dict:
     }
 
 
+def subsampled_epsilon(noise_multiplier: float, delta: float, sample_rate: float, steps: int, relation: str) -> float:
+    """ε at δ, under `relation`, of `steps` Poisson-subsampled Gaussian steps whose multiplier is
+    σ over the per-record clip (a DP-SGD entry, read by this ledger's PLD)."""
+    kw = dict(noise_multiplier=noise_multiplier, count=steps, sample_rate=sample_rate, adjacency="add_remove")
+    return Ledger(delta, [LedgerEntry("dpsgd", "subsampled_gaussian", "-", **kw)], relation).epsilon()
+
+
 def subsampled_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int, relation: str) -> float:
     """The smallest noise multiplier (σ / per-record clip, to 0.1 %) whose `steps` Poisson-
     subsampled Gaussian steps spend at most ε at δ under `relation`, read by this ledger's own
@@ -260,16 +267,7 @@ def subsampled_noise_multiplier(epsilon: float, delta: float, sample_rate: float
     under add/remove only; this is how DP-SGD runs at a replace-one budget."""
 
     def spent(m: float) -> float:
-        entry = LedgerEntry(
-            "calibration",
-            "subsampled_gaussian",
-            "-",
-            noise_multiplier=m,
-            count=steps,
-            sample_rate=sample_rate,
-            adjacency="add_remove",
-        )
-        return Ledger(delta, [entry], relation).epsilon()
+        return subsampled_epsilon(m, delta, sample_rate, steps, relation)
 
     lo, hi = 0.5, 1.0  # bracket from 1 outwards: the PLD of a small multiplier is wide and slow
     while spent(hi) > epsilon:

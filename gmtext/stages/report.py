@@ -99,7 +99,7 @@ def find_run_dirs(paths) -> list[Path]:
 
 
 def load_run(d: Path) -> Run:
-    cfg, metrics = None, {}
+    cfg, metrics, privacy = None, {}, None
     gen = d / "generate.json"
     if gen.exists():
         g = json.loads(gen.read_text())
@@ -108,7 +108,7 @@ def load_run(d: Path) -> Run:
     fin = d / "metrics.json"
     if fin.exists():
         m = json.loads(fin.read_text())
-        cfg = m.get("config") or cfg
+        cfg, privacy = m.get("config") or cfg, m.get("privacy")
         metrics.update({k: v for k, v in m.items() if k in METRICS and v is not None})
     if cfg is None and (d / ".hydra" / "config.yaml").exists():
         from omegaconf import OmegaConf
@@ -120,7 +120,7 @@ def load_run(d: Path) -> Run:
         priv = d / "release" / "privacy.json"
         metrics["epsilon"] = float(json.loads(priv.read_text()).get("epsilon", math.inf)) if priv.exists() else math.inf
     metrics["epsilon"] = float(metrics["epsilon"])
-    led = ledger_of(json.loads(fin.read_text()).get("privacy")) if fin.exists() else None
+    led = ledger_of(privacy)
     if led is not None and led.entries and led.private and led.relation == "add_remove":
         metrics["epsilon_replace_one"] = led.epsilon("replace_one")
     metrics.update({f"kept_{k}": v for k, v in kept_perplexity(d).items()})  # the fine-tuned set's readability
