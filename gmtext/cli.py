@@ -228,7 +228,7 @@ def finetune_line(m: dict, out_dir) -> str:
     dev = f" | dev acc {m['dev_accuracy']:.1%}" if m.get("dev_accuracy") is not None else ""
     took = f"{m['wall_seconds']:.0f} s" if "wall_seconds" in m else "wall time withheld (DP-SGD)"
     return (
-        f"gmtext-finetune: {m['train_source']} (n={m['n_train']}) | "
+        f"gmtext-finetune: {m['train_source']} (n={m['n_train'] if m['n_train'] is not None else 'withheld'}) | "
         f"{m['splits']['accuracy']} accuracy {m['accuracy']:.1%} | "
         f"macro-F1 {m['macro_f1']:.3f}{dev}{eps} | {took} → {out_dir}/metrics.json"
     )

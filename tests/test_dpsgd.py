@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gmtext.data import Example, is_dev, load_split
+from gmtext.data import Example, LabeledSplit, is_dev, load_split
 from gmtext.finetune.dpsgd import (
     SecureDPOptimizer,
     SecurePoissonSampler,
     dpsgd_fit,
     keyed_uniform,
     private_records,
+    public_record_count,
     record_subsample,
 )
 from gmtext.finetune.trainer import (
@@ -185,6 +186,55 @@ def test_subsample_is_record_stable():
     assert record_subsample(exs, 0.3, seed=2) != base
 
 
+def _replace_one(split, i: int, text: str):
+    """The split with record i replaced by (text, same label): a replace-one neighbour."""
+    exs = list(split.examples)
+    exs[i] = Example(text, exs[i].label)
+    return LabeledSplit(exs, split.skipped_empty)
+
+
+def test_replace_one_neighbours_get_the_same_schedule_and_divisor(demo, tiny, monkeypatch):
+    """The auditor's attack on the old code: swap one training record for a text in the dev
+    hash bucket. The number of records that train drops by one, and q, the step count and the
+    divisor derived from it moved with it. Now they derive from the row count: identical."""
+    i = next(k for k, e in enumerate(demo.examples) if not is_dev(e.text))
+    dev_text = next(f"a dev-bucket review {k}" for k in range(1000) if is_dev(f"a dev-bucket review {k}"))
+    nb = _replace_one(demo, i, dev_text)
+    assert len(private_records(nb, None, 0)) == len(private_records(demo, None, 0)) - 1
+    assert public_record_count(nb) == public_record_count(demo) == len(demo.examples) + demo.skipped_empty
+    lm, task = tiny
+    seen = {}
+    for name, split in (("d", demo), ("d'", nb)):
+        ft = FINETUNERS["last_layers"](lr=1e-2, epochs=1, batch_size=16)
+        model = ft.prepare(copy.deepcopy(lm.model))
+        divisors = []
+        real = SecureDPOptimizer.add_noise
+        spy = lambda self: divisors.append(self.expected_batch_size) or real(self)  # noqa: E731
+        monkeypatch.setattr(SecureDPOptimizer, "add_noise", spy)
+        recs = private_records(split, None, 0)
+        x = dpsgd_fit(ft, model, task, recs, 2.0, 1e-3, 0.5, num_records=public_record_count(split)).extra
+        monkeypatch.undo()
+        seen[name] = (x["sample_rate"], x["steps"], x["expected_batch_size"], x["noise_multiplier"], set(divisors))
+    assert seen["d"] == seen["d'"]
+    rows = public_record_count(demo)
+    q = 1 / -(-rows // 16)
+    assert seen["d"][:3] == (q, -(-rows // 16), q * rows)
+    assert seen["d"][4] == {q * rows}  # the optimizer divides by q·num_records, not by q·len(records)
+    with pytest.raises(ValueError, match="^dpsgd: num_records=3: accepted: an int >= 1 and >= the number"):
+        dpsgd_fit(ft, model, task, private_records(demo, None, 0), 2.0, 1e-3, 0.5, num_records=3)
+
+
+def test_subsample_rate_does_not_move_with_other_records(demo):
+    """train.size: the rate is size / row count, so replacing one record leaves every other
+    record's membership as it was."""
+    nb = _replace_one(demo, 0, "an entirely different review text")
+    a, b = private_records(demo, 10, 3), private_records(nb, 10, 3)
+    others = {e.text for e in demo.examples[1:]}
+    assert [e for e in a if e.text in others] == [e for e in b if e.text in others]
+    rows = public_record_count(demo)
+    assert a == record_subsample([e for e in demo.examples if not is_dev(e.text)], 10 / rows, 3)
+
+
 def test_private_records_defaults_to_the_whole_split(demo):
     pool = [e for e in demo.examples if not is_dev(e.text)]
     assert private_records(demo, None, 0) == pool and private_records(demo, 10**6, 0) == pool
@@ -245,9 +295,13 @@ def test_run_finetune_dpsgd_logs_nothing_from_private_batches(compose, tmp_path)
     from gmtext.cli import finetune_line  # the console summary of such a run (it raised KeyError 'wall_seconds')
 
     assert finetune_line(saved, "RUN").endswith("| wall time withheld (DP-SGD) → RUN/metrics.json")
-    assert saved["n_train"] == len(
-        [e for e in load_split("train", NAMES, builtin="demo").examples if not is_dev(e.text)]
-    )
+    # how many records trained is private (the dev bucket depends on the texts); the schedule
+    # derives from the split's row count, which every replace-one neighbour shares
+    demo = load_split("train", NAMES, builtin="demo")
+    assert saved["n_train"] is None and "(n=withheld)" in finetune_line(saved, "RUN")
+    rows = len(demo.examples) + demo.skipped_empty
+    assert saved["dp"]["num_records"] == rows > len(private_records(demo, None, 0))
+    assert saved["dp"]["sample_rate"] == pytest.approx(1 / -(-rows // 16)) and saved["steps"] == -(-rows // 16)
 
 
 @pytest.mark.parametrize("override", ["train.accountant=gdp", "train.adjacency=swap"])

@@ -24,8 +24,14 @@ Here the noise comes from `gmtext.privacy.noise` (os.urandom; SecureDPOptimizer)
 Poisson mask from os.urandom uniforms (SecurePoissonSampler). Nothing computed from a
 private batch (loss, batch size) leaves this module; only step and lr are reported.
 
-The number of records N enters q = 1 / ceil(N / batch_size) and is treated as public, as in
-standard DP-SGD practice (opacus derives q from the dataset length the same way).
+Which count sets q and the step count: the split's row count (`public_record_count`), not the
+number of records that train. The records that train are the rows outside the dev hash bucket,
+and whether a row falls in that bucket is a function of its text: under replace-one, swapping
+one record for one in the bucket changes the training-set size by one, so a q, a step count or
+an `n_train` derived from it would tell the two neighbours apart. The row count is the same for
+every replace-one neighbour (the GRADMM release divides by it for the same reason). Under
+add_remove it is treated as public, as in standard DP-SGD practice (opacus derives q from the
+dataset length the same way).
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ from .trainer import FineTuner, FitResult, VerbalizerClassifier
 
 ACCOUNTANTS = ("prv", "rdp")
 NUM_RECORDS_NOTE = (
-    "the number of private records N sets the sample rate q = 1/ceil(N/batch_size) and the "
-    "subsample rate of train.size; N is treated as public, as in standard DP-SGD practice"
+    "num_records, the train split's row count (the same for every replace-one neighbour; treated as "
+    "public under add_remove, as in standard DP-SGD practice), sets q = 1/ceil(num_records/batch_size), "
+    "the step count and the subsample rate of train.size; how many records actually train is not released"
 )
 
 
@@ -71,19 +78,25 @@ def record_subsample(examples: Sequence[Example], rate: float, seed: int) -> lis
     return [e for e in examples if keyed_uniform(seed, e.text) < rate]
 
 
+def public_record_count(split: LabeledSplit) -> int:
+    """The split's row count, empty rows included: what q, the step count and the subsample
+    rate derive from (module docstring)."""
+    return len(split.examples) + split.skipped_empty
+
+
 def private_records(split: LabeledSplit, size: int | None, seed: int) -> list[Example]:
     """DP-SGD's training set: every train-split record outside the dev hash bucket, or, with
-    an int `size`, a record-stable subsample of expected size `size` (rate size / N, N the
-    public count of non-dev records). Not class-balanced: balancing would make a record's
-    inclusion depend on the others."""
-    pool = [e for e in split.examples if not is_dev(e.text)]
-    if size is None:
-        return pool
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    an int `size`, a record-stable subsample of expected size about `size` (rate
+    size / public_record_count, a count every replace-one neighbour shares, so each record's
+    inclusion depends on its own text alone). Not class-balanced: balancing would make a
+    record's inclusion depend on the others."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"train.size={size!r}: accepted: null (the whole train split) or an int >= 1")
-    if not pool or size >= len(pool):
+    pool = [e for e in split.examples if not is_dev(e.text)]
+    rows = public_record_count(split)
+    if size is None or size >= rows:
         return pool
-    return record_subsample(pool, size / len(pool), seed)
+    return record_subsample(pool, size / rows, seed)
 
 
 # --------------------------------------------------------------------------- secure randomness
@@ -117,9 +130,14 @@ class SecureDPOptimizer(DPOptimizer):
 
 class _SecurePrivacyEngine(PrivacyEngine):
     """PrivacyEngine that hands out SecureDPOptimizer. Only the single-process, flat-clipping
-    case is supported (the only one gmtext runs DP-SGD in)."""
+    case is supported (the only one gmtext runs DP-SGD in).
 
-    def __init__(self, accountant: str):
+    `expected_batch_size`: the divisor of the noisy sum, q · num_records. opacus would take
+    int(len(dataset) · q), a function of how many records train, which is private (module
+    docstring): a divisor that moves between neighbours scales the released update."""
+
+    def __init__(self, accountant: str, expected_batch_size: float):
+        self.public_batch = float(expected_batch_size)
         with warnings.catch_warnings():  # "Secure RNG turned off": opacus' RNG is not used, see the module docstring
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             super().__init__(accountant=accountant, secure_mode=False)
@@ -153,7 +171,7 @@ class _SecurePrivacyEngine(PrivacyEngine):
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
+            expected_batch_size=self.public_batch,
             loss_reduction=loss_reduction,
         )
 
@@ -208,9 +226,12 @@ def dpsgd_fit(
     microbatch: int = 8,
     on_step: Callable[[dict], None] | None = None,
     adjacency: str = "replace_one",
+    num_records: int | None = None,
 ) -> FitResult:
     """(epsilon, delta)-DP fine-tuning of the finetuner's trainable parameters on `examples`.
 
+    `num_records` (N): the public count the schedule derives from (the split's row count,
+    public_record_count; None: len(examples), for callers whose example count is public).
     Logical (expected) batch: finetuner.batch_size, so q = 1 / ceil(N / batch_size);
     steps: finetuner.max_steps, else finetuner.epochs * ceil(N / batch_size); optimizer and
     lr schedule: the finetuner's (AdamW). `microbatch` bounds the physical batch (memory
@@ -225,9 +246,13 @@ def dpsgd_fit(
     check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch, adjacency)
     t0 = time.perf_counter()
     records = _Records(examples)
-    n = len(records)
-    if n == 0:
+    if num_records is None and len(records) == 0:
         raise ValueError("dpsgd: no training examples")
+    n = len(records) if num_records is None else num_records
+    if isinstance(n, bool) or not isinstance(n, int) or n < max(1, len(records)):
+        raise ValueError(
+            f"dpsgd: num_records={num_records!r}: accepted: an int >= 1 and >= the number of training examples"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("dpsgd: the model has no trainable parameter; call finetuner.prepare(model) first")
@@ -241,9 +266,9 @@ def dpsgd_fit(
             target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=total, accountant=accountant
         )
     torch.manual_seed(finetuner.seed)
-    sampler = SecurePoissonSampler(num_samples=n, sample_rate=q, steps=per_epoch)
+    sampler = SecurePoissonSampler(num_samples=len(records), sample_rate=q, steps=per_epoch)
     loader = DataLoader(records, batch_sampler=sampler, collate_fn=_collate(task, finetuner.max_text_tokens))
-    engine = _SecurePrivacyEngine(accountant=accountant)
+    engine = _SecurePrivacyEngine(accountant=accountant, expected_batch_size=q * n)
     net, opt, loader = engine.make_private(
         module=VerbalizerClassifier(model, task.label_token_ids),
         optimizer=finetuner.optimizer(params),
@@ -295,7 +320,8 @@ def dpsgd_fit(
         "delta": float(delta),
         "noise_multiplier": float(sigma),
         "sample_rate": q,
-        "expected_batch_size": q * n,
+        "num_records": n,
+        "expected_batch_size": q * n,  # the normaliser: public, like q (the realised batches are not)
         "steps": step,
         "clip_norm": float(clip_norm),
         "accountant": accountant if adjacency == "add_remove" else "dp_accounting PLD (replace_one)",

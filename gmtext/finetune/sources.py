@@ -223,6 +223,7 @@ class DPSGDSource(TrainingSource):
         check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch, str(adjacency))
         self.size, self.epsilon, self.delta, self.clip_norm = size, epsilon, delta, clip_norm
         self.accountant, self.microbatch, self.adjacency = str(accountant), microbatch, str(adjacency)
+        self.num_records: int | None = None  # the split's public row count, set by load()
 
     def check(self, lrs, num_processes) -> None:
         if len(lrs) > 1:
@@ -237,9 +238,13 @@ class DPSGDSource(TrainingSource):
             )
 
     def load(self, ctx: SourceContext) -> TrainingSet:
-        from .dpsgd import private_records
+        from .dpsgd import private_records, public_record_count
 
+        self.num_records = public_record_count(ctx.train_split)
         return TrainingSet(private_records(ctx.train_split, self.size, ctx.seed))
+
+    def num_steps(self, finetuner, n: int) -> int | None:
+        return finetuner.num_steps(self.num_records if self.num_records is not None else n)
 
     def fit(self, finetuner, model, task, examples, on_step, accelerator=None):
         from .dpsgd import dpsgd_fit
@@ -256,6 +261,7 @@ class DPSGDSource(TrainingSource):
             self.microbatch,
             on_step,
             self.adjacency,
+            self.num_records,
         )
 
     def privacy_parts(self, split, fit_extra):

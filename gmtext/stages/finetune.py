@@ -196,7 +196,9 @@ def _metrics_record(
             "lr_selection": dev_name,
         },
         "train_source": source.name,
-        "n_train": len(used),
+        # DP-SGD: how many records trained is private (which rows fall in the dev bucket depends
+        # on their text); the public count its schedule used is metrics["dp"]["num_records"]
+        "n_train": None if source.private_fit else len(used),
         "train_per_class": None
         if source.private_fit
         else [sum(e.label == k for e in used) for k in range(task.num_classes)],
