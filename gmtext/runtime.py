@@ -51,11 +51,12 @@ def build_task(cfg: DictConfig, tokenizer) -> Task:
     return Task(tokenizer, ds.template, list(ds.label_names), list(ds.verbalizers), start_token=cfg.model.start_token)
 
 
-def dataset_split(ds: DictConfig, split: str) -> LabeledSplit:
+def dataset_split(ds: DictConfig, split: str, every_class: bool = True) -> LabeledSplit:
     """`split` of the configured dataset: the one place the dataset.* fields map onto load_split.
     With dataset.carve.eval_fraction > 0 the evaluation split is carved out of the train split's
-    file and the train split is what the carve leaves (data.load_configured)."""
-    return load_configured(ds, split)
+    file and the train split is what the carve leaves (data.load_configured). `every_class`:
+    data.load_split (False for a split a DP mechanism reads)."""
+    return load_configured(ds, split, every_class)
 
 
 def matched_params(cfg: DictConfig, model, specs=None) -> MatchedParams:
@@ -126,7 +127,8 @@ def select_real_examples(ds_cfg, num_classes: int, real_per_class: int | None, s
     `real_per_class=None`: every record of the split, decided record by record
     (data.release_records): the DP path. An integer keeps the seeded class-balanced sample of
     the non-private research runs (reproduces their published numbers; refused under DP)."""
-    split = dataset_split(ds_cfg, ds_cfg.train_split)
+    # the whole-split path decides record by record, and an empty class is a zero sum, not a stop
+    split = dataset_split(ds_cfg, ds_cfg.train_split, every_class=real_per_class is not None)
     rows = len(split.examples) + split.skipped_empty
     if real_per_class is None:
         return release_records(split, num_classes, sample_rate, seed), rows

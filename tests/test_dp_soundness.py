@@ -302,6 +302,42 @@ def test_job_log_has_no_counts_of_the_private_file(tmp_path, caplog):
     assert not caplog.records
 
 
+def test_a_private_split_without_a_class_runs_like_its_neighbour(compose, tmp_path):
+    """The auditor's case: a class with one record, replaced by a record of the other class.
+    The loader used to stop on the empty class while the neighbour ran: a perfect
+    distinguisher. A DP reader now goes on (a zero sum for that class); the release's public
+    figures are the same for both, and a non-private reader still gets the one-line error."""
+    from gmtext.data import DataError
+
+    rows = [{"text": f"a private review number {i}", "label": 0} for i in range(11)]
+    outs = {}
+    for name, last in (("one_pos", 1), ("no_pos", 0)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "train.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in [*rows, {"text": "the one", "label": last}])
+        )
+        (d / "validation.jsonl").write_text('{"text": "ok", "label": 0}\n{"text": "fine", "label": 1}\n')
+        cfg = compose(
+            [
+                "debug=tiny",
+                "privacy=dp",
+                "privacy.epsilon=1",
+                "dataset=rotten_tomatoes",
+                f"dataset.path={d}",
+                "progress=false",
+            ],
+            config_name="release",
+        )
+        R.run_release(cfg, tmp_path / f"run_{name}")
+        p = json.loads((tmp_path / f"run_{name}" / "release" / "privacy.json").read_text())
+        outs[name] = {k: p[k] for k in ("num_records", "divisor", "epsilon", "noise_multiplier")}
+    assert outs["one_pos"] == outs["no_pos"] and outs["no_pos"]["num_records"] == 12
+    with pytest.raises(DataError, match=r"class\(es\) \['pos'\] have zero examples"):
+        load_split("train", ["neg", "pos"], path=str(tmp_path / "no_pos"))
+    assert len(load_split("train", ["neg", "pos"], path=str(tmp_path / "no_pos"), every_class=False).examples) == 12
+
+
 @pytest.mark.slow
 def test_whole_rotten_tomatoes_split_release_ledger(compose, tmp_path):
     """gmtext-release privacy=dp on the whole train split: the ledger names the split, the

@@ -225,6 +225,25 @@ def test_add_remove_sensitivity_and_divisor(tiny):
     assert rel.privacy["adjacency"] == "add_remove" and "withheld" in rel.privacy["num_records"]
 
 
+def test_a_multiplier_the_ledger_does_not_certify_stops_before_any_record_is_read(tiny, monkeypatch):
+    """The calibration (analytic curve) and the reported ε (the ledger's PLD) are different
+    accountants: the release checks they agree before it reads a record."""
+    from gmtext.privacy import release as P
+
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+    mech = dp()
+    assert mech.check_spend([mech.noise_multiplier]) is None  # the real calibration passes
+    monkeypatch.setattr(P, "_calibrate", lambda e, d, a: 0.9 * P.calibrate_noise_multiplier(e, d, 1, a))
+    read = []
+    monkeypatch.setattr(P, "_clipped_sums", lambda *a, **k: read.append(1) or [])
+    with pytest.raises(RuntimeError, match=r"^privacy: noise multipliers \[.*\] compose to epsilon=1\.[0-9]+ .* over "):
+        dp_release(mech, lm, task, mp, [TEXTS, TEXTS], 8)
+    with pytest.raises(RuntimeError, match="over privacy.epsilon=1"):
+        mech.release_joint(lm.model, task, [(mp, "a"), (mp, "b")], [TEXTS, TEXTS], ReleaseInputs("fp", 64, 8), 0.5)
+    assert read == []
+
+
 def test_reused_release_must_have_the_same_adjacency():
     rel = R.Release(
         [[torch.zeros(2)]],

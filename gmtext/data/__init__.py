@@ -205,9 +205,15 @@ def load_split(
     text_field: str = "text",
     label_field: str = "label",
     builtin: str | None = None,
+    every_class: bool = True,
 ) -> LabeledSplit:
     """Load one split from a local folder (`{split}.jsonl` or `.csv`), the builtin demo set,
-    or the Hugging Face hub. Empty/whitespace texts are skipped and counted, not fatal."""
+    or the Hugging Face hub. Empty/whitespace texts are skipped and counted, not fatal.
+
+    `every_class=False`: a declared class with no record is not an error. A DP mechanism
+    reading its private split passes it: whether a class is empty is a fact about the records,
+    and a run that stops on it where its neighbour (one record replaced by one of that class)
+    runs would tell the two apart."""
     if path:
         folder = Path(path)
         if not folder.is_dir():
@@ -245,7 +251,7 @@ def load_split(
         raise DataError("dataset has neither path, builtin nor hub_name set")
     if not rows:
         raise DataError(f"{where}: no rows")
-    return _to_examples(rows, where, label_names, text_field, label_field, keys_of)
+    return _to_examples(rows, where, label_names, text_field, label_field, keys_of, every_class)
 
 
 # ------------------------------------------------------------------ evaluation split carved from train
@@ -275,7 +281,7 @@ def carve_fraction(ds) -> float:
     return float(f)
 
 
-def load_configured(ds, split: str) -> LabeledSplit:
+def load_configured(ds, split: str, every_class: bool = True) -> LabeledSplit:
     """load_split for a `dataset` config, carve included.
 
     With dataset.carve.eval_fraction = f > 0, dataset.eval_split names the records of
@@ -290,6 +296,7 @@ def load_configured(ds, split: str) -> LabeledSplit:
         text_field=ds.text_field,
         label_field=ds.label_field,
         builtin=ds.builtin,
+        every_class=every_class,
     )
     f = carve_fraction(ds)
     if not f or split not in (ds.train_split, ds.eval_split):
@@ -319,7 +326,7 @@ def load_configured(ds, split: str) -> LabeledSplit:
     for e in part.examples:
         counts[e.label] += 1
     empty = [ds.label_names[c] for c, n in enumerate(counts) if n == 0]
-    if empty:
+    if empty and (want_eval or every_class):
         side = "carved evaluation split" if want_eval else "train split left after carving"
         raise DataError(
             f"dataset.carve.eval_fraction={f}: the {side} of {ds.train_split!r} has no example of class(es) "
@@ -346,7 +353,7 @@ def carve_summary(ds, n_eval: int) -> dict | None:
     }
 
 
-def _to_examples(rows, where, label_names, text_field, label_field, keys_of=None) -> LabeledSplit:
+def _to_examples(rows, where, label_names, text_field, label_field, keys_of=None, every_class=True) -> LabeledSplit:
     names = list(label_names)
     examples, skipped = [], 0
     for i, r in enumerate(rows):
@@ -378,7 +385,7 @@ def _to_examples(rows, where, label_names, text_field, label_field, keys_of=None
     for ex in examples:
         counts[ex.label] += 1
     empty = [names[c] for c, n in enumerate(counts) if n == 0]
-    if empty:
+    if empty and every_class:
         raise DataError(f"{where}: class(es) {empty} have zero examples; every declared label needs at least one")
     # `skipped` is kept on the split (the row count of the protected split needs it) but never
     # logged: the job log is an output, and a count of the private file is a statistic of it.

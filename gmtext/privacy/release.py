@@ -336,6 +336,33 @@ class NoPrivacy:
             for (mp, fp), sums in zip(parts, pre)
         ]
 
+    def check_spend(self, mults: list[float]) -> None:
+        """Before any record is read: the ledger (dp_accounting's PLD, the accountant every
+        artifact reports) composes the planned Gaussians to at most the configured ε. The
+        multiplier comes from another accountant (the analytic curve), so this is the check
+        that the two agree, not a formality."""
+        sens = sum_sensitivity(self.clip_norm, self.adjacency)
+        entries = [
+            LedgerEntry(
+                f"planned_{i}",
+                "gaussian",
+                "",
+                "",
+                noise_multiplier=m,
+                sensitivity=sens,
+                sigma=m * sens,
+                adjacency=self.adjacency,
+            )
+            for i, m in enumerate(mults)
+        ]
+        spent = Ledger(self.delta, entries).epsilon()
+        if spent > self.epsilon * (1 + 1e-6):
+            raise RuntimeError(
+                f"privacy: noise multipliers {[round(m, 4) for m in mults]} compose to epsilon={spent:.6g} under the "
+                f"ledger's accountant, over privacy.epsilon={self.epsilon:g}; set privacy.accountant to another "
+                "calibration accountant"
+            )
+
     def check_reuse(self, rel: Release) -> None:
         """Refuse a non-private release made with a different clip_norm."""
         have = rel.privacy.get("clip_norm")
@@ -465,6 +492,8 @@ class GaussianRelease:
         if len(texts_by_class) != num_classes:
             raise ValueError(f"DP release: got texts for {len(texts_by_class)} classes, the task has {num_classes}")
         method = _check_method(method, matched)
+        if noise_multiplier is None:
+            self.check_spend([self.noise_multiplier])
         mult = noise_multiplier or self.noise_multiplier
         sens = sum_sensitivity(self.clip_norm, self.adjacency)
         sigma = mult * sens
@@ -547,6 +576,7 @@ class GaussianRelease:
         carry the joint ledger, so the pool, the probe and a selection that uses both all report
         the same ε, at the same δ."""
         mults = split_multipliers(self.noise_multiplier, probe_share)
+        self.check_spend(list(mults))
         pre = _clipped_sums_parts(
             model,
             task,
@@ -578,6 +608,33 @@ class GaussianRelease:
         for r in rels:
             r.privacy.update(epsilon=joint["epsilon"], ledger=joint, probe_budget_share=float(probe_share))
         return rels
+
+    def check_spend(self, mults: list[float]) -> None:
+        """Before any record is read: the ledger (dp_accounting's PLD, the accountant every
+        artifact reports) composes the planned Gaussians to at most the configured ε. The
+        multiplier comes from another accountant (the analytic curve), so this is the check
+        that the two agree, not a formality."""
+        sens = sum_sensitivity(self.clip_norm, self.adjacency)
+        entries = [
+            LedgerEntry(
+                f"planned_{i}",
+                "gaussian",
+                "",
+                "",
+                noise_multiplier=m,
+                sensitivity=sens,
+                sigma=m * sens,
+                adjacency=self.adjacency,
+            )
+            for i, m in enumerate(mults)
+        ]
+        spent = Ledger(self.delta, entries).epsilon()
+        if spent > self.epsilon * (1 + 1e-6):
+            raise RuntimeError(
+                f"privacy: noise multipliers {[round(m, 4) for m in mults]} compose to epsilon={spent:.6g} under the "
+                f"ledger's accountant, over privacy.epsilon={self.epsilon:g}; set privacy.accountant to another "
+                "calibration accountant"
+            )
 
     def check_reuse(self, rel: Release) -> None:
         """Refuse to reuse a release that is non-private, spends more ε than configured, or was

@@ -132,7 +132,7 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             ds = cfg.dataset
             eval_all = dataset_split(ds, ds.eval_split).examples  # dataset.carve: carved out of the train file
             eval_exs = eval_subset(eval_all, cfg.finetune.eval_limit)
-            train_split = dataset_split(ds, ds.train_split)
+            train_split = dataset_split(ds, ds.train_split, every_class=not source.private_fit)
             dev = dev_examples(train_split, cfg.finetune.dev_size) if cfg.finetune.dev_size > 0 else []
             data = source.load(
                 SourceContext(
