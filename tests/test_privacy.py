@@ -121,6 +121,33 @@ def test_dp_release_verbalizer_records_loss(tiny):
         assert float(rel.targets[c][0].std()) * det.divisor == pytest.approx(det.sigma, rel=0.05)
 
 
+def test_a_non_finite_gradient_contributes_nothing(tiny, monkeypatch):
+    """One record with a NaN or Inf gradient used to turn its class's whole sum into NaN (and
+    the run's failure revealed it). It now contributes zero, on both clipping paths; the other
+    records' clipped sum is untouched."""
+    from gmtext.privacy import mechanism as M
+
+    g = torch.tensor([[3.0, 4.0], [float("nan"), 1.0], [float("inf"), 0.0], [0.3, 0.4]])
+    (s,), nrm = M._clip_materialised([g], 1.0)
+    torch.testing.assert_close(s, torch.tensor([0.6 + 0.3, 0.8 + 0.4]))
+    assert M.clip_factors(nrm, 1.0).tolist()[1:3] == [0.0, 0.0]
+    lm, task = tiny
+    mp = MatchedParams(lm.model, ["lm_head"])
+    bad = TEXTS[2]
+    clean = M.clipped_sum(lm.model, task, mp, [t for t in TEXTS if t != bad], 0, 0.5, 64, method="closed_form").sums
+    real = M._head_chunk
+
+    def poisoned(model, matched, task, texts, *a, **k):
+        e, h = real(model, matched, task, texts, *a, **k)
+        rows = torch.tensor([t == bad for t in texts])
+        return e.masked_fill(rows[:, None], float("nan")), h.masked_fill(rows[:, None], float("inf"))
+
+    monkeypatch.setattr(M, "_head_chunk", poisoned)
+    dirty = M.clipped_sum(lm.model, task, mp, TEXTS, 0, 0.5, 64, method="closed_form").sums
+    for a, b in zip(dirty, clean):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("specs", [["lm_head"], BLOCKS])
 def test_clipping_bound(tiny, specs):
     lm, task = tiny

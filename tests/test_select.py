@@ -139,6 +139,7 @@ def test_margin_selector_stage(compose, tmp_path):
     )
     (pool / "generate.json").write_text(json.dumps({"summary": {"epsilon": 2.0, "delta": 1e-6}}))
     probe = tmp_path / "probe" / "release"
+    privacy_json = json.loads((probe / "privacy.json").read_text())  # non-private: one non_private entry
     (probe / "privacy.json").write_text(json.dumps({"mechanism": "gaussian", "epsilon": 1.5, "delta": 1e-6}))
     s = run_select(
         compose(
@@ -175,6 +176,22 @@ def test_margin_selector_stage(compose, tmp_path):
         kept = [r for r in sel if r["label"] == c]
         assert [r["text"] for r in kept] == [texts[i] for i in pool_c[:2]]
         assert [r["label_margin"] for r in kept] == pytest.approx([margin[i] for i in pool_c[:2]], abs=1e-6)
+    # a hand-made pool (no generate.json): its cost is unknown, so no ε is stated, but the
+    # probe's use of the private data stays in the selection's ledger
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "synthetic.jsonl").write_text((pool / "synthetic.jsonl").read_text())
+    (probe / "privacy.json").write_text(json.dumps(privacy_json))
+    s2 = run_select(
+        compose(tiny_cfg + [f"pool={bare}", "selector=margin", f"selector.release={probe}"], config_name="select"),
+        tmp_path / "sel_bare",
+    )
+    rec = json.loads((tmp_path / "sel_bare" / "select.json").read_text())
+    assert "epsilon" not in s2 and rec["privacy"]["epsilon"] is None and "unknown" in rec["privacy"]["note"]
+    assert rec["privacy"]["ledger"]["entries"] == privacy_json["ledger"]["entries"]
+    from gmtext.data.synthetic import synthetic_privacy
+
+    assert synthetic_privacy(tmp_path / "sel_bare") is None  # a fine-tune on it states no ε either
     with pytest.raises(ValueError, match=r"missing field\(s\) \['match_loss', 'perplexity'\]"):  # best needs the scores
         run_select(compose(tiny_cfg + [f"pool={pool}"], config_name="select"), tmp_path / "z")
     # no release given (empty or null): the pool's own <pool>/probe, which this pool lacks

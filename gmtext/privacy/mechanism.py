@@ -109,8 +109,19 @@ def _all_sketch(matched: MatchedParams) -> bool:
 
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """s_i = min(1, C / ||g_i||) (0-norm rows keep factor 1)."""
-    return (clip_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+    """s_i = min(1, C / ||g_i||) (0-norm rows keep factor 1); 0 for a non-finite norm.
+
+    A record whose gradient is not finite (an overflow, fp16) contributes nothing: decided from
+    that record alone, and a zero vector is within the sensitivity of any clipped one. Passing it
+    on would make its class's whole target NaN, and the run's failure would reveal the record."""
+    s = (clip_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norms), s, torch.zeros_like(s))
+
+
+def _zero_nonfinite_rows(x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """x with the rows of non-finite norm set to 0 (0 · NaN would still be NaN)."""
+    ok = torch.isfinite(norms).view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(ok, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 # --------------------------------------------------------------------------- closed form
@@ -157,6 +168,7 @@ def clipped_sum_closed_form(
             n2 = n2 + e2
         nrm = n2.sqrt()
         s = clip_factors(nrm, clip_norm)
+        e, h = _zero_nonfinite_rows(e, nrm), _zero_nonfinite_rows(h, nrm)
         sums[w_idx] += (e * s[:, None]).T @ h  # E^T diag(s) H
         if b_idx is not None:
             sums[b_idx] += (e * s[:, None]).sum(0)
@@ -233,7 +245,7 @@ def _clip_materialised(grads: list[torch.Tensor], clip_norm: float):
     n = grads[0].shape[0]
     nrm = torch.sqrt(sum(g.reshape(n, -1).float().pow(2).sum(1) for g in grads))
     s = clip_factors(nrm, clip_norm)
-    return [(g.float() * s.view(n, *([1] * (g.dim() - 1)))).sum(0) for g in grads], nrm
+    return [_zero_nonfinite_rows(g.float() * s.view(n, *([1] * (g.dim() - 1))), nrm).sum(0) for g in grads], nrm
 
 
 def clipped_sum(

@@ -227,8 +227,18 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
                 summary["mean_label_margin"] = _mean(chosen, "label_margin")
                 summary["probe_release"] = {k: v for k, v in probe_privacy.items() if k != "ledger"}
                 parts.append(probe_privacy)
-            privacy = compose_records(parts) if pool_privacy else None  # a pool of unknown origin stays unknown
-            if privacy:
+            privacy = compose_records(parts) if pool_privacy else None
+            if not pool_privacy and probe_privacy is not None:
+                # a pool of unknown origin (a hand-made file) stays of unknown cost, but the probe's
+                # use of the private data still travels with the selection
+                privacy = {
+                    "epsilon": None,
+                    "delta": None,
+                    "ledger": compose_records([probe_privacy]),
+                    "note": "the pool has no privacy record, so its own cost and the total are unknown; "
+                    "the ledger holds the probe release's",
+                }
+            if privacy and privacy["epsilon"] is not None:
                 summary.update(epsilon=privacy["epsilon"], delta=privacy["delta"])
             write_json(run_dir / "select.json", {**summary, "privacy": privacy})
             tracker.summary(
