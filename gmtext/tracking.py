@@ -294,13 +294,23 @@ class WandbTracker(Tracker):
         self.project = project if project is not None else (os.environ.get("WANDB_PROJECT") or "gmtext")
         if self.mode == "disabled":
             return
+        self._start_args = (entity, job_type, tags, config, ident)
+        # A stage that runs a DP mechanism: W&B starts when the stage closes and replays what was
+        # logged. Each W&B row carries its wall-clock time and the run its duration, and how long
+        # the mechanism took depends on the private records (how many, how long, how many were
+        # Poisson-sampled): a run that starts after the mechanism records none of that.
+        self._pending: list | None = [] if private else None
+        if not private:
+            self._start()
+
+    def _start(self) -> None:
         import wandb
 
+        entity, job_type, tags, config, ident = self._start_args
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # a DP mechanism's progress bar and its CPU/memory curve over time depend on the private
-        # records (how many were sampled, how long they are): W&B must not record them
-        settings = wandb.Settings(console="off", x_disable_stats=True) if private else None
+        # and no console capture or CPU/memory curve, which follow the mechanism's progress
+        settings = wandb.Settings(console="off", x_disable_stats=True) if self.private else None
         self.run = wandb.init(
             project=self.project,
             entity=entity,
@@ -321,6 +331,13 @@ class WandbTracker(Tracker):
         for glob, step in STEP_METRICS:
             self.run.define_metric(glob, step_metric=step)
 
+    def _defer(self, method: str, *args) -> bool:
+        """Queue a W&B call of a private stage for close(); False when W&B is live (or off)."""
+        if self.mode == "disabled" or self._pending is None:
+            return False
+        self._pending.append((method, args))
+        return True
+
     def _pipeline_group(self) -> str | None:
         """A pipeline job outside a sweep and without an experiment: its run dir, so the runs of
         its stages fold into one group."""
@@ -333,10 +350,19 @@ class WandbTracker(Tracker):
 
     def log(self, metrics: dict, step: int | None = None, kind: str = "step") -> None:
         super().log(metrics, step, kind)
+        if kind != "failed" and self._defer("_w_log", metrics, step):
+            return
+        self._w_log(metrics, step, kind)
+
+    def _w_log(self, metrics: dict, step: int | None, kind: str = "step") -> None:
         if self.run is not None and kind != "failed":  # a failed batch is in the summary (failed_batches)
             self.run.log(*_wandb_row(metrics, step))
 
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        if not self._defer("_w_table", key, columns, rows):
+            self._w_table(key, columns, rows)
+
+    def _w_table(self, key: str, columns: list[str], rows: list[list]) -> None:
         if self.run is not None:
             import wandb
 
@@ -344,11 +370,19 @@ class WandbTracker(Tracker):
 
     def summary(self, metrics: dict) -> None:
         super().summary(metrics)
+        if not self._defer("_w_summary", metrics):
+            self._w_summary(metrics)
+
+    def _w_summary(self, metrics: dict) -> None:
         if self.run is not None:
             for k, v in metrics.items():
                 self.run.summary[k] = v
 
     def log_artifact(self, name: str, type: str, files: dict, metadata: dict | None = None) -> None:
+        if not self._defer("_w_log_artifact", name, type, files, metadata):
+            self._w_log_artifact(name, type, files, metadata)
+
+    def _w_log_artifact(self, name: str, type: str, files: dict, metadata: dict | None = None) -> None:
         if self.run is None:
             return
         art = self._artifact(name, type, metadata)
@@ -357,6 +391,10 @@ class WandbTracker(Tracker):
         self.run.log_artifact(art)
 
     def use_artifact(self, name: str, type: str, files: dict, metadata: dict | None = None) -> None:
+        if not self._defer("_w_use_artifact", name, type, files, metadata):
+            self._w_use_artifact(name, type, files, metadata)
+
+    def _w_use_artifact(self, name: str, type: str, files: dict, metadata: dict | None = None) -> None:
         """By file:// reference: nothing is uploaded, and the entries' digests (md5 of the
         files) equal those of the uploaded version, so the manifest digest does too and W&B
         resolves the input to the version the producing run logged."""
@@ -380,6 +418,11 @@ class WandbTracker(Tracker):
         return wandb.Artifact(name, type=type, metadata=meta)
 
     def close(self, exit_code: int = 0) -> None:
+        if self._pending is not None and self.mode != "disabled":
+            pending, self._pending = self._pending, None
+            self._start()
+            for method, args in pending:
+                getattr(self, method)(*args)
         if self.run is not None:
             run, self.run = self.run, None
             run.finish(exit_code=exit_code)

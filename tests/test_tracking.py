@@ -467,6 +467,11 @@ def test_dp_release_run_is_not_watched(compose, offline_wandb):
     assert sorted(c.path for c in art.manifest.contents) == ["privacy.json", "release.json", "targets.pt"]
     _, _, summary, _ = wandb_contents(next(rd.glob("run-*.wandb")))
     assert summary["epsilon"] == pytest.approx(s["epsilon"]) and "wall_seconds" not in summary
+    # W&B stamps every row and the run with wall-clock times: the run starts after the
+    # mechanism ended (the release's targets are written), so none of them times it
+    (run,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+    done = (offline_wandb / "run" / "release" / "targets.pt").stat().st_mtime
+    assert run.start_time.ToSeconds() >= int(done)
 
 
 def _artifacts(recs):
