@@ -336,33 +336,6 @@ class NoPrivacy:
             for (mp, fp), sums in zip(parts, pre)
         ]
 
-    def check_spend(self, mults: list[float]) -> None:
-        """Before any record is read: the ledger (dp_accounting's PLD, the accountant every
-        artifact reports) composes the planned Gaussians to at most the configured ε. The
-        multiplier comes from another accountant (the analytic curve), so this is the check
-        that the two agree, not a formality."""
-        sens = sum_sensitivity(self.clip_norm, self.adjacency)
-        entries = [
-            LedgerEntry(
-                f"planned_{i}",
-                "gaussian",
-                "",
-                "",
-                noise_multiplier=m,
-                sensitivity=sens,
-                sigma=m * sens,
-                adjacency=self.adjacency,
-            )
-            for i, m in enumerate(mults)
-        ]
-        spent = Ledger(self.delta, entries).epsilon()
-        if spent > self.epsilon * (1 + 1e-6):
-            raise RuntimeError(
-                f"privacy: noise multipliers {[round(m, 4) for m in mults]} compose to epsilon={spent:.6g} under the "
-                f"ledger's accountant, over privacy.epsilon={self.epsilon:g}; set privacy.accountant to another "
-                "calibration accountant"
-            )
-
     def check_reuse(self, rel: Release) -> None:
         """Refuse a non-private release made with a different clip_norm."""
         have = rel.privacy.get("clip_norm")
