@@ -286,6 +286,7 @@ class WandbTracker(Tracker):
             raise ValueError(f"logger.mode={mode!r} unknown; accepted: {', '.join(MODES)}")
         super().__init__(run_dir, job_type, config, private)
         self.run = None
+        self._pending: list | None = None  # W&B calls queued by a private stage (below)
         ident = run_identity(job_type, config)
         self.name = ident["name"]
         self.group = group if group is not None else (default_group() or ident["experiment"] or self._pipeline_group())
@@ -299,8 +300,9 @@ class WandbTracker(Tracker):
         # logged. Each W&B row carries its wall-clock time and the run its duration, and how long
         # the mechanism took depends on the private records (how many, how long, how many were
         # Poisson-sampled): a run that starts after the mechanism records none of that.
-        self._pending: list | None = [] if private else None
-        if not private:
+        if private:
+            self._pending = []
+        else:
             self._start()
 
     def _start(self) -> None:
@@ -333,7 +335,7 @@ class WandbTracker(Tracker):
 
     def _defer(self, method: str, *args) -> bool:
         """Queue a W&B call of a private stage for close(); False when W&B is live (or off)."""
-        if self.mode == "disabled" or self._pending is None:
+        if self._pending is None:
             return False
         self._pending.append((method, args))
         return True
@@ -418,7 +420,7 @@ class WandbTracker(Tracker):
         return wandb.Artifact(name, type=type, metadata=meta)
 
     def close(self, exit_code: int = 0) -> None:
-        if self._pending is not None and self.mode != "disabled":
+        if self._pending is not None:
             pending, self._pending = self._pending, None
             self._start()
             for method, args in pending:
