@@ -120,6 +120,25 @@ def test_add_remove_dpsgd_is_calibrated_by_opacus_with_less_noise(tiny, demo):
         dpsgd_fit(ft, model, task, exs, 2.0, 1e-3, 0.5, adjacency="swap")
 
 
+def test_add_remove_multiplier_is_raised_until_the_ledger_agrees(tiny, demo, monkeypatch):
+    """opacus' accountant calibrates under add/remove, the ledger's PLD reports: a multiplier
+    opacus certifies but the ledger reads as over budget is raised before any step."""
+    import opacus.accountants.utils as U
+
+    real = U.get_noise_multiplier
+    monkeypatch.setattr(U, "get_noise_multiplier", lambda **kw: 0.8 * real(**kw))
+    lm, task = tiny
+    ft = FINETUNERS["last_layers"](lr=1e-2, epochs=1, batch_size=16)
+    model = ft.prepare(copy.deepcopy(lm.model))
+    x = dpsgd_fit(ft, model, task, private_records(demo, None, 0), 2.0, 1e-3, 0.5, adjacency="add_remove").extra
+    from gmtext.privacy.ledger import subsampled_epsilon
+
+    led = subsampled_epsilon(x["noise_multiplier"], 1e-3, x["sample_rate"], x["steps"], "add_remove")
+    assert led <= 2.0 and x["noise_multiplier"] > 0.8 * real(
+        target_epsilon=2.0, target_delta=1e-3, sample_rate=x["sample_rate"], steps=x["steps"], accountant="prv"
+    )
+
+
 def test_optimizer_noise_is_gmtext_noise_not_torch_rng(monkeypatch):
     """The noise SecureDPOptimizer adds is exactly what gmtext.privacy.noise returns, and
     torch's seed does not reproduce it."""

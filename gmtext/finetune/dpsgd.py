@@ -265,6 +265,10 @@ def dpsgd_fit(
         sigma = get_noise_multiplier(
             target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=total, accountant=accountant
         )
+        # the ledger (dp_accounting's PLD) is what every artifact reports: opacus' accountant must
+        # not certify a multiplier the ledger reads as over budget
+        if subsampled_epsilon(sigma, delta, q, total, "add_remove") > epsilon:
+            sigma = max(sigma, subsampled_noise_multiplier(epsilon, delta, q, total, "add_remove"))
     torch.manual_seed(finetuner.seed)
     sampler = SecurePoissonSampler(num_samples=len(records), sample_rate=q, steps=per_epoch)
     loader = DataLoader(records, batch_sampler=sampler, collate_fn=_collate(task, finetuner.max_text_tokens))
