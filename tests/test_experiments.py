@@ -275,6 +275,30 @@ def test_dpsgd_rows_train_on_the_whole_split_with_the_fixed_recipe(compose, expe
     assert (cfg.dataset.name, cfg.finetune.eval_limit) == ("rotten_tomatoes", 500)
 
 
+DPSGD_RUNS = [  # (the command's overrides, run dir under experiments/results)
+    ("experiment=rt_dpsgd_lora seed=0", "rt_dpsgd/lora_s0"),
+    ("experiment=rt_dpsgd_last_layers seed=0", "rt_dpsgd/last_layers_s0"),
+]
+
+
+@pytest.mark.parametrize("command,run", DPSGD_RUNS)
+def test_dpsgd_row_is_one_finetune_command(compose, command, run):
+    """The replace-one DP-SGD rows were made by `gmtext-finetune <command>` (experiments/rt_dpsgd.sh)
+    with today's composition, and on the schedule of the row count (8,530 rows: q = 1/34, 102
+    steps), not of the non-dev records that trained."""
+    d = ROOT / "experiments" / "results" / run
+    if not (d / "metrics.json").exists():
+        pytest.skip(f"{d} not in this checkout (or unfinished)")
+    now = _flat(OmegaConf.to_container(compose(command.split(), config_name="finetune"), resolve=True))
+    rec = _flat(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=True))
+    keys = [k for k in rec if not k.startswith(("logger.", "threads", "progress", "hydra."))]
+    assert {k: now.get(k) for k in keys} == {k: rec[k] for k in keys}
+    m = json.loads((d / "metrics.json").read_text())
+    dp = m["dp"]
+    assert (dp["num_records"], dp["steps"], dp["relation"]) == (8530, 102, "replace_one") and m["n_train"] is None
+    assert dp["sample_rate"] == pytest.approx(1 / 34) and m["epsilon"] <= 1.0
+
+
 SCRIPT_KEYS = {"experiment", "seed", "logger", "threads", "hydra.run.dir", "hydra.sweep.dir", "synthetic"}
 
 
