@@ -328,6 +328,29 @@ def test_add_remove_dpsgd_runs_are_placed_by_their_replace_one_epsilon(tmp_path)
     assert xs[0] == pytest.approx(Ledger(1e-5, [rel]).epsilon()) and xs[1] == pytest.approx(1.632, abs=0.005)
 
 
+def test_dpsgd_runs_group_by_adjacency_and_keep_n_train_withheld(tmp_path):
+    """A DP-SGD run dir made before train.adjacency existed was calibrated under add/remove: it
+    groups apart from a replace-one run of the same recipe. A run that withholds n_train (how
+    many private records trained) is not given one from its config."""
+    from gmtext.stages.report import load_run
+
+    dp = {"_target_": "gmtext.finetune.sources.DPSGDSource", "epsilon": 1}
+    for name, train, n in (("old", dp, 7695), ("new", {**dp, "adjacency": "replace_one"}, None)):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {
+            "stage": "finetune",
+            "seed": 0,
+            "train": train,
+            "num_per_class": 20,
+            "dataset": {"label_names": "[0, 1]"},
+        }
+        (d / "metrics.json").write_text(json.dumps({"accuracy": 0.8, "n_train": n, "epsilon": 1.0, "config": cfg}))
+    old, new = load_run(tmp_path / "old"), load_run(tmp_path / "new")
+    assert (old.config["train.adjacency"], new.config["train.adjacency"]) == ("add_remove", "replace_one")
+    assert old.metrics["n_train"] == 7695 and new.metrics.get("n_train") is None
+
+
 # ---------------------------------------------------------------- dir kinds
 PIPE = [
     "debug=fast",

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..artifacts import LEGACY_DEFAULTS
 from ..privacy.ledger import ledger_of
 from ..readability import kept_perplexity
 
@@ -99,7 +100,7 @@ def find_run_dirs(paths) -> list[Path]:
 
 
 def load_run(d: Path) -> Run:
-    cfg, metrics, privacy = None, {}, None
+    cfg, metrics, privacy, withheld = None, {}, None, False
     gen = d / "generate.json"
     if gen.exists():
         g = json.loads(gen.read_text())
@@ -110,6 +111,7 @@ def load_run(d: Path) -> Run:
         m = json.loads(fin.read_text())
         cfg, privacy = m.get("config") or cfg, m.get("privacy")
         metrics.update({k: v for k, v in m.items() if k in METRICS and v is not None})
+        withheld = "n_train" in m and m["n_train"] is None  # DP-SGD: how many trained is private
     if cfg is None and (d / ".hydra" / "config.yaml").exists():
         from omegaconf import OmegaConf
 
@@ -125,7 +127,9 @@ def load_run(d: Path) -> Run:
         metrics["epsilon_replace_one"] = led.epsilon("replace_one")
     metrics.update({f"kept_{k}": v for k, v in kept_perplexity(d).items()})  # the fine-tuned set's readability
     flat = {k: _run_relative(v, d) for k, v in flatten(cfg).items()}
-    if "n_train" not in metrics and "accuracy" in metrics:
+    if str(flat.get("train._target_", "")).endswith("DPSGDSource"):  # runs made before the key: opacus, add/remove
+        flat.setdefault("train.adjacency", LEGACY_DEFAULTS["train.adjacency"])
+    if "n_train" not in metrics and "accuracy" in metrics and not withheld:
         metrics["n_train"] = examples_of(flat)
     steps = []
     if (d / "metrics.jsonl").exists() and gen.exists():
