@@ -309,6 +309,10 @@ def test_run_finetune_dpsgd_logs_nothing_from_private_batches(compose, tmp_path)
         and entry["count"] == saved["steps"]
         and entry["sample_rate"] == saved["dp"]["sample_rate"]
     )
+    # the ledger that travels with the artifact names the noise source, the inclusion rule and
+    # the public row count, as the release's entries do
+    assert entry["noise_source"] == noise.SOURCE and entry["num_records"] == saved["dp"]["num_records"]
+    assert "outside the dev hash bucket" in entry["records"] and "Poisson" in entry["records"]
     assert saved["delta"] == 1e-5 and saved["train_per_class"] is None and saved["dp"]["noise_source"] == noise.SOURCE
     assert "train_seconds" not in saved and "wall_seconds" not in saved  # run time depends on the Poisson batch sizes
     from gmtext.cli import finetune_line  # the console summary of such a run (it raised KeyError 'wall_seconds')

@@ -271,7 +271,13 @@ class DPSGDSource(TrainingSource):
             "dpsgd",
             "subsampled_gaussian",
             split,
-            records="the DP-SGD training set",
+            records=(
+                "each non-empty record outside the dev hash bucket"
+                + ("" if self.size is None else f", kept by the keyed hash at rate train.size / rows ({self.size})")
+                + ", Poisson-sampled at each step by os.urandom uniforms"
+            ),
+            num_records=dp.get("num_records"),  # the row count the schedule derives from (public, see dpsgd.py)
+            noise_source=dp.get("noise_source"),
             noise_multiplier=m,
             sensitivity=float(dp["clip_norm"]),
             sigma=m * float(dp["clip_norm"]),
