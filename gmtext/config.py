@@ -372,6 +372,7 @@ class TrainDPSGDConfig:
     accountant: SGDAccountant = SGDAccountant.prv  # calibrates under add_remove; replace_one uses the ledger's PLD
     microbatch: int = 8  # physical batch (memory only): examples per forward/backward
     adjacency: Adjacency = Adjacency.replace_one  # the relation ε is promised under, as for privacy=dp
+    cache_prefix: bool = True  # last_layers: run the frozen blocks once per record (same mechanism, faster)
 
 
 @dataclass

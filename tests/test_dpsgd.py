@@ -18,6 +18,14 @@ from gmtext.finetune.dpsgd import (
     public_record_count,
     record_subsample,
 )
+from gmtext.finetune.prefix import (
+    PUBLIC_CHECK_TEXTS,
+    SuffixClassifier,
+    frozen_prefix_depth,
+    pad_states,
+    prefix_states,
+    suffix_reproduces_model,
+)
 from gmtext.finetune.trainer import (
     FullFineTuner,
     LastLayersFineTuner,
@@ -191,6 +199,83 @@ def test_empty_poisson_batches_still_release_noisy_steps(tiny, demo, monkeypatch
     fit = dpsgd_fit(ft, model, task, private_records(demo, None, 0), epsilon=2.0, delta=1e-3, clip_norm=1.0)
     assert fit.steps == 6 and 0 < fit.extra["epsilon"] <= 2.01
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _per_example_grads(module, params, labels, *inputs):
+    from opacus.grad_sample import GradSampleModule
+
+    gsm = GradSampleModule(module, loss_reduction="sum")
+    F.cross_entropy(gsm(*inputs), labels, reduction="sum").backward()
+    out = [p.grad_sample.clone() for p in params]
+    gsm._close()
+    for p in params:
+        p.grad = None
+    return out
+
+
+def test_frozen_prefix_depth_is_the_first_trainable_block(tiny):
+    lm, _ = tiny
+    n = lm.model.config.num_hidden_layers
+    assert frozen_prefix_depth(LastLayersFineTuner(num_layers=1).prepare(copy.deepcopy(lm.model))) == n - 1
+    # LoRA on every block and full fine-tuning (trainable, tied embeddings) leave nothing to cache
+    assert frozen_prefix_depth(LoRAFineTuner(r=2, alpha=4).prepare(copy.deepcopy(lm.model))) == 0
+    assert frozen_prefix_depth(FullFineTuner().prepare(copy.deepcopy(lm.model))) == 0
+
+
+def test_cached_prefix_gives_each_example_the_uncached_gradient(tiny, demo):
+    """The suffix on cached states (different lengths, right-padded) yields the same per-example
+    gradients, through opacus' hooks, as the whole model on the token ids."""
+    lm, task = tiny
+    model = LastLayersFineTuner(num_layers=1).prepare(copy.deepcopy(lm.model))
+    start = frozen_prefix_depth(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    exs = demo.examples[:5]
+    assert len({len(task.encode(e.text, None)) for e in exs}) > 1  # padding is exercised
+    y = torch.tensor([e.label for e in exs])
+    model.train()
+    full = _per_example_grads(
+        VerbalizerClassifier(model, task.label_token_ids), params, y, *task.batch([e.text for e in exs], None)
+    )
+    states = prefix_states(model, task, [e.text for e in exs], start, None, progress=False)
+    cached = _per_example_grads(SuffixClassifier(model, start, task.label_token_ids), params, y, *pad_states(states))
+    for a, b in zip(full, cached):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * float(a.abs().max()) + 1e-9)
+
+
+def test_cached_path_is_refused_for_a_decoder_that_transforms_its_inputs(tiny):
+    """A decoder that rescales inputs_embeds (as Gemma's does) cannot take cached states; the
+    public-string check sees it, and DP-SGD then runs the whole model."""
+    lm, task = tiny
+    model = LastLayersFineTuner(num_layers=1).prepare(copy.deepcopy(lm.model))
+    start = frozen_prefix_depth(model)
+    assert suffix_reproduces_model(model, task, start, None)
+
+    def scale(_mod, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"] * 2.0
+        return args, kwargs
+
+    model.get_decoder().register_forward_pre_hook(scale, with_kwargs=True)
+    assert not suffix_reproduces_model(model, task, start, None)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_dpsgd_runs_the_frozen_prefix_once_per_record(tiny, demo, cache):
+    lm, task = tiny
+    ft = LastLayersFineTuner(num_layers=1, lr=1e-2, epochs=3, batch_size=8)
+    model = ft.prepare(copy.deepcopy(lm.model))
+    rows = {"first": 0, "last": 0}
+    layers = model.get_decoder().layers
+    layers[0].register_forward_hook(lambda m, a, o: rows.__setitem__("first", rows["first"] + a[0].shape[0]))
+    layers[-1].register_forward_hook(lambda m, a, o: rows.__setitem__("last", rows["last"] + a[0].shape[0]))
+    exs = private_records(demo, None, 0)
+    fit = dpsgd_fit(ft, model, task, exs, epsilon=4.0, delta=1e-3, clip_norm=0.5, microbatch=5, cache_prefix=cache)
+    assert fit.extra["frozen_prefix_blocks"] == (len(layers) - 1 if cache else 0)
+    if cache:  # each record once, plus the public-string check (2 texts through the model, 2 through the prefix)
+        assert rows["first"] == len(exs) + 2 * len(PUBLIC_CHECK_TEXTS)
+        assert rows["last"] > 2 * len(exs)  # 3 epochs of Poisson batches through the trainable block
+    else:
+        assert rows["first"] == rows["last"] > 2 * len(exs)
 
 
 def test_subsample_is_record_stable():

@@ -217,12 +217,14 @@ class DPSGDSource(TrainingSource):
         accountant: str = TrainDPSGDConfig.accountant,
         microbatch: int = TrainDPSGDConfig.microbatch,
         adjacency: str = TrainDPSGDConfig.adjacency,
+        cache_prefix: bool = TrainDPSGDConfig.cache_prefix,
     ):
         from .dpsgd import check_dpsgd_args  # opacus: seconds of import time, only for DP-SGD runs
 
         check_dpsgd_args(epsilon, delta, clip_norm, accountant, microbatch, str(adjacency))
         self.size, self.epsilon, self.delta, self.clip_norm = size, epsilon, delta, clip_norm
         self.accountant, self.microbatch, self.adjacency = str(accountant), microbatch, str(adjacency)
+        self.cache_prefix = bool(cache_prefix)
         self.num_records: int | None = None  # the split's public row count, set by load()
 
     def check(self, lrs, num_processes) -> None:
@@ -262,6 +264,7 @@ class DPSGDSource(TrainingSource):
             on_step,
             self.adjacency,
             self.num_records,
+            self.cache_prefix,
         )
 
     def privacy_parts(self, split, fit_extra):
