@@ -117,18 +117,22 @@ def prefix_states(
     progress: bool = True,
 ) -> list[torch.Tensor]:
     """Per text, the [len, d] hidden state entering block `start` over its real tokens
-    (computed in eval mode: the cached prefix has no dropout)."""
+    (computed in eval mode: the cached prefix has no dropout). Batches are formed from texts
+    of similar length, which halves the padding; each state is still its own text's alone."""
     from tqdm.auto import tqdm
 
     dev = next(model.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(task.encode(texts[i], max_text_tokens)))
     was_training = model.training
     model.eval()
-    out: list[torch.Tensor] = []
+    out: list[torch.Tensor | None] = [None] * len(texts)
     try:
-        for i in tqdm(range(0, len(texts), batch_size), desc="frozen prefix", unit="batch", disable=not progress):
-            ids, mask, last = task.batch(list(texts[i : i + batch_size]), max_text_tokens)
+        for i in tqdm(range(0, len(order), batch_size), desc="frozen prefix", unit="batch", disable=not progress):
+            take = order[i : i + batch_size]
+            ids, mask, last = task.batch([texts[j] for j in take], max_text_tokens)
             h = _states(model, start, ids.to(dev), mask.to(dev))
-            out += [h[b, : int(last[b]) + 1].clone() for b in range(h.shape[0])]
+            for b, j in enumerate(take):
+                out[j] = h[b, : int(last[b]) + 1].clone()
     finally:
         model.train(was_training)
     return out
