@@ -78,3 +78,34 @@ def test_bench_release_smoke(tmp_path):
     assert all(r["max_rel_err_vs_hooks"] < 1e-4 for r in checked), checked
     assert next(r for r in rows if r["method"] == "sketch_hooks (parts)")["speedup_vs_two_passes"] > 0
     assert all(r["split_minutes_extrapolated"] > 0 for r in rows)
+
+
+def test_bench_dpsgd_smoke(tmp_path):
+    """benchmarks/bench_dpsgd.py on the tiny model: a row per fine-tuner; only the cached row
+    runs a prefix pass, and its steps are timed apart from that pass and the accounting."""
+    out = tmp_path / "dpsgd.json"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dpsgd.py"), "--model", "tiny-llama", "--quick"]
+        + ["--threads", "1", "--num-layers", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    rows = {r["finetuner"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"lora", "last_layers (whole model)", "last_layers (cached prefix)"}
+    cached, whole = rows["last_layers (cached prefix)"], rows["last_layers (whole model)"]
+    assert (
+        cached["frozen_prefix_blocks"] == 1
+        and whole["frozen_prefix_blocks"] == rows["lora"]["frozen_prefix_blocks"] == 0
+    )
+    assert (
+        cached["prefix_seconds"] > 0
+        and whole["prefix_seconds"] == 0
+        and cached["trainable_params"] == whole["trainable_params"]
+    )
+    for r in rows.values():
+        assert r["steps_timed"] == 1 and r["texts_timed"] == 8 and r["ms_per_record_step"] > 0, r
+        assert 0 < r["accounting_seconds"] < r["seconds"] and r["recipe_minutes_extrapolated"] > 0, r
+    assert cached["step_speedup_vs_whole_model"] > 0
