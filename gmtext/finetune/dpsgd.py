@@ -255,7 +255,7 @@ def dpsgd_fit(
     `adjacency` picks the relation sigma is calibrated under (module docstring).
     `cache_prefix`: when the trainable parameters are a suffix of the blocks (last_layers),
     run the frozen blocks once per record and train on their cached output
-    (gmtext/finetune/prefix.py); the same mechanism, several times faster.
+    (gmtext/finetune/prefix.py): the same mechanism; each step does about a third of the work.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
