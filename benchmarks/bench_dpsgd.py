@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_file import machine, write_result  # noqa: E402
+
 RT = HERE.parent.parent / "shared" / "data" / "rotten_tomatoes"
 RECIPE = {"steps": 102, "records_per_step": 8530 / 34, "prefix_records": 7695}  # rotten tomatoes, conf/train/dpsgd.yaml
 FALLBACK = [
@@ -171,22 +171,10 @@ def main(argv=None) -> dict:
         "microbatch": a.microbatch,
         "texts": src,
         "recipe": RECIPE,
-        "machine_name": socket.gethostname(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "load_average_end": os.getloadavg(),
+        **machine(),
         "rows": rows,
     }
-    res_dir = HERE / "results"
-    if a.out:
-        path = Path(a.out)
-    elif a.quick or a.model == "tiny-llama":
-        path = res_dir / "dpsgd-smoke.json"
-    else:
-        path = res_dir / f"dpsgd-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"→ {path}")
+    write_result(result, "dpsgd", a.out, a.quick or a.model == "tiny-llama")
     return result
 
 

@@ -32,10 +32,7 @@ Writes benchmarks/results/release-<machine>-<timestamp>.json (or --out; --quick 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -47,6 +44,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_file import machine, write_result  # noqa: E402
+
 RT = HERE.parent.parent / "shared" / "data" / "rotten_tomatoes"
 SPLIT = 8530
 FALLBACK = [
@@ -353,27 +353,14 @@ def _write(a, src, rows, dep) -> dict:
         "model": a.model,
         "threads": a.threads,
         "texts": src,
-        "machine_name": socket.gethostname(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "load_average_end": os.getloadavg(),
+        **machine(),
         "split_size": SPLIT,
         "rows": rows,
         # per precision, over --invariance records: the largest relative change of one record's
         # per-example gradient when its chunk-mates change (other, longest = more padding, none)
         "record_gradient_vs_chunk_mates": dep,
     }
-    res_dir = HERE / "results"
-    res_dir.mkdir(exist_ok=True)
-    if a.out:
-        path = Path(a.out)
-    elif a.quick or a.model == "tiny-llama":
-        path = res_dir / "release-smoke.json"
-    else:
-        path = res_dir / f"release-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"→ {path}")
+    write_result(result, "release", a.out, a.quick or a.model == "tiny-llama")
     return result
 
 

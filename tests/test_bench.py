@@ -48,20 +48,26 @@ def test_bench_smoke(tmp_path):
     assert not (ROOT / "benchmarks" / "results" / "latest.json").exists() or res["settings"]["model"] == "tiny-llama"
 
 
-def test_bench_release_smoke(tmp_path):
-    """benchmarks/bench_release.py on the tiny model: every row, and each slower path it times
-    computes the clipped sums of the hook path (the comparison is fair)."""
-    out = tmp_path / "release.json"
+def _run_tiny(tmp_path, script: str, *args: str) -> dict:
+    """benchmarks/<script> --quick on the tiny model, one thread; its JSON result."""
+    out = tmp_path / (Path(script).stem + ".json")
     p = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_release.py"), "--model", "tiny-llama", "--quick"]
-        + ["--threads", "1", "--stride", "2", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--model", "tiny-llama", "--quick", "--threads", "1"]
+        + [*args, "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=300,
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())
+
+
+def test_bench_release_smoke(tmp_path):
+    """benchmarks/bench_release.py on the tiny model: every row, and each slower path it times
+    computes the clipped sums of the hook path (the comparison is fair)."""
+    out = _run_tiny(tmp_path, "bench_release.py", "--stride", "2")
+    rows = out["rows"]
     bf16 = "sketch_hooks (parts, target_precision=bfloat16)"
     prev = {f"sketch_hooks (parts, {p}, sorted_plan)" for p in ("float32", "bfloat16")}
     assert {"none", "sketch_hooks", "vmap", "loop", "sketch_hooks (parts)", bf16} | prev == {r["method"] for r in rows}
@@ -71,7 +77,7 @@ def test_bench_release_smoke(tmp_path):
     low = next(r for r in rows if r["method"] == bf16)
     assert len(low["cosine_to_float32"]) == 2 and min(low["cosine_to_float32"]) > 0.99, low
     assert 0 < max(low["rel_err_to_float32"]) < 0.1 and low["speedup_vs_float32_one_pass"] > 0
-    dep = json.loads(out.read_text())["record_gradient_vs_chunk_mates"]
+    dep = out["record_gradient_vs_chunk_mates"]
     assert set(dep) == {"float32", "bfloat16"} and all(0 <= v < 0.1 for d in dep.values() for v in d.values()), dep
     checked = [r for r in rows if "max_rel_err_vs_hooks" in r]
     assert {r["method"] for r in checked} == {"vmap", "loop"}
@@ -83,17 +89,7 @@ def test_bench_release_smoke(tmp_path):
 def test_bench_dpsgd_smoke(tmp_path):
     """benchmarks/bench_dpsgd.py on the tiny model: a row per fine-tuner; only the cached row
     runs a prefix pass, and its steps are timed apart from that pass and the accounting."""
-    out = tmp_path / "dpsgd.json"
-    p = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_dpsgd.py"), "--model", "tiny-llama", "--quick"]
-        + ["--threads", "1", "--num-layers", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    rows = {r["finetuner"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = {r["finetuner"]: r for r in _run_tiny(tmp_path, "bench_dpsgd.py", "--num-layers", "1")["rows"]}
     assert set(rows) == {"lora", "last_layers (whole model)", "last_layers (cached prefix)"}
     cached, whole = rows["last_layers (cached prefix)"], rows["last_layers (whole model)"]
     assert (
