@@ -11,8 +11,8 @@ every row. One warm-up fit on --microbatch texts precedes each row. The cached r
 split into the prefix pass (once per text) and the steps.
 
 Each row gives seconds per record-step and the wall time of the rotten tomatoes recipe
-(conf/train/dpsgd.yaml on 8,530 rows: 102 steps of q·R ≈ 251 records, and one prefix pass over
-the 7,695 non-dev records), *extrapolated* linearly from what it timed (said so in the row).
+(conf/train/dpsgd.yaml on 8,530 rows: 102 steps at q = 1/34 over the 7,695 non-dev records, about
+226 records each, and one prefix pass over them), *extrapolated* linearly from what it timed (said so in the row).
 Writes benchmarks/results/dpsgd-<machine>-<timestamp>.json (or --out; --quick / tiny-llama →
 dpsgd-smoke.json).
 """
@@ -36,7 +36,9 @@ sys.path.insert(0, str(HERE))
 from results_file import machine, write_result  # noqa: E402
 
 RT = HERE.parent.parent / "shared" / "data" / "rotten_tomatoes"
-RECIPE = {"steps": 102, "records_per_step": 8530 / 34, "prefix_records": 7695}  # rotten tomatoes, conf/train/dpsgd.yaml
+# rotten tomatoes under conf/train/dpsgd.yaml: 102 steps at q = 1/34 over the 7,695 non-dev records
+# (about 226 per step; the divisor q·R ≈ 251 counts all 8,530 rows), one prefix pass over them
+RECIPE = {"steps": 102, "records_per_step": 7695 / 34, "prefix_records": 7695}
 FALLBACK = [
     "A dull film.",
     "so so so so so so",
