@@ -33,20 +33,11 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from results_file import machine, write_result  # noqa: E402
+from common import FALLBACK, RT, save  # noqa: E402
 
-RT = HERE.parent.parent / "shared" / "data" / "rotten_tomatoes"
 # rotten tomatoes under conf/train/dpsgd.yaml: 102 steps at q = 1/34 over the 7,695 non-dev records
 # (about 226 per step; the divisor q·R ≈ 251 counts all 8,530 rows), one prefix pass over them
 RECIPE = {"steps": 102, "records_per_step": 7695 / 34, "prefix_records": 7695}
-FALLBACK = [
-    "A dull film.",
-    "so so so so so so",
-    "The acting is wooden, the plot is worse and it is long.",
-    "a great film!",
-    "I loved every minute of it",
-    "wonderful cast, smart and funny",
-] * 20
 
 
 def main(argv=None) -> dict:
@@ -166,18 +157,7 @@ def main(argv=None) -> dict:
         f"cached prefix: steps {cached['step_speedup_vs_whole_model']:.1f}× faster, "
         f"the recipe {cached['recipe_speedup_vs_whole_model']:.1f}× faster (extrapolated)"
     )
-    result = {
-        "benchmark": "dpsgd_step",
-        "model": a.model,
-        "threads": a.threads,
-        "microbatch": a.microbatch,
-        "texts": src,
-        "recipe": RECIPE,
-        **machine(),
-        "rows": rows,
-    }
-    write_result(result, "dpsgd", a.out, a.quick or a.model == "tiny-llama")
-    return result
+    return save("dpsgd_step", "dpsgd", a, src, rows, microbatch=a.microbatch, recipe=RECIPE)
 
 
 if __name__ == "__main__":

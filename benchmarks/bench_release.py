@@ -45,18 +45,9 @@ import torch.nn.functional as F  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from results_file import machine, write_result  # noqa: E402
+from common import FALLBACK, RT, save  # noqa: E402
 
-RT = HERE.parent.parent / "shared" / "data" / "rotten_tomatoes"
 SPLIT = 8530
-FALLBACK = [
-    "A dull film.",
-    "so so so so so so",
-    "The acting is wooden, the plot is worse and it is long.",
-    "a great film!",
-    "I loved every minute of it",
-    "wonderful cast, smart and funny",
-] * 20
 
 
 def sorted_plan(task, texts, max_text_tokens, chunk, min_width=0):
@@ -348,20 +339,9 @@ def _split_cost(task, split, chunk, min_width, plan, t_new, t_old, extra) -> dic
 
 
 def _write(a, src, rows, dep) -> dict:
-    result = {
-        "benchmark": "release_clipped_sums",
-        "model": a.model,
-        "threads": a.threads,
-        "texts": src,
-        **machine(),
-        "split_size": SPLIT,
-        "rows": rows,
-        # per precision, over --invariance records: the largest relative change of one record's
-        # per-example gradient when its chunk-mates change (other, longest = more padding, none)
-        "record_gradient_vs_chunk_mates": dep,
-    }
-    write_result(result, "release", a.out, a.quick or a.model == "tiny-llama")
-    return result
+    # record_gradient_vs_chunk_mates: per precision, over --invariance records, the largest relative change
+    # of one record's per-example gradient when its chunk-mates change (other, longest = more padding, none)
+    return save("release_clipped_sums", "release", a, src, rows, split_size=SPLIT, record_gradient_vs_chunk_mates=dep)
 
 
 if __name__ == "__main__":

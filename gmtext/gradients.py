@@ -192,8 +192,17 @@ def last_token_logits(model, ids, mask, last, vocab=None, full_forward: bool = F
     the head of the hidden state, take the model's own forward and gather from it."""
     if full_forward or not _logits_are_head_of_hidden(model):
         logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(ids.shape[0], device=ids.device), last]
-    else:
-        logits = model.get_output_embeddings()(last_hidden(model, ids, mask, last))
+        return _restrict(logits, vocab)
+    return head_logits(model, last_hidden(model, ids, mask, last), vocab)
+
+
+def head_logits(model, hidden: torch.Tensor, vocab=None) -> torch.Tensor:
+    """float32 logits of the model's output head on [B, d] hidden states, restricted to the
+    token ids `vocab` when given (shared by every path that already has the last hidden state)."""
+    return _restrict(model.get_output_embeddings()(hidden), vocab)
+
+
+def _restrict(logits: torch.Tensor, vocab) -> torch.Tensor:
     if vocab is not None:
         logits = logits[:, torch.as_tensor(vocab, device=logits.device)]
     return logits.float()

@@ -48,12 +48,22 @@ def demo():
     return load_split("train", NAMES, builtin="demo")
 
 
+def _per_example_grads(module, params, labels, *inputs):
+    from opacus.grad_sample import GradSampleModule
+
+    gsm = GradSampleModule(module, loss_reduction="sum")
+    F.cross_entropy(gsm(*inputs), labels, reduction="sum").backward()
+    out = [p.grad_sample.clone() for p in params]
+    gsm._close()
+    for p in params:
+        p.grad = None
+    return out
+
+
 @pytest.mark.parametrize("kind", sorted(FINETUNERS))
 def test_opacus_per_example_gradients_equal_autograd(tiny, demo, kind):
     """opacus' hooks (Linear, Embedding incl. the tied lm_head, functorch fallback for
     LlamaRMSNorm, peft's LoRA Linear) give each example's own gradient of the verbalizer loss."""
-    from opacus.grad_sample import GradSampleModule
-
     lm, task = tiny
     model = FINETUNERS[kind]().prepare(copy.deepcopy(lm.model))
     if kind == "lora":  # lora_B starts at 0, which would hide errors in lora_A's per-example gradient
@@ -63,11 +73,9 @@ def test_opacus_per_example_gradients_equal_autograd(tiny, demo, kind):
     params = [p for p in model.parameters() if p.requires_grad]
     exs = demo.examples[:4]
     model.train()
-    gsm = GradSampleModule(VerbalizerClassifier(model, task.label_token_ids), loss_reduction="sum")
+    y = torch.tensor([e.label for e in exs])
     ids, mask, last = task.batch([e.text for e in exs], None)
-    F.cross_entropy(gsm(ids, mask, last), torch.tensor([e.label for e in exs]), reduction="sum").backward()
-    per_example = [p.grad_sample.clone() for p in params]
-    gsm._close()
+    per_example = _per_example_grads(VerbalizerClassifier(model, task.label_token_ids), params, y, ids, mask, last)
     for i, e in enumerate(exs):
         model.zero_grad()
         classification_loss(model, task, [e], None).backward()
@@ -199,18 +207,6 @@ def test_empty_poisson_batches_still_release_noisy_steps(tiny, demo, monkeypatch
     fit = dpsgd_fit(ft, model, task, private_records(demo, None, 0), epsilon=2.0, delta=1e-3, clip_norm=1.0)
     assert fit.steps == 6 and 0 < fit.extra["epsilon"] <= 2.01
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
-
-
-def _per_example_grads(module, params, labels, *inputs):
-    from opacus.grad_sample import GradSampleModule
-
-    gsm = GradSampleModule(module, loss_reduction="sum")
-    F.cross_entropy(gsm(*inputs), labels, reduction="sum").backward()
-    out = [p.grad_sample.clone() for p in params]
-    gsm._close()
-    for p in params:
-        p.grad = None
-    return out
 
 
 def test_frozen_prefix_depth_is_the_first_trainable_block(tiny):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..data import Task
-from ..gradients import _logits_are_head_of_hidden, last_token_logits
+from ..gradients import _logits_are_head_of_hidden, head_logits, last_token_logits
 
 PUBLIC_CHECK_TEXTS = ("a", "A public sentence, only used to check that the cached path is exact.")
 
@@ -83,8 +83,7 @@ class SuffixClassifier(nn.Module):
         with _suffix_only(dec, self.start):
             hid = dec(inputs_embeds=states, attention_mask=mask, use_cache=False).last_hidden_state
         hid = hid[torch.arange(states.shape[0], device=states.device), last]
-        logits = self.model.get_output_embeddings()(hid)
-        return logits[:, torch.as_tensor(self.label_token_ids, device=logits.device)].float()
+        return head_logits(self.model, hid, self.label_token_ids)
 
 
 @torch.no_grad()
