@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The default recipe on datasets it was never tuned on (imdb, tweet_emotion joy/sadness), N = 20:
 # zero-shot, real-20, GRADMM-20 (gmtext-pipeline with no recipe overrides) and its no-matching twin
-# (the same seed's LM starts under the same selection, matcher=none) over seeds 0 1 2.
+# (the same seed's LM starts under the same selection, matcher=none) and GRADMM-20 with the
+# readability guard (matcher.max_perplexity_ratio=1) over seeds 0 1 2.
 # Every setting lives in conf/experiment/<dataset>_n20*.yaml; this script only loops, skips
 # finished runs and reports.   bash experiments/n20_transfer.sh [SEEDS...]   (~1 h per seed on 2 cores)
 set -euo pipefail
@@ -19,6 +20,7 @@ for s in "${SEEDS[@]}"; do
     [ -f $OUT/$d/real20_s$s/metrics.json ] || gmtext-finetune experiment=${d}_real20 seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/real20_s$s
     [ -f $OUT/$d/gradmm20_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20 seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/gradmm20_s$s
     [ -f $OUT/$d/twin20_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20_twin seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/twin20_s$s
+    [ -f $OUT/$d/readable20_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20_readable seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/readable20_s$s
   done
 done
 for d in $DATASETS; do gmtext-report $OUT/$d -o $OUT/$d/report --ignore selector.release; done  # runs made before {run}/probe recorded absolute probe paths

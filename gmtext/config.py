@@ -115,6 +115,9 @@ class ADMMConfig:
     )  # sequence: every sequence's own gradient matches; batch: the batch mean (paper)
     rho_balance: float = 0.0  # μ of residual balancing (Boyd et al. §3.4.1, typically 10); 0: fixed ρ
     rho_factor: float = 2.0  # τ: how much ρ grows or shrinks per balanced step
+    # readability guard: a z-step iterate may become a sequence's kept text only if its perplexity is
+    # at most this times that of the LM start it came from (1: never less readable than the twin); 0: off
+    max_perplexity_ratio: float = 0.0
 
 
 @dataclass

@@ -352,3 +352,33 @@ def test_residual_balancing_adapts_rho_by_the_recorded_residuals(tiny):
     for bad in (dict(rho_balance=-1.0), dict(rho_balance=10.0, rho_factor=1.0)):
         with pytest.raises(ValueError, match="rho_balance"):
             ADMMMatcher(**kw, **bad)
+
+
+@pytest.mark.parametrize("objective", ["sequence", "batch"])
+def test_readability_guard_never_keeps_text_less_readable_than_its_start(tiny, objective):
+    """max_perplexity_ratio = r: every kept sequence (class batch, by geometric-mean perplexity,
+    under `batch`) is at most r × as perplex as the LM start it came from. A random tiny LM finds
+    all text equally unreadable, so perplexity here is exp(share of positions changed from the
+    start). The guard only withholds iterates (x, z and λ move as without it): at r = e it
+    admits everything (the unguarded result), at r = 1 nothing (the start), and in between the
+    kept distance lies between the unguarded run's and the start's."""
+    lm, task = tiny
+    obj, ctx = _objective(lm, task, True), _ctx(lm, task)
+    kw = dict(outer_steps=4, inner_steps=3, init_candidates=1, objective=objective, lr=0.5)
+    start = ADMMMatcher(**kw).initial_tokens(obj, ctx, 2, 3, 5, torch.Generator().manual_seed(0))
+    obj.perplexity = lambda t: (t != start).float().mean(-1).exp()
+    run = lambda r: ADMMMatcher(**kw, max_perplexity_ratio=r).run(  # noqa: E731
+        obj, LMTopKProjector(topk=50), ctx, 2, 3, 5, torch.Generator().manual_seed(0)
+    )
+    per = (lambda p: p.log()) if objective == "sequence" else (lambda p: p.log().mean(1))  # noqa: E731
+    free = run(0.0)
+    bar = per(free.perplexity).max().item() - 0.05
+    assert bar > 0, "the unguarded run must keep a changed text"
+    assert torch.equal(run(math.e).tokens, free.tokens) and torch.equal(run(1.0).tokens, start)
+    guarded = run(math.exp(bar))
+    assert (per(guarded.perplexity) <= bar + 1e-5).all() and not torch.equal(guarded.tokens, free.tokens)
+    score = (lambda r: r.seq_loss) if objective == "sequence" else (lambda r: r.class_loss)  # noqa: E731
+    d0 = obj.discrete(start, per_sequence=True)[1 if objective == "sequence" else 0]
+    assert (score(free) - 1e-6 <= score(guarded)).all() and (score(guarded) <= d0 + 1e-6).all()
+    with pytest.raises(ValueError, match="max_perplexity_ratio=-1"):
+        ADMMMatcher(**kw, max_perplexity_ratio=-1.0)

@@ -59,6 +59,7 @@ class ADMMMatcher:
         objective: str = ADMMConfig.objective,
         rho_balance: float = ADMMConfig.rho_balance,
         rho_factor: float = ADMMConfig.rho_factor,
+        max_perplexity_ratio: float = ADMMConfig.max_perplexity_ratio,
     ):
         """objective: `batch` matches each class batch's mean gradient (the paper) and keeps the
         best batch; `sequence` matches every sequence's own gradient and keeps the best
@@ -67,7 +68,13 @@ class ADMMMatcher:
         rho_balance = μ > 0 adapts ρ by residual balancing (Boyd et al. 2011, §3.4.1): after an
         outer step whose primal residual exceeds μ × the dual one, ρ grows by `rho_factor`;
         when the dual exceeds μ × the primal, it shrinks by it. λ is the unscaled dual, so
-        it needs no rescaling. 0 keeps ρ fixed (the paper)."""
+        it needs no rescaling. 0 keeps ρ fixed (the paper).
+
+        max_perplexity_ratio = r > 0 guards readability: a z-step iterate may replace a
+        sequence's kept text (a class's kept batch under `batch`, by geometric-mean perplexity)
+        only if its perplexity is at most r × that of the LM start. At r = 1 no kept text is less
+        readable than the start it came from, which is the no-matching twin's text for the same
+        seed; matching may then only move text within the LM's own fluency. 0: no guard (the paper)."""
         for name, v in (("outer_steps", outer_steps), ("inner_steps", inner_steps)):
             if v < 1:
                 raise ValueError(f"matcher.{name}={v} must be >= 1")
@@ -82,6 +89,9 @@ class ADMMMatcher:
                 f"matcher.rho_balance={rho_balance} must be >= 0 (0: fixed ρ) and matcher.rho_factor={rho_factor} > 1"
             )
         self.rho_balance, self.rho_factor = rho_balance, rho_factor
+        if max_perplexity_ratio < 0:
+            raise ValueError(f"matcher.max_perplexity_ratio={max_perplexity_ratio} must be >= 0 (0: no guard)")
+        self.max_perplexity_ratio = max_perplexity_ratio
         if nan_retries < 0:
             raise ValueError(f"matcher.nan_retries={nan_retries} must be >= 0")
         self.nan_retries = nan_retries
@@ -132,6 +142,11 @@ class ADMMMatcher:
         d, s = obj.discrete(tokens, per_sequence=self.objective == "sequence")
         return s if self.objective == "sequence" else d
 
+    def _log_ppl(self, ppl: torch.Tensor) -> torch.Tensor:
+        """What the readability guard compares: [C, B] log perplexities, or [C] class means."""
+        lp = ppl.clamp_min(1e-12).log()
+        return lp if self.objective == "sequence" else lp.mean(1)
+
     # -------- the ADMM loop --------
     def run(
         self,
@@ -157,6 +172,9 @@ class ADMMMatcher:
         opt = torch.optim.Adam([x], lr=self.lr)
         best_tok = tok0.clone()
         best_loss = self._score(obj, tok0)
+        guard = self.max_perplexity_ratio > 0
+        if guard:  # the start's readability, the bar every later iterate must clear
+            max_log_ppl = self._log_ppl(obj.perplexity(tok0)) + math.log(self.max_perplexity_ratio)
         history = []
         steps = self.outer_steps if self.admm else 1
         z, z_prev, z_emb_prev = tok0, tok0, None  # z: the tokens of the last z-step (the LM start before the first)
@@ -168,9 +186,13 @@ class ADMMMatcher:
                 z = projector((x + lam / max(rho, 1e-12)).detach().view(c * b, length, -1), ctx).view(c, b, length)
             timings["project"] += time.perf_counter() - t
             t = time.perf_counter()
+            z_ppl = None
             if self.admm or step == steps:
                 dz = self._score(obj, z)
                 improved = dz < best_loss
+                if guard:
+                    z_ppl = obj.perplexity(z)
+                    improved &= self._log_ppl(z_ppl) <= max_log_ppl + 1e-6
                 best_loss = torch.where(improved, dz, best_loss)
                 best_tok[improved] = z[improved]
             timings["evaluate"] += time.perf_counter() - t
@@ -198,7 +220,7 @@ class ADMMMatcher:
             if self.admm:
                 with torch.no_grad():
                     lam += rho * (x - z_emb)  # λ-step
-                rec["perplexity"] = obj.perplexity(z).mean().item()
+                rec["perplexity"] = (z_ppl if z_ppl is not None else obj.perplexity(z)).mean().item()
                 rec.update(self._residuals(x, z, z_emb, z_prev, z_emb_prev, rho), rho=rho)
                 rho = self._balanced_rho(rho, rec["primal_residual"], rec["dual_residual"])
                 z_prev, z_emb_prev = z, z_emb
