@@ -375,6 +375,9 @@ def test_readability_guard_never_keeps_text_less_readable_than_its_start(tiny, o
     bar = per(free.perplexity).max().item() - 0.05
     assert bar > 0, "the unguarded run must keep a changed text"
     assert torch.equal(run(math.e).tokens, free.tokens) and torch.equal(run(1.0).tokens, start)
+    assert "guard_refused" not in free.history[0]
+    assert all(h["guard_refused"] == 0 for h in run(math.e).history)
+    assert any(h["guard_refused"] > 0 for h in run(1.0).history)  # the share of better iterates it withheld
     guarded = run(math.exp(bar))
     assert (per(guarded.perplexity) <= bar + 1e-5).all() and not torch.equal(guarded.tokens, free.tokens)
     score = (lambda r: r.seq_loss) if objective == "sequence" else (lambda r: r.class_loss)  # noqa: E731

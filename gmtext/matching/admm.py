@@ -186,13 +186,15 @@ class ADMMMatcher:
                 z = projector((x + lam / max(rho, 1e-12)).detach().view(c * b, length, -1), ctx).view(c, b, length)
             timings["project"] += time.perf_counter() - t
             t = time.perf_counter()
-            z_ppl = None
+            z_ppl, refused = None, None
             if self.admm or step == steps:
                 dz = self._score(obj, z)
                 improved = dz < best_loss
                 if guard:
                     z_ppl = obj.perplexity(z)
-                    improved &= self._log_ppl(z_ppl) <= max_log_ppl + 1e-6
+                    readable = self._log_ppl(z_ppl) <= max_log_ppl + 1e-6
+                    refused = (improved & ~readable).float().mean().item()  # better matched, too perplex
+                    improved &= readable
                 best_loss = torch.where(improved, dz, best_loss)
                 best_tok[improved] = z[improved]
             timings["evaluate"] += time.perf_counter() - t
@@ -202,6 +204,8 @@ class ADMMMatcher:
                     "discrete_loss": dz.mean().item(),
                     "best_discrete_loss": best_loss.mean().item(),
                 }
+                if refused is not None:
+                    rec["guard_refused"] = refused
                 history.append(rec)
                 if on_step:
                     on_step(rec)
@@ -224,6 +228,8 @@ class ADMMMatcher:
                 rec.update(self._residuals(x, z, z_emb, z_prev, z_emb_prev, rho), rho=rho)
                 rho = self._balanced_rho(rho, rec["primal_residual"], rec["dual_residual"])
                 z_prev, z_emb_prev = z, z_emb
+            if refused is not None:
+                rec["guard_refused"] = refused
             if retries:
                 rec.update(x_step_retries=retries, lr=opt.param_groups[0]["lr"])
             history.append(rec)
