@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rotten tomatoes, N = 100, private rows (docs/results.md "Private rows"): one experiment config per
 # budget (conf/experiment/rt_private_n100*.yaml). This script only loops, skips finished runs and reports.
-#   bash experiments/rt_private.sh [SEEDS...]        (default seeds 0 1 2; BUDGETS="eps1 eps4 epsinf twin", twin: the ε = 1 no-matching twin)
+#   bash experiments/rt_private.sh [SEEDS...]        (default seeds 0 1 2; BUDGETS="eps1 eps4 epsinf twin", twin: the ε = 1 no-matching twin;
+#   readable: ε = 1 with the readability guard)
 # The report covers this loop's runs only (the folder also holds sweeps and one-off runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."

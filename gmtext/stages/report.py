@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from ..artifacts import LEGACY_DEFAULTS
+from ..config import ADMMConfig
 from ..privacy.ledger import ledger_of
 from ..readability import kept_perplexity
 
@@ -129,6 +130,10 @@ def load_run(d: Path) -> Run:
     flat = {k: _run_relative(v, d) for k, v in flatten(cfg).items()}
     if str(flat.get("train._target_", "")).endswith("DPSGDSource"):  # runs made before the key: opacus, add/remove
         flat.setdefault("train.adjacency", LEGACY_DEFAULTS["train.adjacency"])
+    if flat.get("matcher._target_") == ADMMConfig._target_:  # ADMM keys added later: what older runs did
+        for k, v in LEGACY_DEFAULTS.items():
+            if k.startswith("matcher."):
+                flat.setdefault(k, v)
     if "n_train" not in metrics and "accuracy" in metrics and not withheld:
         metrics["n_train"] = examples_of(flat)
     steps = []
@@ -306,11 +311,9 @@ def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
                 continue
             row = {
                 "stage": stage,
-                "context": ", ".join(
-                    f"{k}={_fmt(json.loads(v))}" for k, v in zip(context, ctx) if json.loads(v) is not None
-                ),
-                "condition": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(inner, cond)),
-                "reference": ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(inner, ref)),
+                "context": _settings(context, ctx),
+                "condition": _settings(inner, cond),
+                "reference": _settings(inner, ref),
                 "seeds": " ".join(str(sd) for sd in sorted(seeds, key=str)),
                 "pairs": len(seeds),
             }
@@ -319,6 +322,11 @@ def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
                 row[f"d_{m}_mean"], row[f"d_{m}_std"] = (_mean(d), _std(d)) if len(d) else (None, None)
             rows.append(row)
     return rows
+
+
+def _settings(keys, values) -> str:
+    """A condition as `key=value, ...`, leaving out keys its runs do not have (a twin has no ADMM ρ)."""
+    return ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(keys, values) if json.loads(v) is not None)
 
 
 def paired_markdown(rows, group: str) -> list[str]:
