@@ -216,6 +216,20 @@ def test_experiment_composes_the_settings_that_made_its_row(compose, experiment,
         assert now["probe.matched_params"] == []
 
 
+def _composed_as_recorded(compose, command: str, run: str, skip=()) -> dict:
+    """Today's `gmtext-pipeline <command>` composition, flat, after checking that it equals the
+    run dir's recorded config on every recorded key but bookkeeping (and `skip`); skips the
+    test where the run dir is not in this checkout."""
+    d = ROOT / "experiments" / "results" / run
+    if not (d / "metrics.json").exists():
+        pytest.skip(f"{d} not in this checkout (or unfinished)")
+    now = _flat(OmegaConf.to_container(compose(command.split(), config_name="pipeline"), resolve=True))
+    rec = _flat(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=True))
+    keys = [k for k in rec if not k.startswith(("logger.", "threads", "progress", "hydra.", *skip))]
+    assert {k: now.get(k) for k in keys} == {k: rec[k] for k in keys}
+    return now
+
+
 PRIVATE_RUNS = [  # (the command's overrides, run dir under experiments/results)
     *[(f"experiment=rt_private_n100 seed={s}", f"rt_private_n100/eps1_s{s}") for s in (0, 1, 2)],
     *[(f"experiment=rt_private_n100_eps4 seed={s}", f"rt_private_n100/eps4_s{s}") for s in (0, 1, 2)],
@@ -241,14 +255,7 @@ def test_private_row_is_one_pipeline_command(compose, command, run):
     """The private rows were made by `gmtext-pipeline <command>` itself (the loop of
     experiments/rt_private.sh, or -m seed=...): today's composition equals the recorded config
     on every key but bookkeeping. The ε = ∞ row reads the same whole split without noise."""
-    d = ROOT / "experiments" / "results" / run
-    if not (d / "metrics.json").exists():
-        pytest.skip(f"{d} not in this checkout (or unfinished)")
-    now = _flat(OmegaConf.to_container(compose(command.split(), config_name="pipeline"), resolve=True))
-    rec = _flat(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=True))
-    skip = ("logger.", "threads", "progress", "hydra.")
-    keys = [k for k in rec if not k.startswith(skip)]
-    assert {k: now.get(k) for k in keys} == {k: rec[k] for k in keys}
+    now = _composed_as_recorded(compose, command, run)
     release = "NoPrivacy" if "epsinf" in command else "GaussianRelease"
     assert now["privacy._target_"].endswith(release) and now["real_per_class"] is None
 
@@ -270,13 +277,7 @@ def test_pipeline_row_is_one_command(compose, command, run):
     GRADMM-100 reproduction were made by `gmtext-pipeline <command>`: today's composition equals
     the recorded config on every key but bookkeeping (a key added later is absent from older
     records and not compared; gmtext-report reads it as its legacy value)."""
-    d = ROOT / "experiments" / "results" / run
-    if not (d / "metrics.json").exists():
-        pytest.skip(f"{d} not in this checkout (or unfinished)")
-    now = _flat(OmegaConf.to_container(compose(command.split(), config_name="pipeline"), resolve=True))
-    rec = _flat(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=True))
-    keys = [k for k in rec if not k.startswith(("logger.", "threads", "progress", "hydra.", "selector.release"))]
-    assert {k: now.get(k) for k in keys} == {k: rec[k] for k in keys}
+    now = _composed_as_recorded(compose, command, run, skip=("selector.release",))
     assert now["privacy._target_"].endswith("NoPrivacy")
 
 

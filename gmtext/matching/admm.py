@@ -144,8 +144,7 @@ class ADMMMatcher:
 
     def _log_ppl(self, ppl: torch.Tensor) -> torch.Tensor:
         """What the readability guard compares: [C, B] log perplexities, or [C] class means."""
-        lp = ppl.clamp_min(1e-12).log()
-        return lp if self.objective == "sequence" else lp.mean(1)
+        return ppl.log() if self.objective == "sequence" else ppl.log().mean(1)
 
     # -------- the ADMM loop --------
     def run(
@@ -186,14 +185,15 @@ class ADMMMatcher:
                 z = projector((x + lam / max(rho, 1e-12)).detach().view(c * b, length, -1), ctx).view(c, b, length)
             timings["project"] += time.perf_counter() - t
             t = time.perf_counter()
-            z_ppl, refused = None, None
+            z_ppl, guard_rec = None, {}
             if self.admm or step == steps:
                 dz = self._score(obj, z)
                 improved = dz < best_loss
                 if guard:
                     z_ppl = obj.perplexity(z)
                     readable = self._log_ppl(z_ppl) <= max_log_ppl + 1e-6
-                    refused = (improved & ~readable).float().mean().item()  # better matched, too perplex
+                    # the share of sequences that matched better but read worse than their start
+                    guard_rec = {"guard_refused": (improved & ~readable).float().mean().item()}
                     improved &= readable
                 best_loss = torch.where(improved, dz, best_loss)
                 best_tok[improved] = z[improved]
@@ -203,9 +203,8 @@ class ADMMMatcher:
                     "outer_step": step,
                     "discrete_loss": dz.mean().item(),
                     "best_discrete_loss": best_loss.mean().item(),
+                    **guard_rec,
                 }
-                if refused is not None:
-                    rec["guard_refused"] = refused
                 history.append(rec)
                 if on_step:
                     on_step(rec)
@@ -228,8 +227,7 @@ class ADMMMatcher:
                 rec.update(self._residuals(x, z, z_emb, z_prev, z_emb_prev, rho), rho=rho)
                 rho = self._balanced_rho(rho, rec["primal_residual"], rec["dual_residual"])
                 z_prev, z_emb_prev = z, z_emb
-            if refused is not None:
-                rec["guard_refused"] = refused
+            rec.update(guard_rec)
             if retries:
                 rec.update(x_step_retries=retries, lr=opt.param_groups[0]["lr"])
             history.append(rec)
