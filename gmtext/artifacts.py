@@ -164,6 +164,7 @@ LEGACY_DEFAULTS = {
     "matcher.rho_balance": 0.0,
     "matcher.rho_factor": 2.0,
     "matcher.max_perplexity_ratio": 0.0,
+    "matcher.contrastive": 0.0,
     "train.adjacency": "add_remove",  # DP-SGD before the key: calibrated by opacus, add/remove
 }
 

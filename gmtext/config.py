@@ -118,6 +118,9 @@ class ADMMConfig:
     # readability guard: a z-step iterate may become a sequence's kept text only if its perplexity is
     # at most this times that of the LM start it came from (1: never less readable than the twin); 0: off
     max_perplexity_ratio: float = 0.0
+    # β of the contrastive distance: own-target distance − β × the best other label's (the label-fit
+    # margin, docs/selection.md); 0: own target only (the paper)
+    contrastive: float = 0.0
 
 
 @dataclass
@@ -131,6 +134,7 @@ class LMSamplesConfig:
     distance: Distance = Distance.cos
     closed_form: bool = True
     objective: Objective = Objective.sequence
+    contrastive: float = 0.0  # the starts are picked by the distance GRADMM's are: its twin sets the same β
 
 
 @dataclass

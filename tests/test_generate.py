@@ -49,8 +49,9 @@ def test_generate_writes_outputs(compose, tmp_path):
     assert s["mean_match_loss"] == pytest.approx(sum(r["match_loss"] for r in rows) / 8)
 
 
-def _objective(cfg, run_dir):
-    """The generator's objective for a finished run, rebuilt from its config and release."""
+def _objective(cfg, run_dir, contrastive=None):
+    """The generator's objective for a finished run, rebuilt from its config and release
+    (`contrastive`: another β than the run's)."""
     from gmtext.config import build
     from gmtext.gradients import MatchedParams
     from gmtext.matching.objective import MatchingObjective
@@ -71,6 +72,7 @@ def _objective(cfg, run_dir):
         closed_form=m.closed_form,
         context_ids=task.lm_context_ids(cfg.dataset.lm_context),
         match_loss=cfg.match_loss,
+        contrastive=m.contrastive if contrastive is None else contrastive,
     )
     return lm, task, obj
 
@@ -81,26 +83,32 @@ def _row_loss(obj, ids, label, num_classes):
     return obj.discrete(t, per_sequence=True)[1][label, 0].item()
 
 
-def test_match_loss_is_the_loss_of_the_written_text(compose, tmp_path):
+@pytest.mark.parametrize("contrastive", [0.0, 1.0])
+def test_match_loss_is_the_loss_of_the_written_text(compose, tmp_path, contrastive):
     """match_loss is the distance of the text as written (decoded, tokenised again), which is
     what selection ranks and fine-tuning trains on; token_match_loss keeps the optimised ids'
-    distance. On the tiny model many texts do not re-tokenise to their ids, and there the two differ."""
-    cfg = compose(FAST)
+    distance. On the tiny model many texts do not re-tokenise to their ids, and there the two differ.
+    Under matcher.contrastive = β, token_match_loss is what the matcher judged the ids by (own
+    distance − β × the closest rival's), and match_loss stays the own-target distance."""
+    cfg = compose(FAST + [f"matcher.contrastive={contrastive}"])
     run_generate(cfg, tmp_path)
     rows = read_jsonl(tmp_path / "synthetic.jsonl")
     lm, task, obj = _objective(cfg, tmp_path)
+    _, _, own = _objective(cfg, tmp_path, contrastive=0.0)
     changed = 0
     for r in rows:
         assert len(r["token_ids"]) == cfg.dataset.length
         assert lm.tokenizer.decode(r["token_ids"], skip_special_tokens=True).strip() == r["text"]
         assert r["token_match_loss"] == pytest.approx(_row_loss(obj, r["token_ids"], r["label"], 2), abs=1e-5)
         again = task.encode_text(r["text"])
-        assert r["match_loss"] == pytest.approx(_row_loss(obj, again, r["label"], 2), abs=1e-5)
-        if again != r["token_ids"] and abs(r["match_loss"] - r["token_match_loss"]) > 1e-4:
+        assert r["match_loss"] == pytest.approx(_row_loss(own, again, r["label"], 2), abs=1e-5)
+        if contrastive:
+            assert r["token_match_loss"] < _row_loss(own, r["token_ids"], r["label"], 2)  # the rival term counted
+        elif again != r["token_ids"] and abs(r["match_loss"] - r["token_match_loss"]) > 1e-4:
             changed += 1
         elif again == r["token_ids"]:
             assert r["match_loss"] == pytest.approx(r["token_match_loss"], abs=1e-5)
-    assert changed >= 1  # else this test could not tell the two losses apart
+    assert changed >= 1 or contrastive  # else this test could not tell the two losses apart
 
 
 def test_resume_after_interruption_matches_uninterrupted(compose, tmp_path, monkeypatch):

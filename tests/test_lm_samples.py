@@ -39,3 +39,6 @@ def test_matcher_none_composes_and_builds(compose):
     assert isinstance(m, LMSampleMatcher) and m.init_candidates == 8 and m.objective == "sequence"
     # the twin keeps the default recipe's starts: the same as matcher=admm's
     assert cfg.matcher.init_candidates == compose([], config_name="pipeline").matcher.init_candidates
+    # a contrastive GRADMM's twin picks its starts by the same distance: it takes the same β
+    twin = build(compose(["matcher=none", "matcher.contrastive=0.5"], config_name="pipeline").matcher)
+    assert twin.contrastive == 0.5 and build(cfg.matcher).contrastive == 0.0

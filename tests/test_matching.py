@@ -248,6 +248,84 @@ def test_sequence_objective_keeps_each_sequences_best(tiny, closed_form):
     assert torch.allclose(obj.discrete(res.tokens, per_sequence=True)[1], res.seq_loss, atol=1e-6)
 
 
+def _three_class_objective(lm, task, closed_form, order=(0, 1, 2), contrastive=0.0):
+    """A 3-class objective (the tiny task's two targets and a made-up third; a third label token),
+    with classes listed in `order`: rolling the order puts every row under another label and
+    against that label's target, which is the rival the contrastive distance subtracts."""
+    mp = MatchedParams(lm.model, ["final_norm", "last_blocks:1"] if not closed_form else ["lm_head"])
+    tg = class_target_gradients(lm.model, task, mp, TEXTS, match_loss="full_vocab").grads
+    g = torch.Generator().manual_seed(5)
+    noisy = [t + 0.7 * t.norm() * torch.randn(t.shape, generator=g) / t.numel() ** 0.5 for t in tg[0]]
+    tg = [list(tg[0]), list(tg[1]), noisy]
+    labels = list(task.label_token_ids) + [lm.tokenizer.encode(" fine")[0]]
+    return MatchingObjective(
+        lm.model,
+        mp,
+        [tg[k] for k in order],
+        [labels[k] for k in order],
+        task.prefix_ids,
+        task.suffix_ids,
+        closed_form=closed_form,
+        contrastive=contrastive,
+    )
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+@pytest.mark.parametrize("objective", ["batch", "sequence"])
+def test_contrastive_distance_is_own_minus_beta_times_closest_rival(tiny, closed_form, objective):
+    """matcher.contrastive = β: D = own-target distance − β × min over the other labels j of (the
+    text under label j against class j's target), per class batch and per sequence, with the
+    x-gradient of that difference. The reference rolls the classes of a plain objective."""
+    lm, task = tiny
+    beta = 0.6
+    obj = _three_class_objective(lm, task, closed_form, contrastive=beta)
+    own = _three_class_objective(lm, task, closed_form)
+    x = torch.randn(
+        3, 2, 4, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(2), requires_grad=True
+    )
+    d, _, s = obj.losses(x, per_sequence=True, objective=objective)
+    d_own, _, s_own = own.losses(x, per_sequence=True, objective=objective)
+    # roll r: class k's rows go under label (k + r) mod 3; a plain objective with the classes in
+    # that order scores exactly those rows, so un-roll its rows back to class k
+    rivals = []
+    for r in (1, 2):
+        rolled = _three_class_objective(lm, task, closed_form, order=[(k + r) % 3 for k in range(3)])
+        xr = x[[(k - r) % 3 for k in range(3)]]  # row slot k' of the rolled objective holds class k' − r's text
+        dr, _, sr = rolled.losses(xr, per_sequence=True, objective=objective)
+        back = [(k + r) % 3 for k in range(3)]
+        rivals.append((dr[back], sr[back]))
+    s_ref = s_own - beta * torch.stack([r[1] for r in rivals]).amin(0)
+    # the closest rival is taken per sequence: the sequence objective is the mean of those
+    d_ref = s_ref.mean(1) if objective == "sequence" else d_own - beta * torch.stack([r[0] for r in rivals]).amin(0)
+    assert torch.allclose(d, d_ref, atol=1e-5) and torch.allclose(s, s_ref, atol=1e-5)
+    assert (s < s_own).all()  # distances are positive: the rival term always lowers D
+    g = torch.autograd.grad(d.sum(), x)[0]
+    g_ref = torch.autograd.grad(d_ref.sum(), x)[0]
+    assert _rel(g, g_ref) < 1e-3
+
+
+def test_contrastive_verbalizer_binary_is_the_label_fit_margin(tiny):
+    """Binary verbalizer loss at β = 1: D = own distance − the other label's distance, i.e. minus
+    the label-fit margin that selector=margin keeps the largest of (docs/selection.md)."""
+    lm, task = tiny
+    obj = _objective(lm, task, False, specs=("final_norm",), match_loss="verbalizer")
+    contr = MatchingObjective(
+        lm.model, obj.matched, obj.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids,
+        closed_form=False, match_loss="verbalizer", contrastive=1.0,
+    )  # fmt: skip
+    tokens = torch.tensor(task.encode_text("a great film and a dull one"))[None, None].expand(2, 1, -1)
+    fit = obj.text_losses([tokens[0, 0].tolist()] * 2, [0, 1])  # the same text under label 0 and 1
+    _, s = contr.discrete(tokens, per_sequence=True)
+    assert torch.allclose(s[:, 0], torch.stack([fit[0] - fit[1], fit[1] - fit[0]]), atol=1e-5)
+    with pytest.raises(ValueError, match="matcher.contrastive=-0.5"):
+        MatchingObjective(
+            lm.model, obj.matched, obj.targets, task.label_token_ids, task.prefix_ids, task.suffix_ids,
+            contrastive=-0.5,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="matcher.contrastive=-1"):
+        ADMMMatcher(contrastive=-1.0)
+
+
 def test_admm_is_deterministic(tiny):
     lm, task = tiny
     obj, ctx = _objective(lm, task, True), _ctx(lm, task)

@@ -366,6 +366,8 @@ def test_admm_runs_from_before_the_readability_guard_group_apart_from_guarded_ru
     runs = [load_run(tmp_path / n) for n in ("old", "guarded", "twin")]
     assert [r.config.get("matcher.max_perplexity_ratio") for r in runs] == [0.0, 1.0, None]
     assert "matcher.max_perplexity_ratio" in varying_keys(runs)
+    # matcher.contrastive belongs to both schemas: an old twin reads as β = 0, like an old GRADMM run
+    assert [r.config.get("matcher.contrastive") for r in runs] == [0.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------- dir kinds

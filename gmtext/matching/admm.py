@@ -60,6 +60,7 @@ class ADMMMatcher:
         rho_balance: float = ADMMConfig.rho_balance,
         rho_factor: float = ADMMConfig.rho_factor,
         max_perplexity_ratio: float = ADMMConfig.max_perplexity_ratio,
+        contrastive: float = ADMMConfig.contrastive,
     ):
         """objective: `batch` matches each class batch's mean gradient (the paper) and keeps the
         best batch; `sequence` matches every sequence's own gradient and keeps the best
@@ -74,7 +75,11 @@ class ADMMMatcher:
         sequence's kept text (a class's kept batch under `batch`, by geometric-mean perplexity)
         only if its perplexity is at most r × that of the LM start. At r = 1 no kept text is less
         readable than the start it came from, which is the no-matching twin's text for the same
-        seed; matching may then only move text within the LM's own fluency. 0: no guard (the paper)."""
+        seed; matching may then only move text within the LM's own fluency. 0: no guard (the paper).
+
+        contrastive = β: the distance every step, start and kept iterate is judged by becomes the
+        own-target distance minus β × the best other label's (MatchingObjective; the stage builds
+        the objective with it). 0: own target only (the paper)."""
         for name, v in (("outer_steps", outer_steps), ("inner_steps", inner_steps)):
             if v < 1:
                 raise ValueError(f"matcher.{name}={v} must be >= 1")
@@ -92,6 +97,9 @@ class ADMMMatcher:
         if max_perplexity_ratio < 0:
             raise ValueError(f"matcher.max_perplexity_ratio={max_perplexity_ratio} must be >= 0 (0: no guard)")
         self.max_perplexity_ratio = max_perplexity_ratio
+        if not contrastive >= 0:
+            raise ValueError(f"matcher.contrastive={contrastive} must be >= 0 (0: own target only)")
+        self.contrastive = contrastive
         if nan_retries < 0:
             raise ValueError(f"matcher.nan_retries={nan_retries} must be >= 0")
         self.nan_retries = nan_retries

@@ -25,6 +25,7 @@ class LMSampleMatcher(ADMMMatcher):
         distance: str = LMSamplesConfig.distance,
         closed_form: bool = LMSamplesConfig.closed_form,
         objective: str = LMSamplesConfig.objective,
+        contrastive: float = LMSamplesConfig.contrastive,
     ):
         super().__init__(
             init=init,
@@ -33,6 +34,7 @@ class LMSampleMatcher(ADMMMatcher):
             distance=distance,
             closed_form=closed_form,
             objective=objective,
+            contrastive=contrastive,
         )
         self.outer_steps = 0  # no ADMM step: the tracker's step axis has one point per batch
 

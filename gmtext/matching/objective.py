@@ -12,6 +12,11 @@ Two objectives: `batch` (the paper's: the batch-mean gradient matches the class 
 sequences may compensate for each other) and `sequence` (each sequence's own gradient
 matches the target: every synthetic example is a class-representative training example
 on its own, which is what selection and per-example scores look at).
+
+`contrastive` = β > 0 subtracts β × the best *other* label's distance: under label j the same
+text's gradient is compared with class j's target, as the label-fit margin of `selector=margin`
+does (docs/selection.md). Own-target distance alone rewards the component every class target
+shares; the margin term rewards what tells the text's class from the others.
 """
 
 from __future__ import annotations
@@ -45,10 +50,14 @@ class MatchingObjective:
         closed_form: bool = True,
         context_ids: Sequence[int] | None = None,
         match_loss: str = "full_vocab",
+        contrastive: float = 0.0,
     ):
         if distance not in ("cos", "l2"):
             raise ValueError(f"matcher.distance={distance!r} unknown; accepted: cos, l2")
+        if not contrastive >= 0:
+            raise ValueError(f"matcher.contrastive={contrastive} must be >= 0 (0: own target only)")
         self.model, self.matched, self.distance = model, matched, distance
+        self.contrastive = float(contrastive)
         self.device = next(model.parameters()).device
         self.targets = [[t.to(self.device) for t in tc] for tc in targets]
         self.labels = torch.tensor(list(label_token_ids), device=self.device)
@@ -111,18 +120,30 @@ class MatchingObjective:
                 .view(c, b * length)
                 .mean(1)
             )
-        if self.closed_form:
-            d_cls, d_seq = self._closed_form(h_last.view(c, b, d), per_sequence)
-        else:
-            d_cls, d_seq = self._autograd(
-                h_last.view(c, b, d), per_sequence, create_graph, seq_graph=objective == "sequence"
-            )
+        h_last = h_last.view(c, b, d)
+        d_cls, d_seq = self._distances(h_last, per_sequence, create_graph, objective, shift=0)
+        if self.contrastive > 0 and c > 1:
+            # the rival: under every other label j, the text's gradient against class j's target;
+            # the closest one is what the label-fit margin subtracts
+            rivals = [self._distances(h_last, per_sequence, create_graph, objective, shift=s) for s in range(1, c)]
+            if d_cls is not None:
+                d_cls = d_cls - self.contrastive * torch.stack([r[0] for r in rivals]).amin(0)
+            if d_seq is not None:
+                d_seq = d_seq - self.contrastive * torch.stack([r[1] for r in rivals]).amin(0)
         if objective == "sequence":
             d_cls = d_seq.mean(1)
         return d_cls, lm, d_seq
 
-    def _closed_form(self, h: torch.Tensor, per_sequence: bool):
+    def _distances(self, h: torch.Tensor, per_sequence: bool, create_graph: bool, objective: str, shift: int):
+        """(class distances [C] or None, per-sequence [C, B] or None) with class k's rows under label
+        (k + shift) mod C, against that label's target (shift 0: every row under its own label)."""
+        if self.closed_form:
+            return self._closed_form(h, per_sequence, shift)
+        return self._autograd(h, per_sequence, create_graph, seq_graph=objective == "sequence", shift=shift)
+
+    def _closed_form(self, h: torch.Tensor, per_sequence: bool, shift: int = 0):
         c, b, _ = h.shape
+        lab = [(k + shift) % c for k in range(c)]  # the label (and target) of class k's rows
         h = h.float()
         # detached: D is differentiated w.r.t. x only; a live W would make every backward build
         # an unused V x d weight gradient
@@ -134,11 +155,11 @@ class MatchingObjective:
             bias = self.head.bias.detach().float()
             logits = logits + (bias if rows is None else bias[rows])
         e = logits.softmax(-1)
-        target = self.labels if rows is None else torch.arange(c, device=h.device)
+        target = (self.labels if rows is None else torch.arange(c, device=h.device))[lab]
         e = e - F.one_hot(target, e.shape[-1]).float()[:, None, :]  # [C, B, V or C]
         d_cls, d_seq = [], []
         for k in range(c):
-            gw = self.targets[k][self.w_idx].float()
+            gw = self.targets[lab[k]][self.w_idx].float()
             gw = gw if rows is None else gw[rows]
             g_norm2 = (gw * gw).sum()
             gh = h[k] @ gw.T  # [B, V]: g h_i for every row
@@ -149,7 +170,7 @@ class MatchingObjective:
             parts = [self._dist(dot, norm2, g_norm2)]
             seq_parts = [self._dist(row_dot, gram.diagonal(), g_norm2)] if per_sequence else []
             if self.b_idx is not None:
-                gb = self.targets[k][self.b_idx].float()
+                gb = self.targets[lab[k]][self.b_idx].float()
                 gb = gb if rows is None else gb[rows]
                 eb = e[k].mean(0)
                 parts.append(self._dist((eb * gb).sum(), (eb * eb).sum(), (gb * gb).sum()))
@@ -184,7 +205,9 @@ class MatchingObjective:
             )  # not g @ t: gemv sums less accurately
         return torch.stack(out).mean(0)
 
-    def _autograd(self, h: torch.Tensor, per_sequence: bool, create_graph: bool, seq_graph: bool = False):
+    def _autograd(
+        self, h: torch.Tensor, per_sequence: bool, create_graph: bool, seq_graph: bool = False, shift: int = 0
+    ):
         """seq_graph: per-sequence distances stay differentiable (the `sequence` objective); each
         row's gradient is a backward through the matched tensors only, the expensive backward
         to x happens once for the sum."""
@@ -194,13 +217,15 @@ class MatchingObjective:
             logits, target = logits[..., self.vocab], torch.arange(c, device=h.device)
         else:
             target = self.labels
+        lab = [(k + shift) % c for k in range(c)]  # the label (and target) of class k's rows
+        target = target[lab]
         ce = F.cross_entropy(logits.reshape(c * b, -1), target.repeat_interleave(b), reduction="none").view(c, b)
         d_cls, d_seq = [], []
         params = self.matched.params
         for k in range(c):
             if not seq_graph:  # the sequence objective never uses the batch distance
                 gs = torch.autograd.grad(ce[k].mean(), params, create_graph=create_graph, retain_graph=True)
-                d_cls.append(self._tensor_dist(gs, self.targets[k]))
+                d_cls.append(self._tensor_dist(gs, self.targets[lab[k]]))
             if per_sequence:
                 # all B per-sequence gradients in one vmapped backward (one-hot grad_outputs)
                 onehot = torch.eye(b, device=ce.device, dtype=ce.dtype)
@@ -212,7 +237,7 @@ class MatchingObjective:
                     retain_graph=True,
                     create_graph=seq_graph and create_graph,
                 )
-                ds = self._row_dist(gi, self.targets[k])
+                ds = self._row_dist(gi, self.targets[lab[k]])
                 d_seq.append(ds if seq_graph else ds.detach())
         if seq_graph:
             return None, torch.stack(d_seq)

@@ -118,6 +118,7 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
                 closed_form=matcher.closed_form,
                 context_ids=ctx.prefix_ids,
                 match_loss=cfg.match_loss,
+                contrastive=matcher.contrastive,
             )
             summary = _generate_batches(
                 cfg, run_dir, _Matching(task, tok, obj, projector, matcher, ctx, length), tracker

@@ -28,7 +28,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from ..artifacts import LEGACY_DEFAULTS
-from ..config import ADMMConfig
+from ..config import ADMMConfig, LMSamplesConfig
 from ..privacy.ledger import ledger_of
 from ..readability import kept_perplexity
 
@@ -100,6 +100,10 @@ def find_run_dirs(paths) -> list[Path]:
     return sorted(set(found))
 
 
+# a run dir's matcher reads the later-added keys its schema has at their legacy values
+_MATCHER_SCHEMAS = {c._target_: {f.name for f in fields(c)} for c in (ADMMConfig, LMSamplesConfig)}
+
+
 def load_run(d: Path) -> Run:
     cfg, metrics, privacy, withheld = None, {}, None, False
     gen = d / "generate.json"
@@ -130,9 +134,10 @@ def load_run(d: Path) -> Run:
     flat = {k: _run_relative(v, d) for k, v in flatten(cfg).items()}
     if str(flat.get("train._target_", "")).endswith("DPSGDSource"):  # runs made before the key: opacus, add/remove
         flat.setdefault("train.adjacency", LEGACY_DEFAULTS["train.adjacency"])
-    if flat.get("matcher._target_") == ADMMConfig._target_:  # ADMM keys added later: what older runs did
+    schema = _MATCHER_SCHEMAS.get(flat.get("matcher._target_"))
+    if schema is not None:  # matcher keys added later: what older runs of that matcher did
         for k, v in LEGACY_DEFAULTS.items():
-            if k.startswith("matcher."):
+            if k.startswith("matcher.") and k.removeprefix("matcher.") in schema:
                 flat.setdefault(k, v)
     if "n_train" not in metrics and "accuracy" in metrics and not withheld:
         metrics["n_train"] = examples_of(flat)
