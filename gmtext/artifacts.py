@@ -149,10 +149,12 @@ def _owner(lock: Path) -> int:
 
 
 # ------------------------------------------------------------------ resume: same config only
-# Top-level config keys that do not shape any stage's output: how progress is shown, where
-# metrics go, how many CPU threads run, Hydra's own settings, and which entry point ran the
-# stage (gmtext-pipeline runs generate with stage=pipeline; gmtext-generate may resume it).
-RESUME_FREE_KEYS = frozenset({"progress", "logger", "threads", "hydra", "stage"})
+# Config keys (dotted) that do not shape any stage's output: how progress is shown, where
+# metrics go, how many CPU threads run, Hydra's own settings, which entry point ran the stage
+# (gmtext-pipeline runs generate with stage=pipeline; gmtext-generate may resume it), and how
+# many sequences share a per-sequence gradient pass (matcher.seq_chunk: the same math; like the
+# thread count, it changes only float rounding).
+RESUME_FREE_KEYS = frozenset({"progress", "logger", "threads", "hydra", "stage", "matcher.seq_chunk"})
 
 
 # Keys (dotted paths) added after run dirs already existed, with the value that reproduces what
@@ -186,15 +188,15 @@ def _plain(config) -> dict:
 
 
 def config_diff(stored: dict, config: dict, free=RESUME_FREE_KEYS) -> list[tuple[str, object, object]]:
-    """(dotted key, stored value, new value) for every leaf that differs, top-level `free`
-    keys ignored; a key present on one side only counts as a difference."""
+    """(dotted key, stored value, new value) for every leaf that differs, `free` (dotted) keys
+    ignored; a key present on one side only counts as a difference."""
     out: list[tuple[str, object, object]] = []
     missing = object()
 
     def walk(a, b, prefix: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b), key=str):
-                if not prefix and k in free:
+                if f"{prefix}{k}" in free:
                     continue
                 walk(a.get(k, LEGACY_DEFAULTS.get(f"{prefix}{k}", missing)), b.get(k, missing), f"{prefix}{k}.")
             return

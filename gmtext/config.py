@@ -121,6 +121,10 @@ class ADMMConfig:
     # β of the contrastive distance: own-target distance − β × the best other label's (the label-fit
     # margin, docs/selection.md); 0: own target only (the paper)
     contrastive: float = 0.0
+    # per-sequence gradients for this many sequences per class at once (0: the whole batch): the
+    # same numbers up to rounding, at a cost linear instead of quadratic in batch_size (objective.py;
+    # benchmarks/bench_xstep.py: 1.75-1.9x faster x-steps on CPU at batch 10)
+    seq_chunk: int = 2
 
 
 @dataclass
@@ -135,6 +139,7 @@ class LMSamplesConfig:
     closed_form: bool = True
     objective: Objective = Objective.sequence
     contrastive: float = 0.0  # the starts are picked by the distance GRADMM's are: its twin sets the same β
+    seq_chunk: int = 2
 
 
 @dataclass

@@ -105,3 +105,17 @@ def test_bench_dpsgd_smoke(tmp_path):
         assert r["steps_timed"] == 1 and r["texts_timed"] == 8 and r["ms_per_record_step"] > 0, r
         assert 0 < r["accounting_seconds"] < r["seconds"] and r["recipe_minutes_extrapolated"] > 0, r
     assert cached["step_speedup_vs_whole_model"] > 0
+
+
+def test_bench_xstep_smoke(tmp_path):
+    """benchmarks/bench_xstep.py on the tiny model: chunked rows compute what the unchunked row
+    computes, with and without the contrastive rival."""
+    spec = "sketch:4x4:0:last_blocks:1"
+    rows = [f"{spec}/0/0", f"{spec}/0/2", f"{spec}/1/0", f"{spec}/1/1"]
+    res = _run_tiny(tmp_path, "bench_xstep.py", "--batch", "3", "--length", "6", "--rows", *rows)
+    assert [(r["contrastive"], r["seq_chunk"]) for r in res["rows"]] == [(0, 0), (0, 2), (1, 0), (1, 1)]
+    for r in res["rows"]:
+        assert r["seconds"] > 0 and r["peak_rss_gib"] > 0 and r["matched_numel"] == 112
+        if r["seq_chunk"]:
+            assert r["max_abs_diff_distance"] < 1e-5 and r["rel_diff_grad"] < 1e-4, r
+    assert res["settings"]["batch_per_class"] == 3

@@ -326,6 +326,34 @@ def test_contrastive_verbalizer_binary_is_the_label_fit_margin(tiny):
         ADMMMatcher(contrastive=-1.0)
 
 
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_sequence_chunks_give_the_unchunked_numbers(tiny, closed_form):
+    """matcher.seq_chunk = k takes per-sequence gradients k sequences per class at a time (cost linear
+    in the batch size instead of quadratic): the same distances, LM term and x-gradients as one
+    pass, for both objectives, with the contrastive rival, and for the written text's losses."""
+    lm, task = tiny
+    whole = _three_class_objective(lm, task, closed_form, contrastive=0.5)
+    chunked = _three_class_objective(lm, task, closed_form, contrastive=0.5)
+    chunked.seq_chunk = 2  # 5 sequences: chunks of 2, 2, 1
+    x = torch.randn(
+        3, 5, 4, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(4), requires_grad=True
+    )
+    z = torch.randint(0, 500, (3, 5, 4), generator=torch.Generator().manual_seed(4))
+    for objective in ("sequence", "batch"):
+        a = whole.losses(x, lm_tokens=z, per_sequence=True, objective=objective)
+        b = chunked.losses(x, lm_tokens=z, per_sequence=True, objective=objective)
+        for u, v in zip(a, b):
+            assert torch.allclose(u, v, atol=1e-5)
+        ga = torch.autograd.grad((a[0] + a[1]).sum(), x)[0]
+        gb = torch.autograd.grad((b[0] + b[1]).sum(), x)[0]
+        assert _rel(gb, ga) < 1e-4
+    texts = [task.encode_text(t) for t in ("a great film", "dull", "a dull and boring film", "fun", "ok then", "wow")]
+    labels = [0, 1, 2, 0, 1, 2]
+    assert torch.allclose(whole.text_losses(texts, labels), chunked.text_losses(texts, labels), atol=1e-5)
+    with pytest.raises(ValueError, match="matcher.seq_chunk=-1"):
+        ADMMMatcher(seq_chunk=-1)
+
+
 def test_admm_is_deterministic(tiny):
     lm, task = tiny
     obj, ctx = _objective(lm, task, True), _ctx(lm, task)

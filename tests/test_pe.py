@@ -294,6 +294,22 @@ def test_a_run_dir_recorded_before_residual_balancing_resumes_with_fixed_rho(com
     assert [(k, a, b) for k, a, b in config_diff(old, bal)] == [("matcher.rho_balance", 0.0, 10.0)]
 
 
+def test_contrastive_is_a_change_and_seq_chunk_is_not(compose):
+    """A run dir recorded before matcher.contrastive and matcher.seq_chunk resumes: the first reads as
+    0 (what the run did); the second is free like `threads` (the same math, another float rounding)."""
+    from omegaconf import OmegaConf
+
+    from gmtext.artifacts import config_diff
+
+    now = OmegaConf.to_container(compose(["debug=tiny"]), resolve=True)
+    old = {**now, "matcher": {k: v for k, v in now["matcher"].items() if k not in ("contrastive", "seq_chunk")}}
+    assert now["matcher"]["seq_chunk"] == 2 and config_diff(old, now) == []
+    other = OmegaConf.to_container(
+        compose(["debug=tiny", "matcher.seq_chunk=0", "matcher.contrastive=1"]), resolve=True
+    )
+    assert [(k, a, b) for k, a, b in config_diff(old, other)] == [("matcher.contrastive", 0.0, 1.0)]
+
+
 def test_config_composes_and_the_default_stays_gradmm(compose):
     cfg = compose(["generator=pe", "debug=tiny"])
     assert cfg.generator._target_ == "gmtext.evolution.pe.PrivateEvolution" and cfg.generator.iterations == 5

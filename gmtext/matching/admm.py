@@ -61,6 +61,7 @@ class ADMMMatcher:
         rho_factor: float = ADMMConfig.rho_factor,
         max_perplexity_ratio: float = ADMMConfig.max_perplexity_ratio,
         contrastive: float = ADMMConfig.contrastive,
+        seq_chunk: int = ADMMConfig.seq_chunk,
     ):
         """objective: `batch` matches each class batch's mean gradient (the paper) and keeps the
         best batch; `sequence` matches every sequence's own gradient and keeps the best
@@ -79,7 +80,10 @@ class ADMMMatcher:
 
         contrastive = β: the distance every step, start and kept iterate is judged by becomes the
         own-target distance minus β × the best other label's (MatchingObjective; the stage builds
-        the objective with it). 0: own target only (the paper)."""
+        the objective with it). 0: own target only (the paper).
+
+        seq_chunk: how many sequences per class the objective takes per-sequence gradients for
+        at once (the stage builds the objective with it; 0: the whole batch)."""
         for name, v in (("outer_steps", outer_steps), ("inner_steps", inner_steps)):
             if v < 1:
                 raise ValueError(f"matcher.{name}={v} must be >= 1")
@@ -100,6 +104,9 @@ class ADMMMatcher:
         if not contrastive >= 0:
             raise ValueError(f"matcher.contrastive={contrastive} must be >= 0 (0: own target only)")
         self.contrastive = contrastive
+        if seq_chunk < 0:
+            raise ValueError(f"matcher.seq_chunk={seq_chunk} must be >= 0 (0: every sequence of a batch at once)")
+        self.seq_chunk = seq_chunk
         if nan_retries < 0:
             raise ValueError(f"matcher.nan_retries={nan_retries} must be >= 0")
         self.nan_retries = nan_retries

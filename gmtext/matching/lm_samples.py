@@ -26,6 +26,7 @@ class LMSampleMatcher(ADMMMatcher):
         closed_form: bool = LMSamplesConfig.closed_form,
         objective: str = LMSamplesConfig.objective,
         contrastive: float = LMSamplesConfig.contrastive,
+        seq_chunk: int = LMSamplesConfig.seq_chunk,
     ):
         super().__init__(
             init=init,
@@ -35,6 +36,7 @@ class LMSampleMatcher(ADMMMatcher):
             closed_form=closed_form,
             objective=objective,
             contrastive=contrastive,
+            seq_chunk=seq_chunk,
         )
         self.outer_steps = 0  # no ADMM step: the tracker's step axis has one point per batch
 

@@ -51,6 +51,7 @@ class MatchingObjective:
         context_ids: Sequence[int] | None = None,
         match_loss: str = "full_vocab",
         contrastive: float = 0.0,
+        seq_chunk: int = 0,
     ):
         if distance not in ("cos", "l2"):
             raise ValueError(f"matcher.distance={distance!r} unknown; accepted: cos, l2")
@@ -58,6 +59,9 @@ class MatchingObjective:
             raise ValueError(f"matcher.contrastive={contrastive} must be >= 0 (0: own target only)")
         self.model, self.matched, self.distance = model, matched, distance
         self.contrastive = float(contrastive)
+        if seq_chunk < 0:
+            raise ValueError(f"matcher.seq_chunk={seq_chunk} must be >= 0 (0: every sequence of a batch at once)")
+        self.seq_chunk = int(seq_chunk)
         self.device = next(model.parameters()).device
         self.targets = [[t.to(self.device) for t in tc] for tc in targets]
         self.labels = torch.tensor(list(label_token_ids), device=self.device)
@@ -110,6 +114,8 @@ class MatchingObjective:
         if objective == "sequence":
             per_sequence = True
         c, b, length, d = x.shape
+        if per_sequence and 0 < self.seq_chunk < b:
+            return self._chunked(x, lm_tokens, create_graph, objective)
         hid = self._hidden(x.reshape(c * b, length, d))
         h_last = hid[:, -1]
         lm = None
@@ -133,6 +139,31 @@ class MatchingObjective:
         if objective == "sequence":
             d_cls = d_seq.mean(1)
         return d_cls, lm, d_seq
+
+    def _chunked(self, x: torch.Tensor, lm_tokens, create_graph: bool, objective: str):
+        """`losses` with the per-sequence distances taken `seq_chunk` sequences per class at a time.
+        Autograd gets a batch's B per-sequence gradients as B backward passes through the whole
+        batch's graph: B² row-passes, and B full-size gradients in memory at once (matching the
+        middle blocks at B = 10 did not fit in 15 GiB). Rows never attend to each other, so
+        chunks give the same numbers at a cost linear in B."""
+        b, ch, seq = x.shape[1], self.seq_chunk, objective == "sequence"
+        parts = [
+            self.losses(
+                x[:, i : i + ch],
+                lm_tokens=None if lm_tokens is None else lm_tokens[:, i : i + ch],
+                create_graph=create_graph
+                and seq,  # the batch objective reports per-sequence D, never differentiates it
+                objective="sequence",
+            )
+            for i in range(0, b, ch)
+        ]
+        d_seq = torch.cat([p[2] if seq else p[2].detach() for p in parts], 1)
+        lm = None if lm_tokens is None else sum(p[1] * p[2].shape[1] for p in parts) / b
+        if objective == "sequence":
+            return d_seq.mean(1), lm, d_seq
+        # the batch distance needs the whole batch's mean gradient: one more pass, without per-row gradients
+        d_cls, lm_all, _ = self.losses(x, lm_tokens=lm_tokens, create_graph=create_graph, objective="batch")
+        return d_cls, lm_all, d_seq
 
     def _distances(self, h: torch.Tensor, per_sequence: bool, create_graph: bool, objective: str, shift: int):
         """(class distances [C] or None, per-sequence [C, B] or None) with class k's rows under label
@@ -267,7 +298,9 @@ class MatchingObjective:
         for i, t in enumerate(token_lists):
             groups.setdefault(len(t), []).append(i)
         c = len(self.targets)
-        for length, idx in groups.items():
+        ch = self.seq_chunk or len(token_lists)  # rows per pass (seq_chunk: see _chunked)
+        chunks = [(n, idx[j : j + ch]) for n, idx in groups.items() for j in range(0, len(idx), ch)]
+        for length, idx in chunks:
             tokens = torch.tensor([list(token_lists[i]) for i in idx], dtype=torch.long, device=self.device).view(
                 len(idx), length
             )

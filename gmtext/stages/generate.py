@@ -119,6 +119,7 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
                 context_ids=ctx.prefix_ids,
                 match_loss=cfg.match_loss,
                 contrastive=matcher.contrastive,
+                seq_chunk=matcher.seq_chunk,
             )
             summary = _generate_batches(
                 cfg, run_dir, _Matching(task, tok, obj, projector, matcher, ctx, length), tracker

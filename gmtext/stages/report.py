@@ -43,7 +43,17 @@ from ..readability import kept_perplexity
 RUN_FILES = ("metrics.json", "generate.json")
 SKIP_DIRS = {"wandb", ".hydra", "release", "batches", "__pycache__", ".submitit"}
 # Keys that differ between runs without defining an experimental condition.
-IGNORED = ("seed", "finetuner.seed", "train.path", "release", "progress", "threads", "stage_dir", "shard.index")
+IGNORED = (
+    "seed",
+    "finetuner.seed",
+    "train.path",
+    "release",
+    "progress",
+    "threads",
+    "matcher.seq_chunk",  # like threads: the same math, another float rounding
+    "stage_dir",
+    "shard.index",
+)
 IGNORED_PREFIXES = ("logger.", "hydra.")
 METRICS = (
     "accuracy",
