@@ -122,8 +122,8 @@ def test_changed_config_is_one_line_exit_2_nothing_written(tmp_path):
     )
     assert line == (
         f"gmtext-select: error: {run} holds select output made with another config (selector.per_class 0 → 1); "
-        "rerun with the same settings to resume (only hydra, logger, progress, stage, threads may differ) "
-        "or choose another hydra.run.dir"
+        "rerun with the same settings to resume "
+        "(only hydra, logger, matcher.seq_chunk, progress, stage, threads may differ) or choose another hydra.run.dir"
     )
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
 

@@ -147,12 +147,12 @@ class MatchingObjective:
         middle blocks at B = 10 did not fit in 15 GiB). Rows never attend to each other, so
         chunks give the same numbers at a cost linear in B."""
         b, ch, seq = x.shape[1], self.seq_chunk, objective == "sequence"
+        graph = create_graph and seq  # the batch objective reports per-sequence D, never differentiates it
         parts = [
             self.losses(
                 x[:, i : i + ch],
                 lm_tokens=None if lm_tokens is None else lm_tokens[:, i : i + ch],
-                create_graph=create_graph
-                and seq,  # the batch objective reports per-sequence D, never differentiates it
+                create_graph=graph,
                 objective="sequence",
             )
             for i in range(0, b, ch)
