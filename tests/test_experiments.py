@@ -267,7 +267,7 @@ PIPELINE_RUNS = [  # non-private rows: (the command's overrides, run dir under e
         for e, row in (("", "gradmm"), ("_twin", "twin"), ("_readable", "readable"))
         for s in (0, 1, 2)
     ],
-    ("experiment=rt_main_cpu_n100 seed=0", "rt_main_cpu_recipes_n100/rt_main_cpu_n100_s0"),
+    *[(f"experiment=rt_main_cpu_n100 seed={s}", f"rt_main_cpu_recipes_n100/rt_main_cpu_n100_s{s}") for s in (0, 1, 2)],
 ]
 
 
