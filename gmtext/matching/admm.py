@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..config import ADMMConfig, EmbeddingOnlyConfig
-from .objective import MatchingObjective, check_objective
+from .objective import MatchingObjective, check_matching_options, check_objective
 from .projectors import ProjectionContext
 
 
@@ -101,12 +101,8 @@ class ADMMMatcher:
         if max_perplexity_ratio < 0:
             raise ValueError(f"matcher.max_perplexity_ratio={max_perplexity_ratio} must be >= 0 (0: no guard)")
         self.max_perplexity_ratio = max_perplexity_ratio
-        if not contrastive >= 0:
-            raise ValueError(f"matcher.contrastive={contrastive} must be >= 0 (0: own target only)")
-        self.contrastive = contrastive
-        if seq_chunk < 0:
-            raise ValueError(f"matcher.seq_chunk={seq_chunk} must be >= 0 (0: every sequence of a batch at once)")
-        self.seq_chunk = seq_chunk
+        check_matching_options(contrastive, seq_chunk)
+        self.contrastive, self.seq_chunk = contrastive, seq_chunk
         if nan_retries < 0:
             raise ValueError(f"matcher.nan_retries={nan_retries} must be >= 0")
         self.nan_retries = nan_retries

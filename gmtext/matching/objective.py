@@ -37,6 +37,15 @@ def check_objective(objective: str) -> None:
         raise ValueError(f"matcher.objective={objective!r} unknown; accepted: {', '.join(OBJECTIVES)}")
 
 
+def check_matching_options(contrastive: float, seq_chunk: int) -> None:
+    """The matcher checks these when it is built (before any release is made); the objective,
+    which uses them, again for callers that build it directly."""
+    if not contrastive >= 0:
+        raise ValueError(f"matcher.contrastive={contrastive} must be >= 0 (0: own target only)")
+    if seq_chunk < 0:
+        raise ValueError(f"matcher.seq_chunk={seq_chunk} must be >= 0 (0: every sequence of a batch at once)")
+
+
 class MatchingObjective:
     def __init__(
         self,
@@ -55,13 +64,9 @@ class MatchingObjective:
     ):
         if distance not in ("cos", "l2"):
             raise ValueError(f"matcher.distance={distance!r} unknown; accepted: cos, l2")
-        if not contrastive >= 0:
-            raise ValueError(f"matcher.contrastive={contrastive} must be >= 0 (0: own target only)")
+        check_matching_options(contrastive, seq_chunk)
         self.model, self.matched, self.distance = model, matched, distance
-        self.contrastive = float(contrastive)
-        if seq_chunk < 0:
-            raise ValueError(f"matcher.seq_chunk={seq_chunk} must be >= 0 (0: every sequence of a batch at once)")
-        self.seq_chunk = int(seq_chunk)
+        self.contrastive, self.seq_chunk = float(contrastive), int(seq_chunk)
         self.device = next(model.parameters()).device
         self.targets = [[t.to(self.device) for t in tc] for tc in targets]
         self.labels = torch.tensor(list(label_token_ids), device=self.device)
@@ -308,10 +313,7 @@ class MatchingObjective:
             with torch.set_grad_enabled(not self.closed_form):
                 h = self._hidden(x)[:, -1]
                 h = h[None].expand(c, *h.shape)  # every row under every label: one forward, C targets
-                if self.closed_form:
-                    _, d_seq = self._closed_form(h, True)
-                else:
-                    _, d_seq = self._autograd(h, True, create_graph=False)
+                _, d_seq = self._distances(h, True, create_graph=False, objective="batch", shift=0)
             rows = torch.arange(len(idx), device=d_seq.device)
             own = torch.tensor([labels[i] for i in idx], device=d_seq.device)
             out[torch.tensor(idx)] = d_seq.detach()[own, rows].float().cpu()
