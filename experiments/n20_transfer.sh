@@ -5,6 +5,8 @@
 # readability guard (matcher.max_perplexity_ratio=1) over seeds 0 1 2.
 # Every setting lives in conf/experiment/<dataset>_n20*.yaml; this script only loops, skips
 # finished runs and reports.   bash experiments/n20_transfer.sh [SEEDS...]   (~1 h per seed on 2 cores)
+# ROWS picks the pipeline rows (run dir prefix:experiment suffix); the contrastive pair
+# (matcher.contrastive=1, GRADMM and its twin) is opt-in: ROWS="contrastive20:_contrastive ctwin20:_contrastive_twin"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/n20_transfer}
@@ -18,9 +20,10 @@ SEEDS=("$@"); [ ${#SEEDS[@]} -gt 0 ] || SEEDS=(0 1 2)
 for s in "${SEEDS[@]}"; do
   for d in $DATASETS; do
     [ -f $OUT/$d/real20_s$s/metrics.json ] || gmtext-finetune experiment=${d}_real20 seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/real20_s$s
-    [ -f $OUT/$d/gradmm20_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20 seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/gradmm20_s$s
-    [ -f $OUT/$d/twin20_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20_twin seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/twin20_s$s
-    [ -f $OUT/$d/readable20_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20_readable seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/readable20_s$s
+    for row in ${ROWS:-gradmm20: twin20:_twin readable20:_readable}; do
+      r=${row%%:*}
+      [ -f $OUT/$d/${r}_s$s/metrics.json ] || gmtext-pipeline experiment=${d}_n20${row#*:} seed=$s "${RUN[@]}" hydra.run.dir=$OUT/$d/${r}_s$s
+    done
   done
 done
 for d in $DATASETS; do gmtext-report $OUT/$d -o $OUT/$d/report --ignore selector.release; done  # runs made before {run}/probe recorded absolute probe paths

@@ -136,7 +136,7 @@ def test_training_sources_are_pinned(compose, tmp_path, source):
 
 
 # recorded from the pre-refactor code (GMTEXT_RECORD_PINNED=1); json keeps inf as Infinity. The kept set's
-# median / p90 perplexity were added later (new fields; every earlier value unchanged)
+# median / p90 perplexity and known-word rate were added later (new fields; every earlier value unchanged)
 EXPECTED = {
     'none': json.loads(
         '{"release": {"reused": false, "epsilon": Infinity, "delta": 0.0, "mechanism": "none", "sigma": null, '
@@ -158,7 +158,7 @@ EXPECTED = {
         '"lr": 1e-05, "steps": 2, "final_loss": 0.87939, "generation": {"examples": 8, "mean_match_loss": 0.147296, '
         '"mean_perplexity": 40192.6, "epsilon": Infinity, "delta": 0.0}, "selection": {"pool": 8, "selected": 6, '
         '"mean_match_loss": 0.103972, "mean_perplexity": 40387.5, "median_perplexity": 41074.9, '
-        '"p90_perplexity": 41814.9}}}'
+        '"p90_perplexity": 41814.9, "known_word_rate": 0.6}}}'
     ),
     'dp': json.loads(
         '{"release": {"reused": false, "epsilon": 1.99907, "delta": 1e-05, "mechanism": "gaussian", "sigma": 3.98928, '
@@ -184,7 +184,8 @@ EXPECTED = {
         '"epsilon": 1.99907, "delta": 1e-05, "lr": 1e-05, "steps": 2, "final_loss": 0.887001, '
         '"generation": {"examples": 8, "mean_match_loss": 0.998101, "mean_perplexity": 40268.3, "epsilon": 1.99907, '
         '"delta": 1e-05}, "selection": {"pool": 8, "selected": 6, "mean_match_loss": 0.997977, '
-        '"mean_perplexity": 39946.2, "median_perplexity": 39624.0, "p90_perplexity": 42026.0}}}'
+        '"mean_perplexity": 39946.2, "median_perplexity": 39624.0, "p90_perplexity": 42026.0, '
+        '"known_word_rate": 0.652174}}}'
     ),
 }
 EXPECTED_SOURCES = {

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from gmtext.readability import known_word_rate
 from gmtext.stages.report import main, run_report
 
 FAST_GEN = [
@@ -402,6 +403,9 @@ def test_report_on_pipeline_single_run_and_multirun_dirs(report, compose, tmp_pa
     sel = m["selection"]
     assert (sel["median_perplexity"], sel["p90_perplexity"]) == pytest.approx((med, p90))
     assert (row["kept_median_perplexity_mean"], row["kept_p90_perplexity_mean"]) == pytest.approx((med, p90))
+    texts = [json.loads(l)["text"] for l in (pipe / "selected.jsonl").read_text().splitlines()]
+    assert row["kept_known_word_rate_mean"] == pytest.approx(sel["known_word_rate"])
+    assert sel["known_word_rate"] == pytest.approx(known_word_rate(texts))
     (curve,) = r["plots"]["admm_curves.png"].values()
     assert curve["outer_step"] == [0, 1, 2]
     root, _, _ = report
@@ -452,6 +456,35 @@ def test_paired_by_seed_against_the_twin(tmp_path):
     assert (tmp_path / "rep" / "paired.csv").exists()
     assert run_report([tmp_path / "runs"], tmp_path / "rep", paired="")["paired"] == []
     assert not (tmp_path / "rep" / "paired.csv").exists()
+
+
+def test_each_variant_is_paired_with_its_own_twin(tmp_path):
+    """Two twins (matcher.contrastive 0 and 1): contrastive GRADMM meets the contrastive twin, plain
+    and guarded GRADMM (a key the twins lack) the plain twin, and the second twin the first."""
+    admm, twin = "gmtext.matching.admm.ADMMMatcher", "gmtext.matching.lm_samples.LMSampleMatcher"
+    conds = {
+        "plain": ({"_target_": admm, "contrastive": 0.0, "max_perplexity_ratio": 0.0}, 0.70),
+        "guard": ({"_target_": admm, "contrastive": 0.0, "max_perplexity_ratio": 1.0}, 0.71),
+        "contrastive": ({"_target_": admm, "contrastive": 1.0, "max_perplexity_ratio": 0.0}, 0.80),
+        "twin": ({"_target_": twin, "contrastive": 0.0}, 0.60),
+        "ctwin": ({"_target_": twin, "contrastive": 1.0}, 0.75),
+    }
+    for name, (matcher, acc) in conds.items():
+        for seed in (0, 1):
+            d = tmp_path / "runs" / f"{name}_{seed}"
+            d.mkdir(parents=True)
+            cfg = {"stage": "pipeline", "seed": seed, "matcher": matcher, "train": {"path": str(d)}}
+            (d / "metrics.json").write_text(json.dumps({"accuracy": acc + seed / 100, "config": cfg}))
+    paired = run_report([tmp_path / "runs"], tmp_path / "rep")["paired"]
+    got = {(p["condition"], p["reference"]): round(p["d_accuracy_mean"], 6) for p in paired}
+    t0, t1 = f"matcher._target_={twin}, matcher.contrastive=0", f"matcher._target_={twin}, matcher.contrastive=1"
+    a = f"matcher._target_={admm}, matcher.contrastive="
+    assert got == {
+        (f"{a}0, matcher.max_perplexity_ratio=0", t0): 0.10,
+        (f"{a}0, matcher.max_perplexity_ratio=1", t0): 0.11,
+        (f"{a}1, matcher.max_perplexity_ratio=0", t1): 0.05,  # not 0.20 against the plain twin
+        (t1, t0): 0.15,
+    }
 
 
 def test_paths_inside_each_run_dir_are_not_a_condition(tmp_path):

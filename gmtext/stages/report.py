@@ -38,7 +38,7 @@ import pandas as pd
 from ..artifacts import LEGACY_DEFAULTS
 from ..config import ADMMConfig, LMSamplesConfig
 from ..privacy.ledger import ledger_of
-from ..readability import kept_perplexity
+from ..readability import kept_readability
 
 RUN_FILES = ("metrics.json", "generate.json")
 SKIP_DIRS = {"wandb", ".hydra", "release", "batches", "__pycache__", ".submitit"}
@@ -66,11 +66,12 @@ METRICS = (
     "mean_perplexity",
     "kept_median_perplexity",
     "kept_p90_perplexity",
+    "kept_known_word_rate",  # share of the kept set's words a spelling dictionary knows (gmtext/readability.py)
     "examples",
 )
 PLOTS = ("accuracy_vs_examples.png", "accuracy_vs_epsilon.png", "admm_curves.png")
 X_EXAMPLE_KEYS = ("num_per_class", "train.size", "n_train")
-PAIRED_METRICS = ("accuracy", "macro_f1", "mean_perplexity", "kept_median_perplexity")
+PAIRED_METRICS = ("accuracy", "macro_f1", "mean_perplexity", "kept_median_perplexity", "kept_known_word_rate")
 TWIN_TARGET = "gmtext.matching.lm_samples.LMSampleMatcher"  # matcher=none: the reference of a paired comparison
 
 
@@ -140,7 +141,7 @@ def load_run(d: Path) -> Run:
     led = ledger_of(privacy)
     if led is not None and led.entries and led.private and led.relation == "add_remove":
         metrics["epsilon_replace_one"] = led.epsilon("replace_one")
-    metrics.update({f"kept_{k}": v for k, v in kept_perplexity(d).items()})  # the fine-tuned set's readability
+    metrics.update({f"kept_{k}": v for k, v in kept_readability(d).items()})  # the fine-tuned set's readability
     flat = {k: _run_relative(v, d) for k, v in flatten(cfg).items()}
     if str(flat.get("train._target_", "")).endswith("DPSGDSource"):  # runs made before the key: opacus, add/remove
         flat.setdefault("train.adjacency", LEGACY_DEFAULTS["train.adjacency"])
@@ -293,8 +294,11 @@ def _order(key):  # numbers numerically, then strings; None last
 def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
     """Seed-paired differences between conditions that differ only in keys under `group.`:
     one row per (context, condition ≠ reference) with the seeds both have and, per metric,
-    the mean and std of (condition − reference) over them. The reference is the twin
-    (TWIN_TARGET) when present, else the first condition in table order."""
+    the mean and std of (condition − reference) over them. The reference is a twin
+    (TWIN_TARGET) when present, else the first condition in table order. With several twins
+    (e.g. one per matcher.contrastive) a GRADMM condition is paired with the twin that shares
+    most of its matcher settings (ties: the first), so each variant meets its own control, and
+    the other twins with the first."""
     inner = [k for k in keys if k.startswith(group + ".")]
     if not inner:
         return []
@@ -309,18 +313,23 @@ def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
         )
         if len(conds) < 2:
             continue
-        twin = [c for c in conds if _enc(TWIN_TARGET) in c]
-        ref = twin[0] if twin else conds[0]
+        twins = [c for c in conds if _enc(TWIN_TARGET) in c]
+        first = twins[0] if twins else conds[0]
+
+        def ref_of(cond):
+            if cond in twins or not twins:
+                return first
+            return max(twins, key=lambda t: sum(a == b for a, b in zip(t, cond)))  # max: the first of ties
 
         def of(cond):
             sel = part[(part[inner] == pd.Series(cond, index=inner)).all(axis=1)]
             return sel.drop_duplicates("seed").set_index("seed")
 
-        base = of(ref)
         for cond in conds:
+            ref = ref_of(cond)
             if cond == ref:
                 continue
-            other = of(cond)
+            base, other = of(ref), of(cond)
             seeds = [sd for sd in other.index if sd in base.index]
             if not seeds:
                 continue

@@ -18,7 +18,7 @@ from ..artifacts import check_resume, record_config, run_lock, write_json, write
 from ..config import BestMatchSelectorConfig, LabelMarginSelectorConfig, build
 from ..data.synthetic import read_synthetic_rows, resolve_synthetic_path, synthetic_privacy
 from ..gradients import MATCH_LOSSES
-from ..readability import perplexity_quantiles
+from ..readability import readability
 from ..matching.rescore import label_fit, label_margin
 from ..privacy.ledger import compose_records, ledger_of
 from ..privacy.release import META_FILE, Release, release_fingerprint
@@ -219,7 +219,7 @@ def run_select(cfg: DictConfig, run_dir) -> dict:
                 "per_class": counts,
                 "mean_match_loss": _mean(chosen, "match_loss"),
                 "mean_perplexity": _mean(chosen, "perplexity"),
-                **perplexity_quantiles(chosen),
+                **readability(chosen),  # perplexity quantiles and the known-word rate
                 "source": str(source),
             }
             parts = [pool_privacy] if pool_privacy else []

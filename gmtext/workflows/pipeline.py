@@ -72,7 +72,15 @@ def run_pipeline(cfg: DictConfig, run_dir) -> dict:
     }
     metrics["selection"] = {
         k: sel[k]
-        for k in ("pool", "selected", "mean_match_loss", "mean_perplexity", "median_perplexity", "p90_perplexity")
+        for k in (
+            "pool",
+            "selected",
+            "mean_match_loss",
+            "mean_perplexity",
+            "median_perplexity",
+            "p90_perplexity",
+            "known_word_rate",
+        )
         if k in sel
     }
     write_json(run_dir / "metrics.json", metrics)
