@@ -268,13 +268,18 @@ PIPELINE_RUNS = [  # non-private rows: (the command's overrides, run dir under e
         for s in (0, 1, 2)
     ],
     *[(f"experiment=rt_main_cpu_n100 seed={s}", f"rt_main_cpu_recipes_n100/rt_main_cpu_n100_s{s}") for s in (0, 1, 2)],
+    *[
+        (f"experiment=tweet_emotion_n20{e} seed={s}", f"n20_transfer/tweet_emotion/{row}20_s{s}")
+        for e, row in (("_contrastive", "contrastive"), ("_contrastive_twin", "ctwin"))
+        for s in (0, 1, 2)
+    ],
 ]
 
 
 @pytest.mark.parametrize("command,run", PIPELINE_RUNS)
 def test_pipeline_row_is_one_command(compose, command, run):
-    """The N = 20 transfer rows (GRADMM, its twin, the readability-guarded GRADMM) and the
-    GRADMM-100 reproduction were made by `gmtext-pipeline <command>`: today's composition equals
+    """The N = 20 transfer rows (GRADMM, its twin, the readability-guarded GRADMM, the contrastive
+    pair) and the GRADMM-100 reproduction were made by `gmtext-pipeline <command>`: today's composition equals
     the recorded config on every key but bookkeeping (a key added later is absent from older
     records and not compared; gmtext-report reads it as its legacy value)."""
     now = _composed_as_recorded(compose, command, run, skip=("selector.release",))
