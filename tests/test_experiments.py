@@ -273,6 +273,7 @@ PIPELINE_RUNS = [  # non-private rows: (the command's overrides, run dir under e
         for e, row in (("_contrastive", "contrastive"), ("_contrastive_twin", "ctwin"))
         for s in (0, 1, 2)
     ],
+    *[(f"experiment=imdb_n20_contrastive_twin seed={s}", f"n20_transfer/imdb/ctwin20_s{s}") for s in (0, 1, 2)],
 ]
 
 
