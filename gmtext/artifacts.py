@@ -60,7 +60,8 @@ def read_json(path):
 
 
 def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    # newlines only: str.splitlines also cuts at U+2028 / U+0085, which a JSON string may hold raw
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _json_default(o):

@@ -30,6 +30,8 @@ _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
 # clitics that tokenized corpora (rotten tomatoes) detach, "do n't", "it 's": joined back before
 # splitting, else "ll" and "ve" would count as misspelt words of the real data
 _DETACHED = re.compile(r"\b([A-Za-z]+) (n't|'(?:s|ll|re|ve|d|m))\b")
+# what readability() returns (each only where it has a value); the pipeline and the report list these
+KEYS = ("median_perplexity", "p90_perplexity", "known_word_rate")
 
 
 def perplexity_quantiles(rows: Sequence[dict]) -> dict:

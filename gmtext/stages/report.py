@@ -38,7 +38,7 @@ import pandas as pd
 from ..artifacts import LEGACY_DEFAULTS
 from ..config import ADMMConfig, LMSamplesConfig
 from ..privacy.ledger import ledger_of
-from ..readability import kept_readability
+from ..readability import KEYS as READABILITY_KEYS, kept_readability
 
 RUN_FILES = ("metrics.json", "generate.json")
 SKIP_DIRS = {"wandb", ".hydra", "release", "batches", "__pycache__", ".submitit"}
@@ -64,9 +64,7 @@ METRICS = (
     "epsilon_replace_one",  # only for add/remove ledgers (DP-SGD calibrated by opacus): the ε that compares
     "mean_match_loss",
     "mean_perplexity",
-    "kept_median_perplexity",
-    "kept_p90_perplexity",
-    "kept_known_word_rate",  # share of the kept set's words a spelling dictionary knows (gmtext/readability.py)
+    *(f"kept_{k}" for k in READABILITY_KEYS),  # the fine-tuned set's readability (gmtext/readability.py)
     "examples",
 )
 PLOTS = ("accuracy_vs_examples.png", "accuracy_vs_epsilon.png", "admm_curves.png")

@@ -29,6 +29,7 @@ from ..stages.finetune import run_finetune
 from ..stages.generate import check_generate_resume, run_generate
 from ..stages.release import run_release
 from ..stages.select import run_select
+from ..readability import KEYS as READABILITY_KEYS
 
 
 def run_pipeline(cfg: DictConfig, run_dir) -> dict:
@@ -71,17 +72,7 @@ def run_pipeline(cfg: DictConfig, run_dir) -> dict:
         k: gen[k] for k in ("examples", "mean_match_loss", "mean_perplexity", "epsilon", "delta") if k in gen
     }
     metrics["selection"] = {
-        k: sel[k]
-        for k in (
-            "pool",
-            "selected",
-            "mean_match_loss",
-            "mean_perplexity",
-            "median_perplexity",
-            "p90_perplexity",
-            "known_word_rate",
-        )
-        if k in sel
+        k: sel[k] for k in ("pool", "selected", "mean_match_loss", "mean_perplexity", *READABILITY_KEYS) if k in sel
     }
     write_json(run_dir / "metrics.json", metrics)
     return metrics
