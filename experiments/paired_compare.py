@@ -7,6 +7,13 @@ and row i of B differ only by what the variants did after initialisation. Pairin
 the large between-sentence spread (single-sentence distances range ~0.08-0.5), which a
 comparison of two means would have to beat. Prints, for match_loss and log perplexity, the
 mean paired difference A - B with a bootstrap 95% interval, and how many slots differ.
+
+Two more figures say how far matching moved the text and whether the match losses are
+comparable: the token edit distance of each differing slot as a share of B's length (when
+the pools carry token_ids), and the match_loss gap on slots whose text is identical (mean and largest).
+That gap is 0 when both pools were scored against the same targets; a twin scored against its
+own private release (fresh noise) shows a small one, and then match_loss differences are only
+as good as that gap is small.
 """
 
 from __future__ import annotations
@@ -30,6 +37,17 @@ def bootstrap_ci(diffs, reps=5000, seed=0):
     return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
 
 
+def edit_distance(a, b):
+    """Levenshtein distance between two token sequences (insert, delete, substitute all cost 1)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
 def compare(a, b):
     keys = [(r["batch"], r["label"]) for r in a]
     if keys != [(r["batch"], r["label"]) for r in b]:
@@ -38,6 +56,18 @@ def compare(a, b):
             "generate both with the same seed, num_per_class and batch_size"
         )
     out = {"n": len(a), "slots_differing": sum(x["text"] != y["text"] for x, y in zip(a, b))}
+    same = [x["match_loss"] - y["match_loss"] for x, y in zip(a, b) if x["text"] == y["text"]]
+    out["same_text_match_loss_gap"] = {"mean": statistics.mean(same), "max_abs": max(map(abs, same))} if same else None
+    if all("token_ids" in r for r in a + b):
+        shares = [
+            edit_distance(x["token_ids"], y["token_ids"]) / max(len(y["token_ids"]), 1)
+            for x, y in zip(a, b)
+            if x["text"] != y["text"]
+        ]
+        out["edit_share_of_differing"] = {
+            "mean": statistics.mean(shares) if shares else None,
+            "median": statistics.median(shares) if shares else None,
+        }
     for name, f in (("match_loss", lambda r: r["match_loss"]), ("log_perplexity", lambda r: math.log(r["perplexity"]))):
         d = [f(x) - f(y) for x, y in zip(a, b)]
         lo, hi = bootstrap_ci(d)
@@ -64,6 +94,18 @@ def main(argv=None) -> int:
         print(f"paired_compare: error: {what} (give two synthetic.jsonl files)", file=sys.stderr)
         return 2
     print(f"{res['slots_differing']} of {res['n']} slots differ")
+    edit = res.get("edit_share_of_differing")
+    if edit and edit["mean"] is not None:
+        print(
+            "token edit distance of a differing slot, share of B's tokens: "
+            f"mean {edit['mean']:.3f}, median {edit['median']:.3f}"
+        )
+    gap = res["same_text_match_loss_gap"]
+    if gap is not None:
+        print(
+            f"match_loss A-B on identical slots: mean {gap['mean']:+.4f}, largest {gap['max_abs']:.4f} "
+            "(both 0 when A and B were scored against the same targets)"
+        )
     for k in ("match_loss", "log_perplexity"):
         r = res[k]
         print(
