@@ -6,7 +6,8 @@
 # Every setting lives in conf/experiment/<dataset>_n20*.yaml; this script only loops, skips
 # finished runs and reports.   bash experiments/n20_transfer.sh [SEEDS...]   (~1 h per seed on 2 cores)
 # ROWS picks the pipeline rows (run dir prefix:experiment suffix); the contrastive pair
-# (matcher.contrastive=1, GRADMM and its twin) is opt-in: ROWS="contrastive20:_contrastive ctwin20:_contrastive_twin"
+# (matcher.contrastive=1, GRADMM and its twin) is opt-in: ROWS="contrastive20:_contrastive ctwin20:_contrastive_twin",
+# as is the class-prompted pair (matcher.init=class_prompt): ROWS="cprompt20:_classprompt cptwin20:_classprompt_twin"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/n20_transfer}

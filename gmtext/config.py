@@ -35,7 +35,10 @@ class Choice(str, Enum):
 
 Distance = Choice("Distance", {v: v for v in ("cos", "l2")}, module=__name__)
 Metric = Choice("Metric", {v: v for v in ("cos", "l2")}, module=__name__)
-Init = Choice("Init", {v: v for v in ("lm_sample", "random")}, module=__name__)
+Init = Choice("Init", {v: v for v in ("lm_sample", "class_prompt", "random")}, module=__name__)
+# the class prompt the LM writes after (PE's starts, and GRADMM's under matcher.init=class_prompt):
+# {context}: dataset.lm_context, {description}: the class's dataset.label_descriptions entry
+CLASS_PROMPT = "{context} {description}:"
 Objective = Choice("Objective", {v: v for v in ("batch", "sequence")}, module=__name__)
 Accountant = Choice("Accountant", {v: v for v in ("prv", "rdp", "analytic")}, module=__name__)
 SGDAccountant = Choice("SGDAccountant", {v: v for v in ("prv", "rdp")}, module=__name__)
@@ -104,7 +107,8 @@ class ADMMConfig:
     grad_clip: float = 1.0
     distance: Distance = Distance.cos
     lm_weight: float = 0.0
-    init: Init = Init.lm_sample
+    init: Init = Init.lm_sample  # class_prompt: starts sampled after init_prompt, one per class (public)
+    init_prompt: str = CLASS_PROMPT
     init_candidates: int = 8
     init_temperature: float = 1.0
     closed_form: bool = True
@@ -133,6 +137,7 @@ class LMSamplesConfig:
 
     _target_: str = "gmtext.matching.lm_samples.LMSampleMatcher"
     init: Init = Init.lm_sample
+    init_prompt: str = CLASS_PROMPT
     init_candidates: int = 8
     init_temperature: float = 1.0
     distance: Distance = Distance.cos
@@ -202,7 +207,7 @@ class PEConfig:
     iterations: int = 5  # T: private votes (T Gaussian releases composed by the accountant)
     population: int = 200  # synthetic samples per class in every iteration (>= num_per_class)
     threshold: float = 0.0  # noisy counts below it vote for nothing (Aug-PE's H), in records
-    prompt: str = "{context} {description}:"  # class prompt; {context}: dataset.lm_context, {description}: the class's
+    prompt: str = CLASS_PROMPT  # the class prompt the LM writes after
     variation: VariationConfig = field(default_factory=VariationConfig)
 
 

@@ -265,3 +265,19 @@ def test_no_kv_cache_rename_notice_in_the_progress_bar(compose, tmp_path, capfd,
     assert "generate" in err  # the bar was drawn
     assert "past_key_values" not in err
     assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+
+
+def test_class_prompt_starts_run_through_the_stage(compose, tmp_path):
+    """matcher.init=class_prompt end to end: the prompts come from the dataset's public label
+    descriptions; a prompt too long for the model's context is refused before the release."""
+    fast = [o for o in FAST if not o.startswith(("matcher.outer_steps", "matcher.inner_steps"))]
+    fast += ["matcher=none", "matcher.init=class_prompt"]
+    s = run_generate(compose(fast), tmp_path / "ok")
+    assert s["examples"] == 8 and len(read_jsonl(tmp_path / "ok" / "synthetic.jsonl")) == 8
+    long = "word " * 3000
+    with pytest.raises(ValueError, match="dataset.length=6: must be >= 1 and fit the model context"):
+        run_generate(
+            compose(fast + [f"matcher.init_prompt='{long}{{description}}'"]),
+            tmp_path / "long",
+        )
+    assert not (tmp_path / "long" / "release").exists()

@@ -512,6 +512,18 @@ class Task:
         ctx = self.tokenizer(context, add_special_tokens=False).input_ids
         return self.start_ids + ctx + self.prefix_ids[len(self.start_ids) :]
 
+    def class_prompt_ids(self, prompt: str, context: str, descriptions: Sequence[str]) -> list[list[int]]:
+        """Per class, the ids the LM writes after: `prompt` formatted with the public task
+        description (dataset.lm_context) and the class description (dataset.label_descriptions,
+        else the label name), as lm_context_ids places a context."""
+        descs = list(descriptions) if descriptions else list(self.label_names)
+        if len(descs) != self.num_classes:
+            raise ValueError(
+                f"dataset.label_descriptions has {len(descs)} entries for {self.num_classes} classes; "
+                "accepted: one per label, or none (the label names are used)"
+            )
+        return [self.lm_context_ids(prompt.format(context=context, description=d).strip()) for d in descs]
+
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 

@@ -112,10 +112,7 @@ class PrivateEvolution:
         """Token ids the LM writes after, per class: the prompt with the dataset's public task
         description and the class description (dataset.label_descriptions, else its label name),
         then the template's prefix, as GRADMM's LM samples condition on lm_context."""
-        descs = list(descriptions) if descriptions else list(task.label_names)
-        if len(descs) != task.num_classes:
-            raise ValueError(f"dataset.label_descriptions has {len(descs)} entries for {task.num_classes} classes")
-        return [task.lm_context_ids(self.prompt.format(context=context, description=d).strip()) for d in descs]
+        return task.class_prompt_ids(self.prompt, context, descriptions)
 
     def initial(self, model, prompts, length: int, mask, gen) -> Population:
         zero = torch.zeros(self.population, length, dtype=torch.long)

@@ -51,6 +51,7 @@ class ADMMMatcher:
         distance: str = ADMMConfig.distance,
         lm_weight: float = ADMMConfig.lm_weight,
         init: str = ADMMConfig.init,
+        init_prompt: str = ADMMConfig.init_prompt,
         init_candidates: int = ADMMConfig.init_candidates,
         init_temperature: float = ADMMConfig.init_temperature,
         closed_form: bool = ADMMConfig.closed_form,
@@ -89,8 +90,14 @@ class ADMMMatcher:
                 raise ValueError(f"matcher.{name}={v} must be >= 1")
         if lr <= 0 or rho < 0 or (admm and rho == 0):
             raise ValueError(f"matcher.lr={lr} must be > 0 and matcher.rho={rho} > 0 (>= 0 without ADMM)")
-        if init not in ("lm_sample", "random"):
-            raise ValueError(f"matcher.init={init!r} unknown; accepted: lm_sample, random")
+        if init not in ("lm_sample", "class_prompt", "random"):
+            raise ValueError(f"matcher.init={init!r} unknown; accepted: lm_sample, class_prompt, random")
+        if init == "class_prompt" and "{description}" not in init_prompt:
+            raise ValueError(
+                f"matcher.init_prompt={init_prompt!r} has no {{description}}; accepted: a format string with "
+                "{description} (the class's dataset.label_descriptions entry) and optionally {context}"
+            )
+        self.init_prompt = init_prompt
         if init_candidates < 1:
             raise ValueError(f"matcher.init_candidates={init_candidates} must be >= 1")
         if rho_balance < 0 or (rho_balance > 0 and rho_factor <= 1):
@@ -113,15 +120,19 @@ class ADMMMatcher:
         self.init, self.init_candidates, self.init_temperature = init, init_candidates, init_temperature
         self.closed_form, self.admm = closed_form, admm
 
-    # -------- initialisation (public: LM samples or random tokens, never real text) --------
+    # -------- initialisation (public: LM samples, after the shared context or a class prompt, or
+    # random tokens; never real text) --------
     @torch.no_grad()
-    def sample_tokens(self, ctx: ProjectionContext, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    def sample_tokens(
+        self, ctx: ProjectionContext, n: int, length: int, gen: torch.Generator, prefix_ids=None
+    ) -> torch.Tensor:
+        """n LM samples after prefix_ids (default: the shared context), or n random token strings."""
         dev = ctx.embeddings.device
         allowed = ctx.allowed_ids
         if self.init == "random":
             idx = torch.randint(len(allowed), (n, length), generator=gen)
             return allowed[idx.to(allowed.device)]
-        prefix = torch.tensor(ctx.prefix_ids, device=dev).expand(n, -1)
+        prefix = torch.tensor(ctx.prefix_ids if prefix_ids is None else prefix_ids, device=dev).expand(n, -1)
         out = ctx.model(input_ids=prefix, use_cache=True)
         mask = torch.full((ctx.embeddings.shape[0],), float("-inf"), device=dev)
         mask[allowed] = 0
@@ -137,7 +148,14 @@ class ADMMMatcher:
 
     def initial_tokens(self, obj: MatchingObjective, ctx, c, b, length, gen):
         k = self.init_candidates
-        cand = self.sample_tokens(ctx, k * c * b, length, gen).view(k, c, b, length)
+        if self.init == "class_prompt":  # each class's candidates written after its own public prompt
+            if ctx.class_prefix_ids is None or len(ctx.class_prefix_ids) != c:
+                raise ValueError(f"matcher.init=class_prompt needs one class prompt per class ({c})")
+            cand = torch.stack(
+                [self.sample_tokens(ctx, k * b, length, gen, p).view(k, b, length) for p in ctx.class_prefix_ids], 1
+            )
+        else:
+            cand = self.sample_tokens(ctx, k * c * b, length, gen).view(k, c, b, length)
         if k == 1:
             return cand[0]
         if self.objective == "sequence":  # best candidate of every sequence slot

@@ -20,6 +20,7 @@ class LMSampleMatcher(ADMMMatcher):
         self,
         *,
         init: str = LMSamplesConfig.init,
+        init_prompt: str = LMSamplesConfig.init_prompt,
         init_candidates: int = LMSamplesConfig.init_candidates,
         init_temperature: float = LMSamplesConfig.init_temperature,
         distance: str = LMSamplesConfig.distance,
@@ -30,6 +31,7 @@ class LMSampleMatcher(ADMMMatcher):
     ):
         super().__init__(
             init=init,
+            init_prompt=init_prompt,
             init_candidates=init_candidates,
             init_temperature=init_temperature,
             distance=distance,

@@ -23,6 +23,9 @@ class ProjectionContext:
     embeddings: torch.Tensor  # [V, d] input embedding matrix
     allowed_ids: torch.Tensor  # [A] token ids the projection may emit
     prefix_ids: list[int]  # bos + template prefix: what the LM conditions on
+    # per class, what matcher.init=class_prompt samples the starts after (public prompts); the
+    # projection and every perplexity still condition on prefix_ids
+    class_prefix_ids: list[list[int]] | None = None
 
     def __post_init__(self):
         self.allowed_ids = self.allowed_ids.to(self.embeddings.device)
