@@ -310,12 +310,9 @@ def test_dpsgd_rows_train_on_the_whole_split_with_the_fixed_recipe(compose, expe
 
 
 DPSGD_RUNS = [  # (the command's overrides, run dir under experiments/results)
-    ("experiment=rt_dpsgd_lora seed=0", "rt_dpsgd/lora_s0"),
-    ("experiment=rt_dpsgd_lora seed=1", "rt_dpsgd/lora_s1"),
-    ("experiment=rt_dpsgd_lora_eps4 seed=0", "rt_dpsgd/lora_eps4_s0"),
     *(
         (f"experiment=rt_dpsgd_{row} seed={s}", f"rt_dpsgd/{row}_s{s}")
-        for row in ("last_layers", "last_layers_eps4")
+        for row in ("lora", "lora_eps4", "last_layers", "last_layers_eps4")
         for s in (0, 1, 2)
     ),
 ]

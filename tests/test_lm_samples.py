@@ -89,5 +89,7 @@ def test_class_prompt_ids_format_the_public_descriptions(tiny):
     assert ids[0] == task.lm_context_ids("Movie review: a negative movie review:")
     assert ids[1] == task.lm_context_ids("Movie review: a good one:")
     assert task.class_prompt_ids("{description}:", "", []) == [task.lm_context_ids(n + ":") for n in ("neg", "pos")]
+    with pytest.raises(ValueError, match="class prompt '\\{label\\}: \\{description\\}' does not format"):
+        task.class_prompt_ids("{label}: {description}", "", [])
     with pytest.raises(ValueError, match="has 1 entries for 2 classes"):
         task.class_prompt_ids("{description}:", "", ["only one"])

@@ -522,7 +522,13 @@ class Task:
                 f"dataset.label_descriptions has {len(descs)} entries for {self.num_classes} classes; "
                 "accepted: one per label, or none (the label names are used)"
             )
-        return [self.lm_context_ids(prompt.format(context=context, description=d).strip()) for d in descs]
+        try:
+            texts = [prompt.format(context=context, description=d).strip() for d in descs]
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"class prompt {prompt!r} does not format ({e!r}); accepted placeholders: {{context}}, {{description}}"
+            ) from None
+        return [self.lm_context_ids(t) for t in texts]
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
