@@ -32,6 +32,6 @@ T=$R/n20_transfer
 python experiments/label_fit.py --file synthetic.jsonl --judge-data $D/rotten_tomatoes/test.jsonl \
   $R/rt_private_n100/{eps1,eps4,twin}_s{0,1,2} --out "$OUT/label_fit_rt_pool.json"
 python experiments/label_fit.py --file synthetic.jsonl --judge-data $D/tweeteval_emotion/joy_sadness/test.jsonl \
-  $T/tweet_emotion/{gradmm20,twin20,contrastive20,ctwin20}_s{0,1,2} --out "$OUT/label_fit_tweets_pool.json"
+  $T/tweet_emotion/{gradmm20,twin20,contrastive20,ctwin20,cptwin20}_s{0,1,2} --out "$OUT/label_fit_tweets_pool.json"
 python experiments/label_fit.py --file synthetic.jsonl --judge-data $D/imdb/train.jsonl \
   $T/imdb/{gradmm20,twin20}_s{0,1,2} --out "$OUT/label_fit_imdb_pool.json"

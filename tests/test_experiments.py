@@ -274,6 +274,11 @@ PIPELINE_RUNS = [  # non-private rows: (the command's overrides, run dir under e
         for s in (0, 1, 2)
     ],
     *[(f"experiment=imdb_n20_contrastive_twin seed={s}", f"n20_transfer/imdb/ctwin20_s{s}") for s in (0, 1, 2)],
+    *[
+        (f"experiment={d}_n20_classprompt_twin seed={s}", f"n20_transfer/{d}/cptwin20_s{s}")
+        for d in ("tweet_emotion", "imdb")
+        for s in (0, 1, 2)
+    ],
 ]
 
 

@@ -564,3 +564,30 @@ def test_legend_names_methods_not_config_keys(tmp_path):
     _check_series_axes(ax, eps)
     assert method_of({"stage": "finetune", "train.source": "none"}) == "zero-shot"
     assert method_of({"stage": "finetune", "train.source": "real"}) == "real"
+
+
+def test_twins_are_paired_with_the_plain_twin_whatever_the_sort_order(tmp_path):
+    """A third twin whose setting sorts first (matcher.init=class_prompt before lm_sample) does not
+    become the other twins' reference: the twin sharing most settings with every condition does."""
+    admm, twin = "gmtext.matching.admm.ADMMMatcher", "gmtext.matching.lm_samples.LMSampleMatcher"
+    conds = {
+        "plain": ({"_target_": admm, "contrastive": 0.0, "init": "lm_sample"}, 0.70),
+        "twin": ({"_target_": twin, "contrastive": 0.0, "init": "lm_sample"}, 0.60),
+        "ctwin": ({"_target_": twin, "contrastive": 1.0, "init": "lm_sample"}, 0.75),
+        "cptwin": ({"_target_": twin, "contrastive": 0.0, "init": "class_prompt"}, 0.62),
+    }
+    for name, (matcher, acc) in conds.items():
+        for seed in (0, 1):
+            d = tmp_path / "runs" / f"{name}_{seed}"
+            d.mkdir(parents=True)
+            cfg = {"stage": "pipeline", "seed": seed, "matcher": matcher, "train": {"path": str(d)}}
+            (d / "metrics.json").write_text(json.dumps({"accuracy": acc + seed / 100, "config": cfg}))
+    paired = run_report([tmp_path / "runs"], tmp_path / "rep")["paired"]
+    got = {(p["condition"], p["reference"]): round(p["d_accuracy_mean"], 6) for p in paired}
+    t = f"matcher._target_={twin}, matcher.contrastive="
+    t0 = f"{t}0, matcher.init=lm_sample"
+    assert got == {
+        (f"matcher._target_={admm}, matcher.contrastive=0, matcher.init=lm_sample", t0): 0.10,
+        (f"{t}1, matcher.init=lm_sample", t0): 0.15,
+        (f"{t}0, matcher.init=class_prompt", t0): 0.02,
+    }

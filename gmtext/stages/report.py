@@ -296,7 +296,7 @@ def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
     (TWIN_TARGET) when present, else the first condition in table order. With several twins
     (e.g. one per matcher.contrastive) a GRADMM condition is paired with the twin that shares
     most of its matcher settings (ties: the first), so each variant meets its own control, and
-    the other twins with the first."""
+    the other twins with the twin closest to all conditions."""
     inner = [k for k in keys if k.startswith(group + ".")]
     if not inner:
         return []
@@ -312,7 +312,9 @@ def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
         if len(conds) < 2:
             continue
         twins = [c for c in conds if _enc(TWIN_TARGET) in c]
-        first = twins[0] if twins else conds[0]
+        # the twins' own reference: the one sharing most settings with every condition (the plain
+        # control the variants depart from), not the first by sort order; ties: the first
+        first = max(twins, key=lambda t: sum(a == b for c in conds for a, b in zip(t, c))) if twins else conds[0]
 
         def ref_of(cond):
             if cond in twins or not twins:
