@@ -458,6 +458,19 @@ def test_paired_by_seed_against_the_twin(tmp_path):
     assert not (tmp_path / "rep" / "paired.csv").exists()
 
 
+def _paired_accuracy(tmp_path, conds):
+    """Pipeline runs of seeds 0 and 1 per {name: (matcher config, accuracy)}; the report's paired
+    accuracy difference per (condition, reference)."""
+    for name, (matcher, acc) in conds.items():
+        for seed in (0, 1):
+            d = tmp_path / "runs" / f"{name}_{seed}"
+            d.mkdir(parents=True)
+            cfg = {"stage": "pipeline", "seed": seed, "matcher": matcher, "train": {"path": str(d)}}
+            (d / "metrics.json").write_text(json.dumps({"accuracy": acc + seed / 100, "config": cfg}))
+    paired = run_report([tmp_path / "runs"], tmp_path / "rep")["paired"]
+    return {(p["condition"], p["reference"]): round(p["d_accuracy_mean"], 6) for p in paired}
+
+
 def test_each_variant_is_paired_with_its_own_twin(tmp_path):
     """Two twins (matcher.contrastive 0 and 1): contrastive GRADMM meets the contrastive twin, plain
     and guarded GRADMM (a key the twins lack) the plain twin, and the second twin the first."""
@@ -469,14 +482,7 @@ def test_each_variant_is_paired_with_its_own_twin(tmp_path):
         "twin": ({"_target_": twin, "contrastive": 0.0}, 0.60),
         "ctwin": ({"_target_": twin, "contrastive": 1.0}, 0.75),
     }
-    for name, (matcher, acc) in conds.items():
-        for seed in (0, 1):
-            d = tmp_path / "runs" / f"{name}_{seed}"
-            d.mkdir(parents=True)
-            cfg = {"stage": "pipeline", "seed": seed, "matcher": matcher, "train": {"path": str(d)}}
-            (d / "metrics.json").write_text(json.dumps({"accuracy": acc + seed / 100, "config": cfg}))
-    paired = run_report([tmp_path / "runs"], tmp_path / "rep")["paired"]
-    got = {(p["condition"], p["reference"]): round(p["d_accuracy_mean"], 6) for p in paired}
+    got = _paired_accuracy(tmp_path, conds)
     t0, t1 = f"matcher._target_={twin}, matcher.contrastive=0", f"matcher._target_={twin}, matcher.contrastive=1"
     a = f"matcher._target_={admm}, matcher.contrastive="
     assert got == {
@@ -576,14 +582,7 @@ def test_twins_are_paired_with_the_plain_twin_whatever_the_sort_order(tmp_path):
         "ctwin": ({"_target_": twin, "contrastive": 1.0, "init": "lm_sample"}, 0.75),
         "cptwin": ({"_target_": twin, "contrastive": 0.0, "init": "class_prompt"}, 0.62),
     }
-    for name, (matcher, acc) in conds.items():
-        for seed in (0, 1):
-            d = tmp_path / "runs" / f"{name}_{seed}"
-            d.mkdir(parents=True)
-            cfg = {"stage": "pipeline", "seed": seed, "matcher": matcher, "train": {"path": str(d)}}
-            (d / "metrics.json").write_text(json.dumps({"accuracy": acc + seed / 100, "config": cfg}))
-    paired = run_report([tmp_path / "runs"], tmp_path / "rep")["paired"]
-    got = {(p["condition"], p["reference"]): round(p["d_accuracy_mean"], 6) for p in paired}
+    got = _paired_accuracy(tmp_path, conds)
     t = f"matcher._target_={twin}, matcher.contrastive="
     t0 = f"{t}0, matcher.init=lm_sample"
     assert got == {
