@@ -95,15 +95,14 @@ def run_generate(cfg: DictConfig, run_dir: str | Path) -> dict:
             task = build_task(cfg, tok)
             length = cfg.dataset.length
             context_ids = task.lm_context_ids(cfg.dataset.lm_context)
-            check_fits_context(model, "dataset.length", length, len(context_ids) + len(task.suffix_ids))
-            emb = model.get_input_embeddings().weight
-            class_ids = None
-            if getattr(matcher, "init", None) == "class_prompt":  # public prompts, checked before the release
+            class_ids = None  # public class prompts the starts are written after (matcher.init=class_prompt)
+            if getattr(matcher, "init", None) == "class_prompt":
                 class_ids = task.class_prompt_ids(
                     matcher.init_prompt, cfg.dataset.lm_context, cfg.dataset.label_descriptions
                 )
-                longest = max(map(len, class_ids))
-                check_fits_context(model, "dataset.length", length, longest + len(task.suffix_ids))
+            longest = max(map(len, [context_ids, *(class_ids or [])]))
+            check_fits_context(model, "dataset.length", length, longest + len(task.suffix_ids))
+            emb = model.get_input_embeddings().weight
             ctx = ProjectionContext(model, emb, allowed_token_ids(tok, emb.shape[0]), context_ids, class_ids)
             if hasattr(projector, "check"):
                 projector.check(ctx)  # before the release: a bad setting must not cost a pass over real data
