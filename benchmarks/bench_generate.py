@@ -312,6 +312,19 @@ def bench_projection(b: Bench, model, ctx, n, length, topk):
     if not same and b.args.dtype == "float32" and b.args.autocast == "none":
         # in fp32 the two paths must agree exactly; in bf16 near-ties may flip (recorded, not fatal)
         raise AssertionError("cached projection differs from the reference projection")
+    # what projector.beam=4 costs: not a speed-up, the price of the joint search (no target)
+    proj4 = LMTopKProjector(topk=topk, sim_weight=5.0, beam=4)
+    proj1 = LMTopKProjector(topk=topk, sim_weight=5.0)
+    t1, _, _ = timeit(lambda: proj1(x, ctx), b.dev, 1, b.rf)
+    t4, _, _ = timeit(lambda: proj4(x, ctx), b.dev, 1, b.rf)
+    b.row(
+        "projection_beam",
+        f"beam-4 projection, cost (N={n}, L={length})",
+        t1,
+        t4,
+        "one token at a time (sim_weight 5)",
+        "projector.beam=4 (sim_weight 5): ratio = beam's cost, not a speed-up",
+    )
     return same
 
 

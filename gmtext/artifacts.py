@@ -168,6 +168,7 @@ LEGACY_DEFAULTS = {
     "matcher.rho_factor": 2.0,
     "matcher.max_perplexity_ratio": 0.0,
     "matcher.contrastive": 0.0,
+    "projector.beam": 1,  # one token at a time
     "train.adjacency": "add_remove",  # DP-SGD before the key: calibrated by opacus, add/remove
 }
 

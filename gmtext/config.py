@@ -169,6 +169,7 @@ class LMTopKConfig:
     metric: Metric = Metric.cos
     sim_weight: float = 0.0  # >0: bonus for closeness to x (keeps the projection coherent; the recipe: 5, lm_topk.yaml)
     lm_candidates: int = 0  # >0: also offer the LM's m likeliest tokens at every position
+    beam: int = 1  # >1: beam search over positions (the B best prefixes by summed score); 1: one token at a time
 
 
 @dataclass

@@ -31,6 +31,7 @@ def test_bench_smoke(tmp_path):
         "init",
         "target_gradients_head",
         "inner_step_last_block",
+        "projection_beam",
     ):
         assert k in res["speedups"] and res["speedups"][k] > 0, k
     assert res["projection_identical"] is True

@@ -1,5 +1,6 @@
 """Gradients, objective, vocabulary, projection and ADMM on a tiny random Llama."""
 
+import itertools
 import math
 
 import pytest
@@ -8,7 +9,14 @@ import torch
 from gmtext.gradients import MatchedParams, class_target_gradients, class_target_gradients_loop
 from gmtext.matching.admm import ADMMMatcher, EmbeddingMatcher
 from gmtext.matching.objective import MatchingObjective
-from gmtext.matching.projectors import LMTopKProjector, NearestProjector, ProjectionContext, lm_topk_reference
+from gmtext.matching.projectors import (
+    LMTopKProjector,
+    NearestProjector,
+    ProjectionContext,
+    candidate_cosines,
+    candidate_ids,
+    lm_topk_reference,
+)
 from gmtext.matching.vocab import allowed_token_ids
 
 TEXTS = [
@@ -491,3 +499,47 @@ def test_readability_guard_never_keeps_text_less_readable_than_its_start(tiny, o
     assert (score(free) - 1e-6 <= score(guarded)).all() and (score(guarded) <= d0 + 1e-6).all()
     with pytest.raises(ValueError, match="max_perplexity_ratio=-1"):
         ADMMMatcher(**kw, max_perplexity_ratio=-1.0)
+
+
+def _joint_score(lm, ctx, x, row, seq, sim_weight):
+    """What beam search maximises: summed LM log-probability (whole vocabulary) + sim_weight x cosine."""
+    ids = torch.tensor([list(ctx.prefix_ids) + list(seq)])
+    logp = lm.model(input_ids=ids).logits[0, len(ctx.prefix_ids) - 1 : -1].float().log_softmax(-1)
+    tok = torch.tensor(seq)
+    cos = torch.nn.functional.cosine_similarity(x[row].float(), ctx.embeddings[tok].float(), dim=-1)
+    return (logp.gather(1, tok[:, None])[:, 0] + sim_weight * cos).sum().item()
+
+
+@pytest.mark.parametrize("sim_weight,lm_candidates", [(0.0, 0), (3.0, 0), (3.0, 6)])
+def test_beam_of_one_is_the_one_token_projection(tiny, sim_weight, lm_candidates):
+    lm, task = tiny
+    ctx = _ctx(lm, task)
+    x = torch.randn(4, 7, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    proj = LMTopKProjector(topk=20, sim_weight=sim_weight, lm_candidates=lm_candidates)
+    with torch.inference_mode():
+        cand = candidate_ids(x, ctx, 20)
+        beam_one = proj._beam_search(x, ctx, cand, candidate_cosines(x, ctx, cand) if sim_weight else None)
+    assert torch.equal(beam_one, proj(x, ctx))
+
+
+def test_wide_beam_finds_the_best_sequence_of_candidates(tiny):
+    """With as many beams as there are prefixes of length L-1, beam search is exhaustive: it must
+    return the best of all topk^L candidate sequences, and never score below one token at a time."""
+    lm, task = tiny
+    ctx = _ctx(lm, task)
+    k, length, sw = 3, 3, 2.0
+    x = torch.randn(3, length, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(11))
+    beam = LMTopKProjector(topk=k, sim_weight=sw, beam=k ** (length - 1))(x, ctx)
+    greedy = LMTopKProjector(topk=k, sim_weight=sw)(x, ctx)
+    cand = candidate_ids(x, ctx, k)
+    with torch.no_grad():
+        for r in range(3):
+            scores = {
+                seq: _joint_score(lm, ctx, x, r, seq, sw)
+                for seq in itertools.product(*(cand[r, i].tolist() for i in range(length)))
+            }
+            best = max(scores, key=scores.get)
+            assert beam[r].tolist() == list(best)
+            assert scores[tuple(beam[r].tolist())] >= scores[tuple(greedy[r].tolist())] - 1e-5
+    with pytest.raises(ValueError, match="beam=0"):
+        LMTopKProjector(beam=0)

@@ -352,23 +352,44 @@ def test_dpsgd_runs_group_by_adjacency_and_keep_n_train_withheld(tmp_path):
     assert old.metrics["n_train"] == 7695 and new.metrics.get("n_train") is None
 
 
+def _pipeline_runs(tmp_path, group: str, choices: dict) -> list:
+    """One finished pipeline run dir per (name, config of `group`), loaded back in that order."""
+    from gmtext.stages.report import load_run
+
+    for name, choice in choices.items():
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {"stage": "pipeline", "seed": 0, group: choice, "num_per_class": 20}
+        (d / "metrics.json").write_text(json.dumps({"accuracy": 0.7, "epsilon": math.inf, "config": cfg}))
+    return [load_run(tmp_path / n) for n in choices]
+
+
 def test_admm_runs_from_before_the_readability_guard_group_apart_from_guarded_runs(tmp_path):
     """An ADMM run dir made before matcher.max_perplexity_ratio existed ran without the guard:
     it reads as 0 and groups apart from a guarded run; a twin (matcher=none) never has the key."""
-    from gmtext.stages.report import load_run, varying_keys
+    from gmtext.stages.report import varying_keys
 
     admm = {"_target_": "gmtext.matching.admm.ADMMMatcher", "rho": 5.0}
     twin = {"_target_": "gmtext.matching.lm_samples.LMSampleMatcher"}
-    for name, matcher in (("old", admm), ("guarded", {**admm, "max_perplexity_ratio": 1.0}), ("twin", twin)):
-        d = tmp_path / name
-        d.mkdir()
-        cfg = {"stage": "pipeline", "seed": 0, "matcher": matcher, "num_per_class": 20}
-        (d / "metrics.json").write_text(json.dumps({"accuracy": 0.7, "epsilon": math.inf, "config": cfg}))
-    runs = [load_run(tmp_path / n) for n in ("old", "guarded", "twin")]
+    runs = _pipeline_runs(
+        tmp_path, "matcher", {"old": admm, "guarded": {**admm, "max_perplexity_ratio": 1.0}, "twin": twin}
+    )
     assert [r.config.get("matcher.max_perplexity_ratio") for r in runs] == [0.0, 1.0, None]
     assert "matcher.max_perplexity_ratio" in varying_keys(runs)
     # matcher.contrastive belongs to both schemas: an old twin reads as β = 0, like an old GRADMM run
     assert [r.config.get("matcher.contrastive") for r in runs] == [0.0, 0.0, 0.0]
+
+
+def test_lm_topk_runs_from_before_beam_search_read_as_one_beam(tmp_path):
+    """A run dir made before projector.beam existed projected one token at a time: it reads as
+    beam 1 and groups apart from a beam-search run; the nearest projector never has the key."""
+    from gmtext.stages.report import varying_keys
+
+    topk = {"_target_": "gmtext.matching.projectors.LMTopKProjector", "topk": 200}
+    nearest = {"_target_": "gmtext.matching.projectors.NearestProjector"}
+    runs = _pipeline_runs(tmp_path, "projector", {"old": topk, "beam": {**topk, "beam": 4}, "nearest": nearest})
+    assert [r.config.get("projector.beam") for r in runs] == [1, 4, None]
+    assert "projector.beam" in varying_keys(runs)
 
 
 # ---------------------------------------------------------------- dir kinds

@@ -92,6 +92,7 @@ class LMTopKProjector:
         metric: str = LMTopKConfig.metric,
         sim_weight: float = LMTopKConfig.sim_weight,
         lm_candidates: int = LMTopKConfig.lm_candidates,
+        beam: int = LMTopKConfig.beam,
     ):
         """sim_weight > 0 trades LM likelihood against closeness to x: greedy LM choices
         among the k neighbours of every position can drift away from the sentence x
@@ -103,7 +104,13 @@ class LMTopKProjector:
         prefix chosen so far) at every position. Once an earlier pick has differed from
         what x encodes, x's own neighbours may hold no sensible continuation; the LM's
         favourites always do. With sim_weight > 0 they win only where the neighbours are
-        much less likely, so the text stays close to x elsewhere."""
+        much less likely, so the text stays close to x elsewhere.
+
+        beam = B > 1 searches jointly over positions: it keeps the B prefixes with the best
+        summed score (LM log-probability + sim_weight x cosine, normalised over the whole
+        vocabulary so prefixes compare) instead of committing to one token per position, so a
+        slightly worse token may be taken where it opens a much better continuation. B = 1 is
+        the one-token-at-a-time projection (tested equal)."""
         if topk <= 0:
             raise ValueError(f"projector.topk={topk} must be a positive integer")
         if metric not in ("cos", "l2"):
@@ -112,7 +119,10 @@ class LMTopKProjector:
             raise ValueError(f"projector.sim_weight={sim_weight} must be >= 0")
         if lm_candidates < 0:
             raise ValueError(f"projector.lm_candidates={lm_candidates} must be >= 0 (0: neighbours only)")
+        if beam < 1:
+            raise ValueError(f"projector.beam={beam} must be >= 1 (1: no beam search)")
         self.topk, self.metric, self.sim_weight, self.lm_candidates = topk, metric, sim_weight, lm_candidates
+        self.beam = beam
 
     def check(self, ctx: ProjectionContext) -> None:
         for name, v in (("topk", self.topk), ("lm_candidates", self.lm_candidates)):
@@ -125,6 +135,8 @@ class LMTopKProjector:
         n, length, _ = x.shape
         cand = candidate_ids(x, ctx, self.topk, self.metric)  # [N, L, k]
         cos = candidate_cosines(x, ctx, cand) if self.sim_weight else None
+        if self.beam > 1:
+            return self._beam_search(x, ctx, cand, cos)
         dev = x.device
         decoder, head = ctx.model.get_decoder(), ctx.model.get_output_embeddings()
         w = head.weight
@@ -159,6 +171,58 @@ class LMTopKProjector:
                 out = decoder(input_ids=pick[:, None], past_key_values=past, use_cache=True)
                 past, h = out.past_key_values, out.last_hidden_state[:, -1]
         return chosen
+
+    def _beam_search(self, x, ctx: ProjectionContext, cand: torch.Tensor, cos: torch.Tensor | None) -> torch.Tensor:
+        """Beam search over the same candidates and scores as the one-token path: every row keeps
+        B live prefixes (rows r*B .. r*B+B-1 of the decoder batch and its KV cache)."""
+        n, length, k = cand.shape
+        nb, dev = n * self.beam, x.device
+        decoder, head = ctx.model.get_decoder(), ctx.model.get_output_embeddings()
+        w, bias = head.weight, getattr(head, "bias", None)
+        w_allowed, b_allowed = ctx.allowed_head if self.lm_candidates else (None, None)
+        unit_x = F.normalize(x.detach().float(), dim=-1) if self.lm_candidates and self.sim_weight else None
+        out = decoder(input_ids=torch.tensor(ctx.prefix_ids, device=dev).expand(nb, -1), use_cache=True)
+        past, h = out.past_key_values, out.last_hidden_state[:, -1]
+        # all B copies of a row start equal: only the first is live, or the beam fills with duplicates
+        total = torch.full((n, self.beam), float("-inf"), device=dev)
+        total[:, 0] = 0.0
+        seqs = torch.empty(n, self.beam, 0, dtype=torch.long, device=dev)
+        rows = torch.arange(n, device=dev)[:, None]
+        for i in range(length):
+            hf = h.float()
+            full = hf @ w.T.float()
+            if bias is not None:
+                full = full + bias.float()
+            lse = full.logsumexp(-1, keepdim=True)  # [NB, 1]: prefixes differ, so normalise
+            c = cand[:, i].repeat_interleave(self.beam, 0)  # [NB, k]
+            s = full.gather(1, c) - lse
+            if cos is not None:
+                s = s + self.sim_weight * cos[:, i].repeat_interleave(self.beam, 0)
+            if self.lm_candidates:
+                la = hf @ w_allowed.T
+                if b_allowed is not None:
+                    la = la + b_allowed
+                sl, top = la.topk(self.lm_candidates, dim=-1)
+                lm_tok = ctx.allowed_ids[top]
+                sl = sl - lse
+                if self.sim_weight:
+                    sl = sl + self.sim_weight * (
+                        unit_x[:, i].repeat_interleave(self.beam, 0)[:, None] * ctx.allowed_unit[top]
+                    ).sum(-1)
+                # a favourite that is also a neighbour would be the same hypothesis twice
+                sl = sl.masked_fill((lm_tok[:, :, None] == c[:, None, :]).any(-1), float("-inf"))
+                c, s = torch.cat([c, lm_tok], 1), torch.cat([s, sl], 1)
+            width = c.shape[1]
+            total_flat = (total.view(nb, 1) + s).view(n, self.beam * width)
+            total, idx = total_flat.topk(self.beam, dim=-1)  # [N, B]
+            src = idx // width  # which live prefix each new one extends
+            pick = c.view(n, self.beam, width)[rows, src, idx % width]  # [N, B]
+            seqs = torch.cat([seqs[rows, src], pick[..., None]], -1)
+            if i + 1 < length:
+                past.reorder_cache((rows * self.beam + src).flatten())
+                out = decoder(input_ids=pick.view(nb, 1), past_key_values=past, use_cache=True)
+                past, h = out.past_key_values, out.last_hidden_state[:, -1]
+        return seqs[rows[:, 0], total.argmax(-1)]
 
 
 @torch.no_grad()

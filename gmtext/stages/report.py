@@ -143,6 +143,8 @@ def load_run(d: Path) -> Run:
     flat = {k: _run_relative(v, d) for k, v in flatten(cfg).items()}
     if str(flat.get("train._target_", "")).endswith("DPSGDSource"):  # runs made before the key: opacus, add/remove
         flat.setdefault("train.adjacency", LEGACY_DEFAULTS["train.adjacency"])
+    if str(flat.get("projector._target_", "")).endswith("LMTopKProjector"):  # runs made before beam search
+        flat.setdefault("projector.beam", LEGACY_DEFAULTS["projector.beam"])
     schema = _MATCHER_SCHEMAS.get(flat.get("matcher._target_"))
     if schema is not None:  # matcher keys added later: what older runs of that matcher did
         for k, v in LEGACY_DEFAULTS.items():
