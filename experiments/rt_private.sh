@@ -3,7 +3,8 @@
 # budget (conf/experiment/rt_private_n100*.yaml). This script only loops, skips finished runs and reports.
 #   bash experiments/rt_private.sh [SEEDS...]        (default seeds 0 1 2; BUDGETS="eps1 eps4 epsinf twin", twin: the ε = 1 no-matching twin;
 #   readable: ε = 1 with the readability guard)
-# The report covers this loop's runs only (the folder also holds sweeps and one-off runs).
+# The report covers this loop's runs only (the folder also holds sweeps and one-off runs), in
+# $REPORT (default $OUT/report): BUDGETS="eps1 twin readable" REPORT=$OUT/report_readable compares the guard.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/rt_private_n100}
@@ -20,4 +21,4 @@ for s in "${SEEDS[@]}"; do
   done
 done
 # one accuracy-vs-ε curve: ε = ∞ differs from the DP runs in privacy._target_ and privacy.name too
-gmtext-report "${DIRS[@]}" -o $OUT/report --plot-ignore privacy._target_ --plot-ignore privacy.name
+gmtext-report "${DIRS[@]}" -o ${REPORT:-$OUT/report} --plot-ignore privacy._target_ --plot-ignore privacy.name

@@ -245,6 +245,7 @@ PRIVATE_RUNS = [  # (the command's overrides, run dir under experiments/results)
         (f"experiment=rt_private_n100_twin target_precision=bfloat16 seed={s}", f"rt_private_n100/twin_bf16_s{s}")
         for s in (0, 1, 2)
     ],
+    *[(f"experiment=rt_private_n100_readable seed={s}", f"rt_private_n100/readable_s{s}") for s in (0, 1, 2)],
     ("experiment=rt_pe100 seed=0", "rt_pe100/eps1_s0"),
     ("experiment=rt_pe100_eps4 seed=0", "rt_pe100/eps4_s0"),
 ]
