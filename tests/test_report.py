@@ -514,6 +514,37 @@ def test_each_variant_is_paired_with_its_own_twin(tmp_path):
     }
 
 
+def test_a_projector_variant_is_paired_with_the_twin(tmp_path):
+    """The projection is the matcher's z-step and a twin never projects: GRADMM with
+    projector.beam=4 is compared seed by seed with the twin (whose config still carries the
+    default projector), not left without a reference in a context of its own."""
+    from gmtext.stages.report import run_report
+
+    admm, twin = "gmtext.matching.admm.ADMMMatcher", "gmtext.matching.lm_samples.LMSampleMatcher"
+    topk = "gmtext.matching.projectors.LMTopKProjector"
+    for name, target, beam, acc in (("plain", admm, 1, 0.70), ("beam", admm, 4, 0.74), ("twin", twin, 1, 0.60)):
+        for seed in (0, 1):
+            d = tmp_path / "runs" / f"{name}_{seed}"
+            d.mkdir(parents=True)
+            cfg = {
+                "stage": "pipeline",
+                "seed": seed,
+                "matcher": {"_target_": target},
+                "projector": {"_target_": topk, "beam": beam},
+            }
+            (d / "metrics.json").write_text(json.dumps({"accuracy": acc + seed / 100, "config": cfg}))
+    rep = run_report([tmp_path / "runs"], tmp_path / "rep")
+    got = {(p["condition"], p["reference"]): round(p["d_accuracy_mean"], 6) for p in rep["paired"]}
+    ref = f"matcher._target_={twin}, projector.beam=1"
+    assert got == {
+        (f"matcher._target_={admm}, projector.beam=1", ref): 0.10,
+        (f"matcher._target_={admm}, projector.beam=4", ref): 0.14,
+    }
+    # --paired matcher alone leaves the beam run in a context of its own, with no twin to meet
+    only = run_report([tmp_path / "runs"], tmp_path / "rep2", paired="matcher")["paired"]
+    assert [p["context"] for p in only] == ["projector.beam=1"]
+
+
 def test_paths_inside_each_run_dir_are_not_a_condition(tmp_path):
     """A pipeline's probe release lies in its own run dir, so selector.release differs in every
     run: seeds of one budget still form one group. Two runs scored against different shared

@@ -1,6 +1,6 @@
 """Report: tables (md/csv) and plots (png) across run dirs.
 
-    gmtext-report DIR... [-o OUT] [--ignore KEY ...] [--group-by KEY ...] [--plot-ignore KEY ...] [--paired GROUP]
+    gmtext-report DIR... [-o OUT] [--ignore KEY ...] [--group-by KEY ...] [--plot-ignore KEY ...] [--paired GROUPS]
 
 Each DIR may be a run dir or any folder above run dirs (a multirun sweep, outputs/, …):
 every folder holding `metrics.json` (fine-tune) and/or `generate.json` (generate) is one
@@ -13,8 +13,9 @@ Outputs in OUT (default ./report): report.md, report.csv and, when there is data
 them, accuracy_vs_examples.png, accuracy_vs_epsilon.png, admm_curves.png.
 A run without an epsilon (non-private) counts as epsilon = inf.
 
-Paired by seed (`--paired GROUP`, default `matcher`): conditions of one stage that differ only
-in keys under `GROUP.` are compared seed by seed against a reference condition, the
+Paired by seed (`--paired GROUPS`, default `matcher,projector`: the projection is the matcher's
+z-step, and a twin never projects): conditions of one stage that differ only in keys under those
+groups are compared seed by seed against a reference condition, the
 no-matching twin (`matcher=none`) when there is one: the table gives the mean ± std of the
 per-seed differences. Seeds vary the real sample, the LM starts and the fine-tuning together,
 so the paired difference is much less noisy than the difference of two means.
@@ -292,14 +293,15 @@ def _order(key):  # numbers numerically, then strings; None last
 
 
 def paired_rows(stage: str, runs, keys, group: str) -> list[dict]:
-    """Seed-paired differences between conditions that differ only in keys under `group.`:
+    """Seed-paired differences between conditions that differ only in keys under the groups of
+    `group` (comma-separated, e.g. `matcher,projector`):
     one row per (context, condition ≠ reference) with the seeds both have and, per metric,
     the mean and std of (condition − reference) over them. The reference is a twin
     (TWIN_TARGET) when present, else the first condition in table order. With several twins
     (e.g. one per matcher.contrastive) a GRADMM condition is paired with the twin that shares
     most of its matcher settings (ties: the first), so each variant meets its own control, and
     the other twins with the twin closest to all conditions."""
-    inner = [k for k in keys if k.startswith(group + ".")]
+    inner = [k for k in keys if k.startswith(_prefixes(group))]
     if not inner:
         return []
     context = [k for k in keys if k not in inner]
@@ -355,6 +357,11 @@ def _settings(keys, values) -> str:
     return ", ".join(f"{k}={_fmt(json.loads(v))}" for k, v in zip(keys, values) if json.loads(v) is not None)
 
 
+def _prefixes(group: str) -> tuple[str, ...]:
+    """`matcher,projector` → ("matcher.", "projector.")."""
+    return tuple(g.strip() + "." for g in group.split(",") if g.strip())
+
+
 def paired_markdown(rows, group: str) -> list[str]:
     if not rows:
         return []
@@ -362,7 +369,8 @@ def paired_markdown(rows, group: str) -> list[str]:
     head = ["stage", "context", "condition", "reference", "seeds"] + [f"Δ {m}" for m in ms]
     lines = [
         "",
-        f"## Paired by seed (conditions differing in {group}.*; condition − reference, mean ± std over paired seeds)",
+        f"## Paired by seed (conditions differing in {' / '.join(p + '*' for p in _prefixes(group))}; "
+        "condition − reference, mean ± std over paired seeds)",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -403,7 +411,7 @@ def write_csv(path, rows, keys) -> None:
     pd.DataFrame(rows, columns=cols, dtype=object).to_csv(path, index=False, na_rep="", encoding="utf-8")
 
 
-def markdown(sections, plots, sources, paired=(), group="matcher") -> str:
+def markdown(sections, plots, sources, paired=(), group="matcher,projector") -> str:
     """One table per stage: `sections` = [(stage, keys, rows)]; then the seed-paired differences."""
     n = sum(r["runs"] for _, _, rows in sections for r in rows)
     lines = [
@@ -710,12 +718,12 @@ def plot_admm(groups, path):
 
 
 # ---------------------------------------------------------------- entry
-def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=(), paired="matcher") -> dict:
+def run_report(paths, out_dir="report", ignore=(), group_by=(), plot_ignore=(), paired="matcher,projector") -> dict:
     """Collect runs under `paths`, write report.md/.csv and plots into out_dir. `plot_ignore`
     keys stay in the tables but not in plot series: e.g. GRADMM pools at several ε, told apart
     in the table by train.path, form one curve of accuracy against ε.
 
-    `paired`: the config group whose conditions are compared seed by seed (report.md's
+    `paired`: the config groups (comma-separated) whose conditions are compared seed by seed (report.md's
     "Paired by seed" table and paired.csv); None or "" for none.
 
     Returns {"runs", "keys", "rows", "groups", "paired", "plots": {file: plotted data},
@@ -795,11 +803,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--paired",
-        default="matcher",
-        metavar="GROUP",
+        default="matcher,projector",
+        metavar="GROUPS",
         help=(
-            "compare conditions differing only in GROUP.* seed by seed "
-            "(default matcher: GRADMM vs its matcher=none twin; '' for none)"
+            "compare conditions differing only in keys of these comma-separated groups seed by seed "
+            "(default matcher,projector: GRADMM variants vs their matcher=none twin; '' for none)"
         ),
     )
     a = ap.parse_args(argv)
