@@ -175,7 +175,7 @@ class LMTopKProjector:
     def _beam_search(self, x, ctx: ProjectionContext, cand: torch.Tensor, cos: torch.Tensor | None) -> torch.Tensor:
         """Beam search over the same candidates and scores as the one-token path: every row keeps
         B live prefixes (rows r*B .. r*B+B-1 of the decoder batch and its KV cache)."""
-        n, length, k = cand.shape
+        n, length = cand.shape[:2]
         nb, dev = n * self.beam, x.device
         decoder, head = ctx.model.get_decoder(), ctx.model.get_output_embeddings()
         w, bias = head.weight, getattr(head, "bias", None)
