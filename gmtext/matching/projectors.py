@@ -129,6 +129,32 @@ class LMTopKProjector:
             if v > len(ctx.allowed_ids):
                 raise ValueError(f"projector.{name}={v} exceeds the allowed vocabulary ({len(ctx.allowed_ids)} tokens)")
 
+    def _scores(self, h, c, cos_i, unit_x_i, ctx: ProjectionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidate ids, scores) at one position for decoder states h [R, d]: the neighbours c
+        [R, k] scored by their logit (+ sim_weight x cos_i), then, with lm_candidates, the LM's m
+        likeliest allowed tokens scored the same way (+ sim_weight x their cosine to unit_x_i).
+        Logits only, without the log-softmax constant of each row: the caller adds it where
+        rows must compare (beam search)."""
+        head = ctx.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        # Only the k candidates' logits: the N x V head product (a fifth of a small model's
+        # step) is skipped, since one constant per row leaves the argmax over candidates unchanged.
+        s = torch.einsum("nd,nkd->nk", h.float(), head.weight[c].float())
+        if bias is not None:
+            s = s + bias[c].float()
+        if cos_i is not None:
+            s = s + self.sim_weight * cos_i
+        if not self.lm_candidates:
+            return c, s
+        w_allowed, b_allowed = ctx.allowed_head
+        la = h.float() @ w_allowed.T  # [R, A]: the same constant-free logits as s
+        if b_allowed is not None:
+            la = la + b_allowed
+        sl, top = la.topk(self.lm_candidates, dim=-1)
+        if self.sim_weight:
+            sl = sl + self.sim_weight * (unit_x_i[:, None] * ctx.allowed_unit[top]).sum(-1)
+        return torch.cat([c, ctx.allowed_ids[top]], 1), torch.cat([s, sl], 1)
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, ctx: ProjectionContext) -> torch.Tensor:
         self.check(ctx)
@@ -137,34 +163,15 @@ class LMTopKProjector:
         cos = candidate_cosines(x, ctx, cand) if self.sim_weight else None
         if self.beam > 1:
             return self._beam_search(x, ctx, cand, cos)
-        dev = x.device
-        decoder, head = ctx.model.get_decoder(), ctx.model.get_output_embeddings()
-        w = head.weight
-        bias = getattr(head, "bias", None)
-        w_allowed, b_allowed = ctx.allowed_head if self.lm_candidates else (None, None)
+        decoder = ctx.model.get_decoder()
         unit_x = F.normalize(x.detach().float(), dim=-1) if self.lm_candidates and self.sim_weight else None
-        prefix = torch.tensor(ctx.prefix_ids, device=dev).expand(n, -1)
-        out = decoder(input_ids=prefix, use_cache=True)
+        out = decoder(input_ids=torch.tensor(ctx.prefix_ids, device=x.device).expand(n, -1), use_cache=True)
         past, h = out.past_key_values, out.last_hidden_state[:, -1]
-        chosen = torch.empty(n, length, dtype=torch.long, device=dev)
+        chosen = torch.empty(n, length, dtype=torch.long, device=x.device)
         for i in range(length):
-            c = cand[:, i]
-            # Only the k candidates' logits: log-softmax subtracts one constant per row, so the
-            # argmax over candidates (with or without the closeness bonus) is unchanged, and
-            # the N x V head product (a fifth of a small model's step) is skipped.
-            s = torch.einsum("nd,nkd->nk", h.float(), w[c].float())
-            if bias is not None:
-                s = s + bias[c].float()
-            if cos is not None:
-                s = s + self.sim_weight * cos[:, i]
-            if self.lm_candidates:
-                la = h.float() @ w_allowed.T  # [N, A]: the same constant-free logits as s
-                if b_allowed is not None:
-                    la = la + b_allowed
-                sl, top = la.topk(self.lm_candidates, dim=-1)
-                if self.sim_weight:
-                    sl = sl + self.sim_weight * (unit_x[:, i, None] * ctx.allowed_unit[top]).sum(-1)
-                c, s = torch.cat([c, ctx.allowed_ids[top]], 1), torch.cat([s, sl], 1)
+            c, s = self._scores(
+                h, cand[:, i], None if cos is None else cos[:, i], None if unit_x is None else unit_x[:, i], ctx
+            )
             pick = c.gather(1, s.argmax(1, keepdim=True))[:, 0]
             chosen[:, i] = pick
             if i + 1 < length:
@@ -176,11 +183,11 @@ class LMTopKProjector:
         """Beam search over the same candidates and scores as the one-token path: every row keeps
         B live prefixes (rows r*B .. r*B+B-1 of the decoder batch and its KV cache)."""
         n, length = cand.shape[:2]
-        nb, dev = n * self.beam, x.device
+        nb, k, dev = n * self.beam, cand.shape[-1], x.device
         decoder, head = ctx.model.get_decoder(), ctx.model.get_output_embeddings()
-        w, bias = head.weight, getattr(head, "bias", None)
-        w_allowed, b_allowed = ctx.allowed_head if self.lm_candidates else (None, None)
+        bias = getattr(head, "bias", None)
         unit_x = F.normalize(x.detach().float(), dim=-1) if self.lm_candidates and self.sim_weight else None
+        per_beam = lambda t: None if t is None else t.repeat_interleave(self.beam, 0)  # noqa: E731
         out = decoder(input_ids=torch.tensor(ctx.prefix_ids, device=dev).expand(nb, -1), use_cache=True)
         past, h = out.past_key_values, out.last_hidden_state[:, -1]
         # all B copies of a row start equal: only the first is live, or the beam fills with duplicates
@@ -189,32 +196,21 @@ class LMTopKProjector:
         seqs = torch.empty(n, self.beam, 0, dtype=torch.long, device=dev)
         rows = torch.arange(n, device=dev)[:, None]
         for i in range(length):
-            hf = h.float()
-            full = hf @ w.T.float()
+            c, s = self._scores(
+                h,
+                per_beam(cand[:, i]),
+                per_beam(None if cos is None else cos[:, i]),
+                per_beam(None if unit_x is None else unit_x[:, i]),
+                ctx,
+            )
+            full = h.float() @ head.weight.T.float()
             if bias is not None:
                 full = full + bias.float()
-            lse = full.logsumexp(-1, keepdim=True)  # [NB, 1]: prefixes differ, so normalise
-            c = cand[:, i].repeat_interleave(self.beam, 0)  # [NB, k]
-            s = full.gather(1, c) - lse
-            if cos is not None:
-                s = s + self.sim_weight * cos[:, i].repeat_interleave(self.beam, 0)
-            if self.lm_candidates:
-                la = hf @ w_allowed.T
-                if b_allowed is not None:
-                    la = la + b_allowed
-                sl, top = la.topk(self.lm_candidates, dim=-1)
-                lm_tok = ctx.allowed_ids[top]
-                sl = sl - lse
-                if self.sim_weight:
-                    sl = sl + self.sim_weight * (
-                        unit_x[:, i].repeat_interleave(self.beam, 0)[:, None] * ctx.allowed_unit[top]
-                    ).sum(-1)
-                # a favourite that is also a neighbour would be the same hypothesis twice
-                sl = sl.masked_fill((lm_tok[:, :, None] == c[:, None, :]).any(-1), float("-inf"))
-                c, s = torch.cat([c, lm_tok], 1), torch.cat([s, sl], 1)
+            s = s - full.logsumexp(-1, keepdim=True)  # prefixes differ, so normalise: log-probabilities
+            # an LM favourite that is also a neighbour would be the same hypothesis twice
+            s[:, k:] = s[:, k:].masked_fill((c[:, k:, None] == c[:, None, :k]).any(-1), float("-inf"))
             width = c.shape[1]
-            total_flat = (total.view(nb, 1) + s).view(n, self.beam * width)
-            total, idx = total_flat.topk(self.beam, dim=-1)  # [N, B]
+            total, idx = (total.view(nb, 1) + s).view(n, self.beam * width).topk(self.beam, dim=-1)  # [N, B]
             src = idx // width  # which live prefix each new one extends
             pick = c.view(n, self.beam, width)[rows, src, idx % width]  # [N, B]
             seqs = torch.cat([seqs[rows, src], pick[..., None]], -1)

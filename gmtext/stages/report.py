@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ..artifacts import LEGACY_DEFAULTS
-from ..config import ADMMConfig, LMSamplesConfig
+from ..config import ADMMConfig, LMSamplesConfig, LMTopKConfig
 from ..privacy.ledger import ledger_of
 from ..readability import KEYS as READABILITY_KEYS, kept_readability
 
@@ -110,8 +110,8 @@ def find_run_dirs(paths) -> list[Path]:
     return sorted(set(found))
 
 
-# a run dir's matcher reads the later-added keys its schema has at their legacy values
-_MATCHER_SCHEMAS = {c._target_: {f.name for f in fields(c)} for c in (ADMMConfig, LMSamplesConfig)}
+# a run dir's matcher and projector read the later-added keys their schemas have at their legacy values
+_SCHEMAS = {c._target_: {f.name for f in fields(c)} for c in (ADMMConfig, LMSamplesConfig, LMTopKConfig)}
 
 
 def load_run(d: Path) -> Run:
@@ -144,12 +144,10 @@ def load_run(d: Path) -> Run:
     flat = {k: _run_relative(v, d) for k, v in flatten(cfg).items()}
     if str(flat.get("train._target_", "")).endswith("DPSGDSource"):  # runs made before the key: opacus, add/remove
         flat.setdefault("train.adjacency", LEGACY_DEFAULTS["train.adjacency"])
-    if str(flat.get("projector._target_", "")).endswith("LMTopKProjector"):  # runs made before beam search
-        flat.setdefault("projector.beam", LEGACY_DEFAULTS["projector.beam"])
-    schema = _MATCHER_SCHEMAS.get(flat.get("matcher._target_"))
-    if schema is not None:  # matcher keys added later: what older runs of that matcher did
+    for group in ("matcher", "projector"):  # keys added later: what older runs of that component did
+        schema = _SCHEMAS.get(flat.get(f"{group}._target_"), ())
         for k, v in LEGACY_DEFAULTS.items():
-            if k.startswith("matcher.") and k.removeprefix("matcher.") in schema:
+            if k.startswith(f"{group}.") and k.removeprefix(f"{group}.") in schema:
                 flat.setdefault(k, v)
     if "n_train" not in metrics and "accuracy" in metrics and not withheld:
         metrics["n_train"] = examples_of(flat)
