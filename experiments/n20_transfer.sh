@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The default recipe on datasets it was never tuned on (imdb, tweet_emotion joy/sadness), N = 20:
-# zero-shot, real-20, GRADMM-20 (gmtext-pipeline with no recipe overrides) and its no-matching twin
-# (the same seed's LM starts under the same selection, matcher=none) and GRADMM-20 with the
-# readability guard (matcher.max_perplexity_ratio=1) over seeds 0 1 2.
+# zero-shot, real-20, GRADMM-20 (gmtext-pipeline with no recipe overrides, as it stood before the
+# readability guard became the default), its no-matching twin (the same seed's LM starts under the
+# same selection, matcher=none) and GRADMM-20 with the guard (matcher.max_perplexity_ratio=1,
+# today's default) over seeds 0 1 2.
 # Every setting lives in conf/experiment/<dataset>_n20*.yaml; this script only loops, skips
 # finished runs and reports.   bash experiments/n20_transfer.sh [SEEDS...]   (~1 h per seed on 2 cores)
 # ROWS picks the pipeline rows (run dir prefix:experiment suffix); the contrastive pair

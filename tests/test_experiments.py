@@ -12,6 +12,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from gmtext.artifacts import LEGACY_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results.md"
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -90,6 +92,16 @@ def test_defaults_are_the_measured_recipe(compose):
     assert cfg.selector.release is None and list(cfg.probe.matched_params) == ["middle_blocks"]
     assert (cfg.num_per_class, cfg.selector.per_class, cfg.real_per_class) == (20, 10, 50)
     assert (cfg.finetuner.lr, cfg.finetuner.batch_size, cfg.finetuner.epochs) == (1e-5, 8, 10)
+    assert cfg.matcher.max_perplexity_ratio == 1.0  # the readability guard
+
+
+def test_admm_unguarded_is_the_recipe_without_the_readability_guard(compose):
+    """The rows recorded before the guard became the default compose matcher=admm_unguarded: the
+    recipe's matcher with the guard off and nothing else changed; the paper's matcher has none."""
+    guarded, unguarded = (OmegaConf.to_container(compose([f"matcher={m}"]).matcher) for m in ("admm", "admm_unguarded"))
+    assert {k for k in guarded if guarded[k] != unguarded[k]} == {"max_perplexity_ratio"}
+    assert (guarded["max_perplexity_ratio"], unguarded["max_perplexity_ratio"]) == (1.0, 0.0)
+    assert compose(["matcher=admm_paper"]).matcher.max_perplexity_ratio == 0.0
 
 
 def test_a_choice_specialises_keys_outside_its_group(compose):
@@ -197,6 +209,7 @@ def test_experiment_composes_the_settings_that_made_its_row(compose, experiment,
     gen = _flat(_recorded(base / pool))
     gen_keys = GEN_KEYS + [k for k in gen if k.startswith(GEN_PREFIXES) and k in now]
     assert {k: now[k] for k in gen_keys} == {k: gen[k] for k in gen_keys}
+    _assert_later_keys_as_legacy(now, gen)
     sel = _flat(_recorded(base / select))
     for k in ("selector._target_", "selector.per_class", "selector.dedupe", "selector.balance"):
         assert now[k] == sel[k], k
@@ -227,7 +240,15 @@ def _composed_as_recorded(compose, command: str, run: str, skip=()) -> dict:
     rec = _flat(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "config.yaml"), resolve=True))
     keys = [k for k in rec if not k.startswith(("logger.", "threads", "progress", "hydra.", *skip))]
     assert {k: now.get(k) for k in keys} == {k: rec[k] for k in keys}
+    _assert_later_keys_as_legacy(now, rec)
     return now
+
+
+def _assert_later_keys_as_legacy(now: dict, rec: dict) -> None:
+    """A key added after a run reads as what that run did (LEGACY_DEFAULTS): a later change of its
+    default (the readability guard's) must not change what the row's command composes to."""
+    later = {k: v for k, v in LEGACY_DEFAULTS.items() if "." in k and k in now and k not in rec}
+    assert {k: now[k] for k in later} == later
 
 
 PRIVATE_RUNS = [  # (the command's overrides, run dir under experiments/results)
