@@ -9,7 +9,8 @@
 # ROWS picks the pipeline rows (run dir prefix:experiment suffix); the contrastive pair
 # (matcher.contrastive=1, GRADMM and its twin) is opt-in: ROWS="contrastive20:_contrastive ctwin20:_contrastive_twin",
 # as is the class-prompted pair (matcher.init=class_prompt): ROWS="cprompt20:_classprompt cptwin20:_classprompt_twin"
-# and GRADMM with the beam-search projection (projector.beam=4): ROWS="beam20:_beam"
+# and GRADMM with the beam-search projection (projector.beam=4), without and with the guard:
+# ROWS="beam20:_beam beamread20:_beam_readable"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/n20_transfer}
