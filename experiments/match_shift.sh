@@ -17,6 +17,7 @@ PAIRS=(
   "tweets_n20_contrastive $R/n20_transfer/tweet_emotion/contrastive20_s%s $R/n20_transfer/tweet_emotion/ctwin20_s%s"
   "imdb_n20 $R/n20_transfer/imdb/gradmm20_s%s $R/n20_transfer/imdb/twin20_s%s"
   "tweets_n20_beam $R/n20_transfer/tweet_emotion/beam20_s%s $R/n20_transfer/tweet_emotion/twin20_s%s"
+  "imdb_n20_beam $R/n20_transfer/imdb/beam20_s%s $R/n20_transfer/imdb/twin20_s%s"
 )
 for p in "${PAIRS[@]}"; do
   read -r name a b <<<"$p"

@@ -301,7 +301,11 @@ PIPELINE_RUNS = [  # non-private rows: (the command's overrides, run dir under e
         for d in ("tweet_emotion", "imdb")
         for s in (0, 1, 2)
     ],
-    *[(f"experiment=tweet_emotion_n20_beam seed={s}", f"n20_transfer/tweet_emotion/beam20_s{s}") for s in (0, 1, 2)],
+    *[
+        (f"experiment={d}_n20_beam seed={s}", f"n20_transfer/{d}/beam20_s{s}")
+        for d in ("tweet_emotion", "imdb")
+        for s in (0, 1, 2)
+    ],
 ]
 
 
