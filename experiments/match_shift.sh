@@ -18,6 +18,8 @@ PAIRS=(
   "imdb_n20 $R/n20_transfer/imdb/gradmm20_s%s $R/n20_transfer/imdb/twin20_s%s"
   "tweets_n20_beam $R/n20_transfer/tweet_emotion/beam20_s%s $R/n20_transfer/tweet_emotion/twin20_s%s"
   "imdb_n20_beam $R/n20_transfer/imdb/beam20_s%s $R/n20_transfer/imdb/twin20_s%s"
+  "tweets_n20_beam_readable $R/n20_transfer/tweet_emotion/beamread20_s%s $R/n20_transfer/tweet_emotion/twin20_s%s"
+  "imdb_n20_beam_readable $R/n20_transfer/imdb/beamread20_s%s $R/n20_transfer/imdb/twin20_s%s"
 )
 for p in "${PAIRS[@]}"; do
   read -r name a b <<<"$p"

@@ -302,8 +302,9 @@ PIPELINE_RUNS = [  # non-private rows: (the command's overrides, run dir under e
         for s in (0, 1, 2)
     ],
     *[
-        (f"experiment={d}_n20_beam seed={s}", f"n20_transfer/{d}/beam20_s{s}")
+        (f"experiment={d}_n20{e} seed={s}", f"n20_transfer/{d}/{row}20_s{s}")
         for d in ("tweet_emotion", "imdb")
+        for e, row in (("_beam", "beam"), ("_beam_readable", "beamread"))
         for s in (0, 1, 2)
     ],
 ]
