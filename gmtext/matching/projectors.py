@@ -129,27 +129,34 @@ class LMTopKProjector:
             if v > len(ctx.allowed_ids):
                 raise ValueError(f"projector.{name}={v} exceeds the allowed vocabulary ({len(ctx.allowed_ids)} tokens)")
 
-    def _scores(self, h, c, cos_i, unit_x_i, ctx: ProjectionContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scores(self, h, c, cos_i, unit_x_i, ctx: ProjectionContext, logits=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(candidate ids, scores) at one position for decoder states h [R, d]: the neighbours c
         [R, k] scored by their logit (+ sim_weight x cos_i), then, with lm_candidates, the LM's m
         likeliest allowed tokens scored the same way (+ sim_weight x their cosine to unit_x_i).
         Logits only, without the log-softmax constant of each row: the caller adds it where
-        rows must compare (beam search)."""
-        head = ctx.model.get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        # Only the k candidates' logits: the N x V head product (a fifth of a small model's
-        # step) is skipped, since one constant per row leaves the argmax over candidates unchanged.
-        s = torch.einsum("nd,nkd->nk", h.float(), head.weight[c].float())
-        if bias is not None:
-            s = s + bias[c].float()
+        rows must compare (beam search, which has the full logits [R, V] for that constant
+        already and passes them, so no logit is computed twice)."""
+        if logits is not None:
+            s = logits.gather(1, c)
+        else:
+            head = ctx.model.get_output_embeddings()
+            bias = getattr(head, "bias", None)
+            # Only the k candidates' logits: the N x V head product (a fifth of a small model's
+            # step) is skipped, since one constant per row leaves the argmax over candidates unchanged.
+            s = torch.einsum("nd,nkd->nk", h.float(), head.weight[c].float())
+            if bias is not None:
+                s = s + bias[c].float()
         if cos_i is not None:
             s = s + self.sim_weight * cos_i
         if not self.lm_candidates:
             return c, s
-        w_allowed, b_allowed = ctx.allowed_head
-        la = h.float() @ w_allowed.T  # [R, A]: the same constant-free logits as s
-        if b_allowed is not None:
-            la = la + b_allowed
+        if logits is not None:
+            la = logits[:, ctx.allowed_ids]
+        else:
+            w_allowed, b_allowed = ctx.allowed_head
+            la = h.float() @ w_allowed.T  # [R, A]: the same constant-free logits as s
+            if b_allowed is not None:
+                la = la + b_allowed
         sl, top = la.topk(self.lm_candidates, dim=-1)
         if self.sim_weight:
             sl = sl + self.sim_weight * (unit_x_i[:, None] * ctx.allowed_unit[top]).sum(-1)
@@ -196,16 +203,17 @@ class LMTopKProjector:
         seqs = torch.empty(n, self.beam, 0, dtype=torch.long, device=dev)
         rows = torch.arange(n, device=dev)[:, None]
         for i in range(length):
+            full = h.float() @ head.weight.T.float()
+            if bias is not None:
+                full = full + bias.float()
             c, s = self._scores(
                 h,
                 per_beam(cand[:, i]),
                 per_beam(None if cos is None else cos[:, i]),
                 per_beam(None if unit_x is None else unit_x[:, i]),
                 ctx,
+                logits=full,
             )
-            full = h.float() @ head.weight.T.float()
-            if bias is not None:
-                full = full + bias.float()
             s = s - full.logsumexp(-1, keepdim=True)  # prefixes differ, so normalise: log-probabilities
             # an LM favourite that is also a neighbour would be the same hypothesis twice
             s[:, k:] = s[:, k:].masked_fill((c[:, k:, None] == c[:, None, :k]).any(-1), float("-inf"))
